@@ -1,0 +1,160 @@
+"""Every error the orchestrator raises, in one shallow tree.
+
+    OrchestratorError
+    ├── ConfigError                 a key or flag is wrong (CLI: exit 2)
+    ├── InputError                  a source file cannot be split (file, offset, line)
+    ├── StoreError                  the state store cannot be opened or written (path)
+    └── MarketoError                Marketo said no, or could not be reached (code)
+        ├── RetryableError          worth trying again after a wait
+        │   ├── AuthError           601, 602: token invalid or expired
+        │   ├── RateLimitError      606, 615: calls per window / in flight
+        │   ├── QueueFullError      1016: too many imports
+        │   ├── ImportInProgressError  1019: an import to the same list is running
+        │   └── TransientError      5xx, 604, 608, 611, 614, 713, 719, network, timeout
+        ├── QuotaExhaustedError     607: daily quota reached, wait for the reset
+        └── FatalError              everything else; retrying will not help
+            └── ChunkTooLargeError  HTTP 413: a chunk we built is too large (our bug)
+
+Retryable or fatal is decided by class, from one table (`CODE_TO_ERROR`), never
+by matching message text. `Retry` is not an error: it is control flow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class OrchestratorError(Exception):
+    """Base of every error the orchestrator raises on purpose."""
+
+
+class ConfigError(OrchestratorError):
+    """A configuration key, environment variable or flag is wrong."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        self.key = key
+        self.problem = problem
+        super().__init__(f"{key}: {problem}")
+
+
+class InputError(OrchestratorError):
+    """A source file cannot be split; carries where the problem is."""
+
+    def __init__(
+        self, file: Path | str, problem: str, *, offset: int | None = None, line: int | None = None
+    ) -> None:
+        self.file = str(file)
+        self.problem = problem
+        self.offset = offset
+        self.line = line
+        where = []
+        if line is not None:
+            where.append(f"line {line}")
+        if offset is not None:
+            where.append(f"byte offset {offset}")
+        at = f" ({', '.join(where)})" if where else ""
+        super().__init__(f"{self.file}: {problem}{at}")
+
+
+class StoreError(OrchestratorError):
+    """The state store cannot be opened, migrated or written."""
+
+    def __init__(self, path: Path | str, problem: str) -> None:
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+class MarketoError(OrchestratorError):
+    """Marketo answered with an error, or could not be reached.
+
+    `code` is Marketo's `errors[].code` (a string), "http-NNN" for an HTTP
+    status, or "network"/"timeout" for transport failures.
+    """
+
+    def __init__(self, code: str, message: str, *, operation: str = "") -> None:
+        self.code = code
+        self.message = message
+        self.operation = operation
+        prefix = f"{operation}: " if operation else ""
+        super().__init__(f"{prefix}Marketo error {code}: {message}")
+
+
+class RetryableError(MarketoError):
+    """Trying again after a wait may succeed."""
+
+
+class AuthError(RetryableError):
+    """601/602: the access token is invalid or expired; refresh and retry."""
+
+
+class RateLimitError(RetryableError):
+    """606/615: too many calls in the window, or too many in flight."""
+
+
+class QueueFullError(RetryableError):
+    """1016: Marketo's import queue for the subscription is full."""
+
+
+class ImportInProgressError(RetryableError):
+    """1019: an import into the same static list is still running."""
+
+
+class TransientError(RetryableError):
+    """Server-side or transport trouble that usually passes."""
+
+
+class QuotaExhaustedError(MarketoError):
+    """607: the subscription's daily quota is spent until the next reset."""
+
+
+class FatalError(MarketoError):
+    """Retrying the same request will not help."""
+
+
+class ChunkTooLargeError(FatalError):
+    """HTTP 413 for a chunk: the splitter produced a file Marketo refuses (a bug of ours)."""
+
+
+# Marketo's error codes (REST API "Error Codes" reference) by the class that
+# handles them. A code that is not here is fatal.
+CODE_TO_ERROR: dict[str, type[MarketoError]] = {
+    "601": AuthError,  # Access token invalid
+    "602": AuthError,  # Access token expired
+    "604": TransientError,  # Request timed out
+    "606": RateLimitError,  # Max rate limit exceeded
+    "607": QuotaExhaustedError,  # Daily quota reached
+    "608": TransientError,  # API temporarily unavailable
+    "611": TransientError,  # System error
+    "614": TransientError,  # Invalid subscription (transient during maintenance)
+    "615": RateLimitError,  # Concurrent access limit reached
+    "713": TransientError,  # Transient error
+    "719": TransientError,  # Lock wait timeout
+    "1016": QueueFullError,  # Too many imports
+    "1019": ImportInProgressError,  # Import in progress
+}
+
+
+def error_for_code(code: str, message: str, *, operation: str = "") -> MarketoError:
+    """Build the error of the right class for Marketo's `errors[].code`."""
+    cls = CODE_TO_ERROR.get(code, FatalError)
+    return cls(code, message, operation=operation)
+
+
+def error_for_http_status(status: int, message: str, *, operation: str = "") -> MarketoError:
+    """Build the error of the right class for an HTTP status that is not 200."""
+    code = f"http-{status}"
+    if status == 413:
+        return ChunkTooLargeError(code, message, operation=operation)
+    if status >= 500 or status == 429:
+        return TransientError(code, message, operation=operation)
+    return FatalError(code, message, operation=operation)
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """Control flow, not an error: try again after `delay` seconds."""
+
+    delay: float
+    reason: str

@@ -1,0 +1,106 @@
+"""Shared records and states: StrEnums and frozen dataclasses, no behaviour."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class ObjectType(StrEnum):
+    """The three object types Bulk Import offers."""
+
+    LEADS = "leads"
+    CUSTOM_OBJECT = "customobject"
+    PROGRAM_MEMBERS = "programmembers"
+
+
+class FileStatus(StrEnum):
+    """Life of a source file in the state store."""
+
+    CLAIMING = "claiming"  # recorded, not yet moved out of the inbox
+    CLAIMED = "claimed"  # in work/, not yet split
+    SPLITTING = "splitting"  # chunks being cut (and maybe submitted)
+    SPLIT = "split"  # every chunk known; waiting for Marketo
+    FINISHING = "finishing"  # result name reserved, being written
+    COMPLETE = "complete"  # every chunk Complete; result written
+    FAILED = "failed"  # result written with an error
+
+
+class ChunkStatus(StrEnum):
+    """Life of one chunk file: one Marketo job."""
+
+    PENDING = "pending"  # waiting for a queue slot
+    SUBMITTING = "submitting"  # request may be in flight: outcome unknown after a crash
+    SUBMITTED = "submitted"  # Marketo gave a batch id (Queued or Importing)
+    COMPLETE = "complete"  # Marketo said Complete (failed rows are counted, not fatal)
+    FAILED = "failed"  # Marketo said Failed, or a fatal error refused the chunk
+
+
+FINAL_FILE_STATUSES = frozenset({FileStatus.COMPLETE, FileStatus.FAILED})
+FINAL_CHUNK_STATUSES = frozenset({ChunkStatus.COMPLETE, ChunkStatus.FAILED})
+
+
+@dataclass(frozen=True, slots=True)
+class BatchStatus:
+    """One import job as Marketo's status (or create) endpoint describes it."""
+
+    batch_id: int
+    status: str  # Queued | Importing | Complete | Failed
+    rows_processed: int = 0
+    rows_failed: int = 0
+    rows_with_warning: int = 0
+    message: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class FileRecord:
+    """A claimed source file as the state store holds it."""
+
+    id: int
+    route: str
+    name: str  # original file name in the inbox
+    source_path: str  # where it was in the inbox
+    work_path: str  # where it is after the claim
+    status: FileStatus
+    max_chunk_bytes: int  # the limit it was (or will be) split with
+    claimed_at: str  # ISO 8601 UTC
+    rows: int | None = None
+    chunks_total: int | None = None
+    error: str | None = None
+    result_path: str | None = None
+    finished_at: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkRecord:
+    """One chunk of a file, and the Marketo job it became."""
+
+    id: int
+    file_id: int
+    index: int  # 1-based, in file order
+    path: str
+    rows: int
+    bytes: int
+    first_line: int  # source line number of its first record
+    status: ChunkStatus
+    batch_id: int | None = None
+    submit_attempts: int = 0
+    marketo_status: str | None = None
+    rows_processed: int = 0
+    rows_failed: int = 0
+    rows_with_warning: int = 0
+    message: str = ""
+    failures_path: str | None = None
+    warnings_path: str | None = None
+    submitted_at: str | None = None
+    finished_at: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RejectRecord:
+    """A source record the splitter set aside (for the failures file)."""
+
+    file_id: int
+    line: int  # source line number where the record starts
+    size: int  # bytes
+    reason: str
