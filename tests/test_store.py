@@ -1,0 +1,669 @@
+"""The state store: transitions, persistence, recovery, migrations and failures, on real SQLite."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import sqlite3
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orchestrator.errors import StoreError
+from orchestrator.models import BatchStatus, ChunkStatus, FileRecord, FileStatus, RejectRecord
+from orchestrator.store import LATEST_VERSION, Recovery, Store
+
+T0 = "2026-11-23T14:00:00Z"
+T1 = "2026-11-23T14:00:01Z"
+T2 = "2026-11-23T14:00:02Z"
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "data" / "state.db"
+
+
+@pytest.fixture
+async def store(db_path: Path) -> AsyncIterator[Store]:
+    opened = await Store.open(db_path)
+    yield opened
+    await opened.close()
+
+
+async def reopen(store: Store) -> Store:
+    await store.close()
+    return await Store.open(store.path)
+
+
+async def claim(store: Store, name: str = "big.csv", claimed_at: str = T0) -> FileRecord:
+    record = await store.begin_claim(
+        route="leads",
+        name=name,
+        source_path=f"/data/inbox/leads/{name}",
+        work_path=f"/data/work/{name}",
+        max_chunk_bytes=1000,
+        claimed_at=claimed_at,
+    )
+    return await store.finish_claim(record.id)
+
+
+async def split(store: Store, file: FileRecord, chunks: int) -> FileRecord:
+    await store.start_split(file.id)
+    for index in range(1, chunks + 1):
+        await add(store, file.id, index)
+    return await store.finish_split(file.id, rows=10 * chunks, chunks_total=chunks)
+
+
+async def add(store: Store, file_id: int, index: int, path: str = "") -> Any:
+    return await store.add_chunk(
+        file_id,
+        index=index,
+        path=path or f"/data/work/{file_id}.{index}.csv",
+        rows=10,
+        bytes=900,
+        first_line=2 + 10 * (index - 1),
+    )
+
+
+def write_file(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+def damage_page(path: Path, page: int, page_size: int = 4096) -> None:
+    data = bytearray(path.read_bytes())
+    assert len(data) > (page + 1) * page_size
+    data[page * page_size : (page + 1) * page_size] = b"\x5a" * page_size
+    path.write_bytes(bytes(data))
+
+
+def set_user_version(path: Path, version: int) -> None:
+    conn = sqlite3.connect(path)
+    conn.execute(f"PRAGMA user_version = {version}")
+    conn.close()
+
+
+def pragma(path: Path, name: str) -> Any:
+    with sqlite3.connect(path) as conn:
+        value = conn.execute(f"PRAGMA {name}").fetchone()[0]
+    conn.close()
+    return value
+
+
+# -- opening, pragmas, migrations --------------------------------------------------------------
+
+
+async def test_open_creates_schema_with_wal_full_sync_and_foreign_keys(store: Store) -> None:
+    async def on_store_connection(name: str) -> Any:
+        # Per-connection pragmas can only be seen on the store's own connection.
+        return await store._run("test", lambda c: c.execute(f"PRAGMA {name}").fetchone()[0])
+
+    assert await on_store_connection("journal_mode") == "wal"
+    assert await on_store_connection("synchronous") == 2  # FULL
+    assert await on_store_connection("foreign_keys") == 1
+    assert pragma(store.path, "user_version") == LATEST_VERSION == 1
+    assert await store.integrity_check() == "ok"
+
+
+async def test_empty_v0_file_is_migrated_to_v1(db_path: Path) -> None:
+    write_file(db_path, b"")
+    async with await Store.open(db_path) as store:
+        file = await claim(store)
+    assert pragma(db_path, "user_version") == 1
+    with sqlite3.connect(db_path) as conn:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    conn.close()
+    assert tables == {"files", "chunks", "rejects", "api_calls"}
+    async with await Store.open(db_path) as store:
+        assert await store.get_file(file.id) == file
+
+
+async def test_schema_from_the_future_is_refused_untouched(db_path: Path) -> None:
+    write_file(db_path, b"")
+    set_user_version(db_path, 99)
+    with pytest.raises(StoreError) as info:
+        await Store.open(db_path)
+    assert info.value.path == str(db_path)
+    assert str(db_path) in str(info.value)
+    assert "newer" in str(info.value)
+    assert pragma(db_path, "user_version") == 99
+    assert pragma(db_path, "journal_mode") == "delete"
+
+
+async def test_junk_file_is_refused_with_recovery_advice(db_path: Path) -> None:
+    write_file(db_path, b"this is not a database\n" * 400)
+    with pytest.raises(StoreError) as info:
+        await Store.open(db_path)
+    message = str(info.value)
+    assert str(db_path) in message
+    assert "corrupt" in message
+    assert "move it aside" in message
+    assert "restart" in message
+
+
+async def test_damaged_page_is_refused_by_quick_check(store: Store) -> None:
+    file = await claim(store)
+    await split(store, file, 300)
+    await store.close()  # the last connection checkpoints the WAL into the file
+    damage_page(store.path, 3)
+    with pytest.raises(StoreError, match="corrupt") as info:
+        await Store.open(store.path)
+    assert str(store.path) in str(info.value)
+
+
+async def test_path_under_a_regular_file_is_refused(tmp_path: Path) -> None:
+    write_file(tmp_path / "data", b"a file where the data directory should be")
+    path = tmp_path / "data" / "state.db"
+    with pytest.raises(StoreError) as info:
+        await Store.open(path)
+    assert info.value.path == str(path)
+
+
+async def test_path_that_is_a_directory_is_refused(db_path: Path) -> None:
+    # As root, chmod cannot make a directory unwritable; a directory in the way is a real failure.
+    write_file(db_path / "x", b"")
+    with pytest.raises(StoreError) as info:
+        await Store.open(db_path)
+    assert info.value.path == str(db_path)
+    assert "cannot open" in str(info.value)
+
+
+FILL_DISK = """
+import asyncio, resource, signal, sys
+from pathlib import Path
+from orchestrator.errors import StoreError
+from orchestrator.store import Store
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write with EFBIG instead of dying
+
+async def main():
+    store = await Store.open(Path(sys.argv[1]))
+    f = await store.begin_claim(route="r", name="n", source_path="s", work_path="w",
+                                max_chunk_bytes=1, claimed_at="t")
+    await store.start_split((await store.finish_claim(f.id)).id)
+    # Root ignores file modes but not RLIMIT_FSIZE: the WAL cannot grow past 256 KiB.
+    resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, resource.RLIM_INFINITY))
+    for k in range(1, 10_000):
+        try:
+            await store.add_chunk(f.id, index=k, path="x" * 2000, rows=1, bytes=1, first_line=k)
+        except StoreError as exc:
+            print(k - 1, exc, flush=True)
+            sys.exit(3)
+    sys.exit(0)
+
+asyncio.run(main())
+"""
+
+
+async def test_write_failure_at_run_time_names_path_and_operation(db_path: Path) -> None:
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-c", FILL_DISK, str(db_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 3, done.stderr
+    committed, message = done.stdout.split(" ", 1)
+    assert message.startswith(f"{db_path}: add_chunk failed")
+    async with await Store.open(db_path) as store:
+        assert await store.integrity_check() == "ok"
+        assert len(await store.chunks()) == int(committed) > 0
+
+
+async def test_closed_store_refuses_calls_and_close_is_idempotent(store: Store) -> None:
+    await store.close()
+    await store.close()
+    with pytest.raises(StoreError, match="closed"):
+        await store.files()
+
+
+async def test_a_second_process_view_sees_committed_state(store: Store) -> None:
+    # The `status` command opens the same file while the daemon runs.
+    async with await Store.open(store.path) as reader:
+        file = await claim(store)
+        assert await reader.get_file(file.id) == file
+
+
+# -- claiming ------------------------------------------------------------------------------------
+
+
+async def test_claim_transitions_persist(store: Store) -> None:
+    began = await store.begin_claim(
+        route="leads",
+        name="big.csv",
+        source_path="/in/big.csv",
+        work_path="/work/1-big.csv",
+        max_chunk_bytes=9_500_000,
+        claimed_at=T0,
+    )
+    assert began == FileRecord(
+        id=began.id,
+        route="leads",
+        name="big.csv",
+        source_path="/in/big.csv",
+        work_path="/work/1-big.csv",
+        status=FileStatus.CLAIMING,
+        max_chunk_bytes=9_500_000,
+        claimed_at=T0,
+    )
+    claimed = await store.finish_claim(began.id)
+    assert claimed.status is FileStatus.CLAIMED
+    assert await store.finish_claim(began.id) == claimed  # again after a crash: no-op
+    store = await reopen(store)
+    try:
+        assert await store.get_file(began.id) == claimed
+        with pytest.raises(ValueError, match="drop_claim"):
+            await store.drop_claim(began.id)
+    finally:
+        await store.close()
+
+
+async def test_drop_claim_forgets_the_file(store: Store) -> None:
+    began = await store.begin_claim(
+        route="leads",
+        name="a.csv",
+        source_path="s",
+        work_path="w",
+        max_chunk_bytes=1,
+        claimed_at=T0,
+    )
+    await store.drop_claim(began.id)
+    store = await reopen(store)
+    try:
+        with pytest.raises(LookupError):
+            await store.get_file(began.id)
+        assert await store.files() == []
+    finally:
+        await store.close()
+
+
+async def test_refused_entry_fails_with_the_error_given_at_claim(store: Store) -> None:
+    began = await store.begin_claim(
+        route="leads",
+        name="link.csv",
+        source_path="/in/link.csv",
+        work_path="/failed/leads/link.csv",
+        max_chunk_bytes=1,
+        claimed_at=T0,
+        error="a symlink is never read",
+    )
+    assert began.error == "a symlink is never read"
+    reserved = await store.reserve_result(
+        began.id, result_path="/failed/leads/link.csv.result.json"
+    )
+    assert reserved.status is FileStatus.FINISHING
+    done = await store.finish_file(began.id, status=FileStatus.FAILED, error=None, finished_at=T1)
+    assert (done.status, done.error, done.finished_at) == (
+        FileStatus.FAILED,
+        "a symlink is never read",
+        T1,
+    )
+
+
+# -- splitting -----------------------------------------------------------------------------------
+
+
+async def test_split_transitions_persist_and_adds_are_idempotent(store: Store) -> None:
+    file = await claim(store)
+    assert (await store.start_split(file.id)).status is FileStatus.SPLITTING
+    assert (await store.start_split(file.id)).status is FileStatus.SPLITTING  # resume: no-op
+    first = await add(store, file.id, 1)
+    assert (first.index, first.status, first.submit_attempts) == (1, ChunkStatus.PENDING, 0)
+    assert await add(store, file.id, 1, path="/elsewhere") == first  # re-split: unchanged
+    await add(store, file.id, 2)
+    await store.add_reject(file.id, line=7, offset=1234, size=2000, reason="record too large")
+    await store.add_reject(file.id, line=7, offset=1234, size=2000, reason="said again")
+    await store.add_reject(file.id, line=3, offset=100, size=1500, reason="record too large")
+    with pytest.raises(ValueError, match="2 chunks"):
+        await store.finish_split(file.id, rows=20, chunks_total=3)
+    done = await store.finish_split(file.id, rows=20, chunks_total=2)
+    assert (done.status, done.rows, done.chunks_total) == (FileStatus.SPLIT, 20, 2)
+    with pytest.raises(ValueError, match="add_chunk"):
+        await add(store, file.id, 3)
+
+    store = await reopen(store)
+    try:
+        assert await store.get_file(file.id) == done
+        assert [c.index for c in await store.chunks(file_id=file.id)] == [1, 2]
+        assert (await store.chunks(file_id=file.id))[0] == first
+        assert await store.rejects(file.id) == [
+            RejectRecord(file.id, 3, 1500, "record too large", offset=100),
+            RejectRecord(file.id, 7, 2000, "record too large", offset=1234),
+        ]
+    finally:
+        await store.close()
+
+
+async def test_reset_split_keeps_only_chunks_that_may_have_been_submitted(store: Store) -> None:
+    file = await claim(store)
+    await store.start_split(file.id)
+    submitted = await add(store, file.id, 1)
+    tried = await add(store, file.id, 2)
+    await add(store, file.id, 3)
+    await store.add_reject(file.id, line=9, offset=1, size=2, reason="too large")
+    await store.mark_submitting(submitted.id)
+    await store.mark_submitted(submitted.id, batch_id=11, marketo_status="Queued", submitted_at=T1)
+    await store.mark_submitting(tried.id)
+    await store.mark_pending(tried.id)
+
+    await store.reset_split(file.id)
+    reset = await store.get_file(file.id)
+    assert (reset.status, reset.rows, reset.chunks_total) == (FileStatus.CLAIMED, None, None)
+    assert [c.index for c in await store.chunks(file_id=file.id)] == [1, 2]
+    assert await store.rejects(file.id) == []
+    await store.start_split(file.id)
+    again = await add(store, file.id, 1, path="/new/path")
+    assert (again.id, again.batch_id, again.status) == (submitted.id, 11, ChunkStatus.SUBMITTED)
+
+
+# -- chunks --------------------------------------------------------------------------------------
+
+
+async def test_chunk_lifecycle_persists(store: Store) -> None:
+    file = await split(store, await claim(store), 1)
+    (chunk,) = await store.chunks(file_id=file.id)
+    assert (await store.mark_submitting(chunk.id)).submit_attempts == 1
+    back = await store.mark_pending(chunk.id)  # 1016: keep the head of the queue
+    assert (back.status, back.submit_attempts) == (ChunkStatus.PENDING, 1)
+    sending = await store.mark_submitting(chunk.id)
+    assert (sending.status, sending.submit_attempts) == (ChunkStatus.SUBMITTING, 2)
+    sent = await store.mark_submitted(
+        chunk.id, batch_id=3404, marketo_status="Queued", submitted_at=T1
+    )
+    assert (sent.status, sent.batch_id, sent.marketo_status, sent.submitted_at) == (
+        ChunkStatus.SUBMITTED,
+        3404,
+        "Queued",
+        T1,
+    )
+    assert (
+        await store.mark_submitted(
+            chunk.id, batch_id=3404, marketo_status="Queued", submitted_at=T2
+        )
+        == sent
+    )
+    polled = await store.update_batch(
+        chunk.id, BatchStatus(3404, "Importing", 5, 1, 0, "Importing")
+    )
+    assert (polled.marketo_status, polled.rows_processed, polled.rows_failed) == ("Importing", 5, 1)
+    with_files = await store.set_chunk_files(
+        chunk.id, failures_path="/w/1.failures.csv", warnings_path=None
+    )
+    assert with_files.failures_path == "/w/1.failures.csv"
+    final = BatchStatus(3404, "Complete", 8, 2, 1, "Import completed with errors")
+    done = await store.finish_chunk(
+        chunk.id, status=ChunkStatus.COMPLETE, message="done", finished_at=T2, batch=final
+    )
+    assert (done.status, done.marketo_status, done.rows_processed, done.rows_failed) == (
+        ChunkStatus.COMPLETE,
+        "Complete",
+        8,
+        2,
+    )
+    assert (done.rows_with_warning, done.message, done.finished_at) == (1, "done", T2)
+    assert done.failures_path == "/w/1.failures.csv"
+    store = await reopen(store)
+    try:
+        assert await store.chunks(file_id=file.id) == [done]
+    finally:
+        await store.close()
+
+
+async def test_illegal_chunk_transitions_are_refused(store: Store) -> None:
+    file = await split(store, await claim(store), 2)
+    first, second = await store.chunks(file_id=file.id)
+    with pytest.raises(ValueError, match="mark_submitted"):
+        await store.mark_submitted(first.id, batch_id=1, marketo_status="Queued", submitted_at=T1)
+    with pytest.raises(ValueError, match="mark_pending"):
+        await store.mark_pending(first.id)
+    with pytest.raises(ValueError, match="update_batch"):
+        await store.update_batch(first.id, BatchStatus(1, "Queued"))
+    with pytest.raises(ValueError, match="not a final"):
+        await store.finish_chunk(first.id, status=ChunkStatus.SUBMITTED, message="", finished_at=T1)
+    with pytest.raises(LookupError):
+        await store.mark_submitting(9999)
+    await store.mark_submitting(first.id)
+    await store.mark_submitted(first.id, batch_id=1, marketo_status="Queued", submitted_at=T1)
+    with pytest.raises(ValueError, match="batch 1, not 2"):
+        await store.update_batch(first.id, BatchStatus(2, "Importing"))
+    await store.finish_chunk(first.id, status=ChunkStatus.FAILED, message="Failed", finished_at=T2)
+    with pytest.raises(ValueError, match="mark_submitted"):
+        await store.mark_submitted(first.id, batch_id=1, marketo_status="Queued", submitted_at=T1)
+    with pytest.raises(ValueError, match="finish_chunk"):
+        await store.finish_chunk(first.id, status=ChunkStatus.COMPLETE, message="", finished_at=T2)
+    # A chunk refused before Marketo saw it fails without a batch.
+    refused = await store.finish_chunk(
+        second.id, status=ChunkStatus.FAILED, message="HTTP 413", finished_at=T2
+    )
+    assert (refused.status, refused.batch_id) == (ChunkStatus.FAILED, None)
+    assert (await store.get_file(file.id)).status is FileStatus.SPLIT  # a rollback left it alone
+
+
+# -- finishing files -----------------------------------------------------------------------------
+
+
+async def test_finish_file_complete_needs_every_chunk_complete(store: Store) -> None:
+    file = await split(store, await claim(store), 2)
+    first, second = await store.chunks(file_id=file.id)
+    result = "/data/done/leads/big.csv.result.json"
+    for chunk in (first, second):
+        await store.mark_submitting(chunk.id)
+        await store.mark_submitted(
+            chunk.id, batch_id=chunk.index, marketo_status="Queued", submitted_at=T1
+        )
+    await store.finish_chunk(first.id, status=ChunkStatus.COMPLETE, message="", finished_at=T1)
+    reserved = await store.reserve_result(file.id, result_path=result)
+    assert (reserved.status, reserved.result_path) == (FileStatus.FINISHING, result)
+    assert await store.reserve_result(file.id, result_path=result) == reserved
+    with pytest.raises(ValueError, match="reserve_result"):
+        await store.reserve_result(file.id, result_path=result + ".2")
+    with pytest.raises(ValueError, match="unfinished"):
+        await store.finish_file(file.id, status=FileStatus.COMPLETE, error=None, finished_at=T2)
+    with pytest.raises(ValueError, match="mark_submitting"):
+        await store.mark_submitting(second.id)
+    await store.finish_chunk(second.id, status=ChunkStatus.COMPLETE, message="", finished_at=T2)
+    done = await store.finish_file(file.id, status=FileStatus.COMPLETE, error=None, finished_at=T2)
+    assert (done.status, done.error, done.finished_at) == (FileStatus.COMPLETE, None, T2)
+    with pytest.raises(ValueError, match="set_file_error"):
+        await store.set_file_error(file.id, "too late")
+    other = await claim(store, "other.csv")
+    with pytest.raises(ValueError, match="taken by file"):
+        await store.reserve_result(other.id, result_path=result)
+    store = await reopen(store)
+    try:
+        assert await store.get_file(file.id) == done
+        assert await store.result_paths() == {result}
+    finally:
+        await store.close()
+
+
+async def test_failing_file_keeps_the_error_it_was_given(store: Store) -> None:
+    file = await claim(store)
+    await store.start_split(file.id)
+    chunk = await add(store, file.id, 1)
+    noted = await store.set_file_error(file.id, "line 7: unterminated quote")
+    assert (noted.status, noted.error) == (FileStatus.SPLITTING, "line 7: unterminated quote")
+    await store.reserve_result(file.id, result_path="/failed/big.csv.result.json")
+    with pytest.raises(ValueError, match="unfinished"):
+        await store.finish_file(file.id, status=FileStatus.FAILED, error=None, finished_at=T1)
+    await store.finish_chunk(
+        chunk.id, status=ChunkStatus.FAILED, message="file failed", finished_at=T1
+    )
+    with pytest.raises(ValueError, match="cannot be complete"):
+        await store.finish_file(file.id, status=FileStatus.COMPLETE, error=None, finished_at=T1)
+    done = await store.finish_file(file.id, status=FileStatus.FAILED, error=None, finished_at=T1)
+    assert (done.status, done.error) == (FileStatus.FAILED, "line 7: unterminated quote")
+
+
+async def test_failed_file_needs_an_error(store: Store) -> None:
+    file = await claim(store)
+    await store.reserve_result(file.id, result_path="/failed/x.result.json")
+    with pytest.raises(ValueError, match="without an error"):
+        await store.finish_file(file.id, status=FileStatus.FAILED, error=None, finished_at=T1)
+    with pytest.raises(ValueError, match="not a final"):
+        await store.finish_file(file.id, status=FileStatus.SPLIT, error=None, finished_at=T1)
+
+
+# -- recovery and queries ------------------------------------------------------------------------
+
+
+async def test_recover_after_a_crash(store: Store) -> None:
+    claiming = await store.begin_claim(
+        route="leads",
+        name="a.csv",
+        source_path="s",
+        work_path="w",
+        max_chunk_bytes=1,
+        claimed_at=T0,
+    )
+    claimed = await claim(store, "b.csv", T0)
+    splitting = await claim(store, "c.csv", T0)
+    await store.start_split(splitting.id)
+    in_flight = await add(store, splitting.id, 1)
+    queued = await add(store, splitting.id, 2)
+    await store.mark_submitting(queued.id)
+    await store.mark_submitted(queued.id, batch_id=77, marketo_status="Queued", submitted_at=T1)
+    await store.mark_submitting(in_flight.id)  # the crash comes while this request is out
+    finishing = await split(store, await claim(store, "d.csv", T1), 0)
+    await store.reserve_result(finishing.id, result_path="/done/d.csv.result.json")
+    complete = await split(store, await claim(store, "e.csv", T1), 0)
+    await store.reserve_result(complete.id, result_path="/done/e.csv.result.json")
+    await store.finish_file(complete.id, status=FileStatus.COMPLETE, error=None, finished_at=T2)
+
+    store = await reopen(store)
+    try:
+        found = await store.recover()
+        assert isinstance(found, Recovery)
+        assert [(c.id, c.status, c.submit_attempts) for c in found.resubmit] == [
+            (in_flight.id, ChunkStatus.PENDING, 1)
+        ]
+        assert [f.id for f in found.claiming] == [claiming.id]
+        assert [f.id for f in found.resplit] == [claimed.id, splitting.id]
+        assert [f.id for f in found.finishing] == [finishing.id]
+        store = await reopen(store)
+        assert (await store.recover()).resubmit == []
+        after = await store.chunks(file_id=splitting.id)
+        assert after[0] == found.resubmit[0]
+        assert (after[1].status, after[1].batch_id) == (ChunkStatus.SUBMITTED, 77)
+    finally:
+        await store.close()
+
+
+async def test_files_and_chunks_come_in_claim_order(store: Store) -> None:
+    late = await claim(store, "late.csv", T2)
+    early = await claim(store, "early.csv", T1)
+    tie = await claim(store, "tie.csv", T1)  # same time: id decides
+    for file in (late, early, tie):
+        await store.start_split(file.id)
+        for index in (2, 1):
+            await add(store, file.id, index)
+    assert [f.name for f in await store.files()] == ["early.csv", "tie.csv", "late.csv"]
+    assert [f.name for f in await store.files([FileStatus.SPLITTING])] == [
+        "early.csv",
+        "tie.csv",
+        "late.csv",
+    ]
+    assert await store.files([FileStatus.COMPLETE]) == []
+    assert await store.files([]) == []
+    order = [(c.file_id, c.index) for c in await store.chunks()]
+    assert order == [(f.id, i) for f in (early, tie, late) for i in (1, 2)]
+    first = (await store.chunks(file_id=tie.id))[0]
+    sending = await store.mark_submitting(first.id)
+    assert await store.chunks(statuses=[ChunkStatus.SUBMITTING]) == [sending]
+    pending = await store.chunks(file_id=late.id, statuses=[ChunkStatus.PENDING])
+    assert [(c.file_id, c.index) for c in pending] == [(late.id, 1), (late.id, 2)]
+
+
+async def test_api_calls_add_up_per_day_and_persist(store: Store) -> None:
+    await store.add_api_calls("2026-11-23", 3)
+    await store.add_api_calls("2026-11-23", 4)
+    await store.add_api_calls("2026-11-24", 1)
+    with pytest.raises(ValueError, match="negative"):
+        await store.add_api_calls("2026-11-23", -1)
+    store = await reopen(store)
+    try:
+        assert await store.api_calls("2026-11-23") == 7
+        assert await store.api_calls("2026-11-24") == 1
+        assert await store.api_calls("2026-11-25") == 0
+    finally:
+        await store.close()
+
+
+# -- the event loop and crashes ------------------------------------------------------------------
+
+
+async def test_event_loop_keeps_running_during_transactions(store: Store) -> None:
+    ticks = 0
+    stop = asyncio.Event()
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not stop.is_set():
+            ticks += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(ticker())
+    await asyncio.sleep(0)
+    seen = [ticks]
+    for _ in range(200):
+        await store.add_api_calls("2026-11-23", 1)
+        seen.append(ticks)
+    stop.set()
+    await task
+    # Blocking SQLite on the loop would leave the ticker no turn between calls.
+    assert all(after > before for before, after in itertools.pairwise(seen))
+    assert await store.api_calls("2026-11-23") == 200
+
+
+CRASH_LOOP = """
+import asyncio, sys
+from pathlib import Path
+from orchestrator.store import Store
+
+async def main():
+    store = await Store.open(Path(sys.argv[1]))
+    n = 0
+    while True:
+        n += 1
+        f = await store.begin_claim(route="leads", name=f"f{n}.csv", source_path="s",
+                                    work_path="w", max_chunk_bytes=1, claimed_at=f"{n:08d}")
+        await store.finish_claim(f.id)
+        await store.start_split(f.id)
+        for k in (1, 2, 3):
+            c = await store.add_chunk(f.id, index=k, path="p", rows=1, bytes=1, first_line=k)
+            await store.mark_submitting(c.id)
+        print(f.id, flush=True)  # everything above is committed
+
+asyncio.run(main())
+"""
+
+
+async def test_kill_9_mid_transactions_leaves_a_sound_database(db_path: Path) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CRASH_LOOP, str(db_path), stdout=asyncio.subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    reported: list[int] = []
+    try:
+        async with asyncio.timeout(60):
+            while len(reported) < 20:
+                line = await proc.stdout.readline()
+                assert line, "the writer exited early"
+                reported.append(int(line))
+    finally:
+        proc.kill()
+        await proc.stdout.read()
+        await proc.wait()
+    assert proc.returncode == -9
+    async with await Store.open(db_path) as store:
+        assert await store.integrity_check() == "ok"
+        known = {f.id for f in await store.files()}
+        assert set(reported) <= known
+        found = await store.recover()
+        assert {c.file_id for c in found.resubmit} >= set(reported)
+        assert all(c.submit_attempts == 1 for c in found.resubmit)
