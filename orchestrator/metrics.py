@@ -1,0 +1,187 @@
+"""Prometheus metrics of one orchestrator, in a registry of its own.
+
+`Metrics` is the observer the Marketo client and the scheduler report to
+(`api_call`, `marketo_error`, `backoff`), plus a few setters for gauges the
+daemon owns. File and chunk counts are not tracked incrementally: they are read
+from the state store at scrape time (`refresh_from_store`), so they can never
+drift from the truth.
+
+Every label value comes from a bounded set: statuses are enums, error codes are
+folded into Marketo's code ranges or a handful of transport names, and anything
+that does not look like an identifier becomes "other". No file name is ever a
+label value.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter as Tally
+from collections.abc import Iterable
+from typing import Final, Protocol
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    generate_latest,
+)
+
+from orchestrator import __version__
+from orchestrator.models import ChunkRecord, ChunkStatus, FileRecord, FileStatus
+
+PREFIX: Final = "marketo_orchestrator"
+ROW_OUTCOMES: Final = ("processed", "failed", "warned", "rejected")
+OTHER: Final = "other"
+TRANSPORT_CODES: Final = frozenset({"network", "timeout", "http-413"})
+# Operation ids and reason names: letters, digits, '_' and '-'. No dots, so no file names.
+_IDENTIFIER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]{0,63}")
+
+
+class StoreReader(Protocol):
+    """The part of the state store that metrics and the status server read."""
+
+    async def files(self) -> list[FileRecord]: ...
+
+    async def chunks(self) -> list[ChunkRecord]: ...
+
+
+def error_code_label(code: str) -> str:
+    """Fold an error code into a bounded label value.
+
+    Marketo's REST codes live in 600-799 and its bulk codes in 1000-1099; those
+    stay as they are. HTTP statuses fold to "http-4xx" / "http-5xx" (413 stays:
+    it means a chunk of ours was too large). Anything else is "other".
+    """
+    if code in TRANSPORT_CODES:
+        return code
+    if code.isdigit() and (600 <= int(code) <= 799 or 1000 <= int(code) <= 1099):
+        return code
+    if code.startswith("http-") and code[5:].isdigit() and len(code) == 8:
+        return f"http-{code[5]}xx" if code[5] in "45" else OTHER
+    return OTHER
+
+
+def name_label(value: str) -> str:
+    """An operation name as a label value; odd strings become "other"."""
+    return value if _IDENTIFIER.fullmatch(value) else OTHER
+
+
+def reason_label(reason: str) -> str:
+    """A backoff reason: error codes fold as in `error_code_label`, names stay."""
+    folded = error_code_label(reason)
+    return folded if folded != OTHER else name_label(reason)
+
+
+class Metrics:
+    """The orchestrator's metrics and the observer calls that feed them."""
+
+    content_type: Final = CONTENT_TYPE_LATEST
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self._define()
+        self._build_info.labels(version=__version__).set(1)
+        self.update_from_snapshot([], [])
+        for outcome in ROW_OUTCOMES:
+            self._rows.labels(outcome=outcome)
+
+    def _define(self) -> None:
+        reg = self.registry
+        self._files = Gauge(f"{PREFIX}_files", "Source files by status.", ["status"], registry=reg)
+        self._chunks = Gauge(f"{PREFIX}_chunks", "Chunks by status.", ["status"], registry=reg)
+        self._jobs_outstanding = Gauge(
+            f"{PREFIX}_jobs_outstanding",
+            "Our import jobs at Marketo (chunks submitted, not yet finished).",
+            registry=reg,
+        )
+        self._api_calls = Counter(
+            f"{PREFIX}_api_calls_total",
+            "Marketo API calls by operation (swagger operationId, or identity).",
+            ["operation"],
+            registry=reg,
+        )
+        self._api_calls_today = Gauge(
+            f"{PREFIX}_api_calls_today",
+            "API calls counted against today's quota.",
+            registry=reg,
+        )
+        self._errors = Counter(
+            f"{PREFIX}_marketo_errors_total",
+            "Marketo error codes, HTTP failures and transport errors seen.",
+            ["code"],
+            registry=reg,
+        )
+        self._rows = Counter(f"{PREFIX}_rows_total", "Rows by outcome.", ["outcome"], registry=reg)
+        self._backoff_seconds = Counter(
+            f"{PREFIX}_backoff_seconds_total",
+            "Seconds spent waiting in backoff, by reason.",
+            ["reason"],
+            registry=reg,
+        )
+        self._backoff_waits = Counter(
+            f"{PREFIX}_backoff_waits_total", "Backoff waits, by reason.", ["reason"], registry=reg
+        )
+        self._backoff_current = Gauge(
+            f"{PREFIX}_backoff_current_seconds",
+            "The scheduler's current backoff wait (0 when none).",
+            registry=reg,
+        )
+        self._build_info = Gauge(
+            f"{PREFIX}_build_info", "Version of the orchestrator.", ["version"], registry=reg
+        )
+
+    # The observer protocol of the Marketo client and the scheduler.
+
+    def api_call(self, operation: str) -> None:
+        """One API call was made (whatever its outcome)."""
+        self._api_calls.labels(operation=name_label(operation)).inc()
+
+    def marketo_error(self, code: str) -> None:
+        """Marketo (or the way to it) answered with an error."""
+        self._errors.labels(code=error_code_label(code)).inc()
+
+    def backoff(self, reason: str, seconds: float) -> None:
+        """A wait of `seconds` started because of `reason`."""
+        label = reason_label(reason)
+        self._backoff_waits.labels(reason=label).inc()
+        self._backoff_seconds.labels(reason=label).inc(max(seconds, 0.0))
+
+    # Setters for what the daemon owns.
+
+    def rows(self, outcome: str, n: int) -> None:
+        """Count `n` rows with `outcome` (processed, failed, warned or rejected)."""
+        if outcome not in ROW_OUTCOMES:
+            raise ValueError(f"unknown row outcome {outcome!r}; expected one of {ROW_OUTCOMES}")
+        if n > 0:
+            self._rows.labels(outcome=outcome).inc(n)
+
+    def set_backoff_current(self, seconds: float) -> None:
+        self._backoff_current.set(max(seconds, 0.0))
+
+    def set_api_calls_today(self, n: int) -> None:
+        self._api_calls_today.set(n)
+
+    # Gauges read from the store.
+
+    def update_from_snapshot(
+        self, files: Iterable[FileRecord], chunks: Iterable[ChunkRecord]
+    ) -> None:
+        """Set the file, chunk and outstanding-job gauges from store records."""
+        file_counts = Tally(f.status for f in files)
+        chunk_counts = Tally(c.status for c in chunks)
+        for file_status in FileStatus:
+            self._files.labels(status=file_status.value).set(file_counts[file_status])
+        for chunk_status in ChunkStatus:
+            self._chunks.labels(status=chunk_status.value).set(chunk_counts[chunk_status])
+        self._jobs_outstanding.set(chunk_counts[ChunkStatus.SUBMITTED])
+
+    async def refresh_from_store(self, store: StoreReader) -> None:
+        """Read files and chunks from the store and set the gauges."""
+        files = await store.files()
+        chunks = await store.chunks()
+        self.update_from_snapshot(files, chunks)
+
+    def render(self) -> bytes:
+        """The registry in Prometheus text format."""
+        return generate_latest(self.registry)

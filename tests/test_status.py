@@ -1,0 +1,446 @@
+"""The status server, metrics and the status table, against a real store and real sockets."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from orchestrator.store import Store
+from prometheus_client.parser import text_string_to_metric_families
+
+from orchestrator.config import HttpSettings
+from orchestrator.errors import StoreError
+from orchestrator.metrics import Metrics, error_code_label, reason_label
+from orchestrator.models import BatchStatus, ChunkRecord, ChunkStatus, FileRecord, FileStatus
+from orchestrator.status import (
+    TABLE_WIDTH,
+    StatusServer,
+    format_status_table,
+    jobs_snapshot,
+    read_snapshot,
+)
+
+NOW = "2026-11-23T14:03:11Z"
+LATER = "2026-11-23T14:09:40Z"
+PATHS = ("/healthz", "/readyz", "/metrics", "/jobs")
+
+
+@dataclass
+class Populated:
+    """Ids of what `populate` put in the store."""
+
+    big: FileRecord
+    cars: FileRecord
+    chunks: list[ChunkRecord]
+
+
+async def populate(store: Store, tmp_path: Path) -> Populated:
+    """leads/big.csv split in 3 chunks (1 complete, 1 submitted, 1 pending); cars/cars.tsv claimed."""
+    work = tmp_path / "work"
+    big = await store.begin_claim(
+        route="leads",
+        name="big.csv",
+        source_path=str(tmp_path / "inbox" / "leads" / "big.csv"),
+        work_path=str(work / "1-big.csv"),
+        max_chunk_bytes=1000,
+        claimed_at=NOW,
+    )
+    await store.finish_claim(big.id)
+    await store.start_split(big.id)
+    chunks = [
+        await store.add_chunk(
+            big.id,
+            index=i,
+            path=str(work / f"1-big.csv.{i}"),
+            rows=10,
+            bytes=900 + i,
+            first_line=2 + 10 * (i - 1),
+        )
+        for i in (1, 2, 3)
+    ]
+    big = await store.finish_split(big.id, rows=30, chunks_total=3)
+    for chunk, batch_id in ((chunks[0], 101), (chunks[1], 102)):
+        await store.mark_submitting(chunk.id)
+        await store.mark_submitted(
+            chunk.id, batch_id=batch_id, marketo_status="Queued", submitted_at=NOW
+        )
+    await store.finish_chunk(
+        chunks[0].id,
+        status=ChunkStatus.COMPLETE,
+        message="Import completed with errors, 9 records imported (9 members), 1 failed records",
+        finished_at=LATER,
+        batch=BatchStatus(101, "Complete", 9, 1, 0, "Import completed with errors"),
+    )
+    cars = await store.begin_claim(
+        route="cars",
+        name="cars.tsv",
+        source_path=str(tmp_path / "inbox" / "cars" / "cars.tsv"),
+        work_path=str(work / "2-cars.tsv"),
+        max_chunk_bytes=1000,
+        claimed_at=LATER,
+    )
+    cars = await store.finish_claim(cars.id)
+    return Populated(big=big, cars=cars, chunks=chunks)
+
+
+class Readiness:
+    """The daemon's readiness callable, steerable by the test."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = "watcher not running"
+
+    def __call__(self) -> str | None:
+        return self.reason
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    opened = await Store.open(tmp_path / "state.db")
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+@pytest.fixture
+async def populated(store: Store, tmp_path: Path) -> Populated:
+    return await populate(store, tmp_path)
+
+
+@pytest.fixture
+def metrics() -> Metrics:
+    return Metrics()
+
+
+@pytest.fixture
+def readiness() -> Readiness:
+    return Readiness()
+
+
+@pytest.fixture
+async def server(
+    store: Store, metrics: Metrics, readiness: Readiness
+) -> AsyncIterator[StatusServer]:
+    srv = StatusServer("127.0.0.1", 0, store=store, metrics=metrics, readiness=readiness)
+    await srv.start()
+    try:
+        yield srv
+    finally:
+        await srv.stop()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        yield session
+
+
+Get = Callable[[str], Awaitable[tuple[int, str, str]]]
+
+
+@pytest.fixture
+def get(server: StatusServer, http: aiohttp.ClientSession) -> Get:
+    async def fetch(path: str) -> tuple[int, str, str]:
+        async with http.get(f"http://127.0.0.1:{server.port}{path}") as resp:
+            return resp.status, resp.headers.get("Content-Type", ""), await resp.text()
+
+    return fetch
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Prometheus text as {(sample name, sorted labels): value}."""
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def value(parsed: dict[Any, float], name: str, **labels: str) -> float:
+    return parsed[(name, tuple(sorted(labels.items())))]
+
+
+async def test_healthz_says_ok(get: Get) -> None:
+    status, _, body = await get("/healthz")
+    assert (status, body) == (200, "ok")
+
+
+async def test_readyz_gives_the_reason_until_ready(get: Get, readiness: Readiness) -> None:
+    status, ctype, body = await get("/readyz")
+    assert status == 503
+    assert ctype.startswith("application/json")
+    assert json.loads(body) == {"ready": False, "reason": "watcher not running"}
+
+    readiness.reason = None
+    status, _, body = await get("/readyz")
+    assert (status, json.loads(body)) == (200, {"ready": True})
+
+
+async def test_metrics_follow_the_store_and_the_observer_calls(
+    get: Get, store: Store, populated: Populated, metrics: Metrics
+) -> None:
+    metrics.api_call("importLeadUsingPOST")
+    metrics.api_call("importLeadUsingPOST")
+    metrics.api_call("identity")
+    metrics.marketo_error("1016")
+    metrics.marketo_error("http-503")
+    metrics.marketo_error("http-502")
+    metrics.marketo_error("totally-unknown")
+    metrics.backoff("1016", 2.5)
+    metrics.backoff("1016", 1.5)
+    metrics.rows("processed", 9)
+    metrics.rows("failed", 1)
+    metrics.set_api_calls_today(42)
+    metrics.set_backoff_current(3.0)
+
+    status, ctype, body = await get("/metrics")
+    assert status == 200
+    assert ctype.startswith("text/plain")
+    assert "version=" in ctype
+    parsed = samples(body)
+    files, chunks = "marketo_orchestrator_files", "marketo_orchestrator_chunks"
+    assert value(parsed, files, status="split") == 1
+    assert value(parsed, files, status="claimed") == 1
+    assert value(parsed, files, status="complete") == 0
+    assert value(parsed, chunks, status="complete") == 1
+    assert value(parsed, chunks, status="submitted") == 1
+    assert value(parsed, chunks, status="pending") == 1
+    assert value(parsed, "marketo_orchestrator_jobs_outstanding") == 1
+    calls = "marketo_orchestrator_api_calls_total"
+    assert value(parsed, calls, operation="importLeadUsingPOST") == 2
+    assert value(parsed, calls, operation="identity") == 1
+    errors = "marketo_orchestrator_marketo_errors_total"
+    assert value(parsed, errors, code="1016") == 1
+    assert value(parsed, errors, code="http-5xx") == 2
+    assert value(parsed, errors, code="other") == 1
+    assert value(parsed, "marketo_orchestrator_backoff_seconds_total", reason="1016") == 4.0
+    assert value(parsed, "marketo_orchestrator_backoff_waits_total", reason="1016") == 2
+    assert value(parsed, "marketo_orchestrator_backoff_current_seconds") == 3.0
+    assert value(parsed, "marketo_orchestrator_rows_total", outcome="processed") == 9
+    assert value(parsed, "marketo_orchestrator_rows_total", outcome="failed") == 1
+    assert value(parsed, "marketo_orchestrator_rows_total", outcome="rejected") == 0
+    assert value(parsed, "marketo_orchestrator_api_calls_today") == 42
+    assert value(parsed, "marketo_orchestrator_build_info", version="0.1.0") == 1
+
+    # The gauges are read from the store at scrape time.
+    await store.finish_chunk(
+        populated.chunks[1].id,
+        status=ChunkStatus.FAILED,
+        message="Failed",
+        finished_at=LATER,
+        batch=BatchStatus(102, "Failed", 0, 0, 0, "Failed"),
+    )
+    parsed = samples((await get("/metrics"))[2])
+    assert value(parsed, "marketo_orchestrator_jobs_outstanding") == 0
+    assert value(parsed, chunks, status="failed") == 1
+    assert value(parsed, chunks, status="submitted") == 0
+
+
+async def test_no_label_value_is_a_file_name(
+    get: Get, populated: Populated, metrics: Metrics
+) -> None:
+    # Even a careless caller passing a file name cannot make it a label value.
+    metrics.api_call("big.csv")
+    metrics.backoff("cars.tsv", 1.0)
+    metrics.marketo_error("big.csv")
+    _, _, body = await get("/metrics")
+    label_values = {
+        v
+        for family in text_string_to_metric_families(body)
+        for s in family.samples
+        for v in s.labels.values()
+    }
+    assert label_values, "expected labelled samples"
+    for name in ("big.csv", "cars.tsv"):
+        assert not any(name in v for v in label_values)
+    assert "other" in label_values
+
+
+async def test_jobs_is_the_snapshot_of_the_store(
+    get: Get, store: Store, populated: Populated, tmp_path: Path
+) -> None:
+    status, ctype, body = await get("/jobs")
+    assert status == 200
+    assert ctype.startswith("application/json")
+    data = json.loads(body)
+    assert data == jobs_snapshot(await store.files(), await store.chunks())
+
+    big, cars = data["files"]
+    assert (big["route"], big["file"], big["status"]) == ("leads", "big.csv", "split")
+    assert (big["chunks_done"], big["chunks_total"], big["batch_ids"]) == (1, 3, [101, 102])
+    assert (big["rows"], big["rows_processed"], big["rows_failed"]) == (30, 9, 1)
+    assert [c["status"] for c in big["chunks"]] == ["complete", "submitted", "pending"]
+    assert big["chunks"][0]["marketo_status"] == "Complete"
+    assert big["chunks"][1]["batch_id"] == 102
+    assert big["claimed_at"] == NOW
+    assert (cars["file"], cars["status"], cars["chunks_total"]) == ("cars.tsv", "claimed", None)
+    assert data["totals"]["files"]["split"] == 1
+    assert data["totals"]["chunks"]["pending"] == 1
+    assert data["totals"]["jobs_outstanding"] == 1
+    # Work and inbox paths are internal.
+    assert str(tmp_path) not in body
+
+
+async def test_only_get_and_head_exist_and_nothing_changes(
+    server: StatusServer,
+    http: aiohttp.ClientSession,
+    get: Get,
+    store: Store,
+    populated: Populated,
+) -> None:
+    before = jobs_snapshot(await store.files(), await store.chunks())
+    base = f"http://127.0.0.1:{server.port}"
+    for path in PATHS:
+        for method in ("POST", "PUT", "DELETE", "PATCH"):
+            async with http.request(method, base + path, data=b'{"status": "failed"}') as resp:
+                assert resp.status == 405, (method, path)
+                assert "GET" in resp.headers.get("Allow", "")
+        async with http.head(base + path) as resp:
+            assert resp.status in (200, 503), path
+    assert jobs_snapshot(await store.files(), await store.chunks()) == before
+    assert (await get("/nowhere"))[0] == 404
+
+
+async def test_store_trouble_is_a_503_not_a_crash(
+    metrics: Metrics, readiness: Readiness, http: aiohttp.ClientSession
+) -> None:
+    class BrokenStore:
+        async def files(self) -> list[FileRecord]:
+            raise StoreError("state.db", "database is locked")
+
+        async def chunks(self) -> list[ChunkRecord]:
+            raise StoreError("state.db", "database is locked")
+
+    srv = StatusServer("127.0.0.1", 0, store=BrokenStore(), metrics=metrics, readiness=readiness)
+    await srv.start()
+    try:
+        for path in ("/metrics", "/jobs"):
+            async with http.get(f"http://127.0.0.1:{srv.port}{path}") as resp:
+                assert resp.status == 503, path
+        async with http.get(f"http://127.0.0.1:{srv.port}/healthz") as resp:
+            assert resp.status == 200
+    finally:
+        await srv.stop()
+    with pytest.raises(RuntimeError):
+        _ = srv.port
+
+
+async def test_status_table_shows_routes_files_and_counts(
+    store: Store, populated: Populated
+) -> None:
+    table = format_status_table(jobs_snapshot(await store.files(), await store.chunks()))
+    lines = table.splitlines()
+    assert lines[0].split() == [
+        "ROUTE",
+        "FILE",
+        "STATUS",
+        "CHUNKS",
+        "BATCHES",
+        "PROCESSED",
+        "FAILED",
+        "WARNED",
+    ]
+    big = next(line for line in lines if "big.csv" in line)
+    assert big.split() == ["leads", "big.csv", "split", "1/3", "101,102", "9", "1", "0"]
+    cars = next(line for line in lines if "cars.tsv" in line)
+    assert cars.split()[:4] == ["cars", "cars.tsv", "claimed", "0/?"]
+    assert "jobs at Marketo: 1" in lines[-1]
+    assert all(len(line) <= 100 for line in lines)
+
+
+def test_status_table_stays_narrow_with_long_values() -> None:
+    chunks = [
+        ChunkRecord(
+            id=i,
+            file_id=1,
+            index=i,
+            path=f"/w/{i}",
+            rows=1,
+            bytes=1,
+            first_line=i + 1,
+            status=ChunkStatus.SUBMITTED,
+            batch_id=100_000 + i,
+        )
+        for i in range(1, 8)
+    ]
+    file = FileRecord(
+        id=1,
+        route="a-very-long-route-name",
+        name="an-extremely-long-file-name-that-goes-on-and-on.csv",
+        source_path="/in/x",
+        work_path="/w/x",
+        status=FileStatus.FAILED,
+        max_chunk_bytes=1000,
+        claimed_at=NOW,
+        chunks_total=7,
+        error="Marketo said Failed for chunk 3:\nthe file\tcould not be parsed " + "x" * 200,
+    )
+    lines = format_status_table(jobs_snapshot([file], chunks)).splitlines()
+    assert all(len(line) <= TABLE_WIDTH <= 100 for line in lines)
+    row = lines[1]
+    assert "0/7" in row
+    assert "+" in row.split()[4]  # batch ids that do not fit are counted, not cut mid-number
+    assert "100001" in row
+    error_line = lines[2]
+    assert error_line.lstrip().startswith("error: Marketo said Failed")
+    assert "\t" not in error_line
+
+
+async def test_read_snapshot_for_the_cli(tmp_path: Path) -> None:
+    db = tmp_path / "state.db"
+    store = await Store.open(db)
+    try:
+        await populate(store, tmp_path)
+        expected = jobs_snapshot(await store.files(), await store.chunks())
+    finally:
+        await store.close()
+    assert await read_snapshot(db) == expected
+
+    missing = tmp_path / "never-ran" / "state.db"
+    empty = await read_snapshot(missing)
+    assert empty["files"] == []
+    assert empty["totals"]["jobs_outstanding"] == 0
+    assert not missing.parent.exists()
+
+
+def test_label_values_are_bounded() -> None:
+    assert error_code_label("1016") == "1016"
+    assert error_code_label("606") == "606"
+    assert error_code_label("http-413") == "http-413"
+    assert error_code_label("http-404") == "http-4xx"
+    assert error_code_label("http-599") == "http-5xx"
+    assert error_code_label("network") == "network"
+    assert error_code_label("timeout") == "timeout"
+    assert {error_code_label(c) for c in ("42", "99999", "http-9999", "boom", "")} == {"other"}
+    assert reason_label("http-503") == "http-5xx"
+    assert reason_label("queue-full") == "queue-full"
+    assert reason_label("../etc/passwd") == "other"
+
+
+def test_rows_rejects_an_unknown_outcome() -> None:
+    metrics = Metrics()
+    with pytest.raises(ValueError, match="unknown row outcome"):
+        metrics.rows("skipped", 1)
+
+
+def test_each_metrics_has_its_own_registry() -> None:
+    first, second = Metrics(), Metrics()
+    first.api_call("identity")
+    assert b'operation="identity"' in first.render()
+    assert b'operation="identity"' not in second.render()
+
+
+def test_default_listen_address_is_loopback() -> None:
+    settings = HttpSettings()
+    assert settings.listen == "127.0.0.1:9400"
+    host_port = settings.host_port
+    assert host_port is not None
+    host, port = host_port
+    assert ipaddress.ip_address(host).is_loopback
+    assert port == 9400
