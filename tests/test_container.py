@@ -1,0 +1,564 @@
+"""The container artefacts agree with each other and with the code, without Docker.
+
+There is no Docker engine in CI, so these tests read the Dockerfile, the Compose
+file and the Kubernetes manifests as data and check what the linters of
+.ci/check-container cannot: the entrypoint, user, volume, ports, paths and
+probes line up, the shipped TOML files load through `load_settings`, and the
+image's healthcheck command really passes against a live /healthz (and fails
+against an unhealthy one).
+
+PyYAML is not a dependency, so `read_yaml` below reads the small YAML subset
+these files use (block maps and lists, `|` scalars, JSON-style flow lists,
+quoted and plain scalars). The real YAML tooling validates the same files in
+.ci/check-container.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tomllib
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+from aiohttp import web
+
+from orchestrator.config import Settings, load_settings
+from orchestrator.models import ObjectType
+
+ROOT = Path(__file__).resolve().parent.parent
+UID = "10001"
+PORT = 9400
+
+# --- a tiny reader for the YAML subset our files use -----------------------------
+
+MAP_ITEM = re.compile(r"^[A-Za-z0-9_.\-/]+:(\s|$)")
+
+
+def read_yaml(path: Path) -> list[Any]:
+    """Every document of a YAML file."""
+    docs: list[list[str]] = []
+    current: list[str] = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip() == "---":
+            docs.append(current)
+            current = []
+        else:
+            current.append(line)
+    docs.append(current)
+    return [_Block(lines).parse() for lines in docs if any(_strip(x).strip() for x in lines)]
+
+
+def _strip(line: str) -> str:
+    """The line without a trailing comment (a # outside quotes, after a space)."""
+    quote = ""
+    for i, ch in enumerate(line):
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "#" and (i == 0 or line[i - 1].isspace()):
+            return line[:i].rstrip()
+    return line.rstrip()
+
+
+def _scalar(text: str) -> Any:
+    text = text.strip()
+    if text.startswith(("[", '"')):
+        return json.loads(text)
+    if text.startswith("'"):
+        return text[1:-1].replace("''", "'")
+    if text in ("true", "false"):
+        return text == "true"
+    if text in ("null", "~", ""):
+        return None
+    return int(text) if re.fullmatch(r"-?(0|[1-9][0-9]*)", text) else text
+
+
+class _Block:
+    def __init__(self, lines: list[str]) -> None:
+        self.lines = lines
+        self.i = 0
+
+    def parse(self) -> Any:
+        head = self._peek()
+        return None if head is None else self._node(head[0])
+
+    def _peek(self) -> tuple[int, str] | None:
+        while self.i < len(self.lines):
+            text = _strip(self.lines[self.i])
+            if text.strip():
+                return len(text) - len(text.lstrip()), text.strip()
+            self.i += 1
+        return None
+
+    def _node(self, indent: int) -> Any:
+        head = self._peek()
+        assert head is not None
+        return self._seq(indent) if head[1].startswith("-") else self._map(indent)
+
+    def _map(self, indent: int) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        while (head := self._peek()) and head[0] == indent and not head[1].startswith("- "):
+            key, _, rest = head[1].partition(":")
+            self.i += 1
+            rest = rest.strip()
+            if rest in ("|", "|-"):
+                out[key] = self._literal(indent, keep_newline=rest == "|")
+            elif rest:
+                out[key] = _scalar(rest)
+            else:
+                nxt = self._peek()
+                nested = nxt is not None and (
+                    nxt[0] > indent or (nxt[0] == indent and nxt[1].startswith("-"))
+                )
+                out[key] = self._node(nxt[0]) if nxt and nested else None
+        return out
+
+    def _seq(self, indent: int) -> list[Any]:
+        out: list[Any] = []
+        while (head := self._peek()) and head[0] == indent and head[1].startswith("-"):
+            item = head[1][1:].strip()
+            if MAP_ITEM.match(item):
+                # "- key: value": the rest of the item is a map two columns in.
+                self.lines[self.i] = " " * (indent + 2) + item
+                out.append(self._map(indent + 2))
+            else:
+                self.i += 1
+                out.append(_scalar(item))
+        return out
+
+    def _literal(self, indent: int, *, keep_newline: bool) -> str:
+        body: list[str] = []
+        while self.i < len(self.lines):
+            line = self.lines[self.i]
+            if line.strip() and len(line) - len(line.lstrip()) <= indent:
+                break
+            body.append(line)
+            self.i += 1
+        while body and not body[-1].strip():
+            body.pop()
+        cut = min(len(x) - len(x.lstrip()) for x in body if x.strip())
+        text = "\n".join(x[cut:] for x in body)
+        return text + "\n" if keep_newline else text
+
+
+# --- the Dockerfile as data -------------------------------------------------------
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) in order, continuations joined, comments dropped."""
+    found: list[tuple[str, str]] = []
+    pending = ""
+    for raw in (ROOT / "Dockerfile").read_text(encoding="utf-8").splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        instruction, _, args = (pending + line).partition(" ")
+        pending = ""
+        found.append((instruction.upper(), args.strip()))
+    return found
+
+
+def dockerfile_stages() -> list[list[tuple[str, str]]]:
+    """The instructions of each build stage, FROM first; global ARGs before it left out."""
+    stages: list[list[tuple[str, str]]] = []
+    for name, args in dockerfile_instructions():
+        if name == "FROM":
+            stages.append([])
+        if stages:
+            stages[-1].append((name, args))
+    return stages
+
+
+def runtime(instruction: str) -> list[str]:
+    """The arguments of every `instruction` in the final stage."""
+    return [args for name, args in dockerfile_stages()[-1] if name == instruction]
+
+
+def image_env() -> dict[str, str]:
+    env: dict[str, str] = {}
+    for args in runtime("ENV"):
+        for word in shlex.split(args):
+            key, _, value = word.partition("=")
+            env[key] = value
+    return env
+
+
+def image_settings() -> Settings:
+    """What the image's environment alone configures (its secret file exists only inside)."""
+    env = {k: v for k, v in image_env().items() if k != "MARKETO_CLIENT_SECRET_FILE"}
+    return load_settings(None, env, require_credentials=False)
+
+
+def healthcheck_command() -> list[str]:
+    [args] = runtime("HEALTHCHECK")
+    _, _, command = args.partition(" CMD ")
+    return list(json.loads(command))
+
+
+# --- the other files --------------------------------------------------------------
+
+
+def compose() -> dict[str, Any]:
+    [doc] = read_yaml(ROOT / "docker-compose.yml")
+    return dict(doc)
+
+
+def manifests() -> dict[str, dict[str, Any]]:
+    """Kubernetes objects by kind."""
+    found: dict[str, dict[str, Any]] = {}
+    for path in sorted((ROOT / "config" / "kubernetes").glob("*.yaml")):
+        for doc in read_yaml(path):
+            found[doc["kind"]] = doc
+    return found
+
+
+def pod_spec() -> dict[str, Any]:
+    return dict(manifests()["Deployment"]["spec"]["template"]["spec"])
+
+
+def sidecar() -> dict[str, Any]:
+    [container] = [c for c in pod_spec()["containers"] if "marketo-orchestrator" in c["image"]]
+    return dict(container)
+
+
+def mount_path(container: dict[str, Any], volume: str) -> str:
+    [path] = [m["mountPath"] for m in container["volumeMounts"] if m["name"] == volume]
+    return str(path)
+
+
+def volume(name: str) -> dict[str, Any]:
+    [found] = [v for v in pod_spec()["volumes"] if v["name"] == name]
+    return dict(found)
+
+
+def url_in(code: str) -> tuple[str, int | None, str]:
+    """(host, port, path) of the URL a healthcheck's Python code opens."""
+    [url] = re.findall(r"f?'(http://[^']+)'", code)
+    parts = urlsplit(url.replace("{port}", "0"))
+    port = None if "{port}" in url else parts.port
+    return parts.hostname or "", port, parts.path
+
+
+def load_with_secret_file(toml: Path, env: dict[str, str], secret: str, tmp_path: Path) -> Settings:
+    """The settings the container would load, its secret file replaced by a local one."""
+    secret_file = tmp_path / "client_secret"
+    secret_file.write_text(secret + "\n", encoding="utf-8")
+    local = {**env, "MARKETO_CLIENT_SECRET_FILE": str(secret_file)}
+    return load_settings(toml, local, require_credentials=True)
+
+
+# --- Dockerfile -------------------------------------------------------------------
+
+
+def test_image_is_built_from_a_wheel_in_a_separate_stage() -> None:
+    build, run = dockerfile_stages()[0], dockerfile_stages()[-1]
+    assert len(dockerfile_stages()) == 2
+    assert any("pip wheel" in a and "--no-deps" in a for n, a in build if n == "RUN")
+    assert any(n == "COPY" and a.startswith("--from=build") for n, a in run)
+    assert any("pip install" in a and ".whl" in a for n, a in run if n == "RUN")
+    assert [a for n, a in build if n == "FROM"] == ["${PYTHON_IMAGE} AS build"]
+    assert [a for n, a in run if n == "FROM"] == ["${PYTHON_IMAGE} AS runtime"]
+    [base] = [a for n, a in dockerfile_instructions() if n == "ARG" and "PYTHON_IMAGE" in a]
+    assert re.fullmatch(r"PYTHON_IMAGE=python:3\.1[1-9]\.\d+-slim(-\w+)?", base)
+
+
+def test_entrypoint_runs_the_daemon_as_pid_1() -> None:
+    [entrypoint] = runtime("ENTRYPOINT")
+    assert json.loads(entrypoint) == ["marketo-orchestrator", "run"]
+    assert runtime("CMD") == []
+    assert runtime("STOPSIGNAL") == ["SIGTERM"]
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert "marketo-orchestrator" in scripts
+
+
+def test_image_runs_as_a_fixed_non_root_uid() -> None:
+    [user] = runtime("USER")
+    assert user.split(":")[0] == UID
+    [useradd] = [a for a in runtime("RUN") if "useradd" in a]
+    assert f"--uid {UID}" in useradd
+    assert any(f"chown {UID}:{UID} /data" in a for a in runtime("RUN"))
+
+
+def test_data_volume_is_the_data_dir() -> None:
+    assert [json.loads(v) for v in runtime("VOLUME")] == [["/data"]]
+    env = image_env()
+    assert env["ORCHESTRATOR_DATA_DIR"] == "/data"
+    assert image_settings().data_dir == Path("/data")
+
+
+def test_image_environment_listens_on_the_exposed_port() -> None:
+    env = image_env()
+    assert image_settings().http.host_port == ("0.0.0.0", PORT)
+    assert runtime("EXPOSE") == [str(PORT)]
+    assert env["PYTHONDONTWRITEBYTECODE"] == "1"
+    assert env["HOME"].startswith("/tmp")
+    assert env["ORCHESTRATOR_CONFIG"] == "/etc/marketo-orchestrator/orchestrator.toml"
+    assert env["MARKETO_CLIENT_SECRET_FILE"] == "/run/secrets/marketo_client_secret"
+
+
+def test_healthcheck_asks_healthz_without_curl() -> None:
+    command = healthcheck_command()
+    assert command[:2] == ["python", "-c"]
+    host, port, path = url_in(command[2])
+    assert (host, port, path) == ("127.0.0.1", None, "/healthz")
+    assert "ORCHESTRATOR_HTTP_LISTEN" in command[2]
+    compile(command[2], "<healthcheck>", "exec")
+
+
+@pytest.fixture
+async def health_server() -> AsyncIterator[Callable[[int], str]]:
+    """A real /healthz on 127.0.0.1; the returned setter picks its status code."""
+    status = {"code": 200}
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.Response(status=status["code"], text="ok")
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+
+    def answer(code: int) -> str:
+        status["code"] = code
+        return f"127.0.0.1:{port}"
+
+    yield answer
+    await runner.cleanup()
+
+
+async def run_python_code(code: str, env: dict[str, str]) -> int:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        code,
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    return await asyncio.wait_for(proc.wait(), timeout=30)
+
+
+async def test_healthcheck_passes_on_200_and_fails_otherwise(
+    health_server: Callable[[int], str],
+) -> None:
+    code = healthcheck_command()[2]
+    listen = health_server(200)
+    assert await run_python_code(code, {"ORCHESTRATOR_HTTP_LISTEN": listen}) == 0
+    listen = health_server(503)
+    assert await run_python_code(code, {"ORCHESTRATOR_HTTP_LISTEN": listen}) != 0
+
+
+def dockerignore_allows(path: str) -> bool:
+    """Docker's rule, near enough: the last pattern matching the path or a parent wins."""
+    allowed = True
+    parts = path.split("/")
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    for raw in (ROOT / ".dockerignore").read_text(encoding="utf-8").splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        negate, pattern = line.startswith("!"), line.lstrip("!").rstrip("/")
+        options = {pattern, pattern.removeprefix("**/")}
+        if any(fnmatch.fnmatchcase(p, o) for p in prefixes for o in options):
+            allowed = negate
+    return allowed
+
+
+def test_build_context_holds_the_package_and_nothing_else() -> None:
+    assert ("COPY", ". .") in dockerfile_stages()[0]
+    for needed in ("pyproject.toml", "README.md", "orchestrator/cli.py"):
+        assert dockerignore_allows(needed), needed
+    for kept_out in (
+        ".git/HEAD",
+        "tests/test_container.py",
+        "tests/data/big.csv",
+        ".venv/bin/python",
+        "venv/bin/python",
+        "orchestrator-data/state.db",
+        "bench/.cache/sample.csv",
+        "config/demo-client-secret.txt",
+        "orchestrator/__pycache__/cli.cpython-311.pyc",
+        ".mypy_cache/3.11/x.json",
+        "marketo_orchestrator.egg-info/PKG-INFO",
+    ):
+        assert not dockerignore_allows(kept_out), kept_out
+
+
+# --- docker-compose.yml -----------------------------------------------------------
+
+
+def test_compose_runs_daemon_and_simulator_from_one_image() -> None:
+    services = compose()["services"]
+    sim, orch = services["simulator"], services["orchestrator"]
+    assert sim["image"] == orch["image"]
+    assert sim["build"] == orch["build"] == "."
+    simulator = ["marketo-orchestrator", "simulator", "--host", "0.0.0.0", "--port", "8090"]
+    assert sim["entrypoint"] == simulator
+    assert "entrypoint" not in orch
+    assert orch["depends_on"] == {"simulator": {"condition": "service_healthy"}}
+    for service in (sim, orch):
+        assert service["read_only"] is True
+        assert "/tmp" in service["tmpfs"]
+
+
+def test_compose_mounts_config_secret_and_data_where_the_image_looks() -> None:
+    doc, env = compose(), image_env()
+    orch = doc["services"]["orchestrator"]
+    mounts = dict(v.split(":")[1::-1] for v in orch["volumes"])
+    assert mounts[env["ORCHESTRATOR_CONFIG"]] == "./config/compose.toml"
+    assert mounts[env["ORCHESTRATOR_DATA_DIR"]] in doc["volumes"]
+    assert orch["secrets"] == ["marketo_client_secret"]
+    assert env["MARKETO_CLIENT_SECRET_FILE"] == "/run/secrets/marketo_client_secret"
+    assert orch["environment"].items() <= env.items()
+    secret_file = ROOT / doc["secrets"]["marketo_client_secret"]["file"]
+    assert "demo" in secret_file.read_text(encoding="utf-8")
+    assert "DEMO VALUE" in (ROOT / "docker-compose.yml").read_text(encoding="utf-8")
+
+
+def test_compose_config_loads_and_points_at_the_simulator(tmp_path: Path) -> None:
+    doc = compose()
+    orch = doc["services"]["orchestrator"]
+    secret = (ROOT / "config" / "demo-client-secret.txt").read_text(encoding="utf-8").strip()
+    env = {**image_env(), **orch["environment"]}
+    settings = load_with_secret_file(ROOT / "config" / "compose.toml", env, secret, tmp_path)
+    assert settings.marketo.client_secret.reveal() == secret
+    assert settings.data_dir == Path("/data")
+    sim_args = doc["services"]["simulator"]["entrypoint"]
+    sim_port = int(sim_args[sim_args.index("--port") + 1])
+    base = urlsplit(settings.marketo.base_url)
+    assert (base.hostname, base.port) == ("simulator", sim_port)
+    assert {r.object for r in settings.routes} == set(ObjectType)
+    by_object = {r.object: r for r in settings.routes}
+    assert by_object[ObjectType.CUSTOM_OBJECT].api_name == "car_c"
+    members = by_object[ObjectType.PROGRAM_MEMBERS]
+    assert (members.program_id, members.program_member_status) == (1001, "Registered")
+    assert settings.http.host_port == ("0.0.0.0", PORT)
+
+
+def test_compose_healthchecks_and_ports_agree() -> None:
+    services = compose()["services"]
+    orch, sim = services["orchestrator"], services["simulator"]
+    assert orch["healthcheck"]["test"] == ["CMD", *healthcheck_command()]
+    assert orch["ports"] == [f"127.0.0.1:{PORT}:{PORT}"]
+    sim_test = sim["healthcheck"]["test"]
+    assert sim_test[:3] == ["CMD", "python", "-c"]
+    compile(sim_test[3], "<simulator healthcheck>", "exec")
+    assert url_in(sim_test[3]) == ("127.0.0.1", 8090, "/_sim/stats")
+    assert sim["ports"] == ["127.0.0.1:8090:8090"]
+
+
+async def test_simulator_healthcheck_passes_against_a_stats_endpoint() -> None:
+    async def stats(_: web.Request) -> web.Response:
+        return web.json_response({"calls": {}, "jobs": {}})
+
+    app = web.Application()
+    app.router.add_get("/_sim/stats", stats)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        port = runner.addresses[0][1]
+        code = compose()["services"]["simulator"]["healthcheck"]["test"][3]
+        assert code.count(":8090/") == 1
+        assert await run_python_code(code.replace(":8090/", f":{port}/"), {}) == 0
+    finally:
+        await runner.cleanup()
+
+
+# --- Kubernetes -------------------------------------------------------------------
+
+
+def test_kubernetes_config_map_loads(tmp_path: Path) -> None:
+    toml = tmp_path / "orchestrator.toml"
+    toml.write_text(manifests()["ConfigMap"]["data"]["orchestrator.toml"], encoding="utf-8")
+    env = {**image_env(), **{e["name"]: e["value"] for e in sidecar()["env"]}}
+    secret = manifests()["Secret"]["stringData"]["client_secret"]
+    settings = load_with_secret_file(toml, env, secret, tmp_path)
+    assert settings.data_dir == Path(mount_path(sidecar(), "data")) == Path("/data")
+    assert settings.http.host_port == ("0.0.0.0", PORT)
+    assert [r.dir for r in settings.routes] == ["leads"]
+
+
+def test_kubernetes_mounts_config_and_secret_where_the_env_points() -> None:
+    objects, env = manifests(), {e["name"]: e["value"] for e in sidecar()["env"]}
+    config = volume("config")["configMap"]
+    assert config["name"] == objects["ConfigMap"]["metadata"]["name"]
+    [item] = config["items"]
+    assert item["key"] in objects["ConfigMap"]["data"]
+    config_file = f"{mount_path(sidecar(), 'config')}/{item['path']}"
+    assert config_file == env["ORCHESTRATOR_CONFIG"] == image_env()["ORCHESTRATOR_CONFIG"]
+    secret = volume("credentials")["secret"]
+    assert secret["secretName"] == objects["Secret"]["metadata"]["name"]
+    [item] = secret["items"]
+    assert item["key"] in objects["Secret"]["stringData"]
+    secret_file = f"{mount_path(sidecar(), 'credentials')}/{item['path']}"
+    assert env["MARKETO_CLIENT_SECRET_FILE"] == secret_file
+    assert all(e["name"] != "MARKETO_CLIENT_SECRET" for e in sidecar()["env"])
+
+
+def test_kubernetes_probes_hit_the_status_server() -> None:
+    container = sidecar()
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert list(ports.values()) == [PORT]
+    for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+        get = container[probe]["httpGet"]
+        assert get["path"] == path
+        assert ports.get(get["port"], get["port"]) == PORT
+
+
+def test_kubernetes_pipeline_and_sidecar_share_the_inbox() -> None:
+    spec = pod_spec()
+    assert "emptyDir" in volume("data")
+    assert len(spec["containers"]) == 2
+    for container in spec["containers"]:
+        assert mount_path(container, "data") == "/data"
+        for bound in ("requests", "limits"):
+            assert {"cpu", "memory"} <= container["resources"][bound].keys()
+
+
+def test_kubernetes_pod_is_locked_down() -> None:
+    spec = pod_spec()
+    assert spec["enableServiceLinks"] is False
+    assert spec["terminationGracePeriodSeconds"] >= 20
+    pod = spec["securityContext"]
+    assert pod["runAsNonRoot"] is True
+    assert str(pod["runAsUser"]) == UID
+    assert pod["seccompProfile"] == {"type": "RuntimeDefault"}
+    for container in spec["containers"]:
+        ctx = container["securityContext"]
+        assert ctx["runAsNonRoot"] is True
+        assert str(ctx["runAsUser"]) == UID
+        assert ctx["readOnlyRootFilesystem"] is True
+        assert ctx["allowPrivilegeEscalation"] is False
+        assert ctx["capabilities"] == {"drop": ["ALL"]}
+    assert mount_path(sidecar(), "tmp") == "/tmp"
+
+
+# --- the CI script ----------------------------------------------------------------
+
+
+def test_check_container_script_is_strict_bash() -> None:
+    script = ROOT / ".ci" / "check-container"
+    assert os.access(script, os.X_OK)
+    text = script.read_text(encoding="utf-8")
+    assert "set -euo pipefail" in text
+    for tool in ("hadolint", "vendor.compose-spec", "kubernetes-validate --strict"):
+        assert tool in text
+    subprocess.run(["bash", "-n", str(script)], check=True, timeout=30)
