@@ -1,0 +1,481 @@
+"""The Marketo Bulk Import client: the only module that knows Marketo's JSON.
+
+`MarketoClient` offers the twelve Bulk Import operations of
+`shared/marketo-openapi/swagger-mapi.json` as explicit methods (import, status,
+failures and warnings for leads, custom objects and program members), plus four
+route-level dispatchers for the scheduler and the poller.
+
+Every call goes through one retry loop:
+
+    quota gate -> token -> limiter slot -> HTTP -> envelope -> result
+         ^                                                    |
+         +-- 601/602: refresh once (under the token lock) ----+
+         +-- 606/615/5xx/604/608/611/614/713/719/network/timeout: backoff, retry
+         +-- 607: pause every call until midnight in quota_reset_tz, retry
+    1016, 1019 and fatal errors: raised at once (the scheduler owns 1016/1019)
+
+Foreign errors are translated here and only here: aiohttp exceptions become
+`TransientError("network"/"timeout")`, HTTP statuses go through
+`errors.error_for_http_status` and Marketo's `errors[].code` through
+`errors.error_for_code`. The client secret travels only in the identity
+request's form body and the token only in the `Authorization` header; neither
+appears in a URL, a log line, a repr or an exception message.
+
+Split by prefix: `marketo_auth` (the token cache), `marketo_limits` (the
+limiter and the daily quota), `marketo_wire` (paths, operation ids, reading
+envelopes and files).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final, Protocol, Self, TypeVar
+
+import aiohttp
+import structlog
+
+from orchestrator import config
+from orchestrator.backoff import Backoff
+from orchestrator.errors import (
+    AuthError,
+    FatalError,
+    MarketoError,
+    QuotaExhaustedError,
+    RateLimitError,
+    TransientError,
+)
+from orchestrator.marketo_auth import Grant, TokenSource
+from orchestrator.marketo_limits import DailyQuota, Limiter
+from orchestrator.marketo_wire import (
+    CONTENT_TYPES,
+    CUSTOM_OBJECT_FAILURES,
+    CUSTOM_OBJECT_STATUS,
+    CUSTOM_OBJECT_WARNINGS,
+    IDENTITY,
+    IMPORT_CUSTOM_OBJECTS,
+    IMPORT_LEADS,
+    IMPORT_PROGRAM_MEMBERS,
+    LEAD_FAILURES,
+    LEAD_STATUS,
+    LEAD_WARNINGS,
+    PROGRAM_MEMBER_FAILURES,
+    PROGRAM_MEMBER_STATUS,
+    PROGRAM_MEMBER_WARNINGS,
+    batch_status,
+    custom_object_root,
+    read_grant,
+    read_result,
+    stream_to_file,
+)
+from orchestrator.models import BatchStatus, ObjectType
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+MAX_REFRESHES: Final = 2  # token refreshes per call after 601/602
+MAX_QUOTA_PAUSES: Final = 3  # 607 pauses per call before giving up
+RETRY_DEADLINE_SECONDS: Final = 600.0  # no call retries for longer than this
+
+
+class ClientObserver(Protocol):
+    """What the client reports, so the daemon can feed metrics without this module."""
+
+    def api_call(self, operation: str) -> None: ...
+    def marketo_error(self, code: str) -> None: ...
+    def backoff(self, reason: str, seconds: float) -> None: ...
+
+
+class NullObserver:
+    """The default observer: ignores everything."""
+
+    def api_call(self, operation: str) -> None:
+        pass
+
+    def marketo_error(self, code: str) -> None:
+        pass
+
+    def backoff(self, reason: str, seconds: float) -> None:
+        pass
+
+
+def utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class MarketoClient:
+    """Bulk Import calls with tokens, limits, retries and error translation built in.
+
+    One instance per process: it holds the token cache, the limiter and the
+    daily call count. Use it as an async context manager (or call `close`).
+    """
+
+    def __init__(
+        self,
+        settings: config.Settings,
+        *,
+        observer: ClientObserver | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], dt.datetime] = utc_now,
+        max_attempts: int = 6,
+        calls_today: int = 0,
+        session: aiohttp.ClientSession | None = None,
+    ) -> None:
+        m, lim = settings.marketo, settings.limits
+        self._settings = settings
+        self._base = m.base_url.rstrip("/")
+        self._token_url = f"{config.identity_url(m)}/oauth/token"
+        self._observer: ClientObserver = observer or NullObserver()
+        self._sleep = sleep
+        self._clock = clock
+        self._max_attempts = max(1, max_attempts)
+        self._backoff = Backoff(settings.backoff.initial, settings.backoff.max)
+        self._timeout = aiohttp.ClientTimeout(total=m.request_timeout)
+        self._session = session
+        self._owns_session = session is None
+        self._tokens = TokenSource(self._fetch_grant, clock=clock, sleep=sleep)
+        self._limiter = Limiter(
+            lim.api_calls_per_window, lim.api_window_seconds, lim.concurrent_api_calls
+        )
+        self._quota = DailyQuota(
+            lim.daily_api_calls,
+            lim.quota_reset_tz,
+            wall_clock=wall_clock,
+            sleep=sleep,
+            used=calls_today,
+        )
+        self._calls: Counter[str] = Counter()
+
+    def __repr__(self) -> str:
+        return f"<MarketoClient {self._base} client_id={self._settings.marketo.client_id!r}>"
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the HTTP session if the client opened it."""
+        if self._owns_session and self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def has_token(self) -> bool:
+        """True while the client holds an unexpired access token."""
+        return self._tokens.has_token
+
+    async def ensure_token(self) -> None:
+        """Fetch a token if there is none; raises `MarketoError` if that fails."""
+        await self._tokens.get()
+
+    @property
+    def calls_today(self) -> int:
+        """Bulk calls counted in the current quota day (identity calls are free)."""
+        return self._quota.used
+
+    @property
+    def calls_by_operation(self) -> Mapping[str, int]:
+        """Requests sent, by swagger operation id (and "identity")."""
+        return dict(self._calls)
+
+    # -- Leads -------------------------------------------------------------
+
+    async def import_leads(
+        self,
+        path: Path,
+        fmt: str,
+        *,
+        lookup_field: str = "",
+        partition_name: str = "",
+        list_id: int = 0,
+    ) -> BatchStatus:
+        params = {"format": fmt.lower()}
+        if lookup_field:
+            params["lookupField"] = lookup_field
+        if partition_name:
+            params["partitionName"] = partition_name
+        if list_id:
+            params["listId"] = str(list_id)
+        return await self._upload(IMPORT_LEADS, "/bulk/v1/leads.json", params, path, fmt)
+
+    async def lead_import_status(self, batch_id: int) -> BatchStatus:
+        return await self._status(LEAD_STATUS, f"/bulk/v1/leads/batch/{int(batch_id)}.json")
+
+    async def lead_import_failures(self, batch_id: int, dest: Path) -> bool:
+        path = f"/bulk/v1/leads/batch/{int(batch_id)}/failures.json"
+        return await self._download(LEAD_FAILURES, path, dest)
+
+    async def lead_import_warnings(self, batch_id: int, dest: Path) -> bool:
+        path = f"/bulk/v1/leads/batch/{int(batch_id)}/warnings.json"
+        return await self._download(LEAD_WARNINGS, path, dest)
+
+    # -- Custom objects ----------------------------------------------------
+
+    async def import_custom_objects(self, api_name: str, path: Path, fmt: str) -> BatchStatus:
+        url_path = f"{custom_object_root(api_name)}.json"
+        params = {"format": fmt.lower()}
+        return await self._upload(IMPORT_CUSTOM_OBJECTS, url_path, params, path, fmt)
+
+    async def custom_object_import_status(self, api_name: str, batch_id: int) -> BatchStatus:
+        path = f"{custom_object_root(api_name)}/{int(batch_id)}/status.json"
+        return await self._status(CUSTOM_OBJECT_STATUS, path)
+
+    async def custom_object_import_failures(self, api_name: str, batch_id: int, dest: Path) -> bool:
+        path = f"{custom_object_root(api_name)}/{int(batch_id)}/failures.json"
+        return await self._download(CUSTOM_OBJECT_FAILURES, path, dest)
+
+    async def custom_object_import_warnings(self, api_name: str, batch_id: int, dest: Path) -> bool:
+        path = f"{custom_object_root(api_name)}/{int(batch_id)}/warnings.json"
+        return await self._download(CUSTOM_OBJECT_WARNINGS, path, dest)
+
+    # -- Program members ---------------------------------------------------
+
+    async def import_program_members(
+        self, program_id: int, status: str, path: Path, fmt: str
+    ) -> BatchStatus:
+        url_path = f"/bulk/v1/program/{int(program_id)}/members/import.json"
+        params = {"programMemberStatus": status, "format": fmt.upper()}
+        return await self._upload(IMPORT_PROGRAM_MEMBERS, url_path, params, path, fmt)
+
+    async def program_member_import_status(self, batch_id: int) -> BatchStatus:
+        path = f"/bulk/v1/program/members/import/{int(batch_id)}/status.json"
+        return await self._status(PROGRAM_MEMBER_STATUS, path)
+
+    async def program_member_import_failures(self, batch_id: int, dest: Path) -> bool:
+        path = f"/bulk/v1/program/members/import/{int(batch_id)}/failures.json"
+        return await self._download(PROGRAM_MEMBER_FAILURES, path, dest)
+
+    async def program_member_import_warnings(self, batch_id: int, dest: Path) -> bool:
+        path = f"/bulk/v1/program/members/import/{int(batch_id)}/warnings.json"
+        return await self._download(PROGRAM_MEMBER_WARNINGS, path, dest)
+
+    # -- Route-level dispatchers -------------------------------------------
+
+    async def submit(self, route: config.Route, path: Path, fmt: str) -> BatchStatus:
+        """Create the import job for one chunk file of `route`."""
+        match route.object:
+            case ObjectType.LEADS:
+                return await self.import_leads(
+                    path,
+                    fmt,
+                    lookup_field=route.lookup_field,
+                    partition_name=route.partition_name,
+                    list_id=route.list_id,
+                )
+            case ObjectType.CUSTOM_OBJECT:
+                return await self.import_custom_objects(route.api_name, path, fmt)
+            case ObjectType.PROGRAM_MEMBERS:
+                return await self.import_program_members(
+                    route.program_id, route.program_member_status, path, fmt
+                )
+
+    async def status(self, route: config.Route, batch_id: int) -> BatchStatus:
+        """The job's current status."""
+        match route.object:
+            case ObjectType.LEADS:
+                return await self.lead_import_status(batch_id)
+            case ObjectType.CUSTOM_OBJECT:
+                return await self.custom_object_import_status(route.api_name, batch_id)
+            case ObjectType.PROGRAM_MEMBERS:
+                return await self.program_member_import_status(batch_id)
+
+    async def download_failures(self, route: config.Route, batch_id: int, dest: Path) -> bool:
+        """Stream the job's failures file to `dest`; False when Marketo has none (404)."""
+        match route.object:
+            case ObjectType.LEADS:
+                return await self.lead_import_failures(batch_id, dest)
+            case ObjectType.CUSTOM_OBJECT:
+                return await self.custom_object_import_failures(route.api_name, batch_id, dest)
+            case ObjectType.PROGRAM_MEMBERS:
+                return await self.program_member_import_failures(batch_id, dest)
+
+    async def download_warnings(self, route: config.Route, batch_id: int, dest: Path) -> bool:
+        """Stream the job's warnings file to `dest`; False when Marketo has none (404)."""
+        match route.object:
+            case ObjectType.LEADS:
+                return await self.lead_import_warnings(batch_id, dest)
+            case ObjectType.CUSTOM_OBJECT:
+                return await self.custom_object_import_warnings(route.api_name, batch_id, dest)
+            case ObjectType.PROGRAM_MEMBERS:
+                return await self.program_member_import_warnings(batch_id, dest)
+
+    # -- One exchange per operation kind -----------------------------------
+
+    async def _upload(
+        self, operation: str, url_path: str, params: dict[str, str], file: Path, fmt: str
+    ) -> BatchStatus:
+        """POST the file as the multipart part `file`, reopened for every attempt."""
+        content_type = CONTENT_TYPES.get(fmt.lower(), "text/plain")
+
+        async def exchange(session: aiohttp.ClientSession, headers: dict[str, str]) -> Any:
+            fh = await asyncio.to_thread(file.open, "rb")
+            try:
+                form = aiohttp.FormData()
+                form.add_field("file", fh, filename=file.name, content_type=content_type)
+                async with session.post(
+                    self._base + url_path,
+                    params=params,
+                    data=form,
+                    headers=headers,
+                    timeout=self._timeout,
+                ) as resp:
+                    return await read_result(resp, operation, self._scrub)
+            finally:
+                fh.close()  # closing a file opened for reading does not block
+
+        return batch_status(await self._call(operation, exchange), operation)
+
+    async def _status(self, operation: str, url_path: str) -> BatchStatus:
+        async def exchange(session: aiohttp.ClientSession, headers: dict[str, str]) -> Any:
+            async with session.get(
+                self._base + url_path, headers=headers, timeout=self._timeout
+            ) as resp:
+                return await read_result(resp, operation, self._scrub)
+
+        return batch_status(await self._call(operation, exchange), operation)
+
+    async def _download(self, operation: str, url_path: str, dest: Path) -> bool:
+        """GET a failures/warnings file, streamed to `dest` via `dest.part`."""
+
+        async def exchange(session: aiohttp.ClientSession, headers: dict[str, str]) -> bool:
+            async with session.get(
+                self._base + url_path, headers=headers, timeout=self._timeout
+            ) as resp:
+                if resp.status == 404:
+                    return False
+                if resp.status != 200 or resp.content_type == "application/json":
+                    await read_result(resp, operation, self._scrub)  # raises the error it carries
+                    raise FatalError(
+                        "invalid-response",
+                        "a JSON body where a file was expected",
+                        operation=operation,
+                    )
+                await stream_to_file(resp, dest)
+                return True
+
+        return await self._call(operation, exchange)
+
+    # -- The retry loop ----------------------------------------------------
+
+    async def _call(
+        self,
+        operation: str,
+        exchange: Callable[[aiohttp.ClientSession, dict[str, str]], Awaitable[T]],
+    ) -> T:
+        """Run `exchange` with a token and a limiter slot, retrying what is worth it."""
+        started = self._clock()
+        failures = refreshes = pauses = 0
+        while True:
+            generation = None
+            try:
+                await self._quota.reserve(self._on_quota_pause)
+                token = await self._tokens.get()
+                generation = token.generation
+                headers = {"Authorization": f"Bearer {token.value}"}
+                async with self._limiter.slot():
+                    return await self._send(operation, exchange, headers)
+            except AuthError as exc:
+                self._saw(exc)
+                if generation is None or refreshes >= MAX_REFRESHES:
+                    raise
+                refreshes += 1
+                log.warning("access token refused, refreshing", operation=operation, code=exc.code)
+                await self._tokens.refresh(generation)
+            except QuotaExhaustedError as exc:
+                self._saw(exc)
+                pauses += 1
+                if pauses > MAX_QUOTA_PAUSES:
+                    raise
+                self._quota.exhausted()
+            except (RateLimitError, TransientError) as exc:
+                self._saw(exc)
+                failures += 1
+                delay = self._backoff.delay(failures)
+                elapsed = self._clock() - started
+                if failures >= self._max_attempts or elapsed + delay > RETRY_DEADLINE_SECONDS:
+                    raise
+                log.warning(
+                    "Marketo call failed, retrying",
+                    operation=operation,
+                    code=exc.code,
+                    attempt=failures,
+                    delay=round(delay, 3),
+                )
+                self._observer.backoff(exc.code, delay)
+                await self._sleep(delay)
+            except MarketoError as exc:
+                self._saw(exc)
+                raise
+
+    async def _send(
+        self,
+        operation: str,
+        exchange: Callable[[aiohttp.ClientSession, dict[str, str]], Awaitable[T]],
+        headers: dict[str, str],
+    ) -> T:
+        """One request; aiohttp's exceptions become ours here."""
+        self._count(operation)
+        started = time.monotonic()
+        try:
+            result = await exchange(self._http(), headers)
+        except TimeoutError:
+            raise TransientError("timeout", "no answer in time", operation=operation) from None
+        except aiohttp.ClientError as exc:
+            message = self._scrub(f"{type(exc).__name__}: {exc}")
+            raise TransientError("network", message, operation=operation) from None
+        log.debug("Marketo call", operation=operation, seconds=round(time.monotonic() - started, 3))
+        return result
+
+    async def _fetch_grant(self) -> Grant:
+        """Ask the identity service for a token (the secret goes in the form body)."""
+        form = {
+            "grant_type": "client_credentials",
+            "client_id": self._settings.marketo.client_id,
+            "client_secret": self._settings.marketo.client_secret.reveal(),
+        }
+
+        async def exchange(session: aiohttp.ClientSession, _: dict[str, str]) -> Grant:
+            async with session.post(self._token_url, data=form, timeout=self._timeout) as resp:
+                return await read_grant(resp, self._scrub)
+
+        async with self._limiter.slot(counted=False):
+            return await self._send(IDENTITY, exchange, {})
+
+    # -- Small helpers -----------------------------------------------------
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=self._timeout)
+        return self._session
+
+    def _count(self, operation: str) -> None:
+        self._calls[operation] += 1
+        self._observer.api_call(operation)
+
+    def _saw(self, exc: MarketoError) -> None:
+        self._observer.marketo_error(exc.code)
+
+    def _on_quota_pause(self, seconds: float) -> None:
+        log.warning("daily API quota paused calls", seconds=round(seconds, 1))
+        self._observer.backoff("quota", seconds)
+
+    def _scrub(self, text: str) -> str:
+        """`text` with the secret and the current token blanked out."""
+        for secret in (self._settings.marketo.client_secret.reveal(), self._tokens.current_value):
+            if secret:
+                text = text.replace(secret, "***")
+        return text

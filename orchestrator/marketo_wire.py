@@ -1,0 +1,156 @@
+"""Marketo's wire format: paths, operation ids, envelopes, token answers, file bodies.
+
+The reading half of the Marketo client (`marketo.py`): it turns an aiohttp
+response into a typed result or into one of our errors, classified by
+`errors[].code` (a string) or the HTTP status, never by message text. Messages
+that come from the other side pass through the client's `scrub` first, so a
+secret echoed back can never reach an exception string.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Final
+from urllib.parse import quote
+
+import aiofiles
+import aiohttp
+
+from orchestrator.errors import (
+    FatalError,
+    MarketoError,
+    TransientError,
+    error_for_code,
+    error_for_http_status,
+)
+from orchestrator.marketo_auth import Grant
+from orchestrator.models import BatchStatus
+
+Scrub = Callable[[str], str]
+
+# Operation ids, as swagger-mapi.json names them (and "identity" for tokens).
+IDENTITY: Final = "identity"
+IMPORT_LEADS: Final = "importLeadUsingPOST"
+LEAD_STATUS: Final = "getImportLeadStatusUsingGET"
+LEAD_FAILURES: Final = "getImportLeadFailuresUsingGET"
+LEAD_WARNINGS: Final = "getImportLeadWarningsUsingGET"
+IMPORT_CUSTOM_OBJECTS: Final = "importCustomObjectUsingPOST"
+CUSTOM_OBJECT_STATUS: Final = "getImportCustomObjectStatusUsingGET"
+CUSTOM_OBJECT_FAILURES: Final = "getImportCustomObjectFailuresUsingGET"
+CUSTOM_OBJECT_WARNINGS: Final = "getImportCustomObjectWarningsUsingGET"
+IMPORT_PROGRAM_MEMBERS: Final = "importProgramMemberUsingPOST"
+PROGRAM_MEMBER_STATUS: Final = "getImportProgramMemberStatusUsingGET"
+PROGRAM_MEMBER_FAILURES: Final = "getImportProgramMemberFailuresUsingGET"
+PROGRAM_MEMBER_WARNINGS: Final = "getImportProgramMemberWarningsUsingGET"
+
+# Content type of the multipart `file` part, by format (ssv has no type of its own).
+CONTENT_TYPES: Final = {"csv": "text/csv", "tsv": "text/tab-separated-values", "ssv": "text/csv"}
+# The "rows processed" counter: leads (and program members) count leads,
+# custom objects count objects (swagger: ImportLeadResponse, ImportCustomObjectResponse).
+PROCESSED_KEYS: Final = ("numOfLeadsProcessed", "numOfObjectsProcessed")
+TOO_LARGE_MESSAGE: Final = "chunk too large: a bug in the splitter, please report"
+DOWNLOAD_BLOCK_BYTES: Final = 64 * 1024
+
+
+def custom_object_root(api_name: str) -> str:
+    """The custom-object import path prefix, the API name quoted as one segment."""
+    return f"/bulk/v1/customobjects/{quote(api_name, safe='')}/import"
+
+
+async def read_result(resp: aiohttp.ClientResponse, operation: str, scrub: Scrub) -> Any:
+    """The envelope's `result`, or the error the response carries."""
+    if resp.status == 413:
+        raise error_for_http_status(413, TOO_LARGE_MESSAGE, operation=operation)
+    if resp.status != 200:
+        message = f"HTTP {resp.status} {resp.reason or ''}".strip()
+        raise error_for_http_status(resp.status, message, operation=operation)
+    body = await read_json(resp, operation)
+    if body.get("success") is True:
+        return body.get("result")
+    raise envelope_error(body, operation, scrub)
+
+
+def envelope_error(body: Mapping[str, Any], operation: str, scrub: Scrub) -> MarketoError:
+    """The error of the right class for a `success: false` envelope's first error."""
+    errors = body.get("errors")
+    first = errors[0] if isinstance(errors, list) and errors else None
+    if not isinstance(first, Mapping) or "code" not in first:
+        return FatalError(
+            "invalid-response", "success is false without an error code", operation=operation
+        )
+    message = scrub(str(first.get("message", "")))
+    return error_for_code(str(first["code"]), message, operation=operation)
+
+
+async def read_json(resp: aiohttp.ClientResponse, operation: str) -> dict[str, Any]:
+    """The response body as a JSON object; anything else is a transient oddity."""
+    try:
+        body = await resp.json(content_type=None)
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        raise TransientError(
+            "invalid-response", "the answer is not a JSON object", operation=operation
+        )
+    return body
+
+
+async def read_grant(resp: aiohttp.ClientResponse, scrub: Scrub) -> Grant:
+    """The identity service's answer as a `Grant`; refused credentials are fatal."""
+    if resp.status in (400, 401, 403):
+        raise FatalError(
+            f"http-{resp.status}",
+            "the identity service refused the client credentials "
+            "(check marketo.client_id and marketo.client_secret)",
+            operation=IDENTITY,
+        )
+    if resp.status != 200:
+        message = f"identity service answered HTTP {resp.status}"
+        raise error_for_http_status(resp.status, message, operation=IDENTITY)
+    body = await read_json(resp, IDENTITY)
+    token = body.get("access_token")
+    if not isinstance(token, str) or not token:
+        problem = scrub(str(body.get("error_description") or body.get("error") or ""))
+        raise FatalError(
+            "identity", f"no access token in the answer {problem}".strip(), operation=IDENTITY
+        )
+    try:
+        expires_in = float(body.get("expires_in", 0))
+    except (TypeError, ValueError):
+        expires_in = 0.0
+    return Grant(token, expires_in)
+
+
+def batch_status(result: Any, operation: str) -> BatchStatus:
+    """The first item of an import or status `result` as a `BatchStatus`."""
+    item = result[0] if isinstance(result, list) and result else None
+    if not isinstance(item, Mapping) or "batchId" not in item:
+        raise FatalError("invalid-response", "no batchId in the result", operation=operation)
+    processed = next((item[k] for k in PROCESSED_KEYS if k in item), 0)
+    try:
+        return BatchStatus(
+            batch_id=int(item["batchId"]),
+            status=str(item.get("status", "")),
+            rows_processed=int(processed or 0),
+            rows_failed=int(item.get("numOfRowsFailed") or 0),
+            rows_with_warning=int(item.get("numOfRowsWithWarning") or 0),
+            message=str(item.get("message") or ""),
+        )
+    except (TypeError, ValueError):
+        raise FatalError("invalid-response", "malformed counters", operation=operation) from None
+
+
+async def stream_to_file(resp: aiohttp.ClientResponse, dest: Path) -> None:
+    """Write the body to `dest.part` block by block, then rename it to `dest`."""
+    part = dest.with_name(dest.name + ".part")
+    try:
+        async with aiofiles.open(part, "wb") as fh:
+            async for block in resp.content.iter_chunked(DOWNLOAD_BLOCK_BYTES):
+                await fh.write(block)
+        await asyncio.to_thread(os.replace, part, dest)
+    except BaseException:
+        await asyncio.to_thread(part.unlink, missing_ok=True)
+        raise

@@ -1,0 +1,555 @@
+"""The Marketo client against the bundled simulator over real loopback HTTP.
+
+Time is scaled through knobs (short backoff, short windows, short token lives)
+and the client's injected sleep and clocks, never by waiting it out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+
+from orchestrator import constants
+from orchestrator.backoff import Backoff
+from orchestrator.config import (
+    BackoffSettings,
+    LimitSettings,
+    MarketoSettings,
+    Route,
+    Secret,
+    Settings,
+)
+from orchestrator.errors import (
+    ChunkTooLargeError,
+    FatalError,
+    ImportInProgressError,
+    QueueFullError,
+    TransientError,
+)
+from orchestrator.marketo import MarketoClient
+from orchestrator.marketo_auth import Grant, TokenSource
+from orchestrator.models import BatchStatus, ObjectType
+from orchestrator.simulator import Simulator
+
+SECRET = "s3cr3t-value-never-shown"
+CLIENT_ID = "client-under-test"
+FAST = {"job_overhead": 0.05, "rows_per_second": 100_000.0}
+BACKOFF = BackoffSettings(initial=0.01, max=0.05)
+
+LEADS = Route(dir="leads", object=ObjectType.LEADS)
+CARS = Route(dir="cars", object=ObjectType.CUSTOM_OBJECT, api_name="car_c")
+MEMBERS = Route(
+    dir="members",
+    object=ObjectType.PROGRAM_MEMBERS,
+    program_id=1234,
+    program_member_status="Registered",
+)
+
+# Per route: format, a file with one good row, one failing row and one warned row.
+SAMPLES = {
+    "leads": (
+        "csv",
+        "email,firstName\na@example.com,Ann\nnot-an-email,Bob\nc@example.com,__WARN__\n",
+    ),
+    "cars": ("tsv", "vin\tcolor\nV1\tred\n\tblue\nV3\t__WARN__\n"),
+    "members": (
+        "ssv",
+        "email;firstName\nm@example.com;Max\nbad-address;Mo\nn@example.com;__WARN__\n",
+    ),
+}
+GOOD_LEADS = "email,firstName\nx@example.com,Xena\ny@example.com,Yuri\n"
+
+
+class Recorder:
+    """The client's observer and sleep in one: records what it reports and asks to wait.
+
+    `on_sleep(n, seconds)` runs before the n-th wait returns, so a test can change
+    the simulator "during" the wait (clear a fault, reset the quota); `on_error(code)`
+    runs when the client reports a Marketo error.
+    """
+
+    def __init__(
+        self,
+        on_sleep: Callable[[int, float], None] | None = None,
+        on_error: Callable[[str], None] | None = None,
+    ) -> None:
+        self.on_sleep = on_sleep
+        self.on_error = on_error
+        self.sleeps: list[float] = []
+        self.api_calls: list[str] = []
+        self.errors: list[str] = []
+        self.backoffs: list[tuple[str, float]] = []
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        if self.on_sleep is not None:
+            self.on_sleep(len(self.sleeps), seconds)
+        await asyncio.sleep(0)
+
+    def api_call(self, operation: str) -> None:
+        self.api_calls.append(operation)
+
+    def marketo_error(self, code: str) -> None:
+        self.errors.append(code)
+        if self.on_error is not None:
+            self.on_error(code)
+
+    def backoff(self, reason: str, seconds: float) -> None:
+        self.backoffs.append((reason, seconds))
+
+
+def make_settings(
+    sim: Simulator, *, secret: str = SECRET, timeout: float = 10.0, **limits: Any
+) -> Settings:
+    return Settings(
+        marketo=MarketoSettings(
+            base_url=sim.base_url,
+            client_id=CLIENT_ID,
+            client_secret=Secret(secret),
+            request_timeout=timeout,
+        ),
+        limits=LimitSettings(**limits),
+        backoff=BACKOFF,
+    )
+
+
+CLIENT_KW = {"clock", "wall_clock", "max_attempts", "calls_today", "session"}
+
+
+def make_client(sim: Simulator, rec: Recorder | None = None, **kw: Any) -> MarketoClient:
+    settings_kw = {k: kw.pop(k) for k in list(kw) if k not in CLIENT_KW}
+    rec = rec or Recorder()
+    return MarketoClient(make_settings(sim, **settings_kw), observer=rec, sleep=rec.sleep, **kw)
+
+
+def write(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def part_files(directory: Path) -> list[Path]:
+    """Leftover partial downloads."""
+    return sorted(directory.glob("*.part"))
+
+
+def identity_calls(sim: Simulator) -> int:
+    return sum(1 for c in sim.calls() if c["operation"] == "identity")
+
+
+async def wait_final(client: MarketoClient, route: Route, batch_id: int) -> BatchStatus:
+    """Poll until Marketo reports a final status, with a deadline."""
+    deadline = time.monotonic() + 15.0
+    while True:
+        batch = await client.status(route, batch_id)
+        if batch.status in constants.FINAL_STATUSES:
+            return batch
+        assert time.monotonic() < deadline, f"batch {batch_id} still {batch.status}"
+        await asyncio.sleep(0.05)
+
+
+async def submitted(client: MarketoClient, sim: Simulator, tmp_path: Path) -> int:
+    """A finished leads job to poll against."""
+    batch = await client.submit(LEADS, write(tmp_path, "good.csv", GOOD_LEADS), "csv")
+    await wait_final(client, LEADS, batch.batch_id)
+    return batch.batch_id
+
+
+def assert_backoff(delays: list[float]) -> None:
+    """Each wait lies in [50 %, 100 %] of its doubling, capped ceiling."""
+    policy = Backoff(BACKOFF.initial, BACKOFF.max)
+    for attempt, delay in enumerate(delays, start=1):
+        ceiling = policy.ceiling(attempt)
+        assert ceiling / 2 <= delay <= ceiling, (attempt, delay, ceiling)
+    assert policy.ceiling(2) == 2 * policy.ceiling(1)
+
+
+# -- The twelve operations -----------------------------------------------------
+
+
+@pytest.mark.parametrize("route", [LEADS, CARS, MEMBERS], ids=lambda r: r.dir)
+async def test_round_trip_for_each_object_type(
+    make_simulator: Any, tmp_path: Path, route: Route
+) -> None:
+    sim = await make_simulator(**FAST)
+    fmt, text = SAMPLES[route.dir]
+    async with make_client(sim) as client:
+        created = await client.submit(route, write(tmp_path, f"in.{fmt}", text), fmt)
+        assert created.status == constants.STATUS_QUEUED
+        assert created.batch_id > 0
+        final = await wait_final(client, route, created.batch_id)
+        assert (final.status, final.rows_processed, final.rows_failed) == ("Complete", 2, 1)
+        assert final.rows_with_warning == 1
+        assert "1 failed" in final.message
+
+        failures, warnings = tmp_path / "failures.out", tmp_path / "warnings.out"
+        assert await client.download_failures(route, created.batch_id, failures)
+        assert await client.download_warnings(route, created.batch_id, warnings)
+        delimiter = constants.DELIMITERS[fmt]
+        failed_lines = failures.read_text(encoding="utf-8").splitlines()
+        assert failed_lines[0].endswith(delimiter + constants.FAILURE_REASON_COLUMN)
+        assert len(failed_lines) == 2
+        warned_lines = warnings.read_text(encoding="utf-8").splitlines()
+        assert warned_lines[0].endswith(delimiter + constants.WARNING_REASON_COLUMN)
+        assert "__WARN__" in warned_lines[1]
+        assert part_files(tmp_path) == []
+
+    calls = sim.calls()
+    create = next(c for c in calls if c["operation"].startswith("import"))
+    assert "file" in create["form_keys"]
+    assert all("access_token" not in c["query_keys"] + c["form_keys"] for c in calls)
+    assert sim.stats()["violations"] == []
+    assert not sim.stats()["errors"]
+
+
+async def test_records_land_and_route_parameters_are_sent(
+    make_simulator: Any, tmp_path: Path
+) -> None:
+    sim = await make_simulator(**FAST)
+    route = Route(dir="leads", object=ObjectType.LEADS, list_id=77, lookup_field="email")
+    async with make_client(sim) as client:
+        batch = await client.submit(route, write(tmp_path, "a.csv", GOOD_LEADS), "csv")
+        await wait_final(client, route, batch.batch_id)
+        members = await client.submit(MEMBERS, write(tmp_path, "m.csv", GOOD_LEADS), "csv")
+        await wait_final(client, MEMBERS, members.batch_id)
+    emails = {r["email"] for r in sim.records("lists", list_id=77)}
+    assert emails == {"x@example.com", "y@example.com"}
+    stored = sim.records("programmembers", program_id=1234)
+    assert {m["programMemberStatus"] for m in stored} == {"Registered"}
+    keys = {c["operation"]: c["query_keys"] for c in sim.calls()}
+    assert keys["importLeadUsingPOST"] == ["format", "listId", "lookupField"]
+    assert keys["importProgramMemberUsingPOST"] == ["format", "programMemberStatus"]
+
+
+async def test_no_file_is_false_and_unfinished_job_is_an_error_not_a_file(
+    make_simulator: Any, tmp_path: Path
+) -> None:
+    sim = await make_simulator(job_overhead=30.0)
+    async with make_client(sim) as client:
+        busy = await client.submit(LEADS, write(tmp_path, "busy.csv", GOOD_LEADS), "csv")
+        dest = tmp_path / "busy.failures"
+        with pytest.raises(FatalError) as caught:
+            await client.download_failures(LEADS, busy.batch_id, dest)
+        assert caught.value.code == "1003"
+        assert not dest.exists()
+        assert part_files(tmp_path) == []
+
+        sim.set_knobs(job_overhead=0.05)
+        done = await client.submit(LEADS, write(tmp_path, "done.csv", GOOD_LEADS), "csv")
+        assert (await wait_final(client, LEADS, done.batch_id)).rows_failed == 0
+        assert await client.download_failures(LEADS, done.batch_id, dest) is False
+        assert await client.download_warnings(LEADS, done.batch_id, dest) is False
+        assert not dest.exists()
+        assert client.calls_by_operation["getImportLeadFailuresUsingGET"] == 2
+
+
+# -- Tokens ----------------------------------------------------------------------
+
+
+async def test_token_in_header_only_and_cached(make_simulator: Any, tmp_path: Path) -> None:
+    sim = await make_simulator(**FAST)
+    async with make_client(sim) as client:
+        had_token = client.has_token
+        await client.ensure_token()
+        assert (had_token, client.has_token) == (False, True)
+        batch_id = await submitted(client, sim, tmp_path)
+        for _ in range(3):
+            await client.status(LEADS, batch_id)
+    assert identity_calls(sim) == 1
+    identity = next(c for c in sim.calls() if c["operation"] == "identity")
+    assert identity["method"] == "POST"
+    assert identity["query_keys"] == []
+    assert identity["form_keys"] == ["client_id", "client_secret", "grant_type"]
+    assert sim.stats()["violations"] == []
+
+
+async def test_expired_token_is_replaced(make_simulator: Any, tmp_path: Path) -> None:
+    sim = await make_simulator(token_ttl=0.5, **FAST)
+    async with MarketoClient(make_settings(sim)) as client:
+        batch_id = await submitted(client, sim, tmp_path)
+        end = time.monotonic() + 1.6  # three token lives
+        statuses = 0
+        while time.monotonic() < end:
+            await client.status(LEADS, batch_id)
+            statuses += 1
+            await asyncio.sleep(0.05)
+    assert len(set(sim.tokens())) >= 3
+    assert statuses > 10
+
+
+@pytest.mark.parametrize("code", ["601", "602"])
+async def test_refused_token_is_refreshed_and_call_retried(
+    make_simulator: Any, tmp_path: Path, code: str
+) -> None:
+    sim = await make_simulator(**FAST)
+    rec = Recorder(on_error=lambda _code: sim.set_knobs(**{f"fault_{code}": 0.0}))
+    async with make_client(sim, rec) as client:
+        batch_id = await submitted(client, sim, tmp_path)
+        sim.set_knobs(**{f"fault_{code}": 1.0})
+        batch = await client.status(LEADS, batch_id)
+    assert batch.status == "Complete"
+    assert rec.errors == [code]
+    assert rec.sleeps == []
+    assert identity_calls(sim) == 2
+
+
+async def test_ten_calls_meeting_an_expired_token_cause_one_refresh(
+    make_simulator: Any, tmp_path: Path
+) -> None:
+    sim = await make_simulator(token_ttl=0.6, **FAST)
+    frozen = 0.0  # the client's clock stands still: it believes its token is fresh
+    async with make_client(sim, clock=lambda: frozen) as client:
+        batch_id = await submitted(client, sim, tmp_path)
+        issued_before = time.monotonic()
+        refreshes_before = identity_calls(sim)
+        # Let the token's life run out on the simulator's clock (only there: ours is frozen).
+        await asyncio.sleep(max(0.0, issued_before + 0.7 - time.monotonic()))
+        results = await asyncio.gather(*(client.status(LEADS, batch_id) for _ in range(10)))
+    assert {r.batch_id for r in results} == {batch_id}
+    assert identity_calls(sim) == refreshes_before + 1
+    assert sim.stats()["errors"]["602"] == 10
+
+
+async def test_wrong_secret_is_fatal_and_never_shown(make_simulator: Any) -> None:
+    sim = await make_simulator(client_id=CLIENT_ID, client_secret="the-right-one")
+    rec = Recorder()
+    with structlog.testing.capture_logs() as logs:
+        async with make_client(sim, rec) as client:
+            with pytest.raises(FatalError) as caught:
+                await client.status(LEADS, 1001)
+    assert caught.value.code == "http-401"
+    assert "client_secret" in str(caught.value)
+    assert SECRET not in str(caught.value) + repr(caught.value) + repr(client)
+    assert SECRET not in repr(logs)
+    assert rec.sleeps == []
+    assert identity_calls(sim) == 1
+
+
+async def test_token_source_waits_out_a_nearly_expired_token() -> None:
+    now = [0.0]
+    answers = [Grant("tok-a", 3600), Grant("tok-a", 20), Grant("tok-b", 3600)]
+    waits: list[float] = []
+
+    async def fetch() -> Grant:
+        return answers.pop(0)
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        now[0] += seconds
+
+    source = TokenSource(fetch, clock=lambda: now[0], sleep=sleep)
+    first = await source.get()
+    now[0] = 3580.0  # 20 s left: too little, ask again; Marketo repeats the same token
+    second = await source.get()
+    assert (first.value, second.value) == ("tok-a", "tok-b")
+    assert len(waits) == 1
+    assert 20 <= waits[0] <= 21
+    assert second.generation == first.generation + 1
+    assert "tok-" not in repr(source) + repr(second)
+
+
+# -- Retries -------------------------------------------------------------------
+
+
+RETRYABLE = [
+    ({"fault_500": 1.0}, "http-500"),
+    ({"fault_503": 1.0}, "http-503"),
+    ({"fault_608": 1.0}, "608"),
+    ({"fault_611": 1.0}, "611"),
+    ({"fault_606": 1.0}, "606"),
+    ({"fault_615": 1.0}, "615"),
+    ({"drop_fraction": 1.0}, "network"),
+    ({"slow_fraction": 1.0, "slow_seconds": 1.0}, "timeout"),
+]
+
+
+@pytest.mark.parametrize(("knobs", "code"), RETRYABLE, ids=[c for _, c in RETRYABLE])
+async def test_retryable_errors_back_off_then_succeed(
+    make_simulator: Any, tmp_path: Path, knobs: dict[str, float], code: str
+) -> None:
+    sim = await make_simulator(**FAST)
+    cleared = {k: 0.0 for k in knobs}
+
+    def clear_after_three(n: int, _seconds: float) -> None:
+        if n == 3:
+            sim.set_knobs(**cleared)
+
+    rec = Recorder(clear_after_three)
+    async with make_client(sim, rec, timeout=0.3) as client:
+        batch_id = await submitted(client, sim, tmp_path)
+        sim.set_knobs(**knobs)
+        batch = await client.status(LEADS, batch_id)
+    assert batch.status == "Complete"
+    assert len(rec.sleeps) == 3
+    assert_backoff(rec.sleeps)
+    assert rec.errors == [code] * 3
+    assert [reason for reason, _ in rec.backoffs] == [code] * 3
+
+
+async def test_upload_retried_with_the_file_reopened(make_simulator: Any, tmp_path: Path) -> None:
+    sim = await make_simulator(**FAST)
+    rec = Recorder(lambda n, _s: sim.set_knobs(fault_503=0.0) if n == 2 else None)
+    async with make_client(sim, rec) as client:
+        sim.set_knobs(fault_503=1.0)
+        batch = await client.submit(LEADS, write(tmp_path, "a.csv", GOOD_LEADS), "csv")
+        final = await wait_final(client, LEADS, batch.batch_id)
+    assert final.rows_processed == 2
+    assert client.calls_by_operation["importLeadUsingPOST"] == 3
+
+
+async def test_retries_give_up_after_max_attempts(make_simulator: Any, tmp_path: Path) -> None:
+    sim = await make_simulator(**FAST)
+    rec = Recorder()
+    async with make_client(sim, rec, max_attempts=3) as client:
+        batch_id = await submitted(client, sim, tmp_path)
+        sim.set_knobs(fault_500=1.0)
+        with pytest.raises(TransientError) as caught:
+            await client.status(LEADS, batch_id)
+    assert caught.value.code == "http-500"
+    assert len(rec.sleeps) == 2
+    assert_backoff(rec.sleeps)
+
+
+# -- Errors raised at once --------------------------------------------------------
+
+
+async def test_fatal_errors_surface_with_their_code(make_simulator: Any, tmp_path: Path) -> None:
+    sim = await make_simulator(**FAST)
+    rec = Recorder()
+    async with make_client(sim, rec) as client:
+        with pytest.raises(FatalError) as bad_format:
+            await client.import_leads(write(tmp_path, "a.csv", GOOD_LEADS), "xml")
+        cars = await client.submit(CARS, write(tmp_path, "c.csv", "vin\nV9\n"), "csv")
+        with pytest.raises(FatalError) as wrong_name:
+            await client.custom_object_import_status("boat_c", cars.batch_id)
+    assert (bad_format.value.code, wrong_name.value.code) == ("1003", "1003")
+    assert bad_format.value.operation == "importLeadUsingPOST"
+    assert rec.sleeps == []
+
+
+async def test_queue_full_and_import_in_progress_are_not_retried(
+    make_simulator: Any, tmp_path: Path
+) -> None:
+    sim = await make_simulator(job_overhead=30.0)
+    rec = Recorder()
+    file = write(tmp_path, "a.csv", GOOD_LEADS)
+    async with make_client(sim, rec) as client:
+        await client.import_leads(file, "csv", list_id=5)
+        with pytest.raises(ImportInProgressError) as in_progress:
+            await client.import_leads(file, "csv", list_id=5)
+        sim.add_foreign_jobs(10, 60.0)
+        with pytest.raises(QueueFullError) as full:
+            await client.import_leads(file, "csv")
+    assert (in_progress.value.code, full.value.code) == ("1019", "1016")
+    assert rec.sleeps == []
+    assert client.calls_by_operation["importLeadUsingPOST"] == 3
+
+
+async def test_too_large_chunk_is_reported_as_our_bug(make_simulator: Any, tmp_path: Path) -> None:
+    sim = await make_simulator(max_file_bytes=1000)
+    rec = Recorder()
+    big = write(tmp_path, "big.csv", "email\n" + "z@example.com\n" * 100)
+    async with make_client(sim, rec) as client:
+        with pytest.raises(ChunkTooLargeError) as caught:
+            await client.submit(LEADS, big, "csv")
+    assert caught.value.code == "http-413"
+    assert "a bug in the splitter" in str(caught.value)
+    assert rec.sleeps == []
+
+
+# -- Limits ----------------------------------------------------------------------
+
+
+async def test_limiter_holds_window_and_in_flight_cap(make_simulator: Any, tmp_path: Path) -> None:
+    sim = await make_simulator(**FAST)
+    async with make_client(
+        sim, api_calls_per_window=5, api_window_seconds=0.5, concurrent_api_calls=3
+    ) as client:
+        batch_id = await submitted(client, sim, tmp_path)
+        sim.set_knobs(slow_fraction=1.0, slow_seconds=0.1)
+        await asyncio.gather(*(client.status(LEADS, batch_id) for _ in range(15)))
+    arrivals = sorted(c["t"] for c in sim.calls() if c["operation"] != "identity")
+    assert len(arrivals) >= 17
+    for first, sixth in zip(arrivals, arrivals[5:], strict=False):
+        assert sixth - first >= 0.5, (first, sixth)
+    assert 2 <= sim.stats()["max_in_flight"] <= 3
+
+
+@pytest.mark.parametrize(
+    ("now", "to_midnight"),
+    [
+        (dt.datetime(2026, 11, 23, 20, 0, tzinfo=dt.UTC), 10 * 3600),  # 14:00 CST
+        (dt.datetime(2026, 7, 1, 20, 0, tzinfo=dt.UTC), 9 * 3600),  # 15:00 CDT
+    ],
+)
+async def test_quota_607_pauses_until_midnight_in_chicago(
+    make_simulator: Any, tmp_path: Path, now: dt.datetime, to_midnight: int
+) -> None:
+    sim = await make_simulator(**FAST)
+    rec = Recorder(lambda _n, _s: sim.set_knobs(daily_quota=constants.DAILY_API_CALLS))
+    async with make_client(sim, rec, wall_clock=lambda: now) as client:
+        batch_id = await submitted(client, sim, tmp_path)
+        sim.set_knobs(daily_quota=len(sim.calls()) - identity_calls(sim))  # spent
+        batch = await client.status(LEADS, batch_id)
+        assert client.calls_today == 1  # the new quota day began with this call
+    assert batch.batch_id == batch_id
+    assert rec.sleeps == [to_midnight]
+    assert rec.errors == ["607"]
+    assert rec.backoffs == [("quota", to_midnight)]
+
+
+async def test_own_daily_count_stops_before_marketo_says_607(
+    make_simulator: Any, tmp_path: Path
+) -> None:
+    sim = await make_simulator(**FAST)
+    async with make_client(sim) as setup:
+        batch_id = await submitted(setup, sim, tmp_path)
+    now = dt.datetime(2026, 11, 23, 20, 0, tzinfo=dt.UTC)
+    rec = Recorder()
+    async with make_client(
+        sim, rec, wall_clock=lambda: now, daily_api_calls=3, calls_today=2
+    ) as client:
+        await client.status(LEADS, batch_id)
+        assert rec.sleeps == []
+        assert client.calls_today == 3
+        await client.status(LEADS, batch_id)
+    assert rec.sleeps == [10 * 3600]
+    assert rec.backoffs == [("quota", 10 * 3600)]
+    assert "607" not in sim.stats()["errors"]
+    assert client.calls_today == 1
+
+
+# -- Secrets -----------------------------------------------------------------------
+
+
+async def test_secret_and_tokens_never_in_logs_or_errors(
+    make_simulator: Any, tmp_path: Path
+) -> None:
+    sim = await make_simulator(**FAST)
+    rec = Recorder(
+        on_sleep=lambda _n, _s: sim.set_knobs(fault_611=0.0),
+        on_error=lambda _code: sim.set_knobs(fault_602=0.0),
+    )
+    messages: list[str] = []
+    with structlog.testing.capture_logs() as logs:
+        async with make_client(sim, rec) as client:
+            batch_id = await submitted(client, sim, tmp_path)
+            sim.set_knobs(fault_602=1.0)
+            await client.status(LEADS, batch_id)
+            sim.set_knobs(fault_611=1.0)
+            await client.status(LEADS, batch_id)
+            with pytest.raises(FatalError) as caught:
+                await client.custom_object_import_status("car_c", batch_id)
+            messages.append(str(caught.value) + repr(caught.value) + repr(client))
+    text = repr(logs) + "".join(messages)
+    assert logs, "expected log lines to search"
+    assert any(entry["log_level"] == "warning" for entry in logs)
+    for secret in [SECRET, *sim.tokens()]:
+        assert secret not in text
