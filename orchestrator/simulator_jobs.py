@@ -1,0 +1,549 @@
+"""The simulated Marketo subscription without HTTP: knobs, import queue, rows and records.
+
+One FIFO queue serves the whole subscription, shared by leads, custom objects
+and program members, as Marketo's Bulk Import does: at most `max_importing`
+jobs import at once, at most `max_queued` are outstanding (queued plus
+importing), and a create beyond that is refused with 1016. The queue runs on
+the clock, lazily: `JobQueue.advance(now)` replays every start and finish that
+happened up to `now`, in time order, so readers see what a background worker
+would have produced, deterministically and without one.
+
+A job imports for `job_overhead + rows / rows_per_second` seconds. When it
+finishes its rows are checked and stored insert-or-update (`RecordStore`);
+rows that fail or warn go to failures/warnings files in the job's delimiter,
+with Marketo's reason column last. A file that cannot be imported at all (not
+UTF-8, no header, a header without the lookup field, or without `email` for
+program members) ends the job `Failed` with a message.
+
+Foreign jobs stand for another integration's imports. They are ordinary jobs
+of the queue: they hold an outstanding slot from the moment they are added,
+take import slots in FIFO turn, and all leave the queue `seconds` after they
+were added (a foreign job whose turn comes later leaves as soon as it starts).
+So "8 foreign jobs for 30 s" leaves us 2 outstanding slots and, while they
+hold both import slots, none of our jobs imports during those 30 s.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, replace
+from functools import partial
+from typing import Any
+
+from orchestrator import constants
+from orchestrator.models import ObjectType
+
+FOREIGN_OWNER = "foreign"
+FIRST_BATCH_ID = 1001
+# Marketo's error codes for a refused create.
+TOO_MANY_IMPORTS = ("1016", "Too many imports")
+IMPORT_IN_PROGRESS = ("1019", "Import in progress")
+
+FAULT_CODES = ("601", "602", "606", "608", "611", "615")
+
+
+class Refusal(Exception):
+    """Marketo says no: the error code and message of a response envelope."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code} {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class SimulatorConfig:
+    """Knobs of one simulated subscription; the defaults are a fresh Marketo one.
+
+    `client_id`/`client_secret` None accept any credentials. Fault knobs are
+    fractions (0.0 to 1.0) of bulk calls: `fault_500`/`fault_503` answer with
+    that HTTP status, `fault_6xx` with that Marketo error code, `slow_fraction`
+    waits `slow_seconds` before answering, `drop_fraction` closes the
+    connection without an answer, `drop_reply_fraction` lets the call take effect
+    (a create queues its job) and then closes the connection instead of
+    answering, so the client cannot know the outcome. `omit_empty` leaves empty `errors`,
+    `warnings` and `result` arrays out of envelopes, as the live service often
+    does (the Swagger schema lists them as required, so they are in by default).
+    """
+
+    client_id: str | None = None
+    client_secret: str | None = field(default=None, repr=False)
+    token_ttl: float = float(constants.TOKEN_TTL_SECONDS)
+    rows_per_second: float = 1000.0
+    job_overhead: float = 0.5
+    rate_limit: int = constants.API_CALLS_PER_WINDOW
+    rate_window: float = constants.API_WINDOW_SECONDS
+    concurrency: int = constants.CONCURRENT_API_CALLS
+    max_importing: int = constants.MAX_IMPORTING_JOBS
+    max_queued: int = constants.MAX_QUEUED_JOBS
+    max_file_bytes: int = constants.MAX_FILE_BYTES
+    daily_quota: int = constants.DAILY_API_CALLS
+    warn_marker: str = "__WARN__"
+    seed: int | None = None
+    omit_empty: bool = False
+    fault_500: float = 0.0
+    fault_503: float = 0.0
+    fault_601: float = 0.0
+    fault_602: float = 0.0
+    fault_606: float = 0.0
+    fault_608: float = 0.0
+    fault_611: float = 0.0
+    fault_615: float = 0.0
+    slow_fraction: float = 0.0
+    slow_seconds: float = 0.0
+    drop_fraction: float = 0.0
+    drop_reply_fraction: float = 0.0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name.startswith("fault_") or f.name.endswith("_fraction"):
+                if not 0.0 <= value <= 1.0:
+                    raise ValueError(f"knob {f.name!r} is a fraction between 0 and 1")
+            elif f.type in ("int", "float") and value < 0:
+                raise ValueError(f"knob {f.name!r} cannot be negative")
+        if self.rows_per_second <= 0:
+            raise ValueError("knob 'rows_per_second' must be positive")
+
+    def with_knobs(self, **changes: Any) -> SimulatorConfig:
+        """A copy with `changes` applied; unknown names and wrong types raise ValueError."""
+        types = {f.name: str(f.type) for f in fields(self)}
+        clean: dict[str, Any] = {}
+        for name, value in changes.items():
+            if name not in types:
+                raise ValueError(f"unknown knob {name!r}")
+            clean[name] = coerce_knob(name, value, types[name])
+        return replace(self, **clean)
+
+    def public(self) -> dict[str, Any]:
+        """Every knob but the client secret, which shows only whether one is set."""
+        knobs = {f.name: getattr(self, f.name) for f in fields(self)}
+        knobs["client_secret"] = "***" if self.client_secret is not None else None
+        return knobs
+
+
+def coerce_knob(name: str, value: Any, annotation: str) -> Any:
+    """Check (and widen int to float) one knob value against its annotation."""
+    if value is None and annotation.endswith("| None"):
+        return None
+    base = annotation.split(" |")[0]
+    is_number = isinstance(value, int | float) and not isinstance(value, bool)
+    if base == "float" and is_number:
+        return float(value)
+    if base == "int" and is_number and float(value).is_integer():
+        return int(value)
+    if (base == "str" and isinstance(value, str)) or (base == "bool" and isinstance(value, bool)):
+        return value
+    raise ValueError(f"knob {name!r} must be {annotation}")
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedFile:
+    """An uploaded file read with the csv module; `error` set when it cannot be imported."""
+
+    header: list[str] = field(default_factory=list)
+    rows: list[list[str]] = field(default_factory=list)
+    error: str | None = None
+
+
+def parse_upload(data: bytes, delimiter: str) -> ParsedFile:
+    """Decode and split an upload (blank lines skipped). Pure; run it in a thread."""
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        return ParsedFile(error=f"file is not valid UTF-8 (byte {exc.start})")
+    try:
+        records = [r for r in csv.reader(io.StringIO(text, newline=""), delimiter=delimiter) if r]
+    except csv.Error as exc:
+        return ParsedFile(error=f"malformed file ({exc})")
+    if not records or not any(name.strip() for name in records[0]):
+        return ParsedFile(error="file has no header row")
+    header = [name.strip() for name in records[0]]
+    if len(set(header)) != len(header):
+        return ParsedFile(error="header row names a column twice")
+    return ParsedFile(header=header, rows=records[1:])
+
+
+@dataclass(frozen=True, slots=True)
+class JobSpec:
+    """What a create call asked for."""
+
+    object_type: ObjectType
+    fmt: str  # csv | tsv | ssv, whatever case the endpoint wants
+    lookup_field: str = "email"
+    list_id: int | None = None
+    partition: str = ""
+    api_name: str = ""
+    program_id: str = ""
+    member_status: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What a finished job reports and leaves behind."""
+
+    processed: int = 0
+    failed: int = 0
+    warned: int = 0
+    message: str = ""
+    failures: bytes | None = None
+    warnings: bytes | None = None
+
+
+@dataclass(slots=True, eq=False)
+class Job:
+    """One import job; mutable state owned by `JobQueue`. `spec` None: a foreign job."""
+
+    batch_id: int
+    owner: str
+    spec: JobSpec | None
+    queued_at: float
+    parsed: ParsedFile | None = None
+    rows: int = 0
+    deadline: float | None = None
+    status: str = constants.STATUS_QUEUED
+    started_at: float | None = None
+    due_at: float = 0.0
+    finished_at: float | None = None
+    outcome: Outcome = field(default_factory=Outcome)
+
+    @property
+    def object_name(self) -> str:
+        return str(self.spec.object_type) if self.spec else FOREIGN_OWNER
+
+    def as_dict(self, t0: float) -> dict[str, Any]:
+        """The job for the test API; times in seconds since the simulator started."""
+
+        def rel(t: float | None) -> float | None:
+            return None if t is None else round(t - t0, 6)
+
+        spec = self.spec
+        return {
+            "batch_id": self.batch_id,
+            "object": self.object_name,
+            "owner": self.owner,
+            "status": self.status,
+            "rows": self.rows,
+            "queued_at": rel(self.queued_at),
+            "started_at": rel(self.started_at),
+            "finished_at": rel(self.finished_at),
+            "processed": self.outcome.processed,
+            "failed": self.outcome.failed,
+            "warned": self.outcome.warned,
+            "message": self.outcome.message,
+            "api_name": spec.api_name if spec else "",
+            "program_id": spec.program_id if spec else "",
+            "list_id": spec.list_id if spec else None,
+        }
+
+
+def column(values: dict[str, str], name: str) -> str:
+    """A row's value for `name`, matching the column name case-insensitively."""
+    if name in values:
+        return values[name]
+    wanted = name.lower()
+    return next((v for k, v in values.items() if k.lower() == wanted), "")
+
+
+@dataclass(frozen=True, slots=True)
+class Columns:
+    """Header names a job's rows are checked by, resolved once per job."""
+
+    key: str  # the lookup (or email) column as the header spells it; "" if absent
+    emails: tuple[str, ...]  # columns holding an email address
+    ids: tuple[str, ...]  # `id` columns: Marketo assigns lead ids, a file never sets one
+
+    @classmethod
+    def of(cls, header: list[str], key: str) -> Columns:
+        def named(wanted: str) -> tuple[str, ...]:
+            return tuple(name for name in header if name.lower() == wanted.lower())
+
+        return cls((*named(key), "")[0], named("email"), named("id"))
+
+    def email_problem(self, values: dict[str, str]) -> str | None:
+        for name in self.emails:
+            value = values.get(name)
+            if value and "@" not in value:
+                return "1003 Invalid email address"
+        return None
+
+
+class RecordStore:
+    """Records the imports left behind, each kind keyed the way Marketo dedupes it."""
+
+    def __init__(self) -> None:
+        self.leads: dict[int, dict[str, str]] = {}
+        self.lists: dict[int, dict[int, None]] = {}  # listId -> lead ids, in order added
+        self.custom: dict[str, dict[str, dict[str, str]]] = {}  # apiName -> dedupe value -> row
+        self.members: dict[str, dict[str, dict[str, str]]] = {}  # programId -> email -> row
+        self._indexes: dict[str, dict[str, int]] = {}  # lookup field -> value -> lead id
+        self._next_lead_id = 1
+
+    def importer(self, spec: JobSpec, header: list[str]) -> Callable[[dict[str, str]], str | None]:
+        """The function that stores one row of this job, or says why it fails."""
+        if spec.object_type is ObjectType.LEADS:
+            return partial(self.import_lead, spec=spec, cols=Columns.of(header, spec.lookup_field))
+        if spec.object_type is ObjectType.CUSTOM_OBJECT:
+            return partial(self.import_custom, api_name=spec.api_name, dedupe=header[0])
+        return partial(self.import_member, spec=spec, cols=Columns.of(header, "email"))
+
+    def import_lead(self, values: dict[str, str], *, spec: JobSpec, cols: Columns) -> str | None:
+        lookup = spec.lookup_field
+        key = values.get(cols.key, "")
+        if not key:
+            return f"1003 Value for lookup field '{lookup}' is missing"
+        problem = cols.email_problem(values)
+        if problem:
+            return problem
+        if lookup.lower() == "id":  # Marketo: lookupField=id updates only
+            lead_id = int(key) if key.isdigit() else None
+            if lead_id not in self.leads:
+                return "1004 Lead not found"
+        else:
+            lead_id = self._index(lookup).get(normalise(lookup, key))
+        if lead_id is None:
+            lead_id = self._next_lead_id
+            self._next_lead_id += 1
+            self.leads[lead_id] = {}
+        for name in cols.ids:
+            values.pop(name, None)
+        self._update_lead(lead_id, values)
+        if spec.list_id is not None:
+            self.lists.setdefault(spec.list_id, {})[lead_id] = None
+        return None
+
+    def import_custom(self, values: dict[str, str], *, api_name: str, dedupe: str) -> str | None:
+        key = values.get(dedupe, "")
+        if not key:
+            return f"1003 Value for dedupe field '{dedupe}' is missing"
+        self.custom.setdefault(api_name, {}).setdefault(key, {}).update(values)
+        return None
+
+    def import_member(self, values: dict[str, str], *, spec: JobSpec, cols: Columns) -> str | None:
+        email = values.get(cols.key, "")
+        if not email:
+            return "1003 Value for field 'email' is missing"
+        problem = cols.email_problem(values)
+        if problem:
+            return problem
+        member = self.members.setdefault(spec.program_id, {}).setdefault(email.lower(), {})
+        member.update(values)
+        member["programMemberStatus"] = spec.member_status
+        return None
+
+    def records(
+        self,
+        kind: str,
+        *,
+        api_name: str | None = None,
+        program_id: str | int | None = None,
+        list_id: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """Stored records: kind is leads, customobject (api_name), programmembers
+        (program_id) or lists (list_id: the leads in that static list)."""
+        if kind == ObjectType.LEADS:
+            return [{"id": lead_id, **lead} for lead_id, lead in self.leads.items()]
+        if kind == ObjectType.CUSTOM_OBJECT:
+            return [dict(row) for row in self.custom.get(api_name or "", {}).values()]
+        if kind == ObjectType.PROGRAM_MEMBERS:
+            members = self.members.get(str(program_id or ""), {})
+            return [{"programId": str(program_id), **m} for m in members.values()]
+        if kind == "lists":
+            ids = self.lists.get(list_id or 0, {})
+            return [{"id": lead_id, **self.leads[lead_id]} for lead_id in ids]
+        raise ValueError(f"unknown object {kind!r}")
+
+    def _index(self, lookup: str) -> dict[str, int]:
+        name = lookup.lower()
+        if name not in self._indexes:
+            self._indexes[name] = {
+                normalise(name, value): lead_id
+                for lead_id, lead in self.leads.items()
+                if (value := column(lead, name))
+            }
+        return self._indexes[name]
+
+    def _update_lead(self, lead_id: int, values: dict[str, str]) -> None:
+        lead = self.leads[lead_id]
+        for name, index in self._indexes.items():
+            old, new = column(lead, name), column(values, name)
+            if new and new != old:
+                if old and index.get(normalise(name, old)) == lead_id:
+                    del index[normalise(name, old)]
+                index[normalise(name, new)] = lead_id
+        lead.update(values)
+
+
+def normalise(field_name: str, value: str) -> str:
+    """Emails match case-insensitively; other lookup fields exactly."""
+    return value.strip().lower() if field_name.lower() == "email" else value
+
+
+def run_job(job: Job, store: RecordStore, warn_marker: str) -> tuple[str, Outcome]:
+    """Import a finished job's rows; returns its final status and outcome."""
+    parsed, spec = job.parsed, job.spec
+    if spec is None or parsed is None:
+        return constants.STATUS_COMPLETE, Outcome()
+    if parsed.error:
+        return constants.STATUS_FAILED, Outcome(message=f"Import failed: {parsed.error}")
+    header, width = parsed.header, len(parsed.header)
+    key = spec.lookup_field if spec.object_type is ObjectType.LEADS else "email"
+    if spec.object_type is not ObjectType.CUSTOM_OBJECT and not Columns.of(header, key).key:
+        message = f"Import failed: field '{key}' is not a column of the file"
+        return constants.STATUS_FAILED, Outcome(message=message)
+    store_row = store.importer(spec, header)
+    failures: list[list[str]] = []
+    warnings: list[list[str]] = []
+    for row in parsed.rows:
+        if len(row) != width:  # short rows are padded so the reason lands in its column
+            reason = f"1003 Row has {len(row)} fields, the header has {width}"
+            failures.append([*row, *[""] * (width - len(row)), reason])
+            continue
+        values = dict(zip(header, row, strict=True))
+        ignored = [k for k, v in values.items() if v == warn_marker] if warn_marker in row else []
+        for name in ignored:
+            del values[name]
+        failure = store_row(values)
+        if failure:
+            failures.append([*row, failure])
+        elif ignored:
+            warnings.append([*row, f"1005 Value ignored for field(s): {', '.join(ignored)}"])
+    processed, failed = len(parsed.rows) - len(failures), len(failures)
+    if failed:
+        message = (
+            f"Import completed with errors, {processed} records imported "
+            f"({processed} members), {failed} failed records"
+        )
+    else:
+        message = f"Import succeeded, {processed} records imported ({processed} members)"
+    delimiter = constants.DELIMITERS[spec.fmt.lower()]
+    return constants.STATUS_COMPLETE, Outcome(
+        processed=processed,
+        failed=failed,
+        warned=len(warnings),
+        message=message,
+        failures=write_rows(header, constants.FAILURE_REASON_COLUMN, failures, delimiter),
+        warnings=write_rows(header, constants.WARNING_REASON_COLUMN, warnings, delimiter),
+    )
+
+
+def write_rows(
+    header: list[str], reason: str, rows: list[list[str]], delimiter: str
+) -> bytes | None:
+    """A failures or warnings file: header plus reason column, then the rows; None if none."""
+    if not rows:
+        return None
+    out = io.StringIO()
+    writer = csv.writer(out, delimiter=delimiter, lineterminator="\n")
+    writer.writerow([*header, reason])
+    writer.writerows(rows)
+    return out.getvalue().encode("utf-8")
+
+
+class JobQueue:
+    """The subscription's FIFO import queue, advanced lazily on the clock."""
+
+    def __init__(self, config: SimulatorConfig) -> None:
+        self.config = config
+        self.store = RecordStore()
+        self.jobs: dict[int, Job] = {}
+        self.max_outstanding: dict[str, int] = {}
+        self.max_importing: dict[str, int] = {}
+        self._waiting: deque[Job] = deque()
+        self._importing: list[Job] = []
+        self._next_batch_id = FIRST_BATCH_ID
+
+    def reset(self) -> None:
+        """Forget jobs, records and peaks; batch ids keep increasing."""
+        self.store = RecordStore()
+        self.jobs.clear()
+        self.max_outstanding.clear()
+        self.max_importing.clear()
+        self._waiting.clear()
+        self._importing.clear()
+
+    def reconfigure(self, config: SimulatorConfig, now: float) -> None:
+        """Apply new knobs from `now` on (a larger max_importing starts jobs now)."""
+        self.advance(now)
+        self.config = config
+        self._fill(now)
+
+    def outstanding(self) -> list[Job]:
+        return [*self._importing, *self._waiting]
+
+    def check_room(self, spec: JobSpec | None) -> None:
+        """Raise 1016 when the queue is full, 1019 when the static list has an import."""
+        outstanding = self.outstanding()
+        if len(outstanding) >= self.config.max_queued:
+            raise Refusal(*TOO_MANY_IMPORTS)
+        if spec is None or spec.list_id is None:
+            return
+        for job in outstanding:
+            other = job.spec
+            if other and other.object_type is spec.object_type and other.list_id == spec.list_id:
+                raise Refusal(*IMPORT_IN_PROGRESS)
+
+    def submit(self, spec: JobSpec, parsed: ParsedFile, owner: str, now: float) -> Job:
+        """Queue a create (or raise Refusal); it starts at once if a slot is free."""
+        self.advance(now)
+        self.check_room(spec)
+        job = self._enqueue(Job(self._take_id(), owner, spec, now, parsed, len(parsed.rows)))
+        self._fill(now)
+        return job
+
+    def add_foreign(self, count: int, seconds: float, now: float) -> list[Job]:
+        """Add up to `count` foreign jobs (as many as the queue has room for)."""
+        self.advance(now)
+        room = max(0, self.config.max_queued - len(self.outstanding()))
+        added = [
+            self._enqueue(Job(self._take_id(), FOREIGN_OWNER, None, now, deadline=now + seconds))
+            for _ in range(min(count, room))
+        ]
+        self._fill(now)
+        return added
+
+    def advance(self, now: float) -> None:
+        """Replay every finish (and the starts it allows) up to `now`, in time order."""
+        while self._importing:
+            job = min(self._importing, key=lambda j: (j.due_at, j.batch_id))
+            if job.due_at > now:
+                return
+            self._finish(job)
+            self._fill(job.due_at)
+
+    def _take_id(self) -> int:
+        batch_id = self._next_batch_id
+        self._next_batch_id += 1
+        return batch_id
+
+    def _enqueue(self, job: Job) -> Job:
+        self.jobs[job.batch_id] = job
+        self._waiting.append(job)
+        mine = sum(1 for j in self.outstanding() if j.owner == job.owner)
+        self.max_outstanding[job.owner] = max(self.max_outstanding.get(job.owner, 0), mine)
+        return job
+
+    def _fill(self, at: float) -> None:
+        while self._waiting and len(self._importing) < self.config.max_importing:
+            self._start(self._waiting.popleft(), at)
+
+    def _start(self, job: Job, at: float) -> None:
+        at = max(at, job.queued_at)
+        job.status = constants.STATUS_IMPORTING
+        job.started_at = at
+        if job.deadline is not None:
+            job.due_at = max(at, job.deadline)
+        else:
+            job.due_at = at + self.config.job_overhead + job.rows / self.config.rows_per_second
+        self._importing.append(job)
+        mine = sum(1 for j in self._importing if j.owner == job.owner)
+        self.max_importing[job.owner] = max(self.max_importing.get(job.owner, 0), mine)
+
+    def _finish(self, job: Job) -> None:
+        self._importing.remove(job)
+        job.status, job.outcome = run_job(job, self.store, self.config.warn_marker)
+        job.finished_at = job.due_at
+        job.parsed = None  # the rows are stored; keep memory flat on long runs

@@ -1,0 +1,773 @@
+"""The bundled Marketo simulator, driven over real sockets with a plain aiohttp client."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import io
+import json
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import aiohttp
+import pytest
+from structlog.testing import capture_logs
+
+from orchestrator.errors import ConfigError
+from orchestrator.simulator import (
+    Simulator,
+    SimulatorConfig,
+    add_arguments,
+    config_from_args,
+    serve,
+)
+
+T = TypeVar("T")
+MakeSimulator = Callable[..., Awaitable[Simulator]]
+# The `simulator` fixture's knobs (tests/conftest.py).
+FAST_KNOBS: dict[str, Any] = {"job_overhead": 0.05, "rows_per_second": 100_000.0}
+
+LEADS_CSV = (
+    b"firstName,lastName,email\n"
+    b"Able,Baker,able@example.com\n"
+    b"Charlie,Dog,charlie@example.com\n"
+    b"Easy,Fox,easy@example.com\n"
+)
+LEADS_PATH = "/bulk/v1/leads.json"
+CUSTOM_PATH = "/bulk/v1/customobjects/car_c/import.json"
+MEMBERS_PATH = "/bulk/v1/program/1001/members/import.json"
+
+
+async def eventually(check: Callable[[], Awaitable[T | None]], within: float = 5.0) -> T:
+    """Poll `check` until it returns something truthy, failing after `within` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while True:
+        result = await check()
+        if result:
+            return result
+        if loop.time() > deadline:
+            raise AssertionError(f"condition not met within {within} s")
+        await asyncio.sleep(0.02)
+
+
+class Client:
+    """Talks to the simulator the way a careful client does: bearer header only."""
+
+    def __init__(
+        self, session: aiohttp.ClientSession, simulator: Simulator, client_id: str = "client-1"
+    ) -> None:
+        self.session = session
+        self.base = simulator.base_url
+        self.client_id = client_id
+        self.access_token = ""
+
+    async def token(self, secret: str = "s3cret") -> dict[str, Any]:
+        form = {
+            "client_id": self.client_id,
+            "client_secret": secret,
+            "grant_type": "client_credentials",
+        }
+        async with self.session.post(f"{self.base}/identity/oauth/token", data=form) as response:
+            assert response.status == 200, await response.text()
+            body: dict[str, Any] = await response.json()
+        self.access_token = body["access_token"]
+        return body
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.access_token}"}
+
+    async def get(self, path: str, **params: str) -> dict[str, Any]:
+        async with self.session.get(
+            f"{self.base}{path}", params=params, headers=self.headers()
+        ) as response:
+            assert response.status == 200, await response.text()
+            body: dict[str, Any] = await response.json()
+        return body
+
+    async def upload(
+        self,
+        path: str,
+        data: bytes,
+        params: dict[str, str] | None = None,
+        extra_fields: dict[str, str] | None = None,
+    ) -> aiohttp.ClientResponse:
+        form = aiohttp.FormData()
+        for name, value in (extra_fields or {}).items():
+            form.add_field(name, value)
+        form.add_field("file", io.BytesIO(data), filename="data.csv", content_type="text/csv")
+        async with self.session.post(
+            f"{self.base}{path}", params=params or {}, data=form, headers=self.headers()
+        ) as response:
+            await response.read()
+        return response
+
+    async def create(self, path: str, data: bytes, **params: str) -> dict[str, Any]:
+        form = aiohttp.FormData()
+        form.add_field("file", io.BytesIO(data), filename="data.csv", content_type="text/csv")
+        async with self.session.post(
+            f"{self.base}{path}", params=params, data=form, headers=self.headers()
+        ) as response:
+            assert response.status == 200, await response.text()
+            body: dict[str, Any] = await response.json()
+        return body
+
+    async def batch(self, path: str, data: bytes, **params: str) -> int:
+        body = await self.create(path, data, **params)
+        assert body["success"], body
+        batch_id: int = body["result"][0]["batchId"]
+        return batch_id
+
+    async def wait_final(self, status_path: str, within: float = 5.0) -> dict[str, Any]:
+        async def final() -> dict[str, Any] | None:
+            result: dict[str, Any] = (await self.get(status_path))["result"][0]
+            return result if result["status"] in ("Complete", "Failed") else None
+
+        return await eventually(final, within)
+
+
+def error_code(body: dict[str, Any]) -> str | None:
+    return None if body["success"] else str(body["errors"][0]["code"])
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+@pytest.fixture
+async def client(session: aiohttp.ClientSession, simulator: Simulator) -> Client:
+    client = Client(session, simulator)
+    await client.token()
+    return client
+
+
+# -- the plain flow ------------------------------------------------------------
+
+
+async def test_curl_like_flow_completes_within_two_seconds_with_default_knobs(
+    make_simulator: MakeSimulator, session: aiohttp.ClientSession
+) -> None:
+    simulator = await make_simulator()
+    client = Client(session, simulator)
+    token = await client.token()
+    assert token["token_type"] == "bearer"
+    assert token["expires_in"] == 3600
+    created = await client.create(LEADS_PATH, LEADS_CSV, format="csv")
+    assert re.fullmatch(r"[0-9a-f]+#[0-9a-f]+", created["requestId"])
+    assert created["success"] is True
+    assert created["errors"] == []
+    batch_id = created["result"][0]["batchId"]
+    assert created["result"] == [
+        {"batchId": batch_id, "importId": str(batch_id), "status": "Queued"}
+    ]
+
+    status = await client.wait_final(f"/bulk/v1/leads/batch/{batch_id}.json", within=2.0)
+
+    assert status == {
+        "batchId": batch_id,
+        "importId": str(batch_id),
+        "status": "Complete",
+        "numOfLeadsProcessed": 3,
+        "numOfRowsFailed": 0,
+        "numOfRowsWithWarning": 0,
+        "message": "Import succeeded, 3 records imported (3 members)",
+    }
+    emails = sorted(lead["email"] for lead in simulator.records("leads"))
+    assert emails == ["able@example.com", "charlie@example.com", "easy@example.com"]
+
+
+# -- tokens --------------------------------------------------------------------
+
+
+async def test_token_is_reused_while_alive_then_replaced_and_the_old_one_expires(
+    make_simulator: MakeSimulator, session: aiohttp.ClientSession
+) -> None:
+    simulator = await make_simulator(token_ttl=1.5, **FAST_KNOBS)
+    client = Client(session, simulator)
+    first = await client.token()
+    assert first["expires_in"] == 2
+
+    async def same_token_less_life() -> dict[str, Any] | None:
+        again = await client.token()
+        return again if again["expires_in"] == 1 else None
+
+    again = await eventually(same_token_less_life, within=3.0)
+    assert again["access_token"] == first["access_token"]
+
+    async def new_token() -> dict[str, Any] | None:
+        body = await client.token()
+        return body if body["access_token"] != first["access_token"] else None
+
+    second = await eventually(new_token, within=3.0)
+    batch_id = await client.batch(LEADS_PATH, LEADS_CSV, format="csv")
+    client.access_token = first["access_token"]
+    expired = await client.get(f"/bulk/v1/leads/batch/{batch_id}.json")
+    assert expired["errors"] == [{"code": "602", "message": "Access token expired"}]
+    assert simulator.tokens() == [first["access_token"], second["access_token"]]
+    assert simulator.stats()["tokens_issued"] == 2
+
+
+async def test_missing_or_unknown_token_is_601(
+    simulator: Simulator, session: aiohttp.ClientSession
+) -> None:
+    client = Client(session, simulator)
+    assert error_code(await client.get("/bulk/v1/leads/batch/1001.json")) == "601"
+    client.access_token = "not-a-token"
+    body = await client.get("/bulk/v1/leads/batch/1001.json")
+    assert body["errors"] == [{"code": "601", "message": "Access token invalid"}]
+    assert body["success"] is False
+    assert body["result"] == []
+
+
+async def test_token_in_query_string_is_refused_and_recorded(
+    simulator: Simulator, client: Client
+) -> None:
+    batch_id = await client.batch(LEADS_PATH, LEADS_CSV, format="csv")
+    path = f"/bulk/v1/leads/batch/{batch_id}.json"
+    assert error_code(await client.get(path)) is None  # header only: fine
+
+    with_query = await client.get(path, access_token=client.access_token)
+    header = client.access_token
+    client.access_token = ""
+    query_only = await client.get(path, access_token=header)
+
+    assert error_code(with_query) == "601"
+    assert error_code(query_only) == "601"
+    stats = simulator.stats()
+    assert stats["violations"] == ["token_in_url", "token_in_url"]
+    assert stats["violation_details"][0]["client_id"] == "client-1"
+    log = json.dumps(simulator.calls())
+    assert header not in log
+    assert simulator.calls()[-1]["query_keys"] == ["access_token"]
+
+
+async def test_token_in_a_form_field_is_refused_and_recorded(
+    simulator: Simulator, client: Client
+) -> None:
+    response = await client.upload(
+        LEADS_PATH, LEADS_CSV, {"format": "csv"}, {"access_token": client.access_token}
+    )
+    body = json.loads(await response.text())
+    assert error_code(body) == "601"
+    assert simulator.stats()["violations"] == ["token_in_form"]
+    assert simulator.jobs() == []
+    assert simulator.calls()[-1]["form_keys"] == ["access_token", "file"]
+
+
+async def test_identity_checks_credentials_and_counts_toward_no_limit(
+    make_simulator: MakeSimulator, session: aiohttp.ClientSession
+) -> None:
+    simulator = await make_simulator(client_id="client-1", client_secret="s3cret", rate_limit=1)
+    url = f"{simulator.base_url}/identity/oauth/token"
+    good = {"client_id": "client-1", "client_secret": "s3cret", "grant_type": "client_credentials"}
+
+    async with session.post(url, data={**good, "client_secret": "wrong"}) as response:
+        assert response.status == 401
+        assert await response.json() == {
+            "error": "unauthorized",
+            "error_description": "Bad client credentials",
+        }
+    async with session.post(
+        url, data={"client_id": "client-1", "client_secret": "s3cret"}
+    ) as response:
+        assert response.status == 400
+    async with session.get(url, params=good) as response:  # accepted, but the secret was in a URL
+        token = (await response.json())["access_token"]
+    assert simulator.stats()["violations"] == ["secret_in_url"]
+
+    client = Client(session, simulator)
+    await client.token()  # a form body: no violation
+    assert client.access_token == token
+    assert error_code(await client.get("/bulk/v1/leads/batch/1001.json")) == "1003"
+    assert simulator.stats()["calls"] == {"identity": 4, "getImportLeadStatusUsingGET": 1}
+    assert "s3cret" not in json.dumps(simulator.calls()) + json.dumps(simulator.stats())
+    assert "s3cret" not in repr(simulator.config)
+
+
+# -- the queue -----------------------------------------------------------------
+
+
+async def test_queue_is_shared_two_importing_ten_outstanding_then_1016(
+    make_simulator: MakeSimulator, session: aiohttp.ClientSession
+) -> None:
+    simulator = await make_simulator(job_overhead=60.0)
+    client = Client(session, simulator)
+    await client.token()
+    ids = [await client.batch(LEADS_PATH, LEADS_CSV, format="csv") for _ in range(4)]
+    ids += [await client.batch(CUSTOM_PATH, b"vin,color\nV1,red\n", format="csv") for _ in range(3)]
+    ids += [
+        await client.batch(MEMBERS_PATH, LEADS_CSV, format="CSV", programMemberStatus="Registered")
+        for _ in range(3)
+    ]
+    assert ids == list(range(1001, 1011))
+
+    eleventh = await client.create(CUSTOM_PATH, b"vin\nV2\n", format="csv")
+
+    assert eleventh["errors"] == [{"code": "1016", "message": "Too many imports"}]
+    statuses = {job["batch_id"]: job["status"] for job in simulator.jobs()}
+    assert [statuses[i] for i in ids] == ["Importing"] * 2 + ["Queued"] * 8
+    leads_status = await client.get("/bulk/v1/leads/batch/1003.json")
+    assert leads_status["result"][0]["status"] == "Queued"
+    assert "message" not in leads_status["result"][0]
+    stats = simulator.stats()
+    assert stats["max_outstanding"] == {"client-1": 10}
+    assert stats["max_importing"] == {"client-1": 2}
+    assert stats["errors"] == {"1016": 1}
+    assert stats["jobs"] == {"Importing": 2, "Queued": 8}
+
+
+async def test_jobs_start_in_fifo_order_and_never_more_than_two_import(
+    make_simulator: MakeSimulator, session: aiohttp.ClientSession
+) -> None:
+    simulator = await make_simulator(job_overhead=0.1, rows_per_second=1000.0)
+    client = Client(session, simulator)
+    await client.token()
+    big = b"email\n" + b"".join(b"u%d@example.com\n" % i for i in range(200))
+    ids = [await client.batch(LEADS_PATH, big, format="csv")]
+    ids += [await client.batch(LEADS_PATH, LEADS_CSV, format="csv") for _ in range(5)]
+
+    async def all_done() -> list[dict[str, Any]] | None:
+        jobs = simulator.jobs()
+        return jobs if all(job["status"] == "Complete" for job in jobs) else None
+
+    jobs = await eventually(all_done)
+
+    assert [job["batch_id"] for job in jobs] == ids
+    starts = [job["started_at"] for job in jobs]
+    assert starts == sorted(starts)
+    finishes = {job["finished_at"] for job in jobs}
+    for job in jobs:  # a job waits only while both slots are busy
+        assert job["started_at"] == job["queued_at"] or job["started_at"] in finishes
+    events = sorted([(j["started_at"], 1) for j in jobs] + [(j["finished_at"], -1) for j in jobs])
+    running, peak = 0, 0
+    for _, step in sorted(events, key=lambda e: (e[0], e[1])):
+        running += step
+        peak = max(peak, running)
+    assert peak == 2
+
+
+async def test_foreign_jobs_hold_queue_and_import_slots(
+    simulator: Simulator, client: Client, session: aiohttp.ClientSession
+) -> None:
+    foreign = simulator.add_foreign_jobs(8, 1.0)
+    assert len(foreign) == 8
+    first = await client.batch(LEADS_PATH, LEADS_CSV, format="csv")
+    second = await client.batch(LEADS_PATH, LEADS_CSV, format="csv")
+    third = await client.create(LEADS_PATH, LEADS_CSV, format="csv")
+    assert error_code(third) == "1016"
+    early = await client.get(f"/bulk/v1/leads/batch/{first}/failures.json")
+    assert error_code(early) == "1003"  # not finished: no file yet
+    assert error_code(await client.get(f"/bulk/v1/leads/batch/{foreign[0]}.json")) == "1003"
+
+    done = await client.wait_final(f"/bulk/v1/leads/batch/{second}.json")
+
+    assert done["status"] == "Complete"
+    jobs = {job["batch_id"]: job for job in simulator.jobs()}
+    held_until = jobs[foreign[0]]["queued_at"] + 1.0
+    assert jobs[first]["started_at"] >= held_until - 1e-6
+    assert all(jobs[i]["finished_at"] == pytest.approx(held_until) for i in foreign)
+    assert simulator.stats()["max_outstanding"] == {"foreign": 8, "client-1": 2}
+    async with session.post(
+        f"{simulator.base_url}/_sim/foreign", json={"count": 20, "seconds": 0.1}
+    ) as response:
+        assert len((await response.json())["batch_ids"]) == 10  # capped at the free slots
+
+
+async def test_one_outstanding_import_per_static_list(simulator: Simulator, client: Client) -> None:
+    simulator.add_foreign_jobs(2, 60.0)  # both import slots busy: our jobs stay queued
+    assert error_code(await client.create(LEADS_PATH, LEADS_CSV, format="csv", listId="7")) is None
+    again = await client.create(LEADS_PATH, LEADS_CSV, format="csv", listId="7")
+    assert again["errors"] == [{"code": "1019", "message": "Import in progress"}]
+    assert error_code(await client.create(LEADS_PATH, LEADS_CSV, format="csv", listId="8")) is None
+    assert error_code(await client.create(LEADS_PATH, LEADS_CSV, format="csv")) is None
+    bad = await client.create(LEADS_PATH, LEADS_CSV, format="csv", listId="seven")
+    assert error_code(bad) == "1003"
+
+
+async def test_static_list_is_free_again_once_its_import_finished(
+    simulator: Simulator, client: Client
+) -> None:
+    first = await client.batch(LEADS_PATH, LEADS_CSV, format="csv", listId="7")
+    await client.wait_final(f"/bulk/v1/leads/batch/{first}.json")
+    second = await client.batch(LEADS_PATH, b"email\nzed@example.com\n", format="csv", listId="7")
+    await client.wait_final(f"/bulk/v1/leads/batch/{second}.json")
+    members = sorted(lead["email"] for lead in simulator.records("lists", list_id=7))
+    assert members == [
+        "able@example.com",
+        "charlie@example.com",
+        "easy@example.com",
+        "zed@example.com",
+    ]
+
+
+# -- limits --------------------------------------------------------------------
+
+
+async def test_file_of_ten_megabytes_is_refused_with_413(
+    simulator: Simulator, client: Client
+) -> None:
+    response = await client.upload(LEADS_PATH, b"email\n" + b"a" * 9_999_994, {"format": "csv"})
+    assert response.status == 413
+    assert simulator.stats()["violations"] == ["oversized_file"]
+    assert simulator.jobs() == []
+
+    simulator.set_knobs(max_file_bytes=100)
+    fits = await client.upload(LEADS_PATH, b"email\n" + b"a" * 93, {"format": "csv"})
+    too_big = await client.upload(LEADS_PATH, b"email\n" + b"a" * 94, {"format": "csv"})
+    assert (fits.status, too_big.status) == (200, 413)
+
+
+async def test_rate_limit_606_in_a_scaled_window(
+    make_simulator: MakeSimulator, session: aiohttp.ClientSession
+) -> None:
+    simulator = await make_simulator(rate_limit=3, rate_window=0.5)
+    client = Client(session, simulator)
+    await client.token()
+    path = "/bulk/v1/leads/batch/1001.json"
+    codes = [error_code(await client.get(path)) for _ in range(4)]
+    assert codes == ["1003", "1003", "1003", "606"]
+    refused = await client.get(path)
+    assert refused["errors"][0]["message"] == "Max rate limit '3' exceeded with in '0.5' secs"
+
+    async def admitted() -> bool:
+        return error_code(await client.get(path)) != "606"
+
+    await eventually(admitted, within=3.0)
+    assert simulator.stats()["max_calls_in_window"] == 3
+
+
+async def test_concurrency_limit_615(
+    make_simulator: MakeSimulator, session: aiohttp.ClientSession
+) -> None:
+    simulator = await make_simulator(concurrency=2, slow_fraction=1.0, slow_seconds=0.5)
+    client = Client(session, simulator)
+    await client.token()
+    bodies = await asyncio.gather(*(client.get("/bulk/v1/leads/batch/1001.json") for _ in range(4)))
+    assert sorted(str(error_code(body)) for body in bodies) == ["1003", "1003", "615", "615"]
+    assert simulator.stats()["max_in_flight"] in (3, 4)  # refused calls leave at once
+
+
+async def test_daily_quota_607(
+    make_simulator: MakeSimulator, session: aiohttp.ClientSession
+) -> None:
+    simulator = await make_simulator(daily_quota=2)
+    client = Client(session, simulator)
+    await client.token()
+    codes = [error_code(await client.get("/bulk/v1/leads/batch/1001.json")) for _ in range(3)]
+    assert codes == ["1003", "1003", "607"]
+
+
+# -- rows, files and records ---------------------------------------------------
+
+
+async def test_failed_and_warned_rows_go_to_files_with_reason_columns(
+    simulator: Simulator, client: Client
+) -> None:
+    tsv = (
+        b"firstName\temail\n"
+        b"Ok\tok@example.com\n"
+        b"Bad\tbob-at-example.com\n"
+        b"Empty\t\n"
+        b"__WARN__\twarn@example.com\n"
+    )
+    batch_id = await client.batch(LEADS_PATH, tsv, format="tsv")
+    base = f"/bulk/v1/leads/batch/{batch_id}"
+
+    status = await client.wait_final(f"{base}.json")
+
+    assert (status["numOfLeadsProcessed"], status["numOfRowsFailed"]) == (2, 2)
+    assert status["numOfRowsWithWarning"] == 1
+    assert status["message"] == (
+        "Import completed with errors, 2 records imported (2 members), 2 failed records"
+    )
+    async with client.session.get(
+        f"{client.base}{base}/failures.json", headers=client.headers()
+    ) as response:
+        assert response.content_type == "text/csv"
+        failures = list(csv.reader(io.StringIO(await response.text()), delimiter="\t"))
+    assert failures == [
+        ["firstName", "email", "Import Failure Reason"],
+        ["Bad", "bob-at-example.com", "1003 Invalid email address"],
+        ["Empty", "", "1003 Value for lookup field 'email' is missing"],
+    ]
+    async with client.session.get(
+        f"{client.base}{base}/warnings.json", headers=client.headers()
+    ) as response:
+        warnings = list(csv.reader(io.StringIO(await response.text()), delimiter="\t"))
+    assert warnings[0] == ["firstName", "email", "Import Warning Reason"]
+    assert warnings[1][:2] == ["__WARN__", "warn@example.com"]
+    assert "firstName" in warnings[1][2]
+    stored = {lead["email"]: lead for lead in simulator.records("leads")}
+    assert set(stored) == {"ok@example.com", "warn@example.com"}
+    assert "firstName" not in stored["warn@example.com"]  # the warned value was ignored
+
+
+async def test_no_failures_or_warnings_file_is_404(simulator: Simulator, client: Client) -> None:
+    ssv = b"vin;color\nV1;red\n"
+    batch_id = await client.batch(CUSTOM_PATH, ssv, format="ssv")
+    base = f"/bulk/v1/customobjects/car_c/import/{batch_id}"
+    status = await client.wait_final(f"{base}/status.json")
+    assert status["numOfObjectsProcessed"] == 1
+    for kind in ("failures", "warnings"):
+        async with client.session.get(
+            f"{client.base}{base}/{kind}.json", headers=client.headers()
+        ) as response:
+            assert response.status == 404
+
+
+async def test_custom_object_failures_use_the_jobs_delimiter(
+    simulator: Simulator, client: Client
+) -> None:
+    batch_id = await client.batch(CUSTOM_PATH, b"vin;color\n;red\nV2;blue\n", format="ssv")
+    base = f"/bulk/v1/customobjects/car_c/import/{batch_id}"
+    await client.wait_final(f"{base}/status.json")
+    async with client.session.get(
+        f"{client.base}{base}/failures.json", headers=client.headers()
+    ) as response:
+        text = await response.text()
+    assert (
+        text
+        == "vin;color;Import Failure Reason\n;red;1003 Value for dedupe field 'vin' is missing\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"", "Import failed: file has no header row"),
+        (b"\xff\xfe\x00bad", "Import failed: file is not valid UTF-8 (byte 0)"),
+        (b"firstName\nAda\n", "Import failed: field 'email' is not a column of the file"),
+    ],
+)
+async def test_unreadable_file_fails_the_job(
+    simulator: Simulator, client: Client, body: bytes, message: str
+) -> None:
+    batch_id = await client.batch(LEADS_PATH, body, format="csv")
+    status = await client.wait_final(f"/bulk/v1/leads/batch/{batch_id}.json")
+    assert (status["status"], status["message"]) == ("Failed", message)
+    async with client.session.get(
+        f"{client.base}/bulk/v1/leads/batch/{batch_id}/failures.json", headers=client.headers()
+    ) as response:
+        assert response.status == 404
+
+
+async def test_records_are_inserted_or_updated_for_all_three_objects(
+    simulator: Simulator, client: Client, session: aiohttp.ClientSession
+) -> None:
+    lead_ids = [
+        await client.batch(LEADS_PATH, b"email,firstName\na@x.com,A\nb@x.com,B\n", format="csv"),
+        await client.batch(LEADS_PATH, b"email,firstName\nA@X.COM,Z\n", format="csv"),
+    ]
+    car_ids = [
+        await client.batch(CUSTOM_PATH, b"vin,color\nV1,red\nV2,blue\n", format="csv"),
+        await client.batch(CUSTOM_PATH, b"vin,color\nV1,green\n", format="csv"),
+    ]
+    member_path = "/bulk/v1/program/members/import/{}/status.json"
+    member_ids = [
+        await client.batch(MEMBERS_PATH, b"email\na@x.com\n", format="CSV", programMemberStatus="Registered"),
+        await client.batch(MEMBERS_PATH, b"email\nA@x.com\nc@x.com\n", format="CSV", programMemberStatus="Attended"),
+    ]  # fmt: skip
+    for batch_id in lead_ids:
+        await client.wait_final(f"/bulk/v1/leads/batch/{batch_id}.json")
+    for batch_id in car_ids:
+        await client.wait_final(f"/bulk/v1/customobjects/car_c/import/{batch_id}/status.json")
+    for batch_id in member_ids:
+        member_status = await client.wait_final(member_path.format(batch_id))
+    assert set(member_status) >= {"batchId", "importId", "status", "numOfLeadsProcessed"}
+
+    leads = simulator.records("leads")
+    assert len(leads) == 2
+    assert {lead["firstName"] for lead in leads} == {"Z", "B"}
+    async with session.get(
+        f"{simulator.base_url}/_sim/records", params={"object": "customobject", "api_name": "car_c"}
+    ) as response:
+        cars = {car["vin"]: car["color"] for car in await response.json()}
+    assert cars == {"V1": "green", "V2": "blue"}
+    members = simulator.records("programmembers", program_id=1001)
+    assert {m["email"].lower(): m["programMemberStatus"] for m in members} == {
+        "a@x.com": "Attended",
+        "c@x.com": "Attended",
+    }
+    assert simulator.records("programmembers", program_id=1002) == []
+
+
+async def test_lookup_field_id_only_updates(simulator: Simulator, client: Client) -> None:
+    first = await client.batch(LEADS_PATH, b"email\na@x.com\n", format="csv")
+    await client.wait_final(f"/bulk/v1/leads/batch/{first}.json")
+    lead_id = simulator.records("leads")[0]["id"]
+    body = f"id,firstName\n{lead_id},Ann\n999,Nobody\n".encode()
+    second = await client.batch(LEADS_PATH, body, format="csv", lookupField="id")
+    status = await client.wait_final(f"/bulk/v1/leads/batch/{second}.json")
+    assert (status["numOfLeadsProcessed"], status["numOfRowsFailed"]) == (1, 1)
+    assert simulator.records("leads") == [{"id": lead_id, "email": "a@x.com", "firstName": "Ann"}]
+
+
+# -- parameters and paths ------------------------------------------------------
+
+
+async def test_format_case_and_required_parameters(simulator: Simulator, client: Client) -> None:
+    member = {"programMemberStatus": "Registered"}
+    assert (
+        error_code(await client.create(MEMBERS_PATH, LEADS_CSV, format="csv", **member)) == "1003"
+    )
+    assert error_code(await client.create(MEMBERS_PATH, LEADS_CSV, format="CSV", **member)) is None
+    assert error_code(await client.create(MEMBERS_PATH, LEADS_CSV, format="TSV")) == "1003"
+    assert error_code(await client.create(LEADS_PATH, LEADS_CSV, format="CSV")) == "1003"
+    assert error_code(await client.create(LEADS_PATH, LEADS_CSV)) == "1003"
+    assert error_code(await client.create(CUSTOM_PATH, LEADS_CSV, format="TSV")) == "1003"
+    assert error_code(await client.create(CUSTOM_PATH, LEADS_CSV, format="tsv")) is None
+    async with client.session.post(
+        f"{client.base}{LEADS_PATH}", params={"format": "csv"}, headers=client.headers()
+    ) as response:
+        no_file = await response.json()
+    assert no_file["errors"] == [
+        {"code": "1003", "message": "Required parameter 'file' is missing"}
+    ]
+
+
+async def test_status_paths_check_object_type(simulator: Simulator, client: Client) -> None:
+    lead = await client.batch(LEADS_PATH, LEADS_CSV, format="csv")
+    car = await client.batch(CUSTOM_PATH, b"vin\nV1\n", format="csv")
+    assert (
+        error_code(await client.get(f"/bulk/v1/program/members/import/{lead}/status.json"))
+        == "1003"
+    )
+    assert (
+        error_code(await client.get(f"/bulk/v1/customobjects/bike_c/import/{car}/status.json"))
+        == "1003"
+    )
+    assert error_code(await client.get("/bulk/v1/leads/batch/99999.json")) == "1003"
+    status = await client.wait_final(f"/bulk/v1/customobjects/car_c/import/{car}/status.json")
+    assert status["objectApiName"] == "car_c"
+    assert status["operation"] == "import"
+    assert status["importTime"].endswith("second(s)")
+
+
+# -- faults and the test API ---------------------------------------------------
+
+
+async def test_fault_knobs_answer_5xx_error_codes_or_drop_the_connection(
+    simulator: Simulator, client: Client, session: aiohttp.ClientSession
+) -> None:
+    path = f"{client.base}/bulk/v1/leads/batch/1001.json"
+    simulator.set_knobs(fault_500=1.0)
+    async with session.get(path, headers=client.headers()) as response:
+        assert response.status == 500
+    async with session.post(
+        f"{simulator.base_url}/_sim/faults", json={"fault_500": 0, "fault_608": 1}
+    ) as response:
+        assert (await response.json())["fault_608"] == 1.0
+    assert error_code(await client.get("/bulk/v1/leads/batch/1001.json")) == "608"
+    simulator.set_knobs(fault_608=0.0, drop_fraction=1.0)
+    with pytest.raises(aiohttp.ClientConnectionError):
+        async with session.get(path, headers=client.headers()) as response:
+            await response.read()
+    assert simulator.calls()[-1]["status"] is None
+    assert simulator.calls()[-1]["dropped"] is True
+    stats = simulator.stats()
+    # aiohttp retries an idempotent request once when a reused connection drops.
+    assert stats["dropped"] in (1, 2)
+    assert (stats["http_errors"], stats["errors"]) == ({"500": 1}, {"608": 1})
+    async with session.post(
+        f"{simulator.base_url}/_sim/faults", json={"no_such_knob": 1}
+    ) as response:
+        assert response.status == 400
+
+
+async def test_drop_reply_queues_the_job_but_loses_the_answer(
+    simulator: Simulator, client: Client
+) -> None:
+    simulator.set_knobs(drop_reply_fraction=1.0)
+    with pytest.raises(aiohttp.ClientConnectionError):
+        await client.create(LEADS_PATH, LEADS_CSV, format="csv")
+    simulator.set_knobs(drop_reply_fraction=0.0)
+    assert [job["batch_id"] for job in simulator.jobs()] == [1001]
+    assert simulator.calls()[-1]["batch_id"] == 1001
+    assert simulator.calls()[-1]["dropped"] is True
+
+
+async def test_call_log_names_operations_and_reset_clears_it(
+    simulator: Simulator, client: Client, session: aiohttp.ClientSession
+) -> None:
+    batch_id = await client.batch(LEADS_PATH, LEADS_CSV, format="csv")
+    await client.wait_final(f"/bulk/v1/leads/batch/{batch_id}.json")
+    async with session.get(f"{simulator.base_url}/_sim/calls") as response:
+        calls = await response.json()
+    assert calls[0]["operation"] == "identity"
+    assert calls[0]["client_id"] == "client-1"
+    create = calls[1]
+    assert (create["operation"], create["batch_id"], create["status"]) == (
+        "importLeadUsingPOST",
+        batch_id,
+        200,
+    )
+    assert create["query_keys"] == ["format"]
+    assert create["client_id"] == "client-1"
+    assert {c["operation"] for c in calls[2:]} == {"getImportLeadStatusUsingGET"}
+    async with session.get(f"{simulator.base_url}/_sim/config") as response:
+        assert (await response.json())["job_overhead"] == FAST_KNOBS["job_overhead"]
+    async with session.post(f"{simulator.base_url}/_sim/reset") as response:
+        assert response.status == 200
+    assert simulator.calls() == []
+    assert simulator.jobs() == []
+    assert simulator.records("leads") == []
+    assert error_code(await client.get(f"/bulk/v1/leads/batch/{batch_id}.json")) == "1003"
+
+
+async def test_omit_empty_leaves_empty_arrays_out(
+    make_simulator: MakeSimulator, session: aiohttp.ClientSession
+) -> None:
+    simulator = await make_simulator(omit_empty=True, **FAST_KNOBS)
+    client = Client(session, simulator)
+    await client.token()
+    created = await client.create(LEADS_PATH, LEADS_CSV, format="csv")
+    assert set(created) == {"requestId", "success", "result"}
+    refused = await client.get("/bulk/v1/leads/batch/1.json")
+    assert set(refused) == {"requestId", "success", "errors"}
+
+
+def test_knobs_are_checked() -> None:
+    config = SimulatorConfig()
+    assert config.with_knobs(rate_window=2).rate_window == 2.0
+    with pytest.raises(ValueError, match="unknown knob"):
+        config.with_knobs(nonsense=1)
+    with pytest.raises(ValueError, match="fraction"):
+        config.with_knobs(fault_500=1.5)
+    with pytest.raises(ValueError, match="must be int"):
+        config.with_knobs(rate_limit="many")
+    secret = SimulatorConfig(client_secret="hunter2")
+    assert "hunter2" not in repr(secret)
+    assert secret.public()["client_secret"] == "***"
+
+
+async def test_cli_arguments_and_serve_until_stopped(session: aiohttp.ClientSession) -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--port", "0", "--token-ttl", "5", "--rate-limit", "7"])
+    config = config_from_args(args)
+    assert (args.host, config.token_ttl, config.rate_limit, config.job_overhead) == (
+        "127.0.0.1",
+        5.0,
+        7,
+        0.5,
+    )
+    with pytest.raises(ConfigError, match="--job-overhead"):
+        config_from_args(parser.parse_args(["--job-overhead", "-1"]))
+
+    stop = asyncio.Event()
+    with capture_logs() as logs:
+        task = asyncio.create_task(serve(config, "127.0.0.1", 0, stop))
+        started = await eventually(lambda: asyncio.sleep(0, [e for e in logs if "url" in e]))
+        url = started[0]["url"]
+        async with session.get(
+            f"{url}/identity/oauth/token",
+            params={"grant_type": "client_credentials", "client_id": "a", "client_secret": "b"},
+        ) as response:
+            assert (await response.json())["expires_in"] == 5
+        stop.set()
+        await asyncio.wait_for(task, timeout=5.0)
+    assert "nothing goes to a real Marketo" in started[0]["event"]
