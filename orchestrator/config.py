@@ -210,21 +210,26 @@ def apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
         merged["data_dir"] = env["ORCHESTRATOR_DATA_DIR"]
     for var, (section, key) in ENV_NAMED.items():
         if env.get(var):
-            merged.setdefault(section, {})[key] = EnvValue(var, env[var])
+            table_of(merged, section)[key] = EnvValue(var, env[var])
     secret_file = env.get("MARKETO_CLIENT_SECRET_FILE")
     if secret_file and not env.get("MARKETO_CLIENT_SECRET"):
-        merged.setdefault("marketo", {})["client_secret"] = read_secret_file(secret_file)
+        table_of(merged, "marketo")["client_secret"] = read_secret_file(secret_file)
     for var, value in env.items():
         if not var.startswith("ORCHESTRATOR_"):
             continue
         rest = var.removeprefix("ORCHESTRATOR_").lower()
         section, _, key = rest.partition("_")
         if section in SECTIONS and key in {f.name for f in fields(SECTIONS[section])}:
-            table = merged.setdefault(section, {})
-            if not isinstance(table, dict):
-                raise ConfigError(section, "must be a table")
-            table[key] = EnvValue(var, value)
+            table_of(merged, section)[key] = EnvValue(var, value)
     return merged
+
+
+def table_of(raw: dict[str, Any], section: str) -> dict[str, Any]:
+    """The section's table in `raw`, created if absent."""
+    table = raw.setdefault(section, {})
+    if not isinstance(table, dict):
+        raise ConfigError(section, "must be a table")
+    return table
 
 
 def read_secret_file(path: str) -> EnvValue:

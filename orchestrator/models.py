@@ -104,3 +104,4 @@ class RejectRecord:
     line: int  # source line number where the record starts
     size: int  # bytes
     reason: str
+    offset: int = 0  # byte offset of the record in the source file

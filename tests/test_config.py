@@ -1,0 +1,186 @@
+"""Settings loader: defaults, TOML, environment, and errors that name their key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from orchestrator import constants
+from orchestrator.config import Secret, Settings, load_settings, resolve_config_path
+from orchestrator.errors import ConfigError
+from orchestrator.models import ObjectType
+
+REPO = Path(__file__).resolve().parent.parent
+CREDS = {
+    "MARKETO_BASE_URL": "https://123-abc-456.mktorest.com",
+    "MARKETO_CLIENT_ID": "id-1",
+    "MARKETO_CLIENT_SECRET": "s3cr3t-value",
+}
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "o.toml"
+    path.write_text(text)
+    return path
+
+
+def error_key(tmp_path: Path, text: str, env: dict[str, str] | None = None) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, text), {**CREDS, **(env or {})})
+    return info.value.key
+
+
+def test_defaults_match_spec() -> None:
+    s = load_settings(None, CREDS)
+    assert s.data_dir == Path("./orchestrator-data")
+    assert s.limits.concurrent_jobs == 2
+    assert s.limits.queued_jobs == 10
+    assert s.limits.max_chunk_bytes == 9_500_000 < constants.MAX_FILE_BYTES
+    assert (s.limits.api_calls_per_window, s.limits.api_window_seconds) == (100, 20.0)
+    assert s.limits.concurrent_api_calls == 10
+    assert s.limits.daily_api_calls == 50_000
+    assert s.limits.quota_reset_tz == "America/Chicago"
+    assert (s.polling.interval, s.polling.max_interval) == (5.0, 30.0)
+    assert (s.backoff.initial, s.backoff.max) == (2.0, 300.0)
+    assert (s.watch.settle_seconds, s.watch.force_polling) == (2.0, False)
+    assert s.http.listen == "127.0.0.1:9400"
+    assert s.http.host_port == ("127.0.0.1", 9400)
+    assert (s.logging.format, s.logging.level) == ("auto", "info")
+    assert s.routes == ()
+
+
+def test_example_config_loads_with_one_route_per_object_type() -> None:
+    s = load_settings(REPO / "config" / "orchestrator.toml", CREDS)
+    assert {r.object for r in s.routes} == set(ObjectType)
+    cars = s.route("cars")
+    assert cars is not None
+    assert cars.api_name == "car_c"
+
+
+def test_environment_overrides_file(tmp_path: Path) -> None:
+    path = write(tmp_path, 'data_dir = "/from/file"\n[http]\nlisten = "127.0.0.1:1"\n')
+    env = {
+        **CREDS,
+        "ORCHESTRATOR_DATA_DIR": "/from/env",
+        "ORCHESTRATOR_HTTP_LISTEN": "0.0.0.0:9400",
+        "ORCHESTRATOR_LIMITS_QUEUED_JOBS": "7",
+        "ORCHESTRATOR_WATCH_FORCE_POLLING": "true",
+        "ORCHESTRATOR_PORT": "tcp://10.0.0.1:9400",  # injected by Kubernetes: ignored
+    }
+    s = load_settings(path, env)
+    assert s.data_dir == Path("/from/env")
+    assert s.http.listen == "0.0.0.0:9400"
+    assert s.limits.queued_jobs == 7
+    assert s.watch.force_polling is True
+
+
+def test_secret_from_file_and_never_shown(tmp_path: Path) -> None:
+    secret_file = tmp_path / "secret"
+    secret_file.write_text("file-secret-xyz\n")
+    env = {k: v for k, v in CREDS.items() if k != "MARKETO_CLIENT_SECRET"}
+    env["MARKETO_CLIENT_SECRET_FILE"] = str(secret_file)
+    s = load_settings(None, env)
+    assert s.marketo.client_secret == Secret("file-secret-xyz")
+    assert s.marketo.client_secret.reveal() == "file-secret-xyz"
+    for text in (repr(s), str(s), f"{s.marketo}", repr(s.marketo.client_secret)):
+        assert "file-secret-xyz" not in text
+
+
+def test_missing_secret_file_names_variable(tmp_path: Path) -> None:
+    env = {**CREDS, "MARKETO_CLIENT_SECRET_FILE": str(tmp_path / "nope")}
+    del env["MARKETO_CLIENT_SECRET"]
+    with pytest.raises(ConfigError) as info:
+        load_settings(None, env)
+    assert info.value.key == "MARKETO_CLIENT_SECRET_FILE"
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("bogus = 1\n", "bogus"),
+        ("[limits]\nqueued_jobz = 3\n", "limits.queued_jobz"),
+        ('[limits]\nqueued_jobs = "ten"\n', "limits.queued_jobs"),
+        ("[limits]\nqueued_jobs = true\n", "limits.queued_jobs"),
+        ("[limits]\nqueued_jobs = 1\nconcurrent_jobs = 2\n", "limits.queued_jobs"),
+        ("[limits]\nmax_chunk_bytes = 10000001\n", "limits.max_chunk_bytes"),
+        ('[limits]\nquota_reset_tz = "Mars/Olympus"\n', "limits.quota_reset_tz"),
+        ("[polling]\ninterval = 0\n", "polling.interval"),
+        ("[polling]\ninterval = 10.0\nmax_interval = 5.0\n", "polling.max_interval"),
+        ("[backoff]\ninitial = 5.0\nmax = 1.0\n", "backoff.max"),
+        ('[watch]\nforce_polling = "yes"\n', "watch.force_polling"),
+        ('[http]\nlisten = "nope"\n', "http.listen"),
+        ('[logging]\nformat = "xml"\n', "logging.format"),
+        ('[marketo]\nidentity_url = "ftp://x"\n', "marketo.identity_url"),
+        ("marketo = 3\n", "marketo"),
+        ('[[routes]]\nobject = "leads"\n', "routes[0].dir"),
+        ('[[routes]]\ndir = "a"\nobject = "opportunities"\n', "routes[0].object"),
+        ('[[routes]]\ndir = "a"\nobject = "customobject"\n', "routes[0].api_name"),
+        (
+            '[[routes]]\ndir = "a"\nobject = "programmembers"\nprogram_member_status = "x"\n',
+            "routes[0].program_id",
+        ),
+        (
+            '[[routes]]\ndir = "a"\nobject = "programmembers"\nprogram_id = 5\n',
+            "routes[0].program_member_status",
+        ),
+        (
+            '[[routes]]\ndir = "a"\nobject = "customobject"\napi_name = "c"\nlist_id = 3\n',
+            "routes[0].list_id",
+        ),
+        ('[[routes]]\ndir = "a"\nobject = "leads"\napi_name = "c"\n', "routes[0].api_name"),
+        ('[[routes]]\ndir = "a"\nobject = "leads"\nformat = "xls"\n', "routes[0].format"),
+        ('[[routes]]\ndir = "a/b"\nobject = "leads"\n', "routes[0].dir"),
+        ('[[routes]]\ndir = "a"\nobject = "leads"\ncolour = 1\n', "routes[0].colour"),
+        (
+            '[[routes]]\ndir = "a"\nobject = "leads"\n[[routes]]\ndir = "a"\nobject = "leads"\n',
+            "routes[1].dir",
+        ),
+    ],
+)
+def test_errors_name_the_key(tmp_path: Path, text: str, key: str) -> None:
+    assert error_key(tmp_path, text) == key
+
+
+def test_bad_environment_value_names_variable(tmp_path: Path) -> None:
+    key = error_key(tmp_path, "", {"ORCHESTRATOR_LIMITS_QUEUED_JOBS": "many"})
+    assert key == "ORCHESTRATOR_LIMITS_QUEUED_JOBS"
+
+
+@pytest.mark.parametrize(
+    "missing", ["MARKETO_BASE_URL", "MARKETO_CLIENT_ID", "MARKETO_CLIENT_SECRET"]
+)
+def test_missing_credentials(missing: str) -> None:
+    env = {k: v for k, v in CREDS.items() if k != missing}
+    with pytest.raises(ConfigError) as info:
+        load_settings(None, env)
+    assert info.value.key == "marketo." + missing.removeprefix("MARKETO_").lower()
+    assert load_settings(None, env, require_credentials=False) == Settings(
+        marketo=load_settings(None, env, require_credentials=False).marketo
+    )
+
+
+def test_invalid_toml_and_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(write(tmp_path, "[limits\n"), CREDS)
+    with pytest.raises(ConfigError, match="file not found"):
+        load_settings(tmp_path / "absent.toml", CREDS)
+
+
+def test_route_format_from_extension() -> None:
+    s = load_settings(REPO / "config" / "orchestrator.toml", CREDS)
+    leads = s.route("leads")
+    assert leads is not None
+    assert leads.format_for("a.TSV") == "tsv"
+    assert leads.format_for("a.ssv") == "ssv"
+    assert leads.format_for("a.txt") == "csv"
+
+
+def test_config_path_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert resolve_config_path(None, {}) is None
+    assert resolve_config_path(None, {"ORCHESTRATOR_CONFIG": "/x.toml"}) == Path("/x.toml")
+    assert resolve_config_path("/y.toml", {"ORCHESTRATOR_CONFIG": "/x.toml"}) == Path("/y.toml")
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "orchestrator.toml").write_text("")
+    assert resolve_config_path(None, {}) == Path("config/orchestrator.toml")
