@@ -1,0 +1,195 @@
+"""The poller: every outstanding batch, polled concurrently, where it can change.
+
+Each round polls all due batches at once (a TaskGroup; the client's limiter
+keeps Marketo's limits). A batch is due when its interval has passed since its
+last poll:
+
+- the first `limits.concurrent_jobs` of our outstanding jobs in submit order
+  (or any Marketo reported as Importing) may be importing: every
+  `polling.interval`, doubling up to `polling.max_interval` while Marketo keeps
+  answering Queued (other integrations' jobs are ahead of it);
+- the rest are queued behind those and cannot finish first: every
+  `polling.max_interval`, or sooner once a job ahead finishes and moves them up.
+
+As the daily API budget nears (90 % spent) every batch is polled at
+`max_interval` only, so polling slows before submissions stop.
+
+On Complete the failures and warnings files are downloaded when their counters
+are above zero; Failed ends the chunk with Marketo's message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import structlog
+
+from orchestrator import constants
+from orchestrator.config import Route, Settings
+from orchestrator.errors import FatalError, MarketoError
+from orchestrator.faults import crashpoint
+from orchestrator.models import BatchStatus, ChunkRecord, ChunkStatus, FileRecord
+from orchestrator.scheduler import utc_now
+from orchestrator.store import Store
+
+log = structlog.get_logger(__name__)
+
+BUDGET_SLOWDOWN = 0.9  # share of limits.daily_api_calls after which polling slows
+
+
+class StatusSource(Protocol):
+    """The part of the Marketo client the poller uses."""
+
+    async def status(self, route: Route, batch_id: int) -> BatchStatus: ...
+    async def download_failures(self, route: Route, batch_id: int, dest: Path) -> bool: ...
+    async def download_warnings(self, route: Route, batch_id: int, dest: Path) -> bool: ...
+    @property
+    def calls_today(self) -> int: ...
+
+
+@dataclass
+class Track:
+    """What the poller remembers about one batch between rounds."""
+
+    last_poll: float
+    interval: float
+    status: str = constants.STATUS_QUEUED
+
+
+@dataclass
+class Poller:
+    settings: Settings
+    store: Store
+    client: StatusSource
+    on_chunk_final: Callable[[ChunkRecord], Awaitable[None]]
+    clock: Callable[[], float] = time.monotonic
+    tracks: dict[int, Track] = field(default_factory=dict)
+    _wake: asyncio.Event = field(default_factory=asyncio.Event)
+    _files: dict[int, FileRecord] = field(default_factory=dict)
+
+    def submitted(self, chunk: ChunkRecord) -> None:
+        """A batch was just created: its create response counts as the first look."""
+        self.tracks[chunk.id] = Track(self.clock(), self.settings.polling.interval)
+        self._wake.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            self._wake.clear()
+            outstanding = await self.outstanding()
+            due = [c for c, interval in outstanding if self.is_due(c, interval)]
+            if due:
+                async with asyncio.TaskGroup() as group:
+                    for chunk in due:
+                        group.create_task(self.poll(chunk))
+                continue
+            timeout = self.next_due(outstanding)
+            waiter = asyncio.ensure_future(self._wake.wait())
+            stopper = asyncio.ensure_future(stop.wait())
+            try:
+                await asyncio.wait(
+                    {waiter, stopper}, timeout=timeout, return_when="FIRST_COMPLETED"
+                )
+            finally:
+                waiter.cancel()
+                stopper.cancel()
+
+    async def outstanding(self) -> list[tuple[ChunkRecord, float]]:
+        """Our batches at Marketo in submit order, each with the interval it deserves."""
+        chunks = await self.store.chunks(statuses=[ChunkStatus.SUBMITTED])
+        chunks.sort(key=lambda c: (c.submitted_at or "", c.id))
+        polling, lim = self.settings.polling, self.settings.limits
+        slow = self.client.calls_today >= BUDGET_SLOWDOWN * lim.daily_api_calls
+        result = []
+        for rank, chunk in enumerate(chunks):
+            track = self.tracks.setdefault(chunk.id, Track(-float("inf"), polling.interval))
+            may_import = rank < lim.concurrent_jobs or track.status == constants.STATUS_IMPORTING
+            interval = track.interval if may_import and not slow else polling.max_interval
+            result.append((chunk, interval))
+        return result
+
+    def is_due(self, chunk: ChunkRecord, interval: float) -> bool:
+        return self.clock() - self.tracks[chunk.id].last_poll >= interval
+
+    def next_due(self, outstanding: list[tuple[ChunkRecord, float]]) -> float | None:
+        if not outstanding:
+            return None
+        now = self.clock()
+        return max(0.0, min(self.tracks[c.id].last_poll + i - now for c, i in outstanding))
+
+    async def poll(self, chunk: ChunkRecord) -> None:
+        file = await self.file(chunk.file_id)
+        route = self.settings.route(file.route)
+        track = self.tracks[chunk.id]
+        track.last_poll = self.clock()
+        assert chunk.batch_id is not None, "a SUBMITTED chunk has a batch id"
+        bound = structlog.contextvars.bound_contextvars(
+            route=file.route, file=file.name, chunk=chunk.index, batch_id=chunk.batch_id
+        )
+        with bound:
+            if route is None:
+                await self.finish(chunk, ChunkStatus.FAILED, f"route {file.route!r} is gone", None)
+                return
+            try:
+                batch = await self.client.status(route, chunk.batch_id)
+                crashpoint("polled")
+                await self.record(chunk, route, batch, track)
+            except FatalError as exc:
+                await self.finish(chunk, ChunkStatus.FAILED, f"status unavailable: {exc}", None)
+            except MarketoError as exc:
+                log.warning("poll_deferred", code=exc.code, error=str(exc))
+
+    async def record(
+        self, chunk: ChunkRecord, route: Route, batch: BatchStatus, track: Track
+    ) -> None:
+        polling = self.settings.polling
+        if batch.status == constants.STATUS_COMPLETE:
+            failures = warnings = None
+            assert chunk.batch_id is not None
+            if batch.rows_failed > 0:
+                dest = Path(chunk.path).with_suffix(".failures")
+                if await self.client.download_failures(route, chunk.batch_id, dest):
+                    failures = str(dest)
+            if batch.rows_with_warning > 0:
+                dest = Path(chunk.path).with_suffix(".warnings")
+                if await self.client.download_warnings(route, chunk.batch_id, dest):
+                    warnings = str(dest)
+            await self.store.set_chunk_files(
+                chunk.id, failures_path=failures, warnings_path=warnings
+            )
+            await self.finish(chunk, ChunkStatus.COMPLETE, batch.message, batch)
+        elif batch.status == constants.STATUS_FAILED:
+            await self.finish(chunk, ChunkStatus.FAILED, batch.message or "Import failed", batch)
+        else:
+            if batch.status == track.status == constants.STATUS_QUEUED:
+                track.interval = min(track.interval * 2, polling.max_interval)
+            elif batch.status != track.status:
+                track.interval = polling.interval
+            track.status = batch.status
+            if batch.status != chunk.marketo_status or batch.rows_processed != chunk.rows_processed:
+                await self.store.update_batch(chunk.id, batch)
+
+    async def finish(
+        self, chunk: ChunkRecord, status: ChunkStatus, message: str, batch: BatchStatus | None
+    ) -> None:
+        record = await self.store.finish_chunk(
+            chunk.id, status=status, message=message, finished_at=utc_now(), batch=batch
+        )
+        self.tracks.pop(chunk.id, None)
+        log.info(
+            "chunk_finished",
+            status=str(status),
+            rows_processed=record.rows_processed,
+            rows_failed=record.rows_failed,
+            rows_with_warning=record.rows_with_warning,
+        )
+        await self.on_chunk_final(record)
+
+    async def file(self, file_id: int) -> FileRecord:
+        if file_id not in self._files:
+            self._files[file_id] = await self.store.get_file(file_id)
+        return self._files[file_id]

@@ -1,0 +1,283 @@
+"""Per-file results: the merged failures and warnings files, <name>.result.json,
+and the source moved to done/<route>/ or failed/<route>/.
+
+Finishing is idempotent, so a crash at any point is repaired by running it
+again: the result name is reserved in the store first (FINISHING), every file
+is written atomically (temp file, fsync, rename) under that reserved name, the
+source is moved, result.json is written last (a pipeline that sees it sees
+everything), and only then is the file marked finished and work/ cleaned.
+
+A result is never overwritten: a second `big.csv` gets `big.2.csv`,
+`big.2.csv.result.json` and so on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+import os
+import shutil
+from collections import defaultdict, deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from orchestrator import constants, splitter
+from orchestrator.config import Settings
+from orchestrator.faults import crashpoint
+from orchestrator.models import (
+    ChunkRecord,
+    ChunkStatus,
+    FileRecord,
+    FileStatus,
+    RejectRecord,
+)
+from orchestrator.scheduler import utc_now
+from orchestrator.store import Store
+
+RESULT_SUFFIX = ".result.json"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    status: FileStatus
+    error: str | None
+
+
+def outcome(file: FileRecord, chunks: list[ChunkRecord]) -> Outcome:
+    """complete when every chunk reached Marketo's Complete, else failed with one sentence why."""
+    if file.error:
+        return Outcome(FileStatus.FAILED, file.error)
+    for chunk in chunks:
+        if chunk.status is not ChunkStatus.COMPLETE:
+            batch = f" (batch {chunk.batch_id})" if chunk.batch_id else ""
+            why = chunk.message or "import failed"
+            return Outcome(FileStatus.FAILED, f"chunk {chunk.index}{batch} failed: {why}")
+    return Outcome(FileStatus.COMPLETE, None)
+
+
+def choose_name(directory: Path, name: str, taken: set[str]) -> Path:
+    """`directory/name`, or name.2, name.3 ... (before the extension) if it was used."""
+    stem, suffix = os.path.splitext(name)
+    n = 1
+    while True:
+        candidate = directory / (name if n == 1 else f"{stem}.{n}{suffix}")
+        result = candidate.with_name(candidate.name + RESULT_SUFFIX)
+        if not (candidate.exists() or candidate.is_symlink() or result.exists()) and (
+            str(result) not in taken
+        ):
+            return candidate
+        n += 1
+
+
+async def finish_file(
+    settings: Settings, store: Store, file: FileRecord
+) -> tuple[FileRecord, dict[str, Any]]:
+    """Write everything a finished file leaves behind; the final record and result document."""
+    chunks = await store.chunks(file_id=file.id)
+    rejects = await store.rejects(file.id)
+    result = outcome(file, chunks)
+    if file.result_path is None:
+        folder = "done" if result.status is FileStatus.COMPLETE else "failed"
+        directory = settings.data_dir / folder / file.route
+        directory.mkdir(parents=True, exist_ok=True)
+        target = choose_name(directory, file.name, await store.result_paths())
+        file = await store.reserve_result(file.id, result_path=str(target) + RESULT_SUFFIX)
+    assert file.result_path is not None
+    finished_at = utc_now()
+    route = settings.route(file.route)
+    fmt = route.format_for(file.name) if route else "csv"
+    document = await asyncio.to_thread(
+        write_outputs, file, chunks, rejects, result, fmt, finished_at, route_object(settings, file)
+    )
+    record = await store.finish_file(
+        file.id, status=result.status, error=result.error, finished_at=document["finished_at"]
+    )
+    await asyncio.to_thread(shutil.rmtree, chunk_dir(settings, file.id), True)
+    return record, document
+
+
+def route_object(settings: Settings, file: FileRecord) -> str:
+    route = settings.route(file.route)
+    return str(route.object) if route else ""
+
+
+def chunk_dir(settings: Settings, file_id: int) -> Path:
+    """Where a file's chunks and downloaded failures/warnings live."""
+    return settings.data_dir / "work" / "chunks" / str(file_id)
+
+
+def write_outputs(
+    file: FileRecord,
+    chunks: list[ChunkRecord],
+    rejects: list[RejectRecord],
+    result: Outcome,
+    fmt: str,
+    finished_at: str,
+    object_type: str,
+) -> dict[str, Any]:
+    """Blocking: failures, warnings, the source move, then result.json."""
+    assert file.result_path is not None
+    result_path = Path(file.result_path)
+    target = result_path.with_name(result_path.name.removesuffix(RESULT_SUFFIX))
+    delimiter = constants.DELIMITERS[fmt]
+    work = Path(file.work_path)
+    source = work if os.path.lexists(work) else target  # moved already by an earlier run
+    failures = merge_rows(chunks, "failures_path", fmt, reject_rows(source, rejects, delimiter))
+    warnings = merge_rows(chunks, "warnings_path", fmt, iter(()))
+    failures_name = write_table(
+        target.with_name(target.name + ".failures.csv"), failures, delimiter
+    )
+    warnings_name = write_table(
+        target.with_name(target.name + ".warnings.csv"), warnings, delimiter
+    )
+    crashpoint("results_written")
+    if os.path.lexists(work):
+        os.replace(work, target)
+    if result_path.exists():
+        # A previous run got this far: keep its document (written once).
+        existing: dict[str, Any] = json.loads(result_path.read_text(encoding="utf-8"))
+        return existing
+    document = {
+        "file": file.name,
+        "route": file.route,
+        "object": object_type,
+        "status": str(result.status),
+        "error": result.error,
+        "rows": file.rows or 0,
+        "rows_processed": sum(c.rows_processed for c in chunks),
+        "rows_failed": sum(c.rows_failed for c in chunks) + len(rejects),
+        "rows_with_warning": sum(c.rows_with_warning for c in chunks),
+        "chunks": [chunk_summary(c) for c in chunks],
+        "failures_file": failures_name,
+        "warnings_file": warnings_name,
+        "claimed_at": file.claimed_at,
+        "finished_at": finished_at,
+    }
+    write_atomic(result_path, (json.dumps(document, indent=2) + "\n").encode())
+    return document
+
+
+def chunk_summary(chunk: ChunkRecord) -> dict[str, Any]:
+    if chunk.marketo_status:
+        status = chunk.marketo_status
+    else:
+        status = "NotSubmitted" if chunk.batch_id is None else str(chunk.status)
+    return {
+        "index": chunk.index,
+        "rows": chunk.rows,
+        "bytes": chunk.bytes,
+        "batch_id": chunk.batch_id,
+        "status": status,
+        "rows_processed": chunk.rows_processed,
+        "rows_failed": chunk.rows_failed,
+        "rows_with_warning": chunk.rows_with_warning,
+        "message": chunk.message,
+    }
+
+
+@dataclass
+class Table:
+    """Rows to write under one header; empty header means nothing to write."""
+
+    header: list[str]
+    rows: list[list[str]]
+
+
+def merge_rows(
+    chunks: list[ChunkRecord],
+    attr: str,
+    fmt: str,
+    extra: Iterator[tuple[list[str], list[str]]],
+) -> Table:
+    """Marketo's per-chunk files as one table, each row with its source line when known.
+
+    `extra` yields (header, row) pairs from the daemon's own rejections.
+    """
+    delimiter = constants.DELIMITERS[fmt]
+    table = Table([], [])
+    for chunk in chunks:
+        path = getattr(chunk, attr)
+        if not path or not os.path.exists(path):
+            continue
+        lines = source_lines(chunk, fmt)
+        with open(path, encoding="utf-8-sig", newline="") as fh:
+            reader = csv.reader(fh, delimiter=delimiter)
+            header = next(reader, None)
+            if header is None:
+                continue
+            if not table.header:
+                table.header = [*header, constants.SOURCE_LINE_COLUMN]
+            for row in reader:
+                queue = lines.get(tuple(row[:-1]))
+                line = str(queue.popleft()) if queue else ""
+                table.rows.append([*row, line])
+    for header, row in extra:
+        if not table.header:
+            table.header = header
+        width = len(table.header) - 2  # data columns before the reason and the line
+        fields = (row[:-2] + [""] * width)[:width]
+        table.rows.append([*fields, *row[-2:]])
+    return table
+
+
+def source_lines(chunk: ChunkRecord, fmt: str) -> dict[tuple[str, ...], deque[int]]:
+    """Each record of a chunk (as parsed fields) to the source lines it stands on."""
+    delimiter = constants.DELIMITERS[fmt]
+    found: dict[tuple[str, ...], deque[int]] = defaultdict(deque)
+    if not os.path.exists(chunk.path):
+        return found
+    for line, raw in splitter.iter_records(Path(chunk.path), fmt):
+        fields = next(
+            csv.reader(io.StringIO(raw.decode("utf-8"), newline=""), delimiter=delimiter), []
+        )
+        found[tuple(fields)].append(chunk.first_line + line - 2)
+    return found
+
+
+def reject_rows(
+    source: Path, rejects: Iterable[RejectRecord], delimiter: str
+) -> Iterator[tuple[list[str], list[str]]]:
+    """(header, row) for each record the splitter set aside, read back from the source."""
+    rejects = list(rejects)
+    if not rejects or not source.is_file():
+        return
+    with open(source, encoding="utf-8-sig", newline="") as fh:
+        columns = next(csv.reader(fh, delimiter=delimiter), [])
+    header = [*columns, constants.FAILURE_REASON_COLUMN, constants.SOURCE_LINE_COLUMN]
+    with open(source, "rb") as raw:
+        for reject in rejects:
+            raw.seek(reject.offset)
+            text = raw.read(reject.size).decode("utf-8", "replace")
+            fields = next(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter), [])
+            yield header, [*fields, reject.reason, str(reject.line)]
+
+
+def write_table(path: Path, table: Table, delimiter: str) -> str | None:
+    """Write `table` atomically at `path`; returns the file name, or None when empty."""
+    if not table.rows:
+        return None
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer, delimiter=delimiter, lineterminator="\n")
+    writer.writerow(table.header)
+    writer.writerows(table.rows)
+    write_atomic(path, buffer.getvalue().encode("utf-8"))
+    return path.name
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Temp file in the same directory, fsync, rename, fsync the directory."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,270 @@
+"""The local FIFO scheduler that mirrors Marketo's import queue.
+
+Pending chunks are submitted in claim order across routes (chunk order kept
+within a file), keeping up to `limits.queued_jobs` of our jobs outstanding at
+Marketo so its two import slots never idle while we have work, and never more.
+
+`QueueModel` is our picture of the subscription's queue. Marketo holds at most
+10 jobs (queued + importing) from every integration together; we only know
+ours. A 1016 ("Too many imports") while we hold fewer than 10 means other
+integrations hold the rest, so the model lowers our capacity to what is left
+and keeps it there until one of our jobs completes, when it probes one slot.
+
+On 1016 the chunk keeps the head of the queue and everything waits out an
+exponential, jittered backoff. At most one of our jobs per static list
+(`listId`) is outstanding, since Marketo answers 1019 otherwise; a chunk whose
+list is busy is passed over by chunks of other lists, never by its own file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Protocol
+
+import structlog
+
+from orchestrator import constants
+from orchestrator.backoff import Backoff
+from orchestrator.config import Route, Settings
+from orchestrator.errors import (
+    FatalError,
+    ImportInProgressError,
+    MarketoError,
+    QueueFullError,
+)
+from orchestrator.faults import crashpoint
+from orchestrator.models import BatchStatus, ChunkRecord, ChunkStatus, FileRecord
+from orchestrator.store import Store
+
+log = structlog.get_logger(__name__)
+
+OUTSTANDING = (ChunkStatus.SUBMITTING, ChunkStatus.SUBMITTED)
+
+
+class Submitter(Protocol):
+    """The part of the Marketo client the scheduler uses."""
+
+    async def submit(self, route: Route, path: Path, fmt: str) -> BatchStatus: ...
+
+
+class BackoffObserver(Protocol):
+    def backoff(self, reason: str, seconds: float) -> None: ...
+    def set_backoff_current(self, seconds: float) -> None: ...
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+@dataclass
+class QueueModel:
+    """How many more jobs Marketo's queue can take from us."""
+
+    limit: int  # our own ceiling: limits.queued_jobs, at most Marketo's 10
+    foreign: int = 0  # slots we believe other integrations hold
+
+    def capacity(self, outstanding: int) -> int:
+        room = min(self.limit, constants.MAX_QUEUED_JOBS - self.foreign)
+        return max(0, room - outstanding)
+
+    def queue_full(self, outstanding: int) -> None:
+        """1016 with `outstanding` of ours at Marketo: the rest is someone else's."""
+        self.foreign = max(self.foreign, constants.MAX_QUEUED_JOBS - outstanding)
+
+    def job_finished(self) -> None:
+        """One of ours left the queue: probe one slot more than the model allows."""
+        self.foreign = max(0, self.foreign - 1)
+
+
+@dataclass
+class Wait:
+    """A backoff in progress: nothing is submitted before `until` (monotonic)."""
+
+    attempts: int = 0
+    until: float = 0.0
+    reason: str = ""
+
+
+@dataclass
+class Scheduler:
+    settings: Settings
+    store: Store
+    client: Submitter
+    on_submitted: Callable[[ChunkRecord], None]
+    on_chunk_final: Callable[[ChunkRecord], Awaitable[None]]
+    observer: BackoffObserver | None = None
+    clock: Callable[[], float] = time.monotonic
+    model: QueueModel = field(init=False)
+    backoff: Backoff = field(init=False)
+    queue_wait: Wait = field(default_factory=Wait)
+    list_waits: dict[int, Wait] = field(default_factory=dict)
+    _wake: asyncio.Event = field(default_factory=asyncio.Event)
+    _files: dict[int, FileRecord] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        lim = self.settings.limits
+        self.model = QueueModel(limit=min(lim.queued_jobs, constants.MAX_QUEUED_JOBS))
+        self.backoff = Backoff(self.settings.backoff.initial, self.settings.backoff.max)
+
+    def wake(self) -> None:
+        """Something changed: a chunk was added or a job finished."""
+        self._wake.set()
+
+    def job_finished(self) -> None:
+        self.model.job_finished()
+        self.wake()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Submit whenever there is room, until `stop` is set."""
+        while not stop.is_set():
+            self._wake.clear()
+            await self.submit_ready(stop)
+            timeout = self.next_deadline()
+            waiter = asyncio.ensure_future(self._wake.wait())
+            stopper = asyncio.ensure_future(stop.wait())
+            try:
+                await asyncio.wait(
+                    {waiter, stopper}, timeout=timeout, return_when="FIRST_COMPLETED"
+                )
+            finally:
+                waiter.cancel()
+                stopper.cancel()
+
+    def next_deadline(self) -> float | None:
+        """Seconds until the earliest backoff ends, or None to wait for a wake-up."""
+        now = self.clock()
+        ends = [w.until for w in (self.queue_wait, *self.list_waits.values()) if w.until > now]
+        return max(0.0, min(ends) - now) if ends else None
+
+    @property
+    def backoff_remaining(self) -> float:
+        return max(0.0, self.queue_wait.until - self.clock())
+
+    async def submit_ready(self, stop: asyncio.Event) -> None:
+        """Submit pending chunks in FIFO order while the model has room."""
+        if self.queue_wait.until > self.clock():
+            return
+        pending = await self.store.chunks(statuses=[ChunkStatus.PENDING])
+        outstanding = await self.store.chunks(statuses=OUTSTANDING)
+        busy_lists = {self.list_of(await self.file(c.file_id)) for c in outstanding} - {0}
+        blocked_files: set[int] = set()
+        for chunk in pending:
+            if stop.is_set() or self.model.capacity(len(outstanding)) <= 0:
+                return
+            if chunk.file_id in blocked_files:
+                continue
+            file = await self.file(chunk.file_id)
+            route = self.settings.route(file.route)
+            list_id = self.list_of(file)
+            wait = self.list_waits.get(list_id)
+            if list_id in busy_lists or (wait and wait.until > self.clock()):
+                blocked_files.add(chunk.file_id)
+                continue
+            problem = file.error or (
+                None if route else f"route {file.route!r} is no longer configured"
+            )
+            if problem or route is None:
+                await self.refuse(chunk, problem or "no route")
+                blocked_files.add(chunk.file_id)
+                continue
+            outcome = await self.submit(chunk, file, route, len(outstanding))
+            if outcome == "queue-full":
+                return
+            if outcome == "submitted":
+                outstanding.append(chunk)
+                if list_id:
+                    busy_lists.add(list_id)
+            else:  # refused or list busy at Marketo: the rest of this file waits
+                blocked_files.add(chunk.file_id)
+
+    async def submit(
+        self, chunk: ChunkRecord, file: FileRecord, route: Route, outstanding: int
+    ) -> str:
+        """One submit with its state transitions; returns what happened."""
+        bound = structlog.contextvars.bound_contextvars(
+            route=file.route, file=file.name, chunk=chunk.index
+        )
+        with bound:
+            await self.store.mark_submitting(chunk.id)
+            crashpoint("before_submit")
+            try:
+                batch = await self.client.submit(
+                    route, Path(chunk.path), route.format_for(file.name)
+                )
+            except QueueFullError:
+                await self.store.mark_pending(chunk.id)
+                self.model.queue_full(outstanding)
+                self.start_wait(self.queue_wait, "1016")
+                log.info("queue_full", outstanding=outstanding, foreign=self.model.foreign)
+                return "queue-full"
+            except ImportInProgressError:
+                await self.store.mark_pending(chunk.id)
+                self.start_wait(self.list_waits.setdefault(route.list_id, Wait()), "1019")
+                return "list-busy"
+            except FatalError as exc:
+                await self.refuse(chunk, str(exc))
+                return "refused"
+            except MarketoError as exc:
+                # Retryable trouble the client already retried: try again later.
+                await self.store.mark_pending(chunk.id)
+                self.start_wait(self.queue_wait, exc.code)
+                log.warning("submit_deferred", code=exc.code, error=str(exc))
+                return "queue-full"
+            crashpoint("after_submit")
+            record = await self.store.mark_submitted(
+                chunk.id,
+                batch_id=batch.batch_id,
+                marketo_status=batch.status,
+                submitted_at=utc_now(),
+            )
+            self.queue_wait = Wait()
+            self.list_waits.pop(route.list_id, None)
+            self.report_backoff()
+            log.info("chunk_submitted", batch_id=batch.batch_id, rows=chunk.rows, bytes=chunk.bytes)
+            self.on_submitted(record)
+            return "submitted"
+
+    def start_wait(self, wait: Wait, reason: str) -> None:
+        wait.attempts += 1
+        wait.reason = reason
+        delay = self.backoff.delay(wait.attempts)
+        wait.until = self.clock() + delay
+        if self.observer:
+            self.observer.backoff(reason, delay)
+        self.report_backoff()
+        log.info("backoff", reason=reason, attempt=wait.attempts, seconds=round(delay, 3))
+
+    def report_backoff(self) -> None:
+        if self.observer:
+            self.observer.set_backoff_current(self.backoff_remaining)
+
+    async def refuse(self, chunk: ChunkRecord, message: str) -> None:
+        """A fatal refusal fails this chunk and keeps the file's later chunks from going."""
+        log.error("chunk_refused", error=message)
+        await self.store.set_file_error(chunk.file_id, message)
+        self._files.pop(chunk.file_id, None)
+        finished = await self.store.finish_chunk(
+            chunk.id, status=ChunkStatus.FAILED, message=message, finished_at=utc_now()
+        )
+        later = await self.store.chunks(file_id=chunk.file_id, statuses=[ChunkStatus.PENDING])
+        note = f"not submitted: chunk {chunk.index} of this file was refused"
+        for other in later:
+            await self.store.finish_chunk(
+                other.id, status=ChunkStatus.FAILED, message=note, finished_at=utc_now()
+            )
+        await self.on_chunk_final(finished)
+
+    async def file(self, file_id: int) -> FileRecord:
+        """File records change rarely for the scheduler's purpose (route, name): cache them."""
+        if file_id not in self._files:
+            self._files[file_id] = await self.store.get_file(file_id)
+        return self._files[file_id]
+
+    def list_of(self, file: FileRecord) -> int:
+        route = self.settings.route(file.route)
+        return route.list_id if route else 0

@@ -1,0 +1,271 @@
+"""The engine end to end in-process: store → splitter → scheduler → client → poller → results,
+against the bundled simulator over loopback, driven through the daemon's --once mode."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import itertools
+import time
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+
+from orchestrator.config import Route, Settings
+from orchestrator.daemon import Daemon
+from orchestrator.models import ObjectType
+from orchestrator.simulator import Simulator
+from tests.conftest import MakeSimulator
+from tests.engine_support import (
+    CARS,
+    CLIENT_ID,
+    LEADS,
+    MEMBERS,
+    SIM_KNOBS,
+    all_results,
+    drop_leads,
+    fast_settings,
+    result,
+    write_csv,
+)
+
+RESULT_KEYS = {
+    "file", "route", "object", "status", "error", "rows", "rows_processed", "rows_failed",
+    "rows_with_warning", "chunks", "failures_file", "warnings_file", "claimed_at", "finished_at",
+}  # fmt: skip
+
+
+async def run_once(settings: Settings) -> int:
+    async with asyncio.timeout(60):
+        return await Daemon(settings, once=True, simulate=False).run()
+
+
+@pytest.fixture
+async def sim(make_simulator: MakeSimulator) -> Simulator:
+    return await make_simulator(**SIM_KNOBS)
+
+
+def imports(sim: Simulator) -> list[dict[str, object]]:
+    return [c for c in sim.calls() if str(c["operation"]).startswith("import") and c["batch_id"]]
+
+
+async def test_fifo_across_files_and_routes(sim: Simulator, tmp_path: Path) -> None:
+    settings = fast_settings(sim.base_url, tmp_path, (LEADS, CARS, MEMBERS), max_chunk_bytes=700)
+    t0 = time.time() - 100
+    drop_leads(tmp_path, "a.csv", 60, prefix="a", mtime=t0)
+    write_csv(
+        tmp_path / "inbox" / "cars" / "b.csv",
+        ["vin", "model", "note"],
+        [[f"VIN{i:05d}", "Model T", "x" * 30] for i in range(80)],
+        mtime=t0 + 1,
+    )
+    write_csv(
+        tmp_path / "inbox" / "members" / "c.csv",
+        ["email", "firstName"],
+        [[f"m{i}@example.com", "M"] for i in range(50)],
+        mtime=t0 + 2,
+    )
+    drop_leads(tmp_path, "d.csv", 30, prefix="d", mtime=t0 + 3)
+
+    assert await run_once(settings) == 0
+
+    order = []
+    for route, name in (
+        ("leads", "a.csv"),
+        ("cars", "b.csv"),
+        ("members", "c.csv"),
+        ("leads", "d.csv"),
+    ):
+        doc = result(tmp_path, "done", route, name)
+        assert set(doc) == RESULT_KEYS
+        assert doc["status"] == "complete"
+        assert doc["error"] is None
+        assert len(doc["chunks"]) >= 2, "small max_chunk_bytes must split every file"
+        assert [c["index"] for c in doc["chunks"]] == list(range(1, len(doc["chunks"]) + 1))
+        order.extend(c["batch_id"] for c in doc["chunks"])
+        assert doc["rows"] == doc["rows_processed"] == sum(c["rows"] for c in doc["chunks"])
+        assert (tmp_path / "done" / route / name).is_file()
+    assert order == sorted(order), "batches are created in claim order, chunk order kept"
+    ops = [c["operation"] for c in imports(sim)]
+    assert ops[0] == "importLeadUsingPOST"
+    assert "importCustomObjectUsingPOST" in ops
+    assert "importProgramMemberUsingPOST" in ops
+    assert len(sim.records("leads")) == 90
+    assert len(sim.records("customobject", api_name="car_c")) == 80
+    assert len(sim.records("programmembers", program_id=1001)) == 50
+
+
+async def test_queue_kept_full_but_never_over_the_limit(
+    make_simulator: MakeSimulator, tmp_path: Path
+) -> None:
+    sim = await make_simulator(**{**SIM_KNOBS, "job_overhead": 0.1})
+    settings = fast_settings(sim.base_url, tmp_path, (LEADS,), max_chunk_bytes=700)
+    drop_leads(tmp_path, "big.csv", 800)
+    assert await run_once(settings) == 0
+    doc = result(tmp_path, "done", "leads", "big.csv")
+    assert len(doc["chunks"]) >= 20
+    stats = sim.stats()
+    assert stats["max_outstanding"][CLIENT_ID] == 10, "the queue is filled up to Marketo's 10"
+    assert stats["max_importing"][CLIENT_ID] == 2
+    assert stats["errors"].get("1016", 0) == 0, "no 1016 is caused by us alone"
+    assert len(imports(sim)) == len(doc["chunks"]), "each chunk submitted exactly once"
+
+
+async def test_queued_jobs_setting_caps_outstanding(sim: Simulator, tmp_path: Path) -> None:
+    settings = fast_settings(sim.base_url, tmp_path, (LEADS,), queued_jobs=3, max_chunk_bytes=700)
+    drop_leads(tmp_path, "big.csv", 300)
+    assert await run_once(settings) == 0
+    assert sim.stats()["max_outstanding"][CLIENT_ID] == 3
+
+
+async def test_foreign_jobs_cause_1016_nothing_dropped_order_kept(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    settings = fast_settings(sim.base_url, tmp_path, (LEADS,))
+    drop_leads(tmp_path, "a.csv", 200, prefix="a")
+    drop_leads(tmp_path, "b.csv", 100, prefix="b")
+    sim.add_foreign_jobs(8, 1.0)
+    assert await run_once(settings) == 0
+    batches = []
+    for name in ("a.csv", "b.csv"):
+        doc = result(tmp_path, "done", "leads", name)
+        assert doc["status"] == "complete"
+        batches.extend(c["batch_id"] for c in doc["chunks"])
+    assert batches == sorted(batches)
+    assert sim.stats()["errors"].get("1016", 0) >= 1, "the foreign jobs filled the queue"
+    assert len(sim.records("leads")) == 300
+
+
+async def test_one_outstanding_job_per_list(sim: Simulator, tmp_path: Path) -> None:
+    listed = Route(dir="leads", object=ObjectType.LEADS, list_id=77)
+    settings = fast_settings(sim.base_url, tmp_path, (listed, CARS))
+    drop_leads(tmp_path, "a.csv", 150)
+    write_csv(tmp_path / "inbox" / "cars" / "b.csv", ["vin"], [[f"V{i}"] for i in range(300)])
+    assert await run_once(settings) == 0
+    assert sim.stats()["errors"].get("1019", 0) == 0
+    jobs = sorted(
+        (j for j in sim.jobs() if j.get("list_id") == 77), key=lambda j: float(j["queued_at"])
+    )
+    assert len(jobs) >= 3
+    for before, after in itertools.pairwise(jobs):
+        assert float(after["queued_at"]) >= float(before["finished_at"])
+    assert len(sim.records("lists", list_id=77)) == 150
+
+
+async def test_failures_and_warnings_merged_with_source_lines(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    settings = fast_settings(sim.base_url, tmp_path, (LEADS,))
+    bad, warn = {3, 40, 41, 95}, {10, 77}
+    source = drop_leads(tmp_path, "mixed.csv", 120, bad=bad, warn=warn)
+    lines = physical_lines(source)
+    assert await run_once(settings) == 0  # row failures are reported, not fatal
+
+    doc = result(tmp_path, "done", "leads", "mixed.csv")
+    assert doc["status"] == "complete"
+    assert doc["rows_failed"] == len(bad)
+    assert doc["rows_with_warning"] == len(warn)
+    assert doc["rows_processed"] == 120 - len(bad)
+    assert doc["failures_file"] == "mixed.csv.failures.csv"
+    assert doc["warnings_file"] == "mixed.csv.warnings.csv"
+    failures = read_rows(tmp_path / "done" / "leads" / doc["failures_file"])
+    assert failures[0] == ["email", "firstName", "note", "Import Failure Reason", "Source Line"]
+    assert len(failures) == 1 + len(bad)
+    assert {row[0] for row in failures[1:]} == {f"p{i}.example.com" for i in bad}
+    for row in failures[1:]:
+        assert row[3], "Marketo's reason is kept"
+        assert int(row[4]) == lines[int(row[0].split(".")[0][1:])]
+    warnings = read_rows(tmp_path / "done" / "leads" / doc["warnings_file"])
+    assert warnings[0][-2:] == ["Import Warning Reason", "Source Line"]
+    assert sorted(int(r[-1]) for r in warnings[1:]) == sorted(lines[i] for i in warn)
+
+
+async def test_oversized_record_set_aside_rest_lands(sim: Simulator, tmp_path: Path) -> None:
+    settings = fast_settings(sim.base_url, tmp_path, (LEADS,))
+    rows = [[f"r{i}@example.com", "F", "n"] for i in range(40)]
+    rows[20][2] = "y" * 5_000  # larger than max_chunk_bytes on its own
+    write_csv(tmp_path / "inbox" / "leads" / "huge.csv", ["email", "firstName", "note"], rows)
+    assert await run_once(settings) == 0
+    doc = result(tmp_path, "done", "leads", "huge.csv")
+    assert doc["rows"] == 40
+    assert doc["rows_processed"] == 39
+    assert doc["rows_failed"] == 1
+    failures = read_rows(tmp_path / "done" / "leads" / "huge.csv.failures.csv")
+    assert len(failures) == 2
+    assert failures[1][0] == "r20@example.com"
+    assert failures[1][-1] == "22"
+    assert "too large" in failures[1][-2]
+    assert len(sim.records("leads")) == 39
+
+
+async def test_failed_job_fails_its_file_with_marketos_message(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    settings = fast_settings(sim.base_url, tmp_path, (LEADS,))
+    write_csv(
+        tmp_path / "inbox" / "leads" / "nolookup.csv", ["firstName", "lastName"], [["A", "B"]] * 5
+    )
+    drop_leads(tmp_path, "good.csv", 10)
+    assert await run_once(settings) == 1
+    doc = result(tmp_path, "failed", "leads", "nolookup.csv")
+    assert doc["status"] == "failed"
+    assert doc["chunks"][0]["status"] == "Failed"
+    assert doc["chunks"][0]["message"] in doc["error"]
+    assert result(tmp_path, "done", "leads", "good.csv")["status"] == "complete"
+
+
+async def test_bad_input_fails_only_that_file(sim: Simulator, tmp_path: Path) -> None:
+    settings = fast_settings(sim.base_url, tmp_path, (LEADS,))
+    (tmp_path / "inbox" / "leads").mkdir(parents=True)
+    (tmp_path / "inbox" / "leads" / "empty.csv").write_bytes(b"")
+    (tmp_path / "inbox" / "leads" / "latin1.csv").write_bytes(b"email\ncaf\xe9@example.com\n")
+    drop_leads(tmp_path, "good.csv", 25)
+    assert await run_once(settings) == 1
+    empty = result(tmp_path, "failed", "leads", "empty.csv")
+    assert empty["error"].startswith("empty.csv: ")
+    latin = result(tmp_path, "failed", "leads", "latin1.csv")
+    assert "latin1.csv" in latin["error"]
+    assert "UTF-8" in latin["error"] or "utf-8" in latin["error"]
+    assert "line 2" in latin["error"]
+    assert (tmp_path / "failed" / "leads" / "latin1.csv").is_file()
+    assert result(tmp_path, "done", "leads", "good.csv")["rows_processed"] == 25
+
+
+async def test_results_never_overwritten(sim: Simulator, tmp_path: Path) -> None:
+    settings = fast_settings(sim.base_url, tmp_path, (LEADS,))
+    drop_leads(tmp_path, "daily.csv", 5, prefix="x")
+    assert await run_once(settings) == 0
+    drop_leads(tmp_path, "daily.csv", 7, prefix="y")
+    assert await run_once(settings) == 0
+    first = result(tmp_path, "done", "leads", "daily.csv")
+    second = result(tmp_path, "done", "leads", "daily.2.csv")
+    assert (first["rows"], second["rows"]) == (5, 7)
+    assert second["file"] == "daily.csv"
+    assert len(all_results(tmp_path)) == 2
+
+
+async def test_first_chunk_submitted_before_split_finishes(sim: Simulator, tmp_path: Path) -> None:
+    settings = fast_settings(sim.base_url, tmp_path, (LEADS,), max_chunk_bytes=4_000)
+    drop_leads(tmp_path, "long.csv", 3_000)
+    with capture_logs() as logs:
+        assert await run_once(settings) == 0
+    events = [e["event"] for e in logs]
+    assert events.index("chunk_submitted") < events.index("file_split")
+
+
+def physical_lines(path: Path) -> dict[int, int]:
+    """Row number (0-based data record) to the physical line it starts on."""
+    starts, line = {}, 2
+    with path.open(encoding="utf-8", newline="") as fh:
+        reader = csv.reader(fh)
+        next(reader)
+        for i, _ in enumerate(reader):
+            starts[i] = line
+            line = reader.line_num + 1
+    return starts
+
+
+def read_rows(path: Path) -> list[list[str]]:
+    with path.open(encoding="utf-8", newline="") as fh:
+        return list(csv.reader(fh))
