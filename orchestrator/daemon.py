@@ -30,6 +30,7 @@ import structlog
 from orchestrator import logs, results, splitter
 from orchestrator.config import Route, Secret, Settings, with_marketo
 from orchestrator.errors import FatalError, InputError, MarketoError, OrchestratorError
+from orchestrator.faults import crashpoint
 from orchestrator.marketo import MarketoClient
 from orchestrator.metrics import Metrics
 from orchestrator.models import (
@@ -250,6 +251,7 @@ class Daemon:
                         bytes=event.bytes,
                         first_line=event.first_line,
                     )
+                    crashpoint("chunk_added")
                     self.scheduler.wake()
                 elif isinstance(event, splitter.Rejected):
                     await self.store.add_reject(

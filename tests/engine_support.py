@@ -70,6 +70,7 @@ def settings_toml(settings: Settings) -> str:
         "[limits]",
         f"max_chunk_bytes = {lim.max_chunk_bytes}",
         f"queued_jobs = {lim.queued_jobs}",
+        f"api_window_seconds = {lim.api_window_seconds}",
         "[polling]",
         f"interval = {pol.interval}",
         f"max_interval = {pol.max_interval}",
