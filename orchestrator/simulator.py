@@ -4,7 +4,8 @@ Paths and shapes follow shared/marketo-openapi: swagger-identity.json for the
 token, swagger-mapi.json for the twelve /bulk/v1 import operations. Answers use
 Marketo's envelope, HTTP 200 with `requestId`, `success`, `result`, `errors`
 (string codes) and `warnings`. The queue, rows and records live in
-`simulator_jobs`; this module is the HTTP face, auth, limits, faults and logs.
+`simulator_jobs` (records in `simulator_records`); tokens, call limits, faults
+and the call log in `simulator_gate`. This module is the HTTP face.
 
 Choices where Marketo's documentation is silent:
 
@@ -37,13 +38,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
-import random
 import secrets
 import time
-import uuid
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from functools import partial
 from types import TracebackType
 from typing import Any
@@ -54,8 +53,17 @@ from aiohttp import BodyPartReader, web
 from orchestrator import constants
 from orchestrator.errors import ConfigError
 from orchestrator.models import ObjectType
+from orchestrator.simulator_gate import (
+    MESSAGES,
+    CallInfo,
+    CallLog,
+    Faults,
+    Limits,
+    Tokens,
+    bearer,
+    credentials_ok,
+)
 from orchestrator.simulator_jobs import (
-    FAULT_CODES,
     Job,
     JobQueue,
     JobSpec,
@@ -68,45 +76,10 @@ __all__ = ["Simulator", "SimulatorConfig", "add_arguments", "config_from_args", 
 
 log = structlog.get_logger(__name__)
 
-MESSAGES = {
-    "601": "Access token invalid",
-    "602": "Access token expired",
-    "606": "Max rate limit '{limit}' exceeded with in '{window}' secs",
-    "607": "Daily quota reached",
-    "608": "API Temporarily Unavailable",
-    "611": "System error",
-    "615": "Concurrent access limit reached",
-}
-HTTP_FAULTS = ((500, "500 Internal Server Error"), (503, "503 Service Temporarily Unavailable"))
 TOKEN_PATH = "/identity/oauth/token"
 SIM_PREFIX = "/_sim"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@dataclass(slots=True)
-class CallInfo:
-    """One entry of the call log. Never holds a token or a secret, only key names."""
-
-    t: float  # seconds since the simulator started, at arrival
-    method: str
-    path: str
-    query_keys: list[str]
-    operation: str = ""
-    client_id: str | None = None
-    status: int | None = None  # None: the connection was dropped
-    code: str | None = None  # Marketo error code of the answer
-    batch_id: int | None = None
-    form_keys: list[str] = field(default_factory=list)
-    dropped: bool = False
-    duration: float = 0.0
-
-
-@dataclass(frozen=True, slots=True)
-class Token:
-    value: str = field(repr=False)
-    client_id: str
-    expires_at: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,11 +121,6 @@ def status_result(job: Job) -> dict[str, Any]:
     return result
 
 
-def bearer(request: web.Request) -> str:
-    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
-    return value.strip() if scheme.lower() == "bearer" else ""
-
-
 class Simulator:
     """One simulated Marketo subscription, served over HTTP.
 
@@ -166,26 +134,12 @@ class Simulator:
         self.port = 0
         self._clock = time.monotonic
         self._t0 = self._clock()
-        self._rng = random.Random(self.config.seed)
+        self._faults = Faults(self.config.seed)
         self._queue = JobQueue(self.config)
         self._runner: web.AppRunner | None = None
-        self._tokens: dict[str, Token] = {}
-        self._live: dict[str, Token] = {}  # client id -> its current token
-        self._issued: list[str] = []
-        self._in_flight = 0
-        self._clear_log()
-
-    def _clear_log(self) -> None:
-        self._calls: list[CallInfo] = []
-        self._window: deque[float] = deque()
-        self._quota_used = 0
-        self._op_counts: Counter[str] = Counter()
-        self._errors: Counter[str] = Counter()
-        self._http_errors: Counter[str] = Counter()
-        self._violations: list[dict[str, Any]] = []
-        self._max_in_flight = 0
-        self._max_window = 0
-        self._dropped = 0
+        self._tokens = Tokens()
+        self._limits = Limits()
+        self._log = CallLog()
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -256,28 +210,29 @@ class Simulator:
         )
 
     def calls(self) -> list[dict[str, Any]]:
-        return [asdict(info) for info in self._calls]
+        return [asdict(info) for info in self._log.calls]
 
     def stats(self) -> dict[str, Any]:
         self._queue.advance(self._clock())
+        call_log, limits = self._log, self._limits
         return {
             "max_outstanding": dict(self._queue.max_outstanding),
             "max_importing": dict(self._queue.max_importing),
-            "errors": dict(self._errors),
-            "http_errors": dict(self._http_errors),
-            "violations": [v["kind"] for v in self._violations],
-            "violation_details": [dict(v) for v in self._violations],
-            "calls": dict(self._op_counts),
+            "errors": dict(call_log.errors),
+            "http_errors": dict(call_log.http_errors),
+            "violations": [v["kind"] for v in call_log.violations],
+            "violation_details": [dict(v) for v in call_log.violations],
+            "calls": dict(call_log.op_counts),
             "jobs": dict(Counter(job.status for job in self._queue.jobs.values())),
-            "tokens_issued": len(self._issued),
-            "max_in_flight": self._max_in_flight,
-            "max_calls_in_window": self._max_window,
-            "dropped": self._dropped,
+            "tokens_issued": len(self._tokens.issued),
+            "max_in_flight": limits.max_in_flight,
+            "max_calls_in_window": limits.max_window,
+            "dropped": call_log.dropped,
         }
 
     def tokens(self) -> list[str]:
         """Every access token issued, oldest first (for leak searches)."""
-        return list(self._issued)
+        return list(self._tokens.issued)
 
     def jobs(self) -> list[dict[str, Any]]:
         self._queue.advance(self._clock())
@@ -287,7 +242,7 @@ class Simulator:
         """Change knobs at runtime; unknown names or wrong types raise ValueError."""
         config = self.config.with_knobs(**knobs)
         if "seed" in knobs:
-            self._rng.seed(config.seed)
+            self._faults.reseed(config.seed)
         self.config = config
         self._queue.reconfigure(config, self._clock())
 
@@ -299,7 +254,8 @@ class Simulator:
     def reset(self) -> None:
         """Forget records, jobs, the call log and stats. Tokens stay valid."""
         self._queue.reset()
-        self._clear_log()
+        self._log.reset()
+        self._limits.reset()
 
     # -- request plumbing --------------------------------------------------------
 
@@ -320,64 +276,48 @@ class Simulator:
                 info.status = None if info.dropped else response.status
                 return response
             finally:
-                self._log_call(info, started)
+                self._log.record(info, self._clock() - started)
 
         return handle
-
-    def _log_call(self, info: CallInfo, started: float) -> None:
-        info.duration = round(self._clock() - started, 6)
-        self._calls.append(info)
-        self._op_counts[info.operation] += 1
-        if info.code:
-            self._errors[info.code] += 1
-        if info.dropped:
-            self._dropped += 1
-        elif info.status is not None and info.status >= 400:
-            self._http_errors[str(info.status)] += 1
 
     async def _bulk(
         self, handler: Operation, request: web.Request, info: CallInfo
     ) -> web.StreamResponse:
-        self._in_flight += 1
-        self._max_in_flight = max(self._max_in_flight, self._in_flight)
+        self._limits.enter()
         try:
             return await self._checked(handler, request, info)
         except Refusal as refusal:
             info.code = refusal.code
             return self._envelope([], [{"code": refusal.code, "message": refusal.message}])
         finally:
-            self._in_flight -= 1
+            self._limits.leave()
 
     async def _checked(
         self, handler: Operation, request: web.Request, info: CallInfo
     ) -> web.StreamResponse:
-        cfg = self.config
+        cfg, faults = self.config, self._faults
         if "access_token" in request.query:
-            info.client_id = self._owner(request.query["access_token"])
-            self._violation("token_in_url", info)
-        self._admit(self._clock())
-        if self._chance(cfg.slow_fraction):
+            info.client_id = self._tokens.owner(request.query["access_token"])
+            self._log.violation("token_in_url", info)
+        self._limits.admit(self._clock(), cfg)
+        if faults.chance(cfg.slow_fraction):
             await asyncio.sleep(cfg.slow_seconds)
         upload = await self._read_upload(request, info) if request.method == "POST" else None
-        if self._chance(cfg.drop_fraction):
+        if faults.chance(cfg.drop_fraction):
             return self._drop(request, info)
-        for (status, text), fraction in zip(
-            HTTP_FAULTS, (cfg.fault_500, cfg.fault_503), strict=True
-        ):
-            if self._chance(fraction):
-                return web.Response(status=status, text=text)
+        fault = faults.http_fault(cfg)
+        if fault is not None:
+            return web.Response(status=fault[0], text=fault[1])
         if upload is not None and upload.size >= cfg.max_file_bytes:
-            self._violation("oversized_file", info)
+            self._log.violation("oversized_file", info)
             return web.Response(status=413, text="413 Request Entity Too Large")
         if "access_token" in request.query or "access_token" in info.form_keys:
             raise Refusal("601", MESSAGES["601"])
-        info.client_id = self._authenticate(request)
-        for code in FAULT_CODES:
-            if self._chance(getattr(cfg, f"fault_{code}")):
-                raise Refusal(code, self._message(code))
+        info.client_id = self._tokens.authenticate(request, self._clock())
+        faults.raise_injected(cfg)
         self._queue.advance(self._clock())
         response = await handler(Call(request, info, info.client_id, upload))
-        if self._chance(self.config.drop_reply_fraction):
+        if faults.chance(self.config.drop_reply_fraction):
             return self._drop(request, info)
         return response
 
@@ -388,34 +328,6 @@ class Simulator:
         if request.transport is not None:
             request.transport.close()
         return web.Response(status=500)  # never reaches the client
-
-    def _admit(self, now: float) -> None:
-        """Marketo's call limits, checked on arrival: 615, 606, 607."""
-        cfg = self.config
-        if self._in_flight > cfg.concurrency:
-            raise Refusal("615", MESSAGES["615"])
-        while self._window and self._window[0] <= now - cfg.rate_window:
-            self._window.popleft()
-        if len(self._window) >= cfg.rate_limit:
-            raise Refusal("606", self._message("606"))
-        if self._quota_used >= cfg.daily_quota:
-            raise Refusal("607", MESSAGES["607"])
-        self._window.append(now)
-        self._quota_used += 1
-        self._max_window = max(self._max_window, len(self._window))
-
-    def _message(self, code: str) -> str:
-        return MESSAGES[code].format(
-            limit=self.config.rate_limit, window=f"{self.config.rate_window:g}"
-        )
-
-    def _chance(self, fraction: float) -> bool:
-        return fraction > 0 and (fraction >= 1 or self._rng.random() < fraction)
-
-    def _violation(self, kind: str, info: CallInfo) -> None:
-        self._violations.append(
-            {"kind": kind, "t": info.t, "path": info.path, "client_id": info.client_id}
-        )
 
     async def _read_upload(self, request: web.Request, info: CallInfo) -> Upload:
         """Read the multipart body: the `file` part (counted past the size limit, kept
@@ -440,8 +352,8 @@ class Simulator:
         except ValueError as exc:
             raise Refusal("1003", "Malformed multipart body") from exc
         if "access_token" in info.form_keys:
-            info.client_id = info.client_id or self._owner(bearer(request))
-            self._violation("token_in_form", info)
+            info.client_id = info.client_id or self._tokens.owner(bearer(request))
+            self._log.violation("token_in_form", info)
         return Upload(data, size)
 
     # -- identity ----------------------------------------------------------------
@@ -449,7 +361,7 @@ class Simulator:
     async def _identity(self, request: web.Request, info: CallInfo) -> web.StreamResponse:
         params = dict(request.query)
         if "client_secret" in request.query:
-            self._violation("secret_in_url", info)
+            self._log.violation("secret_in_url", info)
         if request.method == "POST" and request.content_type == "application/x-www-form-urlencoded":
             form = await request.post()
             info.form_keys = sorted(form.keys())
@@ -463,12 +375,12 @@ class Simulator:
                 {"error": error, "error_description": "grant_type must be client_credentials"},
                 status=400,
             )
-        if not (client_id and secret and self._credentials_ok(client_id, secret)):
+        if not (client_id and secret and credentials_ok(self.config, client_id, secret)):
             return web.json_response(
                 {"error": "unauthorized", "error_description": "Bad client credentials"}, status=401
             )
         now = self._clock()
-        token = self._issue(client_id, now)
+        token = self._tokens.issue(client_id, now, self.config.token_ttl)
         return web.json_response(
             {
                 "access_token": token.value,
@@ -477,34 +389,6 @@ class Simulator:
                 "scope": f"{client_id}@simulator",
             }
         )
-
-    def _credentials_ok(self, client_id: str, secret: str) -> bool:
-        cfg = self.config
-        id_ok = cfg.client_id is None or secrets.compare_digest(client_id, cfg.client_id)
-        secret_ok = cfg.client_secret is None or secrets.compare_digest(secret, cfg.client_secret)
-        return id_ok and secret_ok
-
-    def _issue(self, client_id: str, now: float) -> Token:
-        """The client's live token with its remaining life, or a new one once it expired."""
-        live = self._live.get(client_id)
-        if live is not None and live.expires_at > now:
-            return live
-        token = Token(f"{uuid.uuid4()}:sim", client_id, now + self.config.token_ttl)
-        self._tokens[token.value] = self._live[client_id] = token
-        self._issued.append(token.value)
-        return token
-
-    def _owner(self, value: str) -> str | None:
-        token = self._tokens.get(value)
-        return token.client_id if token else None
-
-    def _authenticate(self, request: web.Request) -> str:
-        token = self._tokens.get(bearer(request))
-        if token is None:
-            raise Refusal("601", MESSAGES["601"])
-        if self._clock() >= token.expires_at:
-            raise Refusal("602", MESSAGES["602"])
-        return token.client_id
 
     # -- bulk import operations -----------------------------------------------------
 

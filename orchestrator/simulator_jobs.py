@@ -1,4 +1,4 @@
-"""The simulated Marketo subscription without HTTP: knobs, import queue, rows and records.
+"""The simulated Marketo subscription without HTTP: knobs, the import queue, its rows.
 
 One FIFO queue serves the whole subscription, shared by leads, custom objects
 and program members, as Marketo's Bulk Import does: at most `max_importing`
@@ -9,7 +9,7 @@ happened up to `now`, in time order, so readers see what a background worker
 would have produced, deterministically and without one.
 
 A job imports for `job_overhead + rows / rows_per_second` seconds. When it
-finishes its rows are checked and stored insert-or-update (`RecordStore`);
+finishes its rows are checked and stored insert-or-update (`simulator_records`);
 rows that fail or warn go to failures/warnings files in the job's delimiter,
 with Marketo's reason column last. A file that cannot be imported at all (not
 UTF-8, no header, a header without the lookup field, or without `email` for
@@ -28,13 +28,12 @@ from __future__ import annotations
 import csv
 import io
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
-from functools import partial
 from typing import Any
 
 from orchestrator import constants
 from orchestrator.models import ObjectType
+from orchestrator.simulator_records import Columns, RecordStore
 
 FOREIGN_OWNER = "foreign"
 FIRST_BATCH_ID = 1001
@@ -238,148 +237,6 @@ class Job:
             "program_id": spec.program_id if spec else "",
             "list_id": spec.list_id if spec else None,
         }
-
-
-def column(values: dict[str, str], name: str) -> str:
-    """A row's value for `name`, matching the column name case-insensitively."""
-    if name in values:
-        return values[name]
-    wanted = name.lower()
-    return next((v for k, v in values.items() if k.lower() == wanted), "")
-
-
-@dataclass(frozen=True, slots=True)
-class Columns:
-    """Header names a job's rows are checked by, resolved once per job."""
-
-    key: str  # the lookup (or email) column as the header spells it; "" if absent
-    emails: tuple[str, ...]  # columns holding an email address
-    ids: tuple[str, ...]  # `id` columns: Marketo assigns lead ids, a file never sets one
-
-    @classmethod
-    def of(cls, header: list[str], key: str) -> Columns:
-        def named(wanted: str) -> tuple[str, ...]:
-            return tuple(name for name in header if name.lower() == wanted.lower())
-
-        return cls((*named(key), "")[0], named("email"), named("id"))
-
-    def email_problem(self, values: dict[str, str]) -> str | None:
-        for name in self.emails:
-            value = values.get(name)
-            if value and "@" not in value:
-                return "1003 Invalid email address"
-        return None
-
-
-class RecordStore:
-    """Records the imports left behind, each kind keyed the way Marketo dedupes it."""
-
-    def __init__(self) -> None:
-        self.leads: dict[int, dict[str, str]] = {}
-        self.lists: dict[int, dict[int, None]] = {}  # listId -> lead ids, in order added
-        self.custom: dict[str, dict[str, dict[str, str]]] = {}  # apiName -> dedupe value -> row
-        self.members: dict[str, dict[str, dict[str, str]]] = {}  # programId -> email -> row
-        self._indexes: dict[str, dict[str, int]] = {}  # lookup field -> value -> lead id
-        self._next_lead_id = 1
-
-    def importer(self, spec: JobSpec, header: list[str]) -> Callable[[dict[str, str]], str | None]:
-        """The function that stores one row of this job, or says why it fails."""
-        if spec.object_type is ObjectType.LEADS:
-            return partial(self.import_lead, spec=spec, cols=Columns.of(header, spec.lookup_field))
-        if spec.object_type is ObjectType.CUSTOM_OBJECT:
-            return partial(self.import_custom, api_name=spec.api_name, dedupe=header[0])
-        return partial(self.import_member, spec=spec, cols=Columns.of(header, "email"))
-
-    def import_lead(self, values: dict[str, str], *, spec: JobSpec, cols: Columns) -> str | None:
-        lookup = spec.lookup_field
-        key = values.get(cols.key, "")
-        if not key:
-            return f"1003 Value for lookup field '{lookup}' is missing"
-        problem = cols.email_problem(values)
-        if problem:
-            return problem
-        if lookup.lower() == "id":  # Marketo: lookupField=id updates only
-            lead_id = int(key) if key.isdigit() else None
-            if lead_id not in self.leads:
-                return "1004 Lead not found"
-        else:
-            lead_id = self._index(lookup).get(normalise(lookup, key))
-        if lead_id is None:
-            lead_id = self._next_lead_id
-            self._next_lead_id += 1
-            self.leads[lead_id] = {}
-        for name in cols.ids:
-            values.pop(name, None)
-        self._update_lead(lead_id, values)
-        if spec.list_id is not None:
-            self.lists.setdefault(spec.list_id, {})[lead_id] = None
-        return None
-
-    def import_custom(self, values: dict[str, str], *, api_name: str, dedupe: str) -> str | None:
-        key = values.get(dedupe, "")
-        if not key:
-            return f"1003 Value for dedupe field '{dedupe}' is missing"
-        self.custom.setdefault(api_name, {}).setdefault(key, {}).update(values)
-        return None
-
-    def import_member(self, values: dict[str, str], *, spec: JobSpec, cols: Columns) -> str | None:
-        email = values.get(cols.key, "")
-        if not email:
-            return "1003 Value for field 'email' is missing"
-        problem = cols.email_problem(values)
-        if problem:
-            return problem
-        member = self.members.setdefault(spec.program_id, {}).setdefault(email.lower(), {})
-        member.update(values)
-        member["programMemberStatus"] = spec.member_status
-        return None
-
-    def records(
-        self,
-        kind: str,
-        *,
-        api_name: str | None = None,
-        program_id: str | int | None = None,
-        list_id: int | None = None,
-    ) -> list[dict[str, Any]]:
-        """Stored records: kind is leads, customobject (api_name), programmembers
-        (program_id) or lists (list_id: the leads in that static list)."""
-        if kind == ObjectType.LEADS:
-            return [{"id": lead_id, **lead} for lead_id, lead in self.leads.items()]
-        if kind == ObjectType.CUSTOM_OBJECT:
-            return [dict(row) for row in self.custom.get(api_name or "", {}).values()]
-        if kind == ObjectType.PROGRAM_MEMBERS:
-            members = self.members.get(str(program_id or ""), {})
-            return [{"programId": str(program_id), **m} for m in members.values()]
-        if kind == "lists":
-            ids = self.lists.get(list_id or 0, {})
-            return [{"id": lead_id, **self.leads[lead_id]} for lead_id in ids]
-        raise ValueError(f"unknown object {kind!r}")
-
-    def _index(self, lookup: str) -> dict[str, int]:
-        name = lookup.lower()
-        if name not in self._indexes:
-            self._indexes[name] = {
-                normalise(name, value): lead_id
-                for lead_id, lead in self.leads.items()
-                if (value := column(lead, name))
-            }
-        return self._indexes[name]
-
-    def _update_lead(self, lead_id: int, values: dict[str, str]) -> None:
-        lead = self.leads[lead_id]
-        for name, index in self._indexes.items():
-            old, new = column(lead, name), column(values, name)
-            if new and new != old:
-                if old and index.get(normalise(name, old)) == lead_id:
-                    del index[normalise(name, old)]
-                index[normalise(name, new)] = lead_id
-        lead.update(values)
-
-
-def normalise(field_name: str, value: str) -> str:
-    """Emails match case-insensitively; other lookup fields exactly."""
-    return value.strip().lower() if field_name.lower() == "email" else value
 
 
 def run_job(job: Job, store: RecordStore, warn_marker: str) -> tuple[str, Outcome]:

@@ -25,7 +25,7 @@ once its size and mtime held still for `watch.settle_seconds`; names starting
 with '.' or ending in .part or .tmp are ignored until renamed. Symlinks, pipes,
 sockets, devices and directories are classified with lstat, never opened, and
 claimed with `error` set so the engine moves them to failed/. The spool never
-reads file contents.
+reads file contents; its blocking filesystem helpers live in `spool_fs`.
 """
 
 from __future__ import annotations
@@ -34,14 +34,10 @@ import asyncio
 import contextlib
 import math
 import os
-import stat
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from enum import StrEnum
 from pathlib import Path
-from typing import NamedTuple
 
 import structlog
 from watchfiles import Change, awatch
@@ -49,71 +45,24 @@ from watchfiles import Change, awatch
 from orchestrator.config import Settings
 from orchestrator.errors import ConfigError
 from orchestrator.models import FileRecord, FileStatus
+from orchestrator.spool_fs import (
+    Entry,
+    Move,
+    Signature,
+    iso_utc,
+    list_routes,
+    list_top,
+    make_dir,
+    move_entry,
+    resume_move,
+    work_name,
+)
 from orchestrator.store import Store
 
 log = structlog.get_logger(__name__)
 
 INCOMING = "incoming"  # work/incoming/: where claimed entries land
-IGNORED_SUFFIXES = (".part", ".tmp")
-NAME_MAX = 255  # bytes in one path component on Linux filesystems
 WATCH_DEBOUNCE_MS = 1000  # most a burst of events is held back before it wakes a scan
-
-
-class EntryKind(StrEnum):
-    """What lstat says an inbox entry is."""
-
-    FILE = "regular file"
-    SYMLINK = "symbolic link"
-    DIRECTORY = "directory"
-    FIFO = "named pipe (FIFO)"
-    SOCKET = "socket"
-    CHAR_DEVICE = "character device"
-    BLOCK_DEVICE = "block device"
-    OTHER = "special file"
-
-    @classmethod
-    def of(cls, mode: int) -> EntryKind:
-        for test, kind in KIND_TESTS:
-            if test(mode):
-                return kind
-        return cls.OTHER
-
-    @property
-    def refusal(self) -> str | None:
-        """The claim's error for this kind; None for a regular file."""
-        if self is EntryKind.FILE:
-            return None
-        return f"{self.value}: refused, never read or uploaded"
-
-
-KIND_TESTS: tuple[tuple[Callable[[int], bool], EntryKind], ...] = (
-    (stat.S_ISREG, EntryKind.FILE),
-    (stat.S_ISLNK, EntryKind.SYMLINK),
-    (stat.S_ISDIR, EntryKind.DIRECTORY),
-    (stat.S_ISFIFO, EntryKind.FIFO),
-    (stat.S_ISSOCK, EntryKind.SOCKET),
-    (stat.S_ISCHR, EntryKind.CHAR_DEVICE),
-    (stat.S_ISBLK, EntryKind.BLOCK_DEVICE),
-)
-
-
-class Signature(NamedTuple):
-    """What must hold still for an entry to settle."""
-
-    ino: int
-    kind: EntryKind
-    size: int
-    mtime_ns: int
-
-
-@dataclass(frozen=True, slots=True)
-class Entry:
-    """One inbox entry as lstat saw it."""
-
-    route: str
-    name: str
-    path: Path
-    signature: Signature
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,109 +71,6 @@ class Sighting:
 
     entry: Entry
     since: float
-
-
-class Move(StrEnum):
-    """How moving an entry into work/ ended."""
-
-    MOVED = "moved"
-    VANISHED = "vanished"  # the source was gone before the rename
-    CHANGED = "changed"  # something else had taken the name; put back for a fresh look
-
-
-def is_ignored(name: str) -> bool:
-    """Names writers use while a file is incomplete."""
-    return name.startswith(".") or name.lower().endswith(IGNORED_SUFFIXES)
-
-
-def signature_of(st: os.stat_result) -> Signature:
-    return Signature(st.st_ino, EntryKind.of(st.st_mode), st.st_size, st.st_mtime_ns)
-
-
-def list_route(directory: Path, route: str) -> list[Entry]:
-    """Every entry of a route directory that is not ignored, by lstat (blocking)."""
-    entries = []
-    with os.scandir(directory) as found:
-        for item in found:
-            if is_ignored(item.name):
-                continue
-            try:
-                st = item.stat(follow_symlinks=False)
-            except OSError:  # gone since the listing, or not ours to look at
-                continue
-            entries.append(Entry(route, item.name, Path(item.path), signature_of(st)))
-    return entries
-
-
-def move_entry(entry: Entry, work: Path) -> Move:
-    """Rename `entry` to `work` without opening it, then check it is what was seen (blocking)."""
-    work.parent.mkdir(parents=True, exist_ok=True)
-    if os.path.lexists(work):
-        raise FileExistsError(17, "work path already taken", str(work))
-    try:
-        os.rename(entry.path, work)
-    except FileNotFoundError:
-        if not os.path.lexists(entry.path):
-            return Move.VANISHED
-        raise
-    moved = os.lstat(work)
-    if (moved.st_ino, EntryKind.of(moved.st_mode)) == (entry.signature.ino, entry.signature.kind):
-        return Move.MOVED
-    put_back(work, entry.path)
-    return Move.CHANGED
-
-
-def put_back(work: Path, source: Path) -> None:
-    """Return an entry to the inbox after a claim that must not stand (blocking)."""
-    if not os.path.lexists(source):
-        with contextlib.suppress(OSError):
-            os.rename(work, source)
-
-
-def resume_move(record: FileRecord) -> bool:
-    """Finish the move of a claim a crash interrupted; True if it now sits at its work path."""
-    source, work = Path(record.source_path), Path(record.work_path)
-    want_file = record.error is None
-    if os.path.lexists(work):
-        if (EntryKind.of(os.lstat(work).st_mode) is EntryKind.FILE) == want_file:
-            return True
-        put_back(work, source)
-        return False
-    try:
-        st = os.lstat(source)
-    except FileNotFoundError:
-        return False
-    if (EntryKind.of(st.st_mode) is EntryKind.FILE) != want_file:
-        return False  # another kind of entry took the name: a fresh scan will judge it
-    entry = Entry(record.route, record.name, source, signature_of(st))
-    try:
-        return move_entry(entry, work) is Move.MOVED
-    except OSError:
-        return False
-
-
-def work_name(ns: int, name: str) -> str:
-    """`<ns>-<name>`, shortened from the front of the name to fit NAME_MAX bytes."""
-    prefix = f"{ns}-"
-    while len(os.fsencode(prefix + name)) > NAME_MAX:
-        name = name[1:]
-    return prefix + name
-
-
-def iso_utc(ns: int) -> str:
-    """ISO 8601 UTC with microseconds for a time in ns since the epoch, computed exactly."""
-    seconds, rest = divmod(ns, 1_000_000_000)
-    when = datetime.fromtimestamp(seconds, UTC) + timedelta(microseconds=rest // 1000)
-    return when.isoformat(timespec="microseconds").replace("+00:00", "Z")
-
-
-def make_dir(path: Path) -> None:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise ConfigError("data_dir", f"{path} exists and is not a directory") from None
-    except OSError as exc:
-        raise ConfigError("data_dir", f"cannot create {path}: {exc.strerror}") from None
 
 
 class Spool:
@@ -320,30 +166,14 @@ class Spool:
             if not self._recovered:
                 await self._recover()  # a half-done claim must never be claimed twice
             if top:
-                self._note_unrouted(await asyncio.to_thread(self._list_top))
-            listing, problems = await asyncio.to_thread(self._list_routes, routes)
+                self._note_unrouted(await asyncio.to_thread(list_top, self._inbox, self._routes))
+            listing, problems = await asyncio.to_thread(list_routes, self._inbox, routes)
             self._note_problems(routes, problems)
             ready = self._update(listing, self._clock())
             claimed = 0
             for entry in sorted(ready, key=lambda e: (e.signature.mtime_ns, e.name)):
                 claimed += await self._claim(entry)
             return claimed
-
-    def _list_routes(self, routes: list[str]) -> tuple[dict[str, list[Entry]], dict[str, str]]:
-        """Entries per route directory, and the problem for each that could not be listed."""
-        listing: dict[str, list[Entry]] = {}
-        problems: dict[str, str] = {}
-        for route in routes:
-            directory = self._inbox / route
-            try:
-                listing[route] = list_route(directory, route)
-            except FileNotFoundError:
-                problems[route] = "missing: recreated"
-                with contextlib.suppress(OSError):
-                    directory.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                problems[route] = f"cannot be listed: {exc.strerror or exc}"
-        return listing, problems
 
     def _note_problems(self, routes: list[str], problems: dict[str, str]) -> None:
         """Warn once per route directory problem; forget it once the directory lists again."""
@@ -355,18 +185,6 @@ class Spool:
                 self._troubled[route] = problem
                 path = str(self._inbox / route)
                 log.warning("route_directory_problem", route=route, path=path, problem=problem)
-
-    def _list_top(self) -> list[tuple[str, bool]]:
-        """Names directly in inbox/ that are not route directories, with is-directory."""
-        try:
-            with os.scandir(self._inbox) as found:
-                return [
-                    (item.name, item.is_dir(follow_symlinks=False))
-                    for item in found
-                    if item.name not in self._routes and not is_ignored(item.name)
-                ]
-        except FileNotFoundError:
-            return []
 
     def _note_unrouted(self, names: list[tuple[str, bool]]) -> None:
         for name, is_dir in names:

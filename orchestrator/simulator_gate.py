@@ -1,0 +1,202 @@
+"""The simulator's gate: what a bulk call must get past before its operation runs.
+
+Access tokens (`Tokens`: one live token per client id, checked as a bearer
+token), Marketo's call limits (`Limits`: 615 calls in flight, 606 calls in the
+sliding window, 607 the quota), random fault injection (`Faults`, one seeded
+RNG) and the call log (`CallLog`, with the counters `Simulator.stats` reports).
+This module holds their state and rules; the order of the checks is the
+simulator's request plumbing (`Simulator._checked`). Tokens and secrets never
+enter the call log, only the names of the fields that carried them.
+"""
+
+from __future__ import annotations
+
+import random
+import secrets
+import uuid
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from orchestrator.simulator_jobs import FAULT_CODES, Refusal, SimulatorConfig
+
+MESSAGES = {
+    "601": "Access token invalid",
+    "602": "Access token expired",
+    "606": "Max rate limit '{limit}' exceeded with in '{window}' secs",
+    "607": "Daily quota reached",
+    "608": "API Temporarily Unavailable",
+    "611": "System error",
+    "615": "Concurrent access limit reached",
+}
+HTTP_FAULTS = ((500, "500 Internal Server Error"), (503, "503 Service Temporarily Unavailable"))
+
+
+@dataclass(slots=True)
+class CallInfo:
+    """One entry of the call log. Never holds a token or a secret, only key names."""
+
+    t: float  # seconds since the simulator started, at arrival
+    method: str
+    path: str
+    query_keys: list[str]
+    operation: str = ""
+    client_id: str | None = None
+    status: int | None = None  # None: the connection was dropped
+    code: str | None = None  # Marketo error code of the answer
+    batch_id: int | None = None
+    form_keys: list[str] = field(default_factory=list)
+    dropped: bool = False
+    duration: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    value: str = field(repr=False)
+    client_id: str
+    expires_at: float
+
+
+def bearer(request: web.Request) -> str:
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    return value.strip() if scheme.lower() == "bearer" else ""
+
+
+def credentials_ok(config: SimulatorConfig, client_id: str, secret: str) -> bool:
+    """Whether the knobs accept these credentials (a knob left None accepts any)."""
+    id_ok = config.client_id is None or secrets.compare_digest(client_id, config.client_id)
+    secret_ok = config.client_secret is None or secrets.compare_digest(secret, config.client_secret)
+    return id_ok and secret_ok
+
+
+def message(code: str, config: SimulatorConfig) -> str:
+    """The message of a Marketo error code, with the rate limit filled in."""
+    return MESSAGES[code].format(limit=config.rate_limit, window=f"{config.rate_window:g}")
+
+
+class Tokens:
+    """Access tokens by value; a client's live token is handed out again until it expires."""
+
+    def __init__(self) -> None:
+        self._by_value: dict[str, Token] = {}
+        self._live: dict[str, Token] = {}  # client id -> its current token
+        self.issued: list[str] = []  # every value issued, oldest first
+
+    def issue(self, client_id: str, now: float, ttl: float) -> Token:
+        """The client's live token with its remaining life, or a new one once it expired."""
+        live = self._live.get(client_id)
+        if live is not None and live.expires_at > now:
+            return live
+        token = Token(f"{uuid.uuid4()}:sim", client_id, now + ttl)
+        self._by_value[token.value] = self._live[client_id] = token
+        self.issued.append(token.value)
+        return token
+
+    def owner(self, value: str) -> str | None:
+        token = self._by_value.get(value)
+        return token.client_id if token else None
+
+    def authenticate(self, request: web.Request, now: float) -> str:
+        """The client id of the request's bearer token; Refusal 601 (none, unknown), 602."""
+        token = self._by_value.get(bearer(request))
+        if token is None:
+            raise Refusal("601", MESSAGES["601"])
+        if now >= token.expires_at:
+            raise Refusal("602", MESSAGES["602"])
+        return token.client_id
+
+
+class Limits:
+    """Marketo's call limits, checked on arrival (615, 606, 607), and their peaks."""
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the window, the quota used and the peaks; calls in flight stay counted."""
+        self.window: deque[float] = deque()
+        self.quota_used = 0
+        self.max_in_flight = 0
+        self.max_window = 0
+
+    def enter(self) -> None:
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+
+    def admit(self, now: float, config: SimulatorConfig) -> None:
+        """Count a call in the window and the quota, or raise Refusal 615, 606 or 607."""
+        if self.in_flight > config.concurrency:
+            raise Refusal("615", MESSAGES["615"])
+        while self.window and self.window[0] <= now - config.rate_window:
+            self.window.popleft()
+        if len(self.window) >= config.rate_limit:
+            raise Refusal("606", message("606", config))
+        if self.quota_used >= config.daily_quota:
+            raise Refusal("607", MESSAGES["607"])
+        self.window.append(now)
+        self.quota_used += 1
+        self.max_window = max(self.max_window, len(self.window))
+
+
+class Faults:
+    """Injected faults, drawn from one RNG seeded by the `seed` knob (None: unseeded)."""
+
+    def __init__(self, seed: int | None) -> None:
+        self._rng = random.Random(seed)
+
+    def reseed(self, seed: int | None) -> None:
+        self._rng.seed(seed)
+
+    def chance(self, fraction: float) -> bool:
+        return fraction > 0 and (fraction >= 1 or self._rng.random() < fraction)
+
+    def http_fault(self, config: SimulatorConfig) -> tuple[int, str] | None:
+        """An injected HTTP error (status, text) per `fault_500`/`fault_503`, or None."""
+        for fault, fraction in zip(HTTP_FAULTS, (config.fault_500, config.fault_503), strict=True):
+            if self.chance(fraction):
+                return fault
+        return None
+
+    def raise_injected(self, config: SimulatorConfig) -> None:
+        """Raise Refusal with an injected Marketo error code (`fault_601` ... `fault_615`)."""
+        for code in FAULT_CODES:
+            if self.chance(getattr(config, f"fault_{code}")):
+                raise Refusal(code, message(code, config))
+
+
+class CallLog:
+    """Every call answered, for the test API's `calls`, and the counts `stats` reports."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.calls: list[CallInfo] = []
+        self.op_counts: Counter[str] = Counter()
+        self.errors: Counter[str] = Counter()
+        self.http_errors: Counter[str] = Counter()
+        self.violations: list[dict[str, Any]] = []
+        self.dropped = 0
+
+    def record(self, info: CallInfo, duration: float) -> None:
+        info.duration = round(duration, 6)
+        self.calls.append(info)
+        self.op_counts[info.operation] += 1
+        if info.code:
+            self.errors[info.code] += 1
+        if info.dropped:
+            self.dropped += 1
+        elif info.status is not None and info.status >= 400:
+            self.http_errors[str(info.status)] += 1
+
+    def violation(self, kind: str, info: CallInfo) -> None:
+        """Note a client habit Marketo would frown on (a token in the URL, say)."""
+        self.violations.append(
+            {"kind": kind, "t": info.t, "path": info.path, "client_id": info.client_id}
+        )
