@@ -112,7 +112,10 @@ async def test_queue_kept_full_but_never_over_the_limit(
     assert len(imports(sim)) == len(doc["chunks"]), "each chunk submitted exactly once"
 
 
-async def test_queued_jobs_setting_caps_outstanding(sim: Simulator, tmp_path: Path) -> None:
+async def test_queued_jobs_setting_caps_outstanding(
+    make_simulator: MakeSimulator, tmp_path: Path
+) -> None:
+    sim = await make_simulator(**{**SIM_KNOBS, "job_overhead": 0.1})
     settings = fast_settings(sim.base_url, tmp_path, (LEADS,), queued_jobs=3, max_chunk_bytes=700)
     drop_leads(tmp_path, "big.csv", 300)
     assert await run_once(settings) == 0
