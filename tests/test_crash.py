@@ -55,7 +55,7 @@ async def run_daemon(config: Path, crash_at: str | None = None) -> int:
 @pytest.mark.parametrize(
     ("crash_at", "extra_submits"),
     [
-        ("chunk_added:4", 0),  # split interrupted: split again, known chunks reused
+        ("chunk_added:1", 0),  # split interrupted: split again, the known chunk reused
         ("before_submit:3", 0),  # submit recorded as under way, request never sent
         ("after_submit:3", 1),  # Marketo created the batch, we never stored its id
         ("polled:4", 0),  # a status answer received but not recorded
