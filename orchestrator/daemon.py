@@ -29,7 +29,13 @@ import structlog
 
 from orchestrator import logs, results, splitter
 from orchestrator.config import Route, Secret, Settings, with_marketo
-from orchestrator.errors import FatalError, InputError, MarketoError, OrchestratorError
+from orchestrator.errors import (
+    ConfigError,
+    FatalError,
+    InputError,
+    MarketoError,
+    OrchestratorError,
+)
 from orchestrator.faults import crashpoint
 from orchestrator.marketo import MarketoClient
 from orchestrator.metrics import Metrics
@@ -66,6 +72,8 @@ def main(settings: Settings, *, once: bool, simulate: bool) -> int:
     """Run the daemon to the end; the process exit code."""
     try:
         return asyncio.run(Daemon(settings, once=once, simulate=simulate).run())
+    except ConfigError:
+        raise  # the CLI reports it: one line naming the key, exit 2
     except OrchestratorError as exc:
         log.error("daemon_failed", error=str(exc))
         print(f"marketo-orchestrator: error: {exc}", file=sys.stderr)
@@ -103,7 +111,7 @@ class Daemon:
         if self.simulate:
             await self.start_simulator(stack)
         settings = self.settings
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        make_data_dir(settings.data_dir)
         self.store = await Store.open(settings.data_dir / "state.db")
         stack.push_async_callback(self.store.close)
         recovery = await self.store.recover()
@@ -345,22 +353,26 @@ class Daemon:
             self.stop.set()
 
     async def progress(self) -> None:
-        """A live line on the terminal: files, chunks, rows, backoff."""
-        while not self.stop.is_set():
-            snap = await load_snapshot(self.store)
-            files = snap["files"]
-            done = sum(1 for f in files if f["status"] in ("complete", "failed"))
-            chunks_done = sum(f["chunks_done"] for f in files)
-            chunks_total = sum(f["chunks_total"] or 0 for f in files)
-            rows = sum(f["rows_processed"] or 0 for f in files)
-            wait = self.scheduler.backoff_remaining
-            line = f"files {done}/{len(files)}  chunks {chunks_done}/{chunks_total}  rows {rows}"
-            if wait:
-                line += f"  backoff {wait:.0f}s"
+        """A live line on the terminal: files, chunks, rows, backoff; drawn once more at the end."""
+        while True:
+            line = await self.progress_line()
             print(f"\r{line:<79}", end="", file=sys.stderr, flush=True)
+            if self.stop.is_set():
+                break
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), 1.0)
         print(file=sys.stderr)
+
+    async def progress_line(self) -> str:
+        snap = await load_snapshot(self.store)
+        files = snap["files"]
+        done = sum(1 for f in files if f["status"] in ("complete", "failed"))
+        chunks_done = sum(f["chunks_done"] for f in files)
+        chunks_total = sum(f["chunks_total"] or 0 for f in files)
+        rows = sum(f["rows_processed"] or 0 for f in files)
+        line = f"files {done}/{len(files)}  chunks {chunks_done}/{chunks_total}  rows {rows}"
+        wait = self.scheduler.backoff_remaining
+        return line + (f"  backoff {wait:.0f}s" if wait else "")
 
     async def final_snapshot(self) -> dict[str, Any]:
         async with await Store.open(self.settings.data_dir / "state.db") as store:
@@ -424,6 +436,16 @@ class Daemon:
 
 
 FINAL_FILE = (FileStatus.COMPLETE, FileStatus.FAILED)
+
+
+def make_data_dir(path: Path) -> None:
+    """Create data_dir; a path that cannot be one is a configuration error naming the key."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ConfigError("data_dir", f"{path} exists and is not a directory") from None
+    except OSError as exc:
+        raise ConfigError("data_dir", f"cannot create {path}: {exc.strerror or exc}") from None
 
 
 def describe(exc: InputError, name: str) -> str:
