@@ -31,6 +31,7 @@ from orchestrator import logs, results, splitter
 from orchestrator.config import Route, Secret, Settings, with_marketo
 from orchestrator.errors import (
     ConfigError,
+    CredentialsError,
     FatalError,
     InputError,
     MarketoError,
@@ -93,6 +94,7 @@ class Daemon:
         self.finished_total = 0
         self.draining = False
         self.interrupts = 0
+        self.credentials_refused: str | None = None
 
     # -- phases ------------------------------------------------------------
 
@@ -105,6 +107,13 @@ class Daemon:
             )
         if self.once and sys.stderr.isatty():
             print(format_status_table(await self.final_snapshot()), file=sys.stderr)
+        if self.credentials_refused:
+            print(
+                f"marketo-orchestrator: error: {self.credentials_refused}; "
+                "claimed files wait in work/ for the next run",
+                file=sys.stderr,
+            )
+            return 1
         return 1 if self.once and self.finished_failed else 0
 
     async def startup(self, stack: contextlib.AsyncExitStack) -> None:
@@ -137,7 +146,13 @@ class Daemon:
             on_chunk_final=self.chunk_refused,
             observer=self.metrics,
         )
-        self.poller = Poller(settings, self.store, self.client, on_chunk_final=self.chunk_done)
+        self.poller = Poller(
+            settings,
+            self.store,
+            self.client,
+            on_chunk_final=self.chunk_done,
+            on_started=self.scheduler.foreign_job_left,
+        )
         self.spool = Spool(settings, self.store, self.file_claimed)
         self.spool.prepare()
         await self.spool.recover_claims()
@@ -387,6 +402,12 @@ class Daemon:
             try:
                 await self.client.ensure_token()
                 return
+            except CredentialsError as exc:
+                self.credentials_refused = str(exc)
+                log.error("identity_refused", error=str(exc))
+                if self.once:  # nothing can be imported: stop, fail nothing, exit 1
+                    self.stop.set()
+                return
             except FatalError as exc:
                 log.error("identity_refused", error=str(exc))
                 return
@@ -417,6 +438,8 @@ class Daemon:
     def readiness(self) -> str | None:
         if not self.spool.running and not self.once:
             return "the inbox watcher is not running"
+        if self.credentials_refused:
+            return self.credentials_refused
         if not self.client.has_token:
             return "no Marketo access token obtained yet"
         return None

@@ -13,6 +13,7 @@
         │   └── TransientError      5xx, 604, 608, 611, 614, 713, 719, network, timeout
         ├── QuotaExhaustedError     607: daily quota reached, wait for the reset
         └── FatalError              everything else; retrying will not help
+            ├── CredentialsError    the identity service refused client id/secret
             └── ChunkTooLargeError  HTTP 413: a chunk we built is too large (our bug)
 
 Retryable or fatal is decided by class, from one table (`CODE_TO_ERROR`), never
@@ -111,6 +112,14 @@ class QuotaExhaustedError(MarketoError):
 
 class FatalError(MarketoError):
     """Retrying the same request will not help."""
+
+
+class CredentialsError(FatalError):
+    """The identity service refused the client id or secret.
+
+    Fatal for the process, not for the files: nothing can be imported until the
+    configuration changes, so work waits instead of failing.
+    """
 
 
 class ChunkTooLargeError(FatalError):

@@ -20,6 +20,7 @@ import aiofiles
 import aiohttp
 
 from orchestrator.errors import (
+    CredentialsError,
     FatalError,
     MarketoError,
     TransientError,
@@ -101,7 +102,7 @@ async def read_json(resp: aiohttp.ClientResponse, operation: str) -> dict[str, A
 async def read_grant(resp: aiohttp.ClientResponse, scrub: Scrub) -> Grant:
     """The identity service's answer as a `Grant`; refused credentials are fatal."""
     if resp.status in (400, 401, 403):
-        raise FatalError(
+        raise CredentialsError(
             f"http-{resp.status}",
             "the identity service refused the client credentials "
             "(check marketo.client_id and marketo.client_secret)",

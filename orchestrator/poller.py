@@ -1,26 +1,30 @@
 """The poller: every outstanding batch, polled concurrently, where it can change.
 
 Each round polls all due batches at once (a TaskGroup; the client's limiter
-keeps Marketo's limits). A batch is due when its interval has passed since its
-last poll:
+keeps Marketo's limits). Marketo runs one FIFO queue, two jobs importing, so
+only the first `limits.concurrent_jobs` of our outstanding jobs in submit order
+(or any Marketo reported as Importing) can change status:
 
-- the first `limits.concurrent_jobs` of our outstanding jobs in submit order
-  (or any Marketo reported as Importing) may be importing: every
-  `polling.interval`, doubling up to `polling.max_interval` while Marketo keeps
-  answering Queued (other integrations' jobs are ahead of it);
-- the rest are queued behind those and cannot finish first: every
-  `polling.max_interval`, or sooner once a job ahead finishes and moves them up.
+- those are polled every `polling.interval`, doubling up to
+  `polling.max_interval` while Marketo keeps answering Queued (other
+  integrations' jobs are ahead of them);
+- the rest wait behind ours and cannot start, let alone finish, before one of
+  ours ahead finishes: they are not polled at all. When one moves up its first
+  poll comes one interval later, since it started importing only just now.
 
-As the daily API budget nears (90 % spent) every batch is polled at
-`max_interval` only, so polling slows before submissions stop.
+As the daily API budget nears (90 % spent) the jobs that can change are polled
+at `max_interval` only, so polling slows before submissions stop.
 
-On Complete the failures and warnings files are downloaded when their counters
-are above zero; Failed ends the chunk with Marketo's message.
+A job we saw Queued and then see Importing (or final) tells us a job ahead of
+it left Marketo's queue: `on_started` passes that on to the scheduler's queue
+model. On Complete the failures and warnings files are downloaded when their
+counters are above zero; Failed ends the chunk with Marketo's message.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -31,7 +35,7 @@ import structlog
 
 from orchestrator import constants
 from orchestrator.config import Route, Settings
-from orchestrator.errors import FatalError, MarketoError
+from orchestrator.errors import CredentialsError, FatalError, MarketoError
 from orchestrator.faults import crashpoint
 from orchestrator.models import BatchStatus, ChunkRecord, ChunkStatus, FileRecord
 from orchestrator.scheduler import utc_now
@@ -59,6 +63,8 @@ class Track:
     last_poll: float
     interval: float
     status: str = constants.STATUS_QUEUED
+    behind: bool = False  # waits behind ours that fill the import slots: not polled
+    queued_at_finishes: int | None = None  # Poller.finishes when Marketo last said Queued
 
 
 @dataclass
@@ -67,14 +73,16 @@ class Poller:
     store: Store
     client: StatusSource
     on_chunk_final: Callable[[ChunkRecord], Awaitable[None]]
+    on_started: Callable[[], None] = lambda: None
     clock: Callable[[], float] = time.monotonic
     tracks: dict[int, Track] = field(default_factory=dict)
+    finishes: int = 0  # our jobs seen leaving Marketo's queue so far
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _files: dict[int, FileRecord] = field(default_factory=dict)
 
     def submitted(self, chunk: ChunkRecord) -> None:
         """A batch was just created: its create response counts as the first look."""
-        self.tracks[chunk.id] = Track(self.clock(), self.settings.polling.interval)
+        self.tracks[chunk.id] = Track(self.clock(), self.settings.polling.interval, behind=True)
         self._wake.set()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -99,27 +107,36 @@ class Poller:
                 stopper.cancel()
 
     async def outstanding(self) -> list[tuple[ChunkRecord, float]]:
-        """Our batches at Marketo in submit order, each with the interval it deserves."""
+        """Our batches at Marketo in submit order, each with the interval it deserves.
+
+        `math.inf` for a batch that cannot change yet (queued behind ours)."""
         chunks = await self.store.chunks(statuses=[ChunkStatus.SUBMITTED])
         chunks.sort(key=lambda c: (c.submitted_at or "", c.id))
         polling, lim = self.settings.polling, self.settings.limits
         slow = self.client.calls_today >= BUDGET_SLOWDOWN * lim.daily_api_calls
+        now = self.clock()
         result = []
         for rank, chunk in enumerate(chunks):
-            track = self.tracks.setdefault(chunk.id, Track(-float("inf"), polling.interval))
-            may_import = rank < lim.concurrent_jobs or track.status == constants.STATUS_IMPORTING
-            interval = track.interval if may_import and not slow else polling.max_interval
-            result.append((chunk, interval))
+            # Unknown after a restart: look once it can have changed.
+            track = self.tracks.setdefault(chunk.id, Track(-math.inf, polling.interval))
+            if rank >= lim.concurrent_jobs and track.status != constants.STATUS_IMPORTING:
+                track.behind = True
+                result.append((chunk, math.inf))
+                continue
+            if track.behind:  # just moved up: it started importing no earlier than now
+                track.behind = False
+                track.last_poll = max(track.last_poll, now)
+            result.append((chunk, polling.max_interval if slow else track.interval))
         return result
 
     def is_due(self, chunk: ChunkRecord, interval: float) -> bool:
         return self.clock() - self.tracks[chunk.id].last_poll >= interval
 
     def next_due(self, outstanding: list[tuple[ChunkRecord, float]]) -> float | None:
-        if not outstanding:
-            return None
+        """Seconds until the next poll is due; None when nothing is (wait for a wake-up)."""
         now = self.clock()
-        return max(0.0, min(self.tracks[c.id].last_poll + i - now for c, i in outstanding))
+        waits = [self.tracks[c.id].last_poll + i - now for c, i in outstanding if i < math.inf]
+        return max(0.0, min(waits)) if waits else None
 
     async def poll(self, chunk: ChunkRecord) -> None:
         file = await self.file(chunk.file_id)
@@ -138,6 +155,8 @@ class Poller:
                 batch = await self.client.status(route, chunk.batch_id)
                 crashpoint("polled")
                 await self.record(chunk, route, batch, track)
+            except CredentialsError as exc:
+                log.error("credentials_refused", error=str(exc))
             except FatalError as exc:
                 await self.finish(chunk, ChunkStatus.FAILED, f"status unavailable: {exc}", None)
             except MarketoError as exc:
@@ -147,6 +166,8 @@ class Poller:
         self, chunk: ChunkRecord, route: Route, batch: BatchStatus, track: Track
     ) -> None:
         polling = self.settings.polling
+        if batch.status != constants.STATUS_QUEUED:
+            self.note_start(track)
         if batch.status == constants.STATUS_COMPLETE:
             failures = warnings = None
             assert chunk.batch_id is not None
@@ -170,8 +191,18 @@ class Poller:
             elif batch.status != track.status:
                 track.interval = polling.interval
             track.status = batch.status
+            if batch.status == constants.STATUS_QUEUED:
+                track.queued_at_finishes = self.finishes
             if batch.status != chunk.marketo_status or batch.rows_processed != chunk.rows_processed:
                 await self.store.update_batch(chunk.id, batch)
+
+    def note_start(self, track: Track) -> None:
+        """A job we saw Queued has started: a job ahead of it left Marketo's queue.
+
+        If none of ours finished since, that job was another integration's."""
+        if track.queued_at_finishes == self.finishes:
+            self.on_started()
+        track.queued_at_finishes = None
 
     async def finish(
         self, chunk: ChunkRecord, status: ChunkStatus, message: str, batch: BatchStatus | None
@@ -180,6 +211,7 @@ class Poller:
             chunk.id, status=status, message=message, finished_at=utc_now(), batch=batch
         )
         self.tracks.pop(chunk.id, None)
+        self.finishes += 1
         log.info(
             "chunk_finished",
             status=str(status),

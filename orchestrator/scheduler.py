@@ -8,7 +8,9 @@ Marketo so its two import slots never idle while we have work, and never more.
 10 jobs (queued + importing) from every integration together; we only know
 ours. A 1016 ("Too many imports") while we hold fewer than 10 means other
 integrations hold the rest, so the model lowers our capacity to what is left
-and keeps it there until one of our jobs completes, when it probes one slot.
+and keeps it there until a job leaves the queue, when it probes one slot:
+one of ours completes, or one of ours Marketo kept Queued starts importing
+(the poller tells; a job ahead of it, not ours, must have finished).
 
 On 1016 the chunk keeps the head of the queue and everything waits out an
 exponential, jittered backoff. At most one of our jobs per static list
@@ -32,6 +34,7 @@ from orchestrator import constants
 from orchestrator.backoff import Backoff
 from orchestrator.config import Route, Settings
 from orchestrator.errors import (
+    CredentialsError,
     FatalError,
     ImportInProgressError,
     MarketoError,
@@ -76,8 +79,9 @@ class QueueModel:
         """1016 with `outstanding` of ours at Marketo: the rest is someone else's."""
         self.foreign = max(self.foreign, constants.MAX_QUEUED_JOBS - outstanding)
 
-    def job_finished(self) -> None:
-        """One of ours left the queue: probe one slot more than the model allows."""
+    def job_left(self) -> None:
+        """A job left the queue (one of ours finished, or one ahead of ours started
+        importing after another integration's finished): probe one slot more."""
         self.foreign = max(0, self.foreign - 1)
 
 
@@ -116,7 +120,13 @@ class Scheduler:
         self._wake.set()
 
     def job_finished(self) -> None:
-        self.model.job_finished()
+        """One of our jobs ended at Marketo."""
+        self.model.job_left()
+        self.wake()
+
+    def foreign_job_left(self) -> None:
+        """A job of ours Marketo had kept Queued started: another integration's job left."""
+        self.model.job_left()
         self.wake()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -206,6 +216,12 @@ class Scheduler:
                 await self.store.mark_pending(chunk.id)
                 self.start_wait(self.list_waits.setdefault(route.list_id, Wait()), "1019")
                 return "list-busy"
+            except CredentialsError as exc:
+                # Nothing can go until the configuration changes: wait, fail nothing.
+                await self.store.mark_pending(chunk.id)
+                self.start_wait(self.queue_wait, "credentials")
+                log.error("credentials_refused", error=str(exc))
+                return "queue-full"
             except FatalError as exc:
                 await self.refuse(chunk, str(exc))
                 return "refused"

@@ -534,6 +534,27 @@ async def test_run_once_exits_1_when_a_file_fails(
     assert result(data_dir, "done", "leads", "good.csv")["status"] == "complete"
 
 
+async def test_refused_credentials_fail_no_file_and_the_next_run_imports_it(
+    make_simulator: MakeSimulator, cli: Cli, tmp_path: Path, data_dir: Path
+) -> None:
+    sim = await make_simulator(**SIM_KNOBS, client_id=CLIENT_ID, client_secret=CLIENT_SECRET)
+    config = config_file(tmp_path, data_dir, sim.base_url, (LEADS,))
+    drop_leads(data_dir, "waiting.csv", 8)
+
+    wrong = await cli.run(
+        "run", "--config", config, "--once", env=clean_env(MARKETO_CLIENT_SECRET="wrong-secret")
+    )
+    assert wrong.returncode == 1
+    assert "refused the client credentials" in wrong.stderr_text()
+    assert "Traceback" not in wrong.stderr_text()
+    assert not (data_dir / "failed").exists() or not any((data_dir / "failed").rglob("*.json"))
+    assert imports(sim) == []
+
+    proc = await run_once(cli, config)
+    assert proc.returncode == 0
+    assert result(data_dir, "done", "leads", "waiting.csv")["rows_processed"] == 8
+
+
 @pytest.mark.parametrize(
     ("toml", "args", "env", "expected"),
     [
