@@ -31,7 +31,7 @@ class Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{PROG}: usage error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser() -> Parser:
+def build_parser(argv: Sequence[str] = ()) -> Parser:
     parser = Parser(prog=PROG, description="Load delimited files into Marketo's Bulk Import API.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -58,15 +58,18 @@ def build_parser() -> Parser:
     split.add_argument("--max-bytes", type=int, default=None, help="chunk size limit (bytes)")
     split.add_argument("--format", choices=FORMATS, default=None, help="default: from extension")
 
-    from orchestrator import simulator
-
     sim = sub.add_parser("simulator", help="the bundled Marketo Bulk Import simulator")
-    simulator.add_arguments(sim)
+    if "simulator" in argv:
+        # Only this command needs the simulator (and aiohttp's server) imported.
+        from orchestrator import simulator
+
+        simulator.add_arguments(sim)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     try:
         if args.command == "run":
             return cmd_run(args)

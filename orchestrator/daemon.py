@@ -257,46 +257,50 @@ class Daemon:
             return
         out = results.chunk_dir(self.settings, file.id)
         out.mkdir(parents=True, exist_ok=True)
+        events = splitter.split_file_async(
+            Path(file.work_path),
+            out,
+            max_bytes=file.max_chunk_bytes,
+            fmt=route.format_for(file.name),
+            fsync=True,
+        )
         try:
-            async for event in splitter.split_file_async(
-                Path(file.work_path),
-                out,
-                max_bytes=file.max_chunk_bytes,
-                fmt=route.format_for(file.name),
-                fsync=True,
-            ):
-                if isinstance(event, splitter.Chunk):
-                    await self.store.add_chunk(
-                        file.id,
-                        index=event.index,
-                        path=str(event.path),
-                        rows=event.rows,
-                        bytes=event.bytes,
-                        first_line=event.first_line,
-                    )
-                    crashpoint("chunk_added")
-                    self.scheduler.wake()
-                elif isinstance(event, splitter.Rejected):
-                    await self.store.add_reject(
-                        file.id,
-                        line=event.line,
-                        offset=event.offset,
-                        size=event.size,
-                        reason=event.reason,
-                    )
-                    self.metrics.rows("rejected", 1)
-                    log.warning("record_rejected", line=event.line, reason=event.reason)
-                else:
-                    await self.store.finish_split(
-                        file.id, rows=event.rows, chunks_total=event.chunks
-                    )
-                    log.info("file_split", rows=event.rows, chunks=event.chunks)
+            async with contextlib.aclosing(events):
+                async for event in events:
+                    await self.record_split_event(file.id, event)
         except InputError as exc:
             message = describe(exc, file.name)
             log.error("file_refused", error=message)
             await self.store.set_file_error(file.id, message)
             await self.end_split_early(file.id)
             self.scheduler.wake()
+
+    async def record_split_event(self, file_id: int, event: splitter.SplitEvent) -> None:
+        """One chunk cut, record set aside, or the end of a split: into the store."""
+        if isinstance(event, splitter.Chunk):
+            await self.store.add_chunk(
+                file_id,
+                index=event.index,
+                path=str(event.path),
+                rows=event.rows,
+                bytes=event.bytes,
+                first_line=event.first_line,
+            )
+            crashpoint("chunk_added")
+            self.scheduler.wake()
+        elif isinstance(event, splitter.Rejected):
+            await self.store.add_reject(
+                file_id,
+                line=event.line,
+                offset=event.offset,
+                size=event.size,
+                reason=event.reason,
+            )
+            self.metrics.rows("rejected", 1)
+            log.warning("record_rejected", line=event.line, reason=event.reason)
+        else:
+            await self.store.finish_split(file_id, rows=event.rows, chunks_total=event.chunks)
+            log.info("file_split", rows=event.rows, chunks=event.chunks)
 
     async def end_split_early(self, file_id: int) -> None:
         """A file that will fail: close its split with the chunks it already has."""
