@@ -11,7 +11,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-from orchestrator.store import Store
 from prometheus_client.parser import text_string_to_metric_families
 
 from orchestrator.config import HttpSettings
@@ -25,6 +24,7 @@ from orchestrator.status import (
     jobs_snapshot,
     read_snapshot,
 )
+from orchestrator.store import Store
 
 NOW = "2026-11-23T14:03:11Z"
 LATER = "2026-11-23T14:09:40Z"
