@@ -272,3 +272,20 @@ def physical_lines(path: Path) -> dict[int, int]:
 def read_rows(path: Path) -> list[list[str]]:
     with path.open(encoding="utf-8", newline="") as fh:
         return list(csv.reader(fh))
+
+
+async def test_polls_are_spent_only_where_a_status_can_change(
+    make_simulator: MakeSimulator, tmp_path: Path
+) -> None:
+    sim = await make_simulator(**{**SIM_KNOBS, "job_overhead": 0.1})
+    settings = fast_settings(sim.base_url, tmp_path, (LEADS,), max_chunk_bytes=700)
+    drop_leads(tmp_path, "big.csv", 600)
+    assert await run_once(settings) == 0
+    started = {j["batch_id"]: float(j["started_at"]) for j in sim.jobs()}
+    polls = [c for c in sim.calls() if c["operation"] == "getImportLeadStatusUsingGET"]
+    assert len(started) >= 20
+    # Marketo imports FIFO, two at a time: a job queued behind two of ours cannot change,
+    # so no poll of a job comes before it started importing.
+    early = [c for c in polls if float(c["t"]) < started[c["batch_id"]]]
+    assert early == []
+    assert len(polls) <= 4 * len(started), "a handful of polls per job, not one per interval each"
