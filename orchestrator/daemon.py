@@ -48,7 +48,7 @@ from orchestrator.models import (
     ObjectType,
 )
 from orchestrator.poller import Poller
-from orchestrator.scheduler import Scheduler
+from orchestrator.scheduler import Scheduler, wait_for_any
 from orchestrator.spool import Spool
 from orchestrator.status import StatusServer, format_status_table, load_snapshot
 from orchestrator.store import Store
@@ -378,8 +378,7 @@ class Daemon:
             print(f"\r{line:<79}", end="", file=sys.stderr, flush=True)
             if self.stop.is_set():
                 break
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stop.wait(), 1.0)
+            await wait_for_any(self.stop, within=1.0)
         print(file=sys.stderr)
 
     async def progress_line(self) -> str:
@@ -419,16 +418,14 @@ class Daemon:
                 attempt += 1
                 delay = self.scheduler.backoff.delay(attempt)
                 log.warning("identity_unreachable", error=str(exc), retry_in=round(delay, 2))
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.stop.wait(), delay)
+                await wait_for_any(self.stop, within=delay)
 
     def quota_day(self) -> str:
         return datetime.now(ZoneInfo(self.settings.limits.quota_reset_tz)).date().isoformat()
 
     async def persist_calls(self) -> None:
         while not self.stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stop.wait(), PERSIST_SECONDS)
+            await wait_for_any(self.stop, within=PERSIST_SECONDS)
             await self.save_calls()
 
     async def save_calls(self) -> None:

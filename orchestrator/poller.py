@@ -38,7 +38,7 @@ from orchestrator.config import Route, Settings
 from orchestrator.errors import CredentialsError, FatalError, MarketoError
 from orchestrator.faults import crashpoint
 from orchestrator.models import BatchStatus, ChunkRecord, ChunkStatus, FileRecord
-from orchestrator.scheduler import utc_now
+from orchestrator.scheduler import utc_now, wait_for_any
 from orchestrator.store import Store
 
 log = structlog.get_logger(__name__)
@@ -95,16 +95,7 @@ class Poller:
                     for chunk in due:
                         group.create_task(self.poll(chunk))
                 continue
-            timeout = self.next_due(outstanding)
-            waiter = asyncio.ensure_future(self._wake.wait())
-            stopper = asyncio.ensure_future(stop.wait())
-            try:
-                await asyncio.wait(
-                    {waiter, stopper}, timeout=timeout, return_when="FIRST_COMPLETED"
-                )
-            finally:
-                waiter.cancel()
-                stopper.cancel()
+            await wait_for_any(self._wake, stop, within=self.next_due(outstanding))
 
     async def outstanding(self) -> list[tuple[ChunkRecord, float]]:
         """Our batches at Marketo in submit order, each with the interval it deserves.

@@ -64,6 +64,16 @@ def utc_now() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
+async def wait_for_any(*events: asyncio.Event, within: float | None) -> None:
+    """Return when one of `events` is set or `within` seconds passed (None: no limit)."""
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, timeout=within, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+
+
 @dataclass
 class QueueModel:
     """How many more jobs Marketo's queue can take from us."""
@@ -134,16 +144,7 @@ class Scheduler:
         while not stop.is_set():
             self._wake.clear()
             await self.submit_ready(stop)
-            timeout = self.next_deadline()
-            waiter = asyncio.ensure_future(self._wake.wait())
-            stopper = asyncio.ensure_future(stop.wait())
-            try:
-                await asyncio.wait(
-                    {waiter, stopper}, timeout=timeout, return_when="FIRST_COMPLETED"
-                )
-            finally:
-                waiter.cancel()
-                stopper.cancel()
+            await wait_for_any(self._wake, stop, within=self.next_deadline())
 
     def next_deadline(self) -> float | None:
         """Seconds until the earliest backoff ends, or None to wait for a wake-up."""
