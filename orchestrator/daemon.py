@@ -36,6 +36,7 @@ from orchestrator.errors import (
     InputError,
     MarketoError,
     OrchestratorError,
+    StoreError,
 )
 from orchestrator.faults import crashpoint
 from orchestrator.marketo import MarketoClient
@@ -75,10 +76,29 @@ def main(settings: Settings, *, once: bool, simulate: bool) -> int:
         return asyncio.run(Daemon(settings, once=once, simulate=simulate).run())
     except ConfigError:
         raise  # the CLI reports it: one line naming the key, exit 2
-    except OrchestratorError as exc:
-        log.error("daemon_failed", error=str(exc))
-        print(f"marketo-orchestrator: error: {exc}", file=sys.stderr)
+    except (OrchestratorError, OSError, BaseExceptionGroup) as exc:
+        cause = first_cause(exc)
+        if cause is None:
+            raise
+        log.error("daemon_failed", error=str(cause))
+        print(f"marketo-orchestrator: error: {cause}", file=sys.stderr)
         return 1
+
+
+def first_cause(exc: BaseException) -> BaseException | None:
+    """The error a user can act on (ours, or a disk/permission problem naming a path),
+    also from inside the TaskGroup's exception group; None for anything else (a bug)."""
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = first_cause(inner)
+            if found is not None:
+                return found
+        return None
+    if isinstance(exc, OrchestratorError):
+        return exc
+    if isinstance(exc, OSError) and exc.filename:
+        return exc
+    return None
 
 
 class Daemon:
@@ -121,6 +141,7 @@ class Daemon:
             await self.start_simulator(stack)
         settings = self.settings
         make_data_dir(settings.data_dir)
+        refuse_orphaned_work(settings.data_dir)
         self.store = await Store.open(settings.data_dir / "state.db")
         stack.push_async_callback(self.store.close)
         recovery = await self.store.recover()
@@ -333,6 +354,8 @@ class Daemon:
             with structlog.contextvars.bound_contextvars(route=file.route, file=file.name):
                 record, document = await results.finish_file(self.settings, self.store, file)
                 self.account(record, document)
+            self.scheduler.forget(file_id)
+            self.poller.forget(file_id)
         await self.stop_if_idle()
 
     def account(self, file: FileRecord, document: dict[str, Any]) -> None:
@@ -367,7 +390,7 @@ class Daemon:
         """With --once: stop when the inbox is drained and every file has a result."""
         if not (self.once and self.draining):
             return
-        unfinished = [f for f in await self.store.files() if f.status not in FINAL_FILE]
+        unfinished = await self.store.files([s for s in FileStatus if s not in FINAL_FILE])
         if not unfinished and self.split_queue.empty():
             self.stop.set()
 
@@ -470,6 +493,20 @@ def make_data_dir(path: Path) -> None:
         raise ConfigError("data_dir", f"{path} exists and is not a directory") from None
     except OSError as exc:
         raise ConfigError("data_dir", f"cannot create {path}: {exc.strerror or exc}") from None
+
+
+def refuse_orphaned_work(data_dir: Path) -> None:
+    """A missing state.db next to claimed work would silently drop that work: refuse."""
+    db = data_dir / "state.db"
+    work = [data_dir / "work" / "incoming", data_dir / "work" / "chunks"]
+    if db.exists() or not any(d.is_dir() and any(d.iterdir()) for d in work):
+        return
+    raise StoreError(
+        db,
+        "is missing, but work/ holds files claimed under it; to recover, move each "
+        "work/incoming/<number>-<name> back to inbox/<route>/<name>, delete work/, "
+        "and restart (Bulk Import is insert-or-update, so re-importing is harmless)",
+    )
 
 
 def describe(exc: InputError, name: str) -> str:

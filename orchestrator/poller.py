@@ -80,6 +80,10 @@ class Poller:
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _files: dict[int, FileRecord] = field(default_factory=dict)
 
+    def forget(self, file_id: int) -> None:
+        """A finished file's record need not stay cached."""
+        self._files.pop(file_id, None)
+
     def submitted(self, chunk: ChunkRecord) -> None:
         """A batch was just created: its create response counts as the first look."""
         self.tracks[chunk.id] = Track(self.clock(), self.settings.polling.interval, behind=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import itertools
 import json
 import os
 import shutil
@@ -40,6 +41,10 @@ from orchestrator.store import Store
 
 RESULT_SUFFIX = ".result.json"
 
+# A set-aside record can be as large as any field Marketo accepts: well over
+# the csv module's 128 KiB default. Raised once, for the process.
+csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
+
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
@@ -59,18 +64,16 @@ def outcome(file: FileRecord, chunks: list[ChunkRecord]) -> Outcome:
     return Outcome(FileStatus.COMPLETE, None)
 
 
-def choose_name(directory: Path, name: str, taken: set[str]) -> Path:
+async def choose_name(store: Store, directory: Path, name: str) -> Path:
     """`directory/name`, or name.2, name.3 ... (before the extension) if it was used."""
     stem, suffix = os.path.splitext(name)
-    n = 1
-    while True:
+    for n in itertools.count(1):
         candidate = directory / (name if n == 1 else f"{stem}.{n}{suffix}")
         result = candidate.with_name(candidate.name + RESULT_SUFFIX)
-        if not (candidate.exists() or candidate.is_symlink() or result.exists()) and (
-            str(result) not in taken
-        ):
+        on_disk = candidate.exists() or candidate.is_symlink() or result.exists()
+        if not on_disk and not await store.result_path_taken(str(result)):
             return candidate
-        n += 1
+    raise AssertionError("unreachable: itertools.count never ends")
 
 
 async def finish_file(
@@ -84,7 +87,7 @@ async def finish_file(
         folder = "done" if result.status is FileStatus.COMPLETE else "failed"
         directory = settings.data_dir / folder / file.route
         directory.mkdir(parents=True, exist_ok=True)
-        target = choose_name(directory, file.name, await store.result_paths())
+        target = await choose_name(store, directory, file.name)
         file = await store.reserve_result(file.id, result_path=str(target) + RESULT_SUFFIX)
     assert file.result_path is not None
     finished_at = utc_now()

@@ -83,6 +83,10 @@ class QueueModel:
 
     def capacity(self, outstanding: int) -> int:
         room = min(self.limit, constants.MAX_QUEUED_JOBS - self.foreign)
+        if outstanding == 0:
+            # Nothing of ours will complete to free a slot: probe one (the 1016
+            # backoff spaces the probes) rather than wait for an event that never comes.
+            room = max(room, 1)
         return max(0, room - outstanding)
 
     def queue_full(self, outstanding: int) -> None:
@@ -128,6 +132,10 @@ class Scheduler:
     def wake(self) -> None:
         """Something changed: a chunk was added or a job finished."""
         self._wake.set()
+
+    def forget(self, file_id: int) -> None:
+        """A finished file's record need not stay cached."""
+        self._files.pop(file_id, None)
 
     def job_finished(self) -> None:
         """One of our jobs ended at Marketo."""

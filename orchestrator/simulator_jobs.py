@@ -148,6 +148,10 @@ class ParsedFile:
     error: str | None = None
 
 
+# Marketo takes fields far larger than the csv module's 128 KiB default.
+csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
+
+
 def parse_upload(data: bytes, delimiter: str) -> ParsedFile:
     """Decode and split an upload (blank lines skipped). Pure; run it in a thread."""
     try:

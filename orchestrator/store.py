@@ -470,14 +470,14 @@ class Store:
 
         return await self._run("rejects", body, write=False)
 
-    async def result_paths(self) -> set[str]:
-        """Every result path ever reserved, so a new result never takes a used name."""
+    async def result_path_taken(self, path: str) -> bool:
+        """Whether a result path was ever reserved (an index lookup)."""
 
-        def body(conn: sqlite3.Connection) -> set[str]:
-            rows = conn.execute("SELECT result_path FROM files WHERE result_path IS NOT NULL")
-            return {row[0] for row in rows}
+        def body(conn: sqlite3.Connection) -> bool:
+            row = conn.execute("SELECT 1 FROM files WHERE result_path = ?", (path,)).fetchone()
+            return row is not None
 
-        return await self._run("result_paths", body, write=False)
+        return await self._run("result_path_taken", body, write=False)
 
     async def recover(self) -> Recovery:
         """At startup: SUBMITTING chunks back to PENDING, and what else was left half done."""

@@ -477,7 +477,8 @@ async def test_finish_file_complete_needs_every_chunk_complete(store: Store) -> 
     store = await reopen(store)
     try:
         assert await store.get_file(file.id) == done
-        assert await store.result_paths() == {result}
+        assert await store.result_path_taken(result)
+        assert not await store.result_path_taken(result + ".other")
     finally:
         await store.close()
 
