@@ -43,6 +43,7 @@ from orchestrator.marketo import MarketoClient
 from orchestrator.metrics import Metrics
 from orchestrator.models import (
     FINAL_CHUNK_STATUSES,
+    FINAL_FILE_STATUSES,
     ChunkRecord,
     FileRecord,
     FileStatus,
@@ -390,7 +391,7 @@ class Daemon:
         """With --once: stop when the inbox is drained and every file has a result."""
         if not (self.once and self.draining):
             return
-        unfinished = await self.store.files([s for s in FileStatus if s not in FINAL_FILE])
+        unfinished = await self.store.files(set(FileStatus) - FINAL_FILE_STATUSES)
         if not unfinished and self.split_queue.empty():
             self.stop.set()
 
@@ -480,9 +481,6 @@ class Daemon:
             os._exit(130)
         log.info("shutdown_requested", signal=sig.name)
         self.stop.set()
-
-
-FINAL_FILE = (FileStatus.COMPLETE, FileStatus.FAILED)
 
 
 def make_data_dir(path: Path) -> None:
