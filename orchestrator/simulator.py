@@ -3,18 +3,13 @@
 Paths and shapes follow shared/marketo-openapi: swagger-identity.json for the
 token, swagger-mapi.json for the twelve /bulk/v1 import operations. Answers use
 Marketo's envelope, HTTP 200 with `requestId`, `success`, `result`, `errors`
-(string codes) and `warnings`. The queue, rows and records live in
-`simulator_jobs` (records in `simulator_records`); tokens, call limits, faults
-and the call log in `simulator_gate`. This module is the HTTP face.
+(string codes) and `warnings`. The queue and rows live in `simulator_jobs`
+(records in `simulator_records`); tokens, call limits, faults and the call log
+in `simulator_gate`; the operation handlers in `simulator_bulk`. This module is
+the HTTP face.
 
-Choices where Marketo's documentation is silent:
+Choices where Marketo's documentation is silent (operations: see `simulator_bulk`):
 
-- A missing or invalid parameter (`format` in the wrong case, no
-  `programMemberStatus`, no `file` part, a `listId` that is not a number): 1003.
-- A batch id that is unknown, belongs to another object type (or another custom
-  object, or another integration): 1003 "Batch id N not found".
-- failures/warnings of a finished job that has none: HTTP 404 with a text body;
-  of a job not finished yet: a 1003 envelope.
 - A file of `max_file_bytes` or more: HTTP 413 with a text body, as the proxy in
   front of Marketo answers, before auth.
 - Every bulk call passes, in order: 615 (calls in flight, counted from arrival),
@@ -38,21 +33,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
-import secrets
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from functools import partial
 from types import TracebackType
 from typing import Any
 
 import structlog
-from aiohttp import BodyPartReader, web
+from aiohttp import web
 
-from orchestrator import constants
 from orchestrator.errors import ConfigError
-from orchestrator.models import ObjectType
+from orchestrator.simulator_bulk import BulkOperations, Call, Operation, Upload, read_upload
 from orchestrator.simulator_gate import (
     MESSAGES,
     CallInfo,
@@ -63,14 +56,7 @@ from orchestrator.simulator_gate import (
     bearer,
     credentials_ok,
 )
-from orchestrator.simulator_jobs import (
-    Job,
-    JobQueue,
-    JobSpec,
-    Refusal,
-    SimulatorConfig,
-    parse_upload,
-)
+from orchestrator.simulator_jobs import JobQueue, Refusal, SimulatorConfig
 
 __all__ = ["Simulator", "SimulatorConfig", "add_arguments", "config_from_args", "serve"]
 
@@ -80,45 +66,6 @@ TOKEN_PATH = "/identity/oauth/token"
 SIM_PREFIX = "/_sim"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@dataclass(frozen=True, slots=True)
-class Upload:
-    data: bytes | None  # the `file` part; None when there was none
-    size: int
-
-
-@dataclass(frozen=True, slots=True)
-class Call:
-    """What an operation handler gets once a bulk call passed every check."""
-
-    request: web.Request
-    info: CallInfo
-    client_id: str
-    upload: Upload | None
-
-
-Operation = Callable[[Call], Awaitable[web.StreamResponse]]
-
-
-def status_result(job: Job) -> dict[str, Any]:
-    """A job as the status endpoint of its object type describes it."""
-    assert job.spec is not None  # foreign jobs are never shown
-    out, final = job.outcome, job.status in constants.FINAL_STATUSES
-    result: dict[str, Any] = {"batchId": job.batch_id}
-    if job.spec.object_type is ObjectType.CUSTOM_OBJECT:
-        result |= {"operation": "import", "status": job.status}
-        result |= {"objectApiName": job.spec.api_name, "numOfObjectsProcessed": out.processed}
-    else:  # leads and program members share the lead counter name
-        result |= {"importId": str(job.batch_id), "status": job.status}
-        result["numOfLeadsProcessed"] = out.processed
-    result |= {"numOfRowsFailed": out.failed, "numOfRowsWithWarning": out.warned}
-    if final and job.spec.object_type is ObjectType.CUSTOM_OBJECT:
-        took = (job.finished_at or 0.0) - (job.started_at or 0.0)
-        result["importTime"] = f"{round(took)} second(s)"
-    if final:
-        result["message"] = out.message
-    return result
 
 
 class Simulator:
@@ -140,6 +87,7 @@ class Simulator:
         self._tokens = Tokens()
         self._limits = Limits()
         self._log = CallLog()
+        self._operations = BulkOperations(self._queue, self._clock, lambda: self.config)
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -147,7 +95,7 @@ class Simulator:
         app = web.Application()
         app.router.add_get(TOKEN_PATH, self._logged("identity", self._identity))
         app.router.add_post(TOKEN_PATH, self._logged("identity", self._identity))
-        for method, path, operation, handler in self._operations():
+        for method, path, operation, handler in self._operations.routes():
             app.router.add_route(
                 method, path, self._logged(operation, partial(self._bulk, handler))
             )
@@ -288,7 +236,9 @@ class Simulator:
             return await self._checked(handler, request, info)
         except Refusal as refusal:
             info.code = refusal.code
-            return self._envelope([], [{"code": refusal.code, "message": refusal.message}])
+            return self._operations.envelope(
+                [], [{"code": refusal.code, "message": refusal.message}]
+            )
         finally:
             self._limits.leave()
 
@@ -330,31 +280,12 @@ class Simulator:
         return web.Response(status=500)  # never reaches the client
 
     async def _read_upload(self, request: web.Request, info: CallInfo) -> Upload:
-        """Read the multipart body: the `file` part (counted past the size limit, kept
-        below it) and the names of the other fields."""
-        if request.content_type != "multipart/form-data":
-            return Upload(None, 0)
-        limit, data, size = self.config.max_file_bytes, None, 0
-        try:
-            reader = await request.multipart()
-            while (part := await reader.next()) is not None:
-                if not isinstance(part, BodyPartReader):
-                    continue
-                info.form_keys.append(part.name or "")
-                if part.name != "file" or data is not None:
-                    continue
-                buffer = bytearray()
-                while chunk := await part.read_chunk(1 << 16):
-                    size += len(chunk)
-                    if size < limit:
-                        buffer += chunk
-                data = bytes(buffer)
-        except ValueError as exc:
-            raise Refusal("1003", "Malformed multipart body") from exc
+        """The upload of a create call; a token among the form fields is a violation."""
+        upload = await read_upload(request, info.form_keys, self.config.max_file_bytes)
         if "access_token" in info.form_keys:
             info.client_id = info.client_id or self._tokens.owner(bearer(request))
             self._log.violation("token_in_form", info)
-        return Upload(data, size)
+        return upload
 
     # -- identity ----------------------------------------------------------------
 
@@ -389,151 +320,6 @@ class Simulator:
                 "scope": f"{client_id}@simulator",
             }
         )
-
-    # -- bulk import operations -----------------------------------------------------
-
-    def _operations(self) -> list[tuple[str, str, str, Operation]]:
-        leads, custom = ObjectType.LEADS, ObjectType.CUSTOM_OBJECT
-        members = ObjectType.PROGRAM_MEMBERS
-        batch = r"{batch_id:\d+}"
-        co = "/bulk/v1/customobjects/{api_name}/import"
-        pm = "/bulk/v1/program/members/import"
-        routes: list[tuple[str, str, str, Operation]] = [
-            ("POST", "/bulk/v1/leads.json", "importLeadUsingPOST", self._create_leads),
-            ("POST", f"{co}.json", "importCustomObjectUsingPOST", self._create_custom),
-            ("POST", "/bulk/v1/program/{program_id}/members/import.json",
-             "importProgramMemberUsingPOST", self._create_members),
-            ("GET", f"/bulk/v1/leads/batch/{batch}.json", "getImportLeadStatusUsingGET",
-             partial(self._status, leads)),
-            ("GET", f"{co}/{batch}/status.json", "getImportCustomObjectStatusUsingGET",
-             partial(self._status, custom)),
-            ("GET", f"{pm}/{batch}/status.json", "getImportProgramMemberStatusUsingGET",
-             partial(self._status, members)),
-        ]  # fmt: skip
-        files = [
-            (leads, f"/bulk/v1/leads/batch/{batch}", "ImportLead"),
-            (custom, f"{co}/{batch}", "ImportCustomObject"),
-            (members, f"{pm}/{batch}", "ImportProgramMember"),
-        ]
-        for object_type, base, name in files:
-            for kind in ("failures", "warnings"):
-                operation = f"get{name}{kind.capitalize()}UsingGET"
-                routes.append(
-                    (
-                        "GET",
-                        f"{base}/{kind}.json",
-                        operation,
-                        partial(self._file, object_type, kind),
-                    )
-                )
-        return routes
-
-    async def _create_leads(self, call: Call) -> web.StreamResponse:
-        query = call.request.query
-        list_id = query.get("listId")
-        if list_id is not None and not list_id.isdigit():
-            raise Refusal("1003", "Invalid value for parameter 'listId'")
-        spec = JobSpec(
-            ObjectType.LEADS,
-            self._format(query, upper=False),
-            lookup_field=query.get("lookupField") or "email",
-            list_id=int(list_id) if list_id is not None else None,
-            partition=query.get("partitionName", ""),
-        )
-        job = await self._submit(call, spec)
-        return self._envelope(
-            [{"batchId": job.batch_id, "importId": str(job.batch_id), "status": "Queued"}]
-        )
-
-    async def _create_custom(self, call: Call) -> web.StreamResponse:
-        api_name = call.request.match_info["api_name"]
-        fmt = self._format(call.request.query, upper=False)
-        job = await self._submit(call, JobSpec(ObjectType.CUSTOM_OBJECT, fmt, api_name=api_name))
-        return self._envelope(
-            [
-                {
-                    "batchId": job.batch_id,
-                    "operation": "import",
-                    "objectApiName": api_name,
-                    "status": "Queued",
-                }
-            ]
-        )
-
-    async def _create_members(self, call: Call) -> web.StreamResponse:
-        query = call.request.query
-        fmt = self._format(query, upper=True)
-        status = query.get("programMemberStatus", "")
-        if not status:
-            raise Refusal("1003", "Required parameter 'programMemberStatus' is missing")
-        program_id = call.request.match_info["program_id"]
-        spec = JobSpec(ObjectType.PROGRAM_MEMBERS, fmt, program_id=program_id, member_status=status)
-        job = await self._submit(call, spec)
-        return self._envelope(
-            [{"batchId": job.batch_id, "importId": str(job.batch_id), "status": "Queued"}]
-        )
-
-    @staticmethod
-    def _format(query: Any, *, upper: bool) -> str:
-        allowed = ("CSV", "TSV", "SSV") if upper else ("csv", "tsv", "ssv")
-        fmt = query.get("format")
-        if fmt is None:
-            raise Refusal("1003", "Required parameter 'format' is missing")
-        if fmt not in allowed:
-            raise Refusal(
-                "1003", f"Invalid value for parameter 'format', expected one of {'|'.join(allowed)}"
-            )
-        return str(fmt)
-
-    async def _submit(self, call: Call, spec: JobSpec) -> Job:
-        if call.upload is None or call.upload.data is None:
-            raise Refusal("1003", "Required parameter 'file' is missing")
-        self._queue.check_room(spec)  # refuse before parsing a large file for nothing
-        delimiter = constants.DELIMITERS[spec.fmt.lower()]
-        parsed = await asyncio.to_thread(parse_upload, call.upload.data, delimiter)
-        job = self._queue.submit(spec, parsed, call.client_id, self._clock())
-        call.info.batch_id = job.batch_id
-        return job
-
-    def _find(self, call: Call, object_type: ObjectType) -> Job:
-        batch_id = int(call.request.match_info["batch_id"])
-        call.info.batch_id = batch_id
-        job = self._queue.jobs.get(batch_id)
-        api_name = call.request.match_info.get("api_name")
-        if (
-            job is None
-            or job.spec is None
-            or job.spec.object_type is not object_type
-            or (api_name is not None and job.spec.api_name != api_name)
-        ):
-            raise Refusal("1003", f"Batch id {batch_id} not found")
-        return job
-
-    async def _status(self, object_type: ObjectType, call: Call) -> web.StreamResponse:
-        return self._envelope([status_result(self._find(call, object_type))])
-
-    async def _file(self, object_type: ObjectType, kind: str, call: Call) -> web.StreamResponse:
-        job = self._find(call, object_type)
-        if job.status not in constants.FINAL_STATUSES:
-            raise Refusal("1003", f"Batch id {job.batch_id} is {job.status}, no {kind} file yet")
-        body = job.outcome.failures if kind == "failures" else job.outcome.warnings
-        if body is None:
-            return web.Response(status=404, text=f"No {kind} for batch id {job.batch_id}")
-        return web.Response(body=body, content_type="text/csv", charset="utf-8")
-
-    def _envelope(
-        self, result: list[dict[str, Any]], errors: list[dict[str, str]] | None = None
-    ) -> web.Response:
-        body: dict[str, Any] = {
-            "requestId": f"{secrets.randbits(16):04x}#{time.time_ns() // 1_000_000:x}",
-            "success": not errors,
-            "result": result,
-            "errors": errors or [],
-            "warnings": [],
-        }
-        if self.config.omit_empty:
-            body = {key: value for key, value in body.items() if value != []}
-        return web.json_response(body)
 
     # -- test API over HTTP --------------------------------------------------------
 

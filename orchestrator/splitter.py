@@ -3,35 +3,14 @@
 Every chunk is the header line followed by whole records, strictly smaller than
 `max_bytes`, filled greedily (for records in a fixed order that gives the fewest
 chunks, so the fewest Marketo jobs). Record bytes are copied unchanged: no
-re-quoting, no re-encoding, line endings kept.
+re-quoting, no re-encoding, line endings kept, a UTF-8 BOM never copied.
+Where records end and what makes a file unreadable is `splitter_scan`'s part.
 
-How records are found. Quoting follows RFC 4180 with the format's delimiter; the
-delimiter itself never matters for cutting, only quotes and LF bytes do. An LF
-ends a record when the number of quotes since the record began is even. So the
-scan works on whole blocks with C-speed bytes methods, never record by record:
-a block without quotes is all `count`/`find`; a block with quotes is reduced to
-its quotes and LFs by `translate`, quote pairs on one physical line cancel, and
-the few odd lines that are left say which LFs are inside a quoted field.
-
-Decisions (the issue left these open):
-- Only LF ends a record; a CR before it is part of the line ending and kept. A
-  lone CR outside quotes is ordinary data.
-- A quote anywhere toggles quoting, as RFC 4180 reads it. A stray quote inside
-  an unquoted field therefore opens a quoted section; if nothing closes it, the
-  file ends inside a quote and `InputError` names the line of the record where
-  it opened.
-- A blank line is a record (an empty row, as `csv.reader` sees it): it is
-  copied, counted, and Marketo decides about it. A final LF at the end of the
-  file ends the last record; it is not a record of its own.
+Decisions (the issue left these open; the scanning ones are in `splitter_scan`):
+- A blank line is a record: it is copied, counted, and Marketo decides about it.
 - The last record of the file keeps its bytes as they are, so if the file does
   not end with LF, neither does the last chunk. Every other chunk ends with the
   line ending of its last record, because a chunk is only ever cut after an LF.
-- A UTF-8 byte order mark is dropped; it is never copied into a chunk.
-- Header names are compared exactly after trimming surrounding spaces: an
-  empty one (a trailing delimiter makes one) or a repeated one is an error.
-- "line" in events and errors is the physical line: 1 + the LF bytes before
-  the position (the header is line 1). "offset" is a byte offset in the source
-  file as it is on disk (a BOM counts).
 - `SplitDone.rows` counts every data record of the source, the rejected ones
   included; the chunks hold `rows - rejected` of them.
 
@@ -43,33 +22,38 @@ a failed or abandoned split leaves no partial file.
 from __future__ import annotations
 
 import asyncio
-import codecs
 import contextlib
-import csv
 import io
 import os
 import threading
 from collections.abc import AsyncGenerator, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, NoReturn
+from typing import Final
 
-from orchestrator.constants import DELIMITERS
 from orchestrator.errors import InputError
+from orchestrator.splitter_scan import (
+    DEFAULT_BLOCK_SIZE,
+    LF,
+    Scan,
+    Validator,
+    delimiter_for,
+    ends_between,
+    first_end,
+    last_end,
+    parse_header,
+    read_blocks,
+    scan_block,
+    unterminated_error,
+)
 
-DEFAULT_BLOCK_SIZE: Final = 1 << 20
-# UTF-8 is checked in pieces this size, so that one wide character does not
-# slow the decoding of a whole block, and pure-ASCII pieces are skipped.
-_VALIDATE_PIECE: Final = 1 << 16
+# Re-exported: DEFAULT_BLOCK_SIZE, parse_header and iter_records are public here.
+from orchestrator.splitter_scan import (
+    iter_records as iter_records,
+)
+
 # Events the async wrapper's worker may run ahead of its consumer.
 _ASYNC_AHEAD: Final = 2
-
-_LF: Final = b"\n"
-_QUOTE: Final = b'"'
-_NUL: Final = b"\x00"
-# Second argument to bytes.translate: delete every byte but the quote and LF.
-_NOT_QUOTE_OR_LF: Final = bytes(b for b in range(256) if b not in b'"\n')
-_UTF16_BOMS: Final = ((codecs.BOM_UTF16_LE, "FF FE"), (codecs.BOM_UTF16_BE, "FE FF"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,228 +88,6 @@ class SplitDone:
 
 
 SplitEvent = Chunk | Rejected | SplitDone
-
-
-def parse_header(line: bytes, fmt: str, source: Path) -> tuple[str, ...]:
-    """Column names of a header record; InputError for a header Marketo cannot map."""
-    delimiter = _delimiter(fmt)
-    raw = line.removeprefix(codecs.BOM_UTF8)
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise InputError(source, f"header is not valid UTF-8 ({exc.reason})", line=1) from None
-    text = text.removesuffix("\n").removesuffix("\r")
-    try:
-        rows = list(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True))
-    except csv.Error as exc:
-        raise InputError(source, f"header is not valid {fmt}: {exc}", line=1) from None
-    if not rows or rows == [[]]:
-        raise InputError(source, "header line is empty", line=1)
-    if len(rows) > 1:
-        raise InputError(source, "header spans more than one record", line=1)
-    return _checked_columns(rows[0], source)
-
-
-def _checked_columns(names: list[str], source: Path) -> tuple[str, ...]:
-    seen: dict[str, int] = {}
-    for number, name in enumerate(names, start=1):
-        key = name.strip()
-        if not key:
-            problem = f"header column {number} has an empty name"
-            if number == len(names):
-                problem += " (a trailing delimiter?)"
-            raise InputError(source, problem, line=1)
-        if key in seen:
-            raise InputError(
-                source,
-                f"header column {number} {key!r} duplicates column {seen[key]}",
-                line=1,
-            )
-        seen[key] = number
-    return tuple(names)
-
-
-def _delimiter(fmt: str) -> str:
-    try:
-        return DELIMITERS[fmt]
-    except KeyError:
-        raise ValueError(f"unknown format {fmt!r}; expected one of {sorted(DELIMITERS)}") from None
-
-
-# --- the scan: quote parity with bytes methods --------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class _Scan:
-    """Where records end in one block, given whether it starts inside a quote."""
-
-    lfs: int  # LF bytes in the block
-    ends: int  # LFs that end a record
-    first: int  # offset just past the first record-ending LF, -1 if none
-    last: int  # offset just past the last record-ending LF, -1 if none
-    parity: int  # 1 if the block ends inside a quoted field
-
-
-def _scan(data: bytes, parity: int) -> _Scan:
-    if data.find(_QUOTE) < 0:
-        lfs = data.count(_LF)
-        if parity or not lfs:
-            return _Scan(lfs, 0, -1, -1, parity)
-        return _Scan(lfs, lfs, data.find(_LF) + 1, data.rfind(_LF) + 1, 0)
-    # Keep only quotes and LFs. The quotes of one physical line are then
-    # adjacent; removing pairs leaves one quote per line with an odd count, and
-    # parts[i] of the split lies inside a quote when parity + i is odd.
-    marks = data.translate(None, _NOT_QUOTE_OR_LF).replace(b'""', b"")
-    parts = marks.split(_QUOTE)
-    lfs = marks.count(_LF)
-    quoted = b"".join(parts[1 - parity :: 2]).count(_LF)
-    end_parity = (parity + len(parts) - 1) & 1
-    if quoted == lfs:
-        return _Scan(lfs, 0, -1, -1, end_parity)
-    before, after = _quoted_lfs_around(parts, parity)
-    first = _past_nth_lf(data, before)
-    last = _past_nth_lf_from_end(data, after)
-    return _Scan(lfs, lfs - quoted, first, last, end_parity)
-
-
-def _quoted_lfs_around(parts: list[bytes], parity: int) -> tuple[int, int]:
-    """LFs before the first and after the last record-ending LF (parts has one)."""
-    before = 0
-    for i, part in enumerate(parts):
-        if not (parity + i) & 1 and _LF in part:
-            break
-        before += part.count(_LF)
-    after = 0
-    for i in range(len(parts) - 1, -1, -1):
-        if not (parity + i) & 1 and _LF in parts[i]:
-            break
-        after += parts[i].count(_LF)
-    return before, after
-
-
-def _past_nth_lf(data: bytes, n: int) -> int:
-    pos = -1
-    for _ in range(n + 1):
-        pos = data.find(_LF, pos + 1)
-    return pos + 1
-
-
-def _past_nth_lf_from_end(data: bytes, n: int) -> int:
-    pos = len(data)
-    for _ in range(n + 1):
-        pos = data.rfind(_LF, 0, pos)
-    return pos + 1
-
-
-def _last_end(data: bytes, start: int, limit: int) -> int:
-    """Offset past the last record-ending LF in data[start:limit]; -1 if none.
-
-    `start` is a record boundary. Walks back LF by LF only while the quote
-    count since `start` is odd.
-    """
-    pos = data.rfind(_LF, start, limit)
-    if pos < 0:
-        return -1
-    odd = data.count(_QUOTE, start, pos) & 1
-    while odd:
-        prev = data.rfind(_LF, start, pos)
-        if prev < 0:
-            return -1
-        odd ^= data.count(_QUOTE, prev, pos) & 1
-        pos = prev
-    return pos + 1
-
-
-def _first_end(data: bytes, start: int, parity: int) -> int:
-    """Offset past the first record-ending LF at or after `start`; -1 if none."""
-    pos = data.find(_LF, start)
-    while pos >= 0:
-        parity ^= data.count(_QUOTE, start, pos) & 1
-        if not parity:
-            return pos + 1
-        start = pos
-        pos = data.find(_LF, pos + 1)
-    return -1
-
-
-# --- reading and checking the source -------------------------------------------
-
-
-def _blocks(fh: io.BufferedReader, source: Path, block_size: int) -> Iterator[tuple[bytes, int]]:
-    """The file in blocks with their offsets; a UTF-8 BOM dropped, UTF-16 refused."""
-    data = fh.read(block_size)
-    offset = 0
-    for bom, name in _UTF16_BOMS:
-        if data.startswith(bom):
-            raise InputError(
-                source,
-                f"file is UTF-16 (byte order mark {name}); save it as UTF-8",
-                offset=0,
-                line=1,
-            )
-    if data.startswith(codecs.BOM_UTF8):
-        data = data[len(codecs.BOM_UTF8) :]
-        offset = len(codecs.BOM_UTF8)
-        if not data:
-            data = fh.read(block_size)
-    while data:
-        yield data, offset
-        offset += len(data)
-        data = fh.read(block_size)
-
-
-class _Validator:
-    """Refuses NUL bytes and text that is not UTF-8, block by block at C speed."""
-
-    def __init__(self, source: Path) -> None:
-        self._source = source
-        self._decoder = codecs.getincrementaldecoder("utf-8")()
-
-    def check(self, data: bytes, offset: int, line: int) -> None:
-        """`line` is the physical line at data[0]."""
-        nul = data.find(_NUL)
-        if nul >= 0:
-            raise InputError(
-                self._source,
-                "NUL byte: binary data, or UTF-16/UTF-32 text without a byte order mark",
-                offset=offset + nul,
-                line=line + data.count(_LF, 0, nul),
-            )
-        if not self._held() and data.isascii():
-            return
-        for start in range(0, len(data), _VALIDATE_PIECE):
-            piece = data[start : start + _VALIDATE_PIECE]
-            held = self._held()
-            if not held and piece.isascii():
-                continue
-            try:
-                self._decoder.decode(piece)
-            except UnicodeDecodeError as exc:
-                bad = start - len(held) + exc.start
-                self._fail(exc.reason, offset + bad, line + data.count(_LF, 0, max(bad, 0)))
-
-    def finish(self, offset: int, line: int) -> None:
-        """`offset` and `line` are those of the end of the file."""
-        held = self._held()
-        try:
-            self._decoder.decode(b"", final=True)
-        except UnicodeDecodeError as exc:
-            self._fail(exc.reason, offset - len(held) + exc.start, line)
-
-    def _held(self) -> bytes:
-        return self._decoder.getstate()[0]
-
-    def _fail(self, reason: str, offset: int, line: int) -> NoReturn:
-        raise InputError(self._source, f"not valid UTF-8 ({reason})", offset=offset, line=line)
-
-
-def _unterminated(source: Path, offset: int, line: int) -> InputError:
-    return InputError(
-        source,
-        "unterminated quoted field: a quote opened in the record starting here is never closed",
-        offset=offset,
-        line=line,
-    )
 
 
 # --- writing chunks -----------------------------------------------------------
@@ -428,7 +190,7 @@ class _Cutter:
         self._fmt = fmt
         self._max_bytes = max_bytes
         self._writer = _ChunkWriter(out_dir, fmt, fsync=fsync)
-        self._validator = _Validator(source)
+        self._validator = Validator(source)
         self._columns: tuple[str, ...] | None = None
         self._room = 0  # most data bytes a chunk can take
         self._line = 1  # physical line at the start of the next block
@@ -448,7 +210,7 @@ class _Cutter:
         self._end = offset + len(data)
         line = self._line
         self._validator.check(data, offset, line)
-        scan = _scan(data, self._pending_parity)
+        scan = scan_block(data, self._pending_parity)
         self._line += scan.lfs
         if scan.first < 0:
             self._hold(data, scan.parity)
@@ -456,7 +218,7 @@ class _Cutter:
         view = memoryview(data)
         yield from self._finish_pending(view[: scan.first])
         if scan.last > scan.first:
-            region_line = line + data.count(_LF, 0, scan.first)
+            region_line = line + data.count(LF, 0, scan.first)
             yield from self._place_region(
                 data, offset, (scan.first, scan.last), region_line, scan.ends - 1
             )
@@ -465,7 +227,7 @@ class _Cutter:
     def finish(self) -> Iterator[SplitEvent]:
         self._validator.finish(self._end, self._line)
         if self._pending_parity:
-            raise _unterminated(self._source, self._pending_offset, self._pending_line)
+            raise unterminated_error(self._source, self._pending_offset, self._pending_line)
         if self._columns is None and not self._pending_size:
             raise InputError(self._source, "file is empty: no header line", offset=0, line=1)
         if self._pending_size:
@@ -498,13 +260,13 @@ class _Cutter:
             self._too_large = True
             self._pending.clear()
 
-    def _start_pending(self, data: bytes, offset: int, scan: _Scan) -> None:
+    def _start_pending(self, data: bytes, offset: int, scan: Scan) -> None:
         tail = data[scan.last :]
         self._pending = [tail] if tail else []
         self._pending_size = len(tail)
         self._pending_parity = scan.parity
         self._pending_offset = offset + scan.last
-        self._pending_line = self._line - tail.count(_LF)
+        self._pending_line = self._line - tail.count(LF)
         self._too_large = False
         self._check_pending_size()
 
@@ -544,19 +306,19 @@ class _Cutter:
             if end - pos <= space:
                 self._writer.write(view[pos:end], line, ends)
                 return
-            cut = _last_end(data, pos, pos + space)
+            cut = last_end(data, pos, pos + space)
             if cut > pos:
-                rows = _ends_between(data, pos, cut, end, ends)
+                rows = ends_between(data, pos, cut, end, ends)
                 self._writer.write(view[pos:cut], line, rows)
             else:  # the next record does not fit in what is left of this chunk
-                cut = _first_end(data, pos, 0)
+                cut = first_end(data, pos, 0)
                 if cut - pos <= self._room:
                     yield self._writer.close()
                     continue
                 yield self._reject(line, offset + pos, cut - pos)
                 rows = 1
             ends -= rows
-            line += data.count(_LF, pos, cut)
+            line += data.count(LF, pos, cut)
             pos = cut
 
     def _set_header(self, raw: bytes) -> None:
@@ -583,13 +345,6 @@ class _Cutter:
         return Rejected(line, offset, size, reason)
 
 
-def _ends_between(data: bytes, pos: int, cut: int, end: int, ends: int) -> int:
-    """Record ends in data[pos:cut], both record boundaries; `ends` is for pos:end."""
-    if cut - pos <= end - cut:
-        return _scan(data[pos:cut], 0).ends
-    return ends - _scan(data[cut:end], 0).ends
-
-
 # --- public entry points --------------------------------------------------------
 
 
@@ -611,7 +366,7 @@ def split_file(
     removes the chunk being written. Blocking: run it in a worker thread.
     ValueError (at the call) for an unknown format or a limit below 2 bytes.
     """
-    _delimiter(fmt)
+    delimiter_for(fmt)
     if max_bytes < 2:
         raise ValueError(f"max_bytes must be at least 2, not {max_bytes}")
     if block_size < 4:
@@ -626,7 +381,7 @@ def _split(
     cutter = _Cutter(source, out_dir, max_bytes=max_bytes, fmt=fmt, fsync=fsync)
     try:
         with source.open("rb") as fh:
-            for data, offset in _blocks(fh, source, block_size):
+            for data, offset in read_blocks(fh, source, block_size):
                 yield from cutter.feed(data, offset)
         yield from cutter.finish()
     finally:
@@ -684,55 +439,3 @@ async def split_file_async(
         stop.set()
         slots.release()
         await worker
-
-
-def iter_records(data_path: Path, fmt: str) -> Iterator[tuple[int, bytes]]:
-    """(line, record bytes without its line ending) for each data record of a file.
-
-    The file's first record is its header and is skipped. `line` is the
-    physical line in this file where the record starts (header is line 1).
-    Uses the splitter's reading, checks and quote rules; raises `InputError`.
-    """
-    _delimiter(fmt)
-    validator = _Validator(data_path)
-    buf = b""  # the unfinished record, then the new block
-    scanned = 0  # buf[:scanned] holds no record end; quote parity there:
-    parity = 0
-    line = 1  # line where buf starts
-    offset = 0  # file offset of buf[0]
-    header_seen = False
-    with data_path.open("rb") as fh:
-        for data, at in _blocks(fh, data_path, DEFAULT_BLOCK_SIZE):
-            if not buf:
-                offset = at
-            validator.check(data, at, line + buf.count(_LF))
-            buf += data
-            start = 0
-            end = _first_end(buf, scanned, parity)
-            while end >= 0:
-                if header_seen:
-                    yield line, _without_line_ending(buf[start:end])
-                header_seen = True
-                line += buf.count(_LF, start, end)
-                start = end
-                end = _first_end(buf, start, 0)
-            if start:
-                parity = buf.count(_QUOTE, start) & 1
-            else:
-                parity ^= buf.count(_QUOTE, scanned) & 1
-            buf = buf[start:]
-            offset += start
-            scanned = len(buf)
-        validator.finish(offset + len(buf), line + buf.count(_LF))
-    if parity:
-        raise _unterminated(data_path, offset, line)
-    if not header_seen and not buf:
-        raise InputError(data_path, "file is empty: no header line", offset=0, line=1)
-    if buf and header_seen:
-        yield line, _without_line_ending(buf)
-
-
-def _without_line_ending(record: bytes) -> bytes:
-    if record.endswith(_LF):
-        return record[:-2] if record.endswith(b"\r\n") else record[:-1]
-    return record
