@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import sys
 from collections.abc import Coroutine
@@ -184,6 +185,7 @@ class Daemon:
             await self.maybe_finish(file.id)
         for file in await self.store.files([FileStatus.SPLIT]):
             await self.maybe_finish(file.id)
+        await self.sweep_chunk_dirs()
         if settings.http.host_port:
             host, port = settings.http.host_port
             server = StatusServer(
@@ -296,6 +298,18 @@ class Daemon:
             await self.store.set_file_error(file.id, message)
             await self.end_split_early(file.id)
             self.scheduler.wake()
+
+    async def sweep_chunk_dirs(self) -> None:
+        """Remove chunk directories of finished files: a crash between finishing a file
+        and cleaning up after it leaves one behind."""
+        unfinished = await self.store.files(set(FileStatus) - FINAL_FILE_STATUSES)
+        keep = {str(f.id) for f in unfinished}
+        root = self.settings.data_dir / "work" / "chunks"
+        if root.is_dir():
+            for entry in root.iterdir():
+                if entry.name.isdigit() and entry.name not in keep:
+                    log.info("stale_chunks_removed", path=str(entry))
+                    await asyncio.to_thread(shutil.rmtree, entry, True)
 
     async def record_split_event(self, file_id: int, event: splitter.SplitEvent) -> None:
         """One chunk cut, record set aside, or the end of a split: into the store."""

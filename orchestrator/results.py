@@ -99,6 +99,7 @@ async def finish_file(
     record = await store.finish_file(
         file.id, status=result.status, error=result.error, finished_at=document["finished_at"]
     )
+    crashpoint("file_finished")
     await asyncio.to_thread(shutil.rmtree, chunk_dir(settings, file.id), True)
     return record, document
 

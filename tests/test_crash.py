@@ -60,6 +60,7 @@ async def run_daemon(config: Path, crash_at: str | None = None) -> int:
         ("after_submit:3", 1),  # Marketo created the batch, we never stored its id
         ("polled:4", 0),  # a status answer received but not recorded
         ("results_written:1", 0),  # failures written, source not yet moved, no result.json
+        ("file_finished:1", 0),  # file finished in the store, its chunks not yet removed
     ],
 )
 async def test_kill_9_then_restart_loses_nothing(
@@ -94,3 +95,4 @@ async def test_kill_9_then_restart_loses_nothing(
     async with await Store.open(data / "state.db") as store:
         assert await store.integrity_check() == "ok"
     assert not list((data / "work" / "incoming").iterdir()), "nothing left behind in work/"
+    assert not list((data / "work" / "chunks").iterdir()), "no chunks left behind"
