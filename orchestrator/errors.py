@@ -17,12 +17,11 @@
             └── ChunkTooLargeError  HTTP 413: a chunk we built is too large (our bug)
 
 Retryable or fatal is decided by class, from one table (`CODE_TO_ERROR`), never
-by matching message text. `Retry` is not an error: it is control flow.
+by matching message text.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -159,11 +158,3 @@ def error_for_http_status(status: int, message: str, *, operation: str = "") -> 
     if status >= 500 or status == 429:
         return TransientError(code, message, operation=operation)
     return FatalError(code, message, operation=operation)
-
-
-@dataclass(frozen=True, slots=True)
-class Retry:
-    """Control flow, not an error: try again after `delay` seconds."""
-
-    delay: float
-    reason: str

@@ -93,8 +93,9 @@ async def finish_file(
     finished_at = utc_now()
     route = settings.route(file.route)
     fmt = route.format_for(file.name) if route else "csv"
+    object_type = str(route.object) if route else ""
     document = await asyncio.to_thread(
-        write_outputs, file, chunks, rejects, result, fmt, finished_at, route_object(settings, file)
+        write_outputs, file, chunks, rejects, result, fmt, finished_at, object_type
     )
     record = await store.finish_file(
         file.id, status=result.status, error=result.error, finished_at=document["finished_at"]
@@ -102,11 +103,6 @@ async def finish_file(
     crashpoint("file_finished")
     await asyncio.to_thread(shutil.rmtree, chunk_dir(settings, file.id), True)
     return record, document
-
-
-def route_object(settings: Settings, file: FileRecord) -> str:
-    route = settings.route(file.route)
-    return str(route.object) if route else ""
 
 
 def chunk_dir(settings: Settings, file_id: int) -> Path:

@@ -240,30 +240,6 @@ class Store:
 
         return await self._run("finish_split", body)
 
-    async def reset_split(self, file_id: int) -> None:
-        """Forget never-submitted chunks and all rejects; back to CLAIMED for a fresh split.
-
-        Chunks that were (or may have been) submitted stay: a deterministic re-split gets
-        them back from `add_chunk` unchanged.
-        """
-
-        def body(conn: sqlite3.Connection) -> None:
-            allowed = {FileStatus.CLAIMED, FileStatus.SPLITTING, FileStatus.SPLIT}
-            require(fetch_file(conn, file_id), allowed, "reset_split")
-            conn.execute(
-                "DELETE FROM chunks WHERE file_id = ? AND status = ? AND submit_attempts = 0",
-                (file_id, ChunkStatus.PENDING),
-            )
-            conn.execute("DELETE FROM rejects WHERE file_id = ?", (file_id,))
-            conn.execute(
-                "UPDATE files SET status = ?, rows = NULL, chunks_total = NULL WHERE id = ?",
-                (FileStatus.CLAIMED, file_id),
-            )
-
-        await self._run("reset_split", body)
-
-    # -- chunks (scheduler, poller) ----------------------------------------------------------
-
     async def mark_submitting(self, chunk_id: int) -> ChunkRecord:
         """PENDING -> SUBMITTING and count the attempt: committed before the request goes out."""
 

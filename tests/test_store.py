@@ -339,31 +339,6 @@ async def test_split_transitions_persist_and_adds_are_idempotent(store: Store) -
         await store.close()
 
 
-async def test_reset_split_keeps_only_chunks_that_may_have_been_submitted(store: Store) -> None:
-    file = await claim(store)
-    await store.start_split(file.id)
-    submitted = await add(store, file.id, 1)
-    tried = await add(store, file.id, 2)
-    await add(store, file.id, 3)
-    await store.add_reject(file.id, line=9, offset=1, size=2, reason="too large")
-    await store.mark_submitting(submitted.id)
-    await store.mark_submitted(submitted.id, batch_id=11, marketo_status="Queued", submitted_at=T1)
-    await store.mark_submitting(tried.id)
-    await store.mark_pending(tried.id)
-
-    await store.reset_split(file.id)
-    reset = await store.get_file(file.id)
-    assert (reset.status, reset.rows, reset.chunks_total) == (FileStatus.CLAIMED, None, None)
-    assert [c.index for c in await store.chunks(file_id=file.id)] == [1, 2]
-    assert await store.rejects(file.id) == []
-    await store.start_split(file.id)
-    again = await add(store, file.id, 1, path="/new/path")
-    assert (again.id, again.batch_id, again.status) == (submitted.id, 11, ChunkStatus.SUBMITTED)
-
-
-# -- chunks --------------------------------------------------------------------------------------
-
-
 async def test_chunk_lifecycle_persists(store: Store) -> None:
     file = await split(store, await claim(store), 1)
     (chunk,) = await store.chunks(file_id=file.id)
