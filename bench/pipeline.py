@@ -203,7 +203,7 @@ async def run_ours(sim: Simulator, paths: dict[Source, Path], data_dir: Path) ->
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, target)
         os.utime(target, (t0 + n, t0 + n))
-    daemon = Daemon(bench_settings(sim.base_url, data_dir), once=True, simulate=False)
+    daemon = Daemon(bench_settings(sim.base_url, data_dir), once=True)
     async with asyncio.timeout(300):
         code = await daemon.run()
     if code != 0:

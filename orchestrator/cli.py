@@ -1,4 +1,8 @@
-"""The `marketo-orchestrator` command: run, status, split, simulator.
+"""The `marketo-orchestrator` command: run, status, split, simulator; the composition root.
+
+It owns `asyncio.run`, derives the settings (for `run --simulate`: pointed at
+the bundled simulator, which it starts beside the daemon and nothing else in
+the product imports) and builds the daemon.
 
 User mistakes (a bad flag, a bad config key) end with one line on stderr and
 exit code 2, never a traceback. Logging is configured here, once.
@@ -8,20 +12,46 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import NoReturn
 
+import structlog
+
 from orchestrator import __version__, logs
-from orchestrator.config import FORMATS, Settings, load_settings, resolve_config_path
+from orchestrator.config import (
+    FORMATS,
+    Route,
+    Secret,
+    Settings,
+    load_settings,
+    resolve_config_path,
+    with_marketo,
+)
 from orchestrator.errors import ConfigError, InputError, OrchestratorError
+from orchestrator.models import ObjectType
+
+log = structlog.get_logger(__name__)
 
 PROG = "marketo-orchestrator"
 EXIT_USAGE = 2
+# `run --simulate` without routes configured: one route per object type.
+DEMO_ROUTES = (
+    Route(dir="leads", object=ObjectType.LEADS),
+    Route(dir="cars", object=ObjectType.CUSTOM_OBJECT, api_name="car_c"),
+    Route(
+        dir="webinar",
+        object=ObjectType.PROGRAM_MEMBERS,
+        program_id=1001,
+        program_member_status="Registered",
+    ),
+)
 
 
 class Parser(argparse.ArgumentParser):
@@ -97,18 +127,63 @@ def load(args: argparse.Namespace, *, require_credentials: bool) -> Settings:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from orchestrator import daemon
-
     settings = load(args, require_credentials=not args.simulate)
     logs.configure(settings.logging.level, settings.logging.format)
-    return daemon.main(settings, once=args.once, simulate=args.simulate)
+    try:
+        return asyncio.run(run_daemon(settings, once=args.once, simulate=args.simulate))
+    except ConfigError:
+        raise  # one line naming the key, exit 2 (main)
+    except (OrchestratorError, OSError, BaseExceptionGroup) as exc:
+        from orchestrator.daemon import first_cause
+
+        cause = first_cause(exc)
+        if cause is None:
+            raise
+        log.error("daemon_failed", error=str(cause))
+        print(f"{PROG}: error: {cause}", file=sys.stderr)
+        return 1
+
+
+async def run_daemon(settings: Settings, *, once: bool, simulate: bool) -> int:
+    """The daemon to its end; with `simulate`, beside a simulator it is pointed at."""
+    from orchestrator.daemon import Daemon
+
+    async with contextlib.AsyncExitStack() as stack:
+        if simulate:
+            settings = await start_simulator(stack, settings)
+        return await Daemon(settings, once=once).run()
+
+
+async def start_simulator(stack: contextlib.AsyncExitStack, settings: Settings) -> Settings:
+    """Start the bundled simulator on a free loopback port; the settings that point at it."""
+    from orchestrator.simulator import Simulator
+
+    sim = Simulator()
+    base_url = await sim.start("127.0.0.1", 0)
+    stack.push_async_callback(sim.stop)
+    simulated = replace(
+        with_marketo(
+            settings,
+            base_url=base_url,
+            identity_url="",
+            client_id="simulate",
+            client_secret=Secret("simulate-secret"),
+        ),
+        routes=settings.routes or DEMO_ROUTES,
+    )
+    log.warning(
+        "SIMULATION MODE: nothing goes to a real Marketo; rows land in the bundled simulator",
+        simulator=base_url,
+        routes=[r.dir for r in simulated.routes],
+    )
+    return simulated
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     from orchestrator import status
 
     settings = load(args, require_credentials=False)
-    snapshot = asyncio.run(status.read_snapshot(settings.data_dir / "state.db"))
+    snapshot = asyncio.run(status.read_snapshot(settings.layout.state_db))
     if args.json:
         print(json.dumps(snapshot, indent=2))
     else:
@@ -118,9 +193,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_split(args: argparse.Namespace) -> int:
     from orchestrator import splitter
-    from orchestrator.config import Route
     from orchestrator.constants import DEFAULT_MAX_CHUNK_BYTES
-    from orchestrator.models import ObjectType
 
     fmt = args.format or Route(dir="-", object=ObjectType.LEADS).format_for(args.file.name)
     max_bytes = args.max_bytes or DEFAULT_MAX_CHUNK_BYTES

@@ -25,6 +25,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from orchestrator import constants
 from orchestrator.errors import ConfigError
+from orchestrator.layout import Layout
 from orchestrator.models import ObjectType
 
 DEFAULT_CONFIG_PATH = Path("config/orchestrator.toml")
@@ -148,6 +149,11 @@ class Settings:
 
     def route(self, dir_name: str) -> Route | None:
         return next((r for r in self.routes if r.dir == dir_name), None)
+
+    @property
+    def layout(self) -> Layout:
+        """Every path under data_dir."""
+        return Layout(self.data_dir)
 
 
 SECTIONS: dict[str, type[Any]] = {

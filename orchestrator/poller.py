@@ -34,11 +34,11 @@ from typing import Protocol
 import structlog
 
 from orchestrator import constants
+from orchestrator.clock import stamp, wait_for_any
 from orchestrator.config import Route, Settings
 from orchestrator.errors import CredentialsError, FatalError, MarketoError
 from orchestrator.faults import crashpoint
 from orchestrator.models import BatchStatus, ChunkRecord, ChunkStatus, FileRecord
-from orchestrator.scheduler import utc_now, wait_for_any
 from orchestrator.store import Store
 
 log = structlog.get_logger(__name__)
@@ -203,7 +203,7 @@ class Poller:
         self, chunk: ChunkRecord, status: ChunkStatus, message: str, batch: BatchStatus | None
     ) -> None:
         record = await self.store.finish_chunk(
-            chunk.id, status=status, message=message, finished_at=utc_now(), batch=batch
+            chunk.id, status=status, message=message, finished_at=stamp(), batch=batch
         )
         self.tracks.pop(chunk.id, None)
         self.finishes += 1

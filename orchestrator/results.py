@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator import constants, splitter
+from orchestrator.clock import stamp
 from orchestrator.config import Settings
 from orchestrator.faults import crashpoint
 from orchestrator.models import (
@@ -36,7 +37,6 @@ from orchestrator.models import (
     FileStatus,
     RejectRecord,
 )
-from orchestrator.scheduler import utc_now
 from orchestrator.store import Store
 
 RESULT_SUFFIX = ".result.json"
@@ -84,13 +84,13 @@ async def finish_file(
     rejects = await store.rejects(file.id)
     result = outcome(file, chunks)
     if file.result_path is None:
-        folder = "done" if result.status is FileStatus.COMPLETE else "failed"
-        directory = settings.data_dir / folder / file.route
+        complete = result.status is FileStatus.COMPLETE
+        directory = settings.layout.results(file.route, complete=complete)
         directory.mkdir(parents=True, exist_ok=True)
         target = await choose_name(store, directory, file.name)
         file = await store.reserve_result(file.id, result_path=str(target) + RESULT_SUFFIX)
     assert file.result_path is not None
-    finished_at = utc_now()
+    finished_at = stamp()
     route = settings.route(file.route)
     fmt = route.format_for(file.name) if route else "csv"
     object_type = str(route.object) if route else ""
@@ -101,13 +101,8 @@ async def finish_file(
         file.id, status=result.status, error=result.error, finished_at=document["finished_at"]
     )
     crashpoint("file_finished")
-    await asyncio.to_thread(shutil.rmtree, chunk_dir(settings, file.id), True)
+    await asyncio.to_thread(shutil.rmtree, settings.layout.chunk_dir(file.id), True)
     return record, document
-
-
-def chunk_dir(settings: Settings, file_id: int) -> Path:
-    """Where a file's chunks and downloaded failures/warnings live."""
-    return settings.data_dir / "work" / "chunks" / str(file_id)
 
 
 def write_outputs(

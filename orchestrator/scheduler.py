@@ -24,7 +24,6 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
@@ -32,6 +31,7 @@ import structlog
 
 from orchestrator import constants
 from orchestrator.backoff import Backoff
+from orchestrator.clock import stamp, wait_for_any
 from orchestrator.config import Route, Settings
 from orchestrator.errors import (
     CredentialsError,
@@ -58,20 +58,6 @@ class Submitter(Protocol):
 class BackoffObserver(Protocol):
     def backoff(self, reason: str, seconds: float) -> None: ...
     def set_backoff_current(self, seconds: float) -> None: ...
-
-
-def utc_now() -> str:
-    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
-
-
-async def wait_for_any(*events: asyncio.Event, within: float | None) -> None:
-    """Return when one of `events` is set or `within` seconds passed (None: no limit)."""
-    waiters = [asyncio.ensure_future(event.wait()) for event in events]
-    try:
-        await asyncio.wait(waiters, timeout=within, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()
 
 
 @dataclass
@@ -160,8 +146,8 @@ class Scheduler:
         ends = [w.until for w in (self.queue_wait, *self.list_waits.values()) if w.until > now]
         return max(0.0, min(ends) - now) if ends else None
 
-    @property
     def backoff_remaining(self) -> float:
+        """Seconds until the queue's backoff ends (0 when none runs)."""
         return max(0.0, self.queue_wait.until - self.clock())
 
     async def submit_ready(self, stop: asyncio.Event) -> None:
@@ -245,7 +231,7 @@ class Scheduler:
                 chunk.id,
                 batch_id=batch.batch_id,
                 marketo_status=batch.status,
-                submitted_at=utc_now(),
+                submitted_at=stamp(),
             )
             self.queue_wait = Wait()
             self.list_waits.pop(route.list_id, None)
@@ -266,7 +252,7 @@ class Scheduler:
 
     def report_backoff(self) -> None:
         if self.observer:
-            self.observer.set_backoff_current(self.backoff_remaining)
+            self.observer.set_backoff_current(self.backoff_remaining())
 
     async def refuse(self, chunk: ChunkRecord, message: str) -> None:
         """A fatal refusal fails this chunk and keeps the file's later chunks from going."""
@@ -274,13 +260,13 @@ class Scheduler:
         await self.store.set_file_error(chunk.file_id, message)
         self._files.pop(chunk.file_id, None)
         finished = await self.store.finish_chunk(
-            chunk.id, status=ChunkStatus.FAILED, message=message, finished_at=utc_now()
+            chunk.id, status=ChunkStatus.FAILED, message=message, finished_at=stamp()
         )
         later = await self.store.chunks(file_id=chunk.file_id, statuses=[ChunkStatus.PENDING])
         note = f"not submitted: chunk {chunk.index} of this file was refused"
         for other in later:
             await self.store.finish_chunk(
-                other.id, status=ChunkStatus.FAILED, message=note, finished_at=utc_now()
+                other.id, status=ChunkStatus.FAILED, message=note, finished_at=stamp()
             )
         await self.on_chunk_final(finished)
 

@@ -38,7 +38,7 @@ RESULT_KEYS = {
 
 async def run_once(settings: Settings) -> int:
     async with asyncio.timeout(60):
-        return await Daemon(settings, once=True, simulate=False).run()
+        return await Daemon(settings, once=True).run()
 
 
 @pytest.fixture

@@ -34,7 +34,7 @@ from orchestrator.errors import (
     TransientError,
 )
 from orchestrator.marketo import MarketoClient
-from orchestrator.marketo_auth import Grant, TokenSource
+from orchestrator.marketo.auth import Grant, TokenSource
 from orchestrator.models import BatchStatus, ObjectType
 from orchestrator.simulator import Simulator
 

@@ -78,7 +78,7 @@ async def test_bad_corpus_fails_each_file_with_its_problem_and_good_rows_land(
     drop_leads(tmp_path, "good.csv", 40, prefix="ok")
 
     async with asyncio.timeout(60):
-        code = await Daemon(settings, once=True, simulate=False).run()
+        code = await Daemon(settings, once=True).run()
     assert code == 1, "some files failed, the daemon did not crash"
 
     errors = {}
@@ -109,7 +109,7 @@ async def test_twelve_megabyte_record_is_set_aside_and_the_rest_lands(
     big_line = await asyncio.to_thread(write_big_record_file, source)
 
     async with asyncio.timeout(60):
-        assert await Daemon(settings, once=True, simulate=False).run() == 0
+        assert await Daemon(settings, once=True).run() == 0
 
     big = result_of(tmp_path, "done", "big_record.csv")
     assert big["status"] == "complete"
@@ -209,7 +209,7 @@ async def test_memory_held_per_finished_file_is_released(
     sim = await make_simulator(**{**SIM_KNOBS, "job_overhead": 0.002, "rate_limit": 100_000})
     settings = fast_settings(sim.base_url, tmp_path, (LEADS,), api_calls_per_window=100_000)
     settings = replace(settings, polling=PollingSettings(interval=0.01, max_interval=0.05))
-    daemon = Daemon(settings, once=False, simulate=False)
+    daemon = Daemon(settings, once=False)
     running = asyncio.ensure_future(daemon.run())
     await wait_until(lambda: (tmp_path / "inbox" / "leads").is_dir(), "the inbox")
     ours = [

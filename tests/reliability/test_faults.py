@@ -101,7 +101,7 @@ async def test_every_fault_at_ten_percent_still_lands_every_row(
     settings = replace(settings, marketo=replace(settings.marketo, request_timeout=REQUEST_TIMEOUT))
     drop_three_routes(tmp_path)
 
-    daemon = Daemon(settings, once=True, simulate=False)
+    daemon = Daemon(settings, once=True)
     async with asyncio.timeout(90):
         assert await daemon.run() == 0, "no file may fail"
 

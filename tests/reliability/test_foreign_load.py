@@ -104,7 +104,7 @@ async def run_under_load(
     sim: Simulator, settings: Settings, load: asyncio.Future[None] | None, within: float
 ) -> int:
     async with asyncio.timeout(within):
-        code = await Daemon(settings, once=True, simulate=False).run()
+        code = await Daemon(settings, once=True).run()
         if load is not None:
             await load
     return code

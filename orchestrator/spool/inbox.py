@@ -25,7 +25,7 @@ once its size and mtime held still for `watch.settle_seconds`; names starting
 with '.' or ending in .part or .tmp are ignored until renamed. Symlinks, pipes,
 sockets, devices and directories are classified with lstat, never opened, and
 claimed with `error` set so the engine moves them to failed/. The spool never
-reads file contents; its blocking filesystem helpers live in `spool_fs`.
+reads file contents; its blocking filesystem helpers live in `spool.fs`.
 """
 
 from __future__ import annotations
@@ -42,14 +42,15 @@ from pathlib import Path
 import structlog
 from watchfiles import Change, awatch
 
+from orchestrator.clock import stamp_ns
 from orchestrator.config import Settings
 from orchestrator.errors import ConfigError
+from orchestrator.layout import Layout
 from orchestrator.models import FileRecord, FileStatus
-from orchestrator.spool_fs import (
+from orchestrator.spool.fs import (
     Entry,
     Move,
     Signature,
-    iso_utc,
     list_routes,
     list_top,
     make_dir,
@@ -61,7 +62,6 @@ from orchestrator.store import Store
 
 log = structlog.get_logger(__name__)
 
-INCOMING = "incoming"  # work/incoming/: where claimed entries land
 WATCH_DEBOUNCE_MS = 1000  # most a burst of events is held back before it wakes a scan
 
 
@@ -91,10 +91,9 @@ class Spool:
         self._rescan_seconds = rescan_seconds
         self._clock = clock
         self._settle = settings.watch.settle_seconds
-        data_dir = settings.data_dir.absolute()
-        self._data_dir = data_dir
-        self._inbox = data_dir / "inbox"
-        self._incoming = data_dir / "work" / INCOMING
+        self._layout = Layout(settings.data_dir.absolute())
+        self._inbox = self._layout.inbox
+        self._incoming = self._layout.incoming
         self._routes = tuple(r.dir for r in settings.routes)
         self._seen: dict[Path, Sighting] = {}
         self._unmovable: dict[Path, Signature] = {}  # warned once; retried on later scans
@@ -123,8 +122,7 @@ class Spool:
         """Create the data directory tree and check that claiming can be an atomic rename."""
         dirs = [self._inbox, self._incoming]
         for route in self._routes:
-            dirs += [self._inbox / route, self._data_dir / "done" / route]
-            dirs.append(self._data_dir / "failed" / route)
+            dirs += self._layout.route_dirs(route)
         for path in dirs:
             make_dir(path)
         target = os.stat(self._incoming).st_dev
@@ -245,7 +243,7 @@ class Spool:
             source_path=str(entry.path),
             work_path=str(work),
             max_chunk_bytes=self._settings.limits.max_chunk_bytes,
-            claimed_at=iso_utc(ns),
+            claimed_at=stamp_ns(ns),
             error=entry.signature.kind.refusal,
         )
         try:

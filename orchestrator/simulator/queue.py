@@ -9,7 +9,7 @@ happened up to `now`, in time order, so readers see what a background worker
 would have produced, deterministically and without one.
 
 A job imports for `job_overhead + rows / rows_per_second` seconds. When it
-finishes its rows are checked and stored insert-or-update (`simulator_records`);
+finishes its rows are checked and stored insert-or-update (`simulator.records`);
 rows that fail or warn go to failures/warnings files in the job's delimiter,
 with Marketo's reason column last. A file that cannot be imported at all (not
 UTF-8, no header, a header without the lookup field, or without `email` for
@@ -28,20 +28,19 @@ from __future__ import annotations
 import csv
 import io
 from collections import deque
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator import constants
 from orchestrator.models import ObjectType
-from orchestrator.simulator_records import Columns, RecordStore
+from orchestrator.simulator.config import SimulatorConfig
+from orchestrator.simulator.records import Columns, JobSpec, RecordStore
 
 FOREIGN_OWNER = "foreign"
 FIRST_BATCH_ID = 1001
 # Marketo's error codes for a refused create.
 TOO_MANY_IMPORTS = ("1016", "Too many imports")
 IMPORT_IN_PROGRESS = ("1019", "Import in progress")
-
-FAULT_CODES = ("601", "602", "606", "608", "611", "615")
 
 
 class Refusal(Exception):
@@ -51,92 +50,6 @@ class Refusal(Exception):
         super().__init__(f"{code} {message}")
         self.code = code
         self.message = message
-
-
-@dataclass(frozen=True, slots=True)
-class SimulatorConfig:
-    """Knobs of one simulated subscription; the defaults are a fresh Marketo one.
-
-    `client_id`/`client_secret` None accept any credentials. Fault knobs are
-    fractions (0.0 to 1.0) of bulk calls: `fault_500`/`fault_503` answer with
-    that HTTP status, `fault_6xx` with that Marketo error code, `slow_fraction`
-    waits `slow_seconds` before answering, `drop_fraction` closes the
-    connection without an answer, `drop_reply_fraction` lets the call take effect
-    (a create queues its job) and then closes the connection instead of
-    answering, so the client cannot know the outcome. `omit_empty` leaves empty `errors`,
-    `warnings` and `result` arrays out of envelopes, as the live service often
-    does (the Swagger schema lists them as required, so they are in by default).
-    """
-
-    client_id: str | None = None
-    client_secret: str | None = field(default=None, repr=False)
-    token_ttl: float = float(constants.TOKEN_TTL_SECONDS)
-    rows_per_second: float = 1000.0
-    job_overhead: float = 0.5
-    rate_limit: int = constants.API_CALLS_PER_WINDOW
-    rate_window: float = constants.API_WINDOW_SECONDS
-    concurrency: int = constants.CONCURRENT_API_CALLS
-    max_importing: int = constants.MAX_IMPORTING_JOBS
-    max_queued: int = constants.MAX_QUEUED_JOBS
-    max_file_bytes: int = constants.MAX_FILE_BYTES
-    daily_quota: int = constants.DAILY_API_CALLS
-    warn_marker: str = "__WARN__"
-    seed: int | None = None
-    omit_empty: bool = False
-    fault_500: float = 0.0
-    fault_503: float = 0.0
-    fault_601: float = 0.0
-    fault_602: float = 0.0
-    fault_606: float = 0.0
-    fault_608: float = 0.0
-    fault_611: float = 0.0
-    fault_615: float = 0.0
-    slow_fraction: float = 0.0
-    slow_seconds: float = 0.0
-    drop_fraction: float = 0.0
-    drop_reply_fraction: float = 0.0
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name.startswith("fault_") or f.name.endswith("_fraction"):
-                if not 0.0 <= value <= 1.0:
-                    raise ValueError(f"knob {f.name!r} is a fraction between 0 and 1")
-            elif f.type in ("int", "float") and value < 0:
-                raise ValueError(f"knob {f.name!r} cannot be negative")
-        if self.rows_per_second <= 0:
-            raise ValueError("knob 'rows_per_second' must be positive")
-
-    def with_knobs(self, **changes: Any) -> SimulatorConfig:
-        """A copy with `changes` applied; unknown names and wrong types raise ValueError."""
-        types = {f.name: str(f.type) for f in fields(self)}
-        clean: dict[str, Any] = {}
-        for name, value in changes.items():
-            if name not in types:
-                raise ValueError(f"unknown knob {name!r}")
-            clean[name] = coerce_knob(name, value, types[name])
-        return replace(self, **clean)
-
-    def public(self) -> dict[str, Any]:
-        """Every knob but the client secret, which shows only whether one is set."""
-        knobs = {f.name: getattr(self, f.name) for f in fields(self)}
-        knobs["client_secret"] = "***" if self.client_secret is not None else None
-        return knobs
-
-
-def coerce_knob(name: str, value: Any, annotation: str) -> Any:
-    """Check (and widen int to float) one knob value against its annotation."""
-    if value is None and annotation.endswith("| None"):
-        return None
-    base = annotation.split(" |")[0]
-    is_number = isinstance(value, int | float) and not isinstance(value, bool)
-    if base == "float" and is_number:
-        return float(value)
-    if base == "int" and is_number and float(value).is_integer():
-        return int(value)
-    if (base == "str" and isinstance(value, str)) or (base == "bool" and isinstance(value, bool)):
-        return value
-    raise ValueError(f"knob {name!r} must be {annotation}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,20 +81,6 @@ def parse_upload(data: bytes, delimiter: str) -> ParsedFile:
     if len(set(header)) != len(header):
         return ParsedFile(error="header row names a column twice")
     return ParsedFile(header=header, rows=records[1:])
-
-
-@dataclass(frozen=True, slots=True)
-class JobSpec:
-    """What a create call asked for."""
-
-    object_type: ObjectType
-    fmt: str  # csv | tsv | ssv, whatever case the endpoint wants
-    lookup_field: str = "email"
-    list_id: int | None = None
-    partition: str = ""
-    api_name: str = ""
-    program_id: str = ""
-    member_status: str = ""
 
 
 @dataclass(frozen=True, slots=True)

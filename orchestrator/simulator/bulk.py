@@ -2,7 +2,7 @@
 
 Each handler gets a `Call` that already passed every check of the HTTP face
 (`simulator`: limits, faults, auth) and answers in Marketo's envelope, or raises
-`Refusal` for the face to wrap. Jobs themselves live in `simulator_jobs`.
+`Refusal` for the face to wrap. Jobs themselves live in `simulator.queue`.
 
 Choices where Marketo's documentation is silent:
 
@@ -28,15 +28,10 @@ from aiohttp import BodyPartReader, web
 
 from orchestrator import constants
 from orchestrator.models import ObjectType
-from orchestrator.simulator_gate import CallInfo
-from orchestrator.simulator_jobs import (
-    Job,
-    JobQueue,
-    JobSpec,
-    Refusal,
-    SimulatorConfig,
-    parse_upload,
-)
+from orchestrator.simulator.config import SimulatorConfig
+from orchestrator.simulator.gate import CallInfo
+from orchestrator.simulator.queue import Job, JobQueue, Refusal, parse_upload
+from orchestrator.simulator.records import JobSpec
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,7 +2,7 @@
 
 One SQLite database (`data_dir/state.db`) in WAL mode with `synchronous=FULL`
 and foreign keys on; its schema, opening checks and row helpers live in
-`store_schema`. This module holds the `Store`: one method per state transition.
+`store.schema`. This module holds the `Store`: one method per state transition.
 
 All SQLite work runs in one worker thread owned by the `Store`, so the event
 loop never waits on the disk. Each public method is one short transaction,
@@ -42,7 +42,7 @@ from orchestrator.models import (
     FileStatus,
     RejectRecord,
 )
-from orchestrator.store_schema import (
+from orchestrator.store.schema import (
     LATEST_VERSION,
     check_batch,
     check_finish,

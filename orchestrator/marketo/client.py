@@ -21,8 +21,8 @@ Foreign errors are translated here and only here: aiohttp exceptions become
 request's form body and the token only in the `Authorization` header; neither
 appears in a URL, a log line, a repr or an exception message.
 
-Split by prefix: `marketo_auth` (the token cache), `marketo_limits` (the
-limiter and the daily quota), `marketo_wire` (paths, operation ids, reading
+Split by prefix: `marketo.auth` (the token cache), `marketo.limits` (the
+limiter and the daily quota), `marketo.wire` (paths, operation ids, reading
 envelopes and files).
 """
 
@@ -42,6 +42,7 @@ import structlog
 
 from orchestrator import config
 from orchestrator.backoff import Backoff
+from orchestrator.clock import utc_now
 from orchestrator.errors import (
     AuthError,
     FatalError,
@@ -50,9 +51,9 @@ from orchestrator.errors import (
     RateLimitError,
     TransientError,
 )
-from orchestrator.marketo_auth import Grant, TokenSource
-from orchestrator.marketo_limits import DailyQuota, Limiter
-from orchestrator.marketo_wire import (
+from orchestrator.marketo.auth import Grant, TokenSource
+from orchestrator.marketo.limits import DailyQuota, Limiter
+from orchestrator.marketo.wire import (
     CONTENT_TYPES,
     CUSTOM_OBJECT_FAILURES,
     CUSTOM_OBJECT_STATUS,
@@ -103,10 +104,6 @@ class NullObserver:
 
     def backoff(self, reason: str, seconds: float) -> None:
         pass
-
-
-def utc_now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
 
 
 class MarketoClient:

@@ -20,7 +20,8 @@ from typing import Any
 
 from aiohttp import web
 
-from orchestrator.simulator_jobs import FAULT_CODES, Refusal, SimulatorConfig
+from orchestrator.simulator.config import FAULT_CODES, SimulatorConfig
+from orchestrator.simulator.queue import Refusal
 
 MESSAGES = {
     "601": "Access token invalid",

@@ -6,7 +6,7 @@ an index per lookup field kept in step with every update; custom objects by
 their first column (the dedupe field); program members by email within their
 program. Static lists remember which leads an import added to them. A row that
 cannot be stored says why, as Marketo's failures file would. The queue that
-runs the imports is `simulator_jobs`.
+runs the imports is `simulator.queue`.
 """
 
 from __future__ import annotations
@@ -14,12 +14,23 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from orchestrator.models import ObjectType
 
-if TYPE_CHECKING:  # simulator_jobs imports this module at run time
-    from orchestrator.simulator_jobs import JobSpec
+
+@dataclass(frozen=True, slots=True)
+class JobSpec:
+    """What a create call asked for."""
+
+    object_type: ObjectType
+    fmt: str  # csv | tsv | ssv, whatever case the endpoint wants
+    lookup_field: str = "email"
+    list_id: int | None = None
+    partition: str = ""
+    api_name: str = ""
+    program_id: str = ""
+    member_status: str = ""
 
 
 def column(values: dict[str, str], name: str) -> str:

@@ -27,7 +27,7 @@ from orchestrator.errors import (
     error_for_code,
     error_for_http_status,
 )
-from orchestrator.marketo_auth import Grant
+from orchestrator.marketo.auth import Grant
 from orchestrator.models import BatchStatus
 
 Scrub = Callable[[str], str]

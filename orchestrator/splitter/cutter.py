@@ -4,9 +4,9 @@ Every chunk is the header line followed by whole records, strictly smaller than
 `max_bytes`, filled greedily (for records in a fixed order that gives the fewest
 chunks, so the fewest Marketo jobs). Record bytes are copied unchanged: no
 re-quoting, no re-encoding, line endings kept, a UTF-8 BOM never copied.
-Where records end and what makes a file unreadable is `splitter_scan`'s part.
+Where records end and what makes a file unreadable is `splitter.scan`'s part.
 
-Decisions (the issue left these open; the scanning ones are in `splitter_scan`):
+Decisions (the issue left these open; the scanning ones are in `splitter.scan`):
 - A blank line is a record: it is copied, counted, and Marketo decides about it.
 - The last record of the file keeps its bytes as they are, so if the file does
   not end with LF, neither does the last chunk. Every other chunk ends with the
@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Final
 
 from orchestrator.errors import InputError
-from orchestrator.splitter_scan import (
+from orchestrator.splitter.scan import (
     DEFAULT_BLOCK_SIZE,
     LF,
     Scan,
@@ -48,10 +48,6 @@ from orchestrator.splitter_scan import (
 )
 
 # Re-exported: DEFAULT_BLOCK_SIZE, parse_header and iter_records are public here.
-from orchestrator.splitter_scan import (
-    iter_records as iter_records,
-)
-
 # Events the async wrapper's worker may run ahead of its consumer.
 _ASYNC_AHEAD: Final = 2
 

@@ -14,7 +14,6 @@ import os
 import stat
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import NamedTuple
@@ -200,13 +199,6 @@ def work_name(ns: int, name: str) -> str:
     while len(os.fsencode(prefix + name)) > NAME_MAX:
         name = name[1:]
     return prefix + name
-
-
-def iso_utc(ns: int) -> str:
-    """ISO 8601 UTC with microseconds for a time in ns since the epoch, computed exactly."""
-    seconds, rest = divmod(ns, 1_000_000_000)
-    when = datetime.fromtimestamp(seconds, UTC) + timedelta(microseconds=rest // 1000)
-    return when.isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def make_dir(path: Path) -> None:

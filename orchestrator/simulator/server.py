@@ -3,12 +3,12 @@
 Paths and shapes follow shared/marketo-openapi: swagger-identity.json for the
 token, swagger-mapi.json for the twelve /bulk/v1 import operations. Answers use
 Marketo's envelope, HTTP 200 with `requestId`, `success`, `result`, `errors`
-(string codes) and `warnings`. The queue and rows live in `simulator_jobs`
-(records in `simulator_records`); tokens, call limits, faults and the call log
-in `simulator_gate`; the operation handlers in `simulator_bulk`. This module is
+(string codes) and `warnings`. The queue and rows live in `simulator.queue`
+(records in `simulator.records`); tokens, call limits, faults and the call log
+in `simulator.gate`; the operation handlers in `simulator.bulk`. This module is
 the HTTP face.
 
-Choices where Marketo's documentation is silent (operations: see `simulator_bulk`):
+Choices where Marketo's documentation is silent (operations: see `simulator.bulk`):
 
 - A file of `max_file_bytes` or more: HTTP 413 with a text body, as the proxy in
   front of Marketo answers, before auth.
@@ -45,8 +45,9 @@ import structlog
 from aiohttp import web
 
 from orchestrator.errors import ConfigError
-from orchestrator.simulator_bulk import BulkOperations, Call, Operation, Upload, read_upload
-from orchestrator.simulator_gate import (
+from orchestrator.simulator.bulk import BulkOperations, Call, Operation, Upload, read_upload
+from orchestrator.simulator.config import SimulatorConfig
+from orchestrator.simulator.gate import (
     MESSAGES,
     CallInfo,
     CallLog,
@@ -56,7 +57,7 @@ from orchestrator.simulator_gate import (
     bearer,
     credentials_ok,
 )
-from orchestrator.simulator_jobs import JobQueue, Refusal, SimulatorConfig
+from orchestrator.simulator.queue import JobQueue, Refusal
 
 __all__ = ["Simulator", "SimulatorConfig", "add_arguments", "config_from_args", "serve"]
 

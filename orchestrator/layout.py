@@ -1,0 +1,64 @@
+"""Every path under data_dir, in one place.
+
+<data_dir>/
+  inbox/<route>/          files dropped by pipelines
+  work/incoming/          claimed files (<ns>-<name>)
+  work/chunks/<file id>/  a file's chunks and Marketo's failures/warnings files
+  done/<route>/           sources and results of complete files
+  failed/<route>/         sources and results of failed files
+  state.db                the state store
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+STATE_DB = "state.db"
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    root: Path
+
+    @property
+    def state_db(self) -> Path:
+        return self.root / STATE_DB
+
+    @property
+    def inbox(self) -> Path:
+        return self.root / "inbox"
+
+    def inbox_route(self, route: str) -> Path:
+        return self.inbox / route
+
+    @property
+    def work(self) -> Path:
+        return self.root / "work"
+
+    @property
+    def incoming(self) -> Path:
+        """Where claimed entries land, renamed from the inbox."""
+        return self.work / "incoming"
+
+    @property
+    def chunks(self) -> Path:
+        return self.work / "chunks"
+
+    def chunk_dir(self, file_id: int) -> Path:
+        """A file's chunks and the failures/warnings files downloaded for them."""
+        return self.chunks / str(file_id)
+
+    def done(self, route: str) -> Path:
+        return self.root / "done" / route
+
+    def failed(self, route: str) -> Path:
+        return self.root / "failed" / route
+
+    def results(self, route: str, *, complete: bool) -> Path:
+        """Where a finished file and its results go."""
+        return self.done(route) if complete else self.failed(route)
+
+    def route_dirs(self, route: str) -> tuple[Path, Path, Path]:
+        """The directories a route needs: its inbox, done/ and failed/."""
+        return self.inbox_route(route), self.done(route), self.failed(route)

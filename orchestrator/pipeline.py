@@ -1,0 +1,269 @@
+"""The hand-offs between the stages: what happens after each step, in one place.
+
+    spool ──claimed──▶ split worker ──chunk──▶ scheduler ──submitted──▶ poller
+                                                  │ refused                │ final
+                                                  ▼                        ▼
+                                        results.finish_file ◀── every chunk final
+
+- claimed: the spool recorded a claim; the file joins the split queue, split
+  one at a time in claim order.
+- chunk: the split worker recorded a chunk (or a set-aside record) in the
+  store; the scheduler wakes and may submit it before the split ends.
+- submitted: the scheduler recorded a batch id; the poller starts tracking it.
+- final: a chunk reached Complete or Failed (poller), or was refused before it
+  went (scheduler): its file is finished once split and every chunk is final.
+  A job that left Marketo's queue frees a slot in the scheduler's model.
+- finished: the file's result is written; the stages drop what they cached,
+  and the one canonical log line is written.
+
+The stages never import each other; they meet here and in the store. Recovery
+after a crash feeds the same hand-offs: files to split again, files to finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from orchestrator import results, splitter
+from orchestrator.clock import wait_for_any
+from orchestrator.config import Settings
+from orchestrator.errors import InputError
+from orchestrator.faults import crashpoint
+from orchestrator.marketo import MarketoClient
+from orchestrator.metrics import Metrics
+from orchestrator.models import (
+    FINAL_CHUNK_STATUSES,
+    FINAL_FILE_STATUSES,
+    ChunkRecord,
+    FileRecord,
+    FileStatus,
+)
+from orchestrator.poller import Poller
+from orchestrator.scheduler import Scheduler
+from orchestrator.spool import Spool
+from orchestrator.store import Recovery, Store
+
+log = structlog.get_logger(__name__)
+
+
+class Pipeline:
+    """The stages of one daemon, wired together; the daemon runs their loops."""
+
+    def __init__(
+        self, settings: Settings, store: Store, client: MarketoClient, metrics: Metrics
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.metrics = metrics
+        self.spool = Spool(settings, store, self.file_claimed)
+        self.scheduler = Scheduler(
+            settings,
+            store,
+            client,
+            on_submitted=self.submitted,
+            on_chunk_final=self.chunk_refused,
+            observer=metrics,
+        )
+        self.poller = Poller(
+            settings,
+            store,
+            client,
+            on_chunk_final=self.chunk_done,
+            on_started=self.scheduler.foreign_job_left,
+        )
+        self.finished_total = 0
+        self.finished_failed = 0
+        self._split_queue: asyncio.Queue[int] = asyncio.Queue()
+        self._finish_lock = asyncio.Lock()
+        self._file_finished = asyncio.Event()
+
+    # -- startup -------------------------------------------------------------
+
+    async def recover(self, recovery: Recovery) -> None:
+        """Feed what a crash left half done back into the hand-offs."""
+        self.spool.prepare()
+        await self.spool.recover_claims()
+        for file in recovery.resplit:
+            self._split_queue.put_nowait(file.id)
+        for file in recovery.finishing:
+            await self.maybe_finish(file.id)
+        for file in await self.store.files([FileStatus.SPLIT]):
+            await self.maybe_finish(file.id)
+        await self.sweep_chunk_dirs()
+
+    async def sweep_chunk_dirs(self) -> None:
+        """Remove chunk directories of finished files: a crash between finishing a file
+        and cleaning up after it leaves one behind."""
+        unfinished = await self.store.files(set(FileStatus) - FINAL_FILE_STATUSES)
+        keep = {str(f.id) for f in unfinished}
+        root = self.settings.layout.chunks
+        if root.is_dir():
+            for entry in root.iterdir():
+                if entry.name.isdigit() and entry.name not in keep:
+                    log.info("stale_chunks_removed", path=str(entry))
+                    await asyncio.to_thread(shutil.rmtree, entry, True)
+
+    # -- claimed → split ------------------------------------------------------
+
+    async def file_claimed(self, file: FileRecord) -> None:
+        self._split_queue.put_nowait(file.id)
+
+    async def split_worker(self, stop: asyncio.Event) -> None:
+        """Split claimed files one at a time, in claim order; chunks go out as they appear."""
+        while not stop.is_set():
+            getter = asyncio.ensure_future(self._split_queue.get())
+            stopper = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({getter, stopper}, return_when="FIRST_COMPLETED")
+            stopper.cancel()
+            if not getter.done():
+                getter.cancel()
+                return
+            file = await self.store.get_file(getter.result())
+            with structlog.contextvars.bound_contextvars(route=file.route, file=file.name):
+                await self.split(file)
+            await self.maybe_finish(file.id)
+
+    async def split(self, file: FileRecord) -> None:
+        route = self.settings.route(file.route)
+        if file.status is FileStatus.CLAIMED:
+            file = await self.store.start_split(file.id)
+        if file.status is not FileStatus.SPLITTING:
+            return
+        if file.error or route is None:
+            if route is None:
+                await self.store.set_file_error(file.id, f"route {file.route!r} is not configured")
+            await self.end_split_early(file.id)
+            return
+        out = self.settings.layout.chunk_dir(file.id)
+        out.mkdir(parents=True, exist_ok=True)
+        events = splitter.split_file_async(
+            Path(file.work_path),
+            out,
+            max_bytes=file.max_chunk_bytes,
+            fmt=route.format_for(file.name),
+            fsync=True,
+        )
+        try:
+            async with contextlib.aclosing(events):
+                async for event in events:
+                    await self.record_split_event(file.id, event)
+        except InputError as exc:
+            message = describe(exc, file.name)
+            log.error("file_refused", error=message)
+            await self.store.set_file_error(file.id, message)
+            await self.end_split_early(file.id)
+            self.scheduler.wake()
+
+    # -- split → scheduler ------------------------------------------------------
+
+    async def record_split_event(self, file_id: int, event: splitter.SplitEvent) -> None:
+        """One chunk cut, record set aside, or the end of a split: into the store."""
+        if isinstance(event, splitter.Chunk):
+            await self.store.add_chunk(
+                file_id,
+                index=event.index,
+                path=str(event.path),
+                rows=event.rows,
+                bytes=event.bytes,
+                first_line=event.first_line,
+            )
+            crashpoint("chunk_added")
+            self.scheduler.wake()
+        elif isinstance(event, splitter.Rejected):
+            await self.store.add_reject(
+                file_id,
+                line=event.line,
+                offset=event.offset,
+                size=event.size,
+                reason=event.reason,
+            )
+            self.metrics.rows("rejected", 1)
+            log.warning("record_rejected", line=event.line, reason=event.reason)
+        else:
+            await self.store.finish_split(file_id, rows=event.rows, chunks_total=event.chunks)
+            log.info("file_split", rows=event.rows, chunks=event.chunks)
+
+    async def end_split_early(self, file_id: int) -> None:
+        """A file that will fail: close its split with the chunks it already has."""
+        known = await self.store.chunks(file_id=file_id)
+        await self.store.finish_split(
+            file_id, rows=sum(c.rows for c in known), chunks_total=len(known)
+        )
+
+    # -- scheduler → poller → results ---------------------------------------------
+
+    def submitted(self, chunk: ChunkRecord) -> None:
+        self.poller.submitted(chunk)
+
+    async def chunk_done(self, chunk: ChunkRecord) -> None:
+        """A batch reached Complete or Failed at Marketo: a queue slot is free."""
+        self.scheduler.job_finished()
+        await self.maybe_finish(chunk.file_id)
+
+    async def chunk_refused(self, chunk: ChunkRecord) -> None:
+        """A chunk failed before it went to Marketo: no slot was taken."""
+        await self.maybe_finish(chunk.file_id)
+
+    async def maybe_finish(self, file_id: int) -> None:
+        """Write the file's result once it is split and every chunk is final."""
+        async with self._finish_lock:
+            file = await self.store.get_file(file_id)
+            if file.status not in (FileStatus.SPLIT, FileStatus.FINISHING):
+                return
+            chunks = await self.store.chunks(file_id=file_id)
+            if any(c.status not in FINAL_CHUNK_STATUSES for c in chunks):
+                return
+            structlog.contextvars.unbind_contextvars("chunk", "batch_id")
+            with structlog.contextvars.bound_contextvars(route=file.route, file=file.name):
+                record, document = await results.finish_file(self.settings, self.store, file)
+                self.account(record, document)
+            self.scheduler.forget(file_id)
+            self.poller.forget(file_id)
+        self._file_finished.set()
+
+    def account(self, file: FileRecord, document: dict[str, Any]) -> None:
+        """Metrics and the one canonical log line of a finished file."""
+        self.metrics.rows("processed", document["rows_processed"])
+        self.metrics.rows("warned", document["rows_with_warning"])
+        # Rows the splitter set aside were counted as "rejected" when it did.
+        self.metrics.rows("failed", sum(c["rows_failed"] for c in document["chunks"]))
+        self.finished_total += 1
+        if file.status is FileStatus.FAILED:
+            self.finished_failed += 1
+        log.info(
+            "file_finished",
+            status=document["status"],
+            error=document["error"],
+            rows=document["rows"],
+            rows_processed=document["rows_processed"],
+            rows_failed=document["rows_failed"],
+            rows_with_warning=document["rows_with_warning"],
+            chunks=len(document["chunks"]),
+            result=Path(file.result_path or "").name,
+        )
+
+    # -- run --once ----------------------------------------------------------------
+
+    async def is_idle(self) -> bool:
+        """Every claimed file has its result and nothing waits to be split."""
+        unfinished = await self.store.files(set(FileStatus) - FINAL_FILE_STATUSES)
+        return not unfinished and self._split_queue.empty()
+
+    async def wait_idle(self, stop: asyncio.Event) -> None:
+        """Return once idle (checked after every finished file), or when `stop` is set."""
+        while not stop.is_set():
+            self._file_finished.clear()
+            if await self.is_idle():
+                return
+            await wait_for_any(self._file_finished, stop, within=None)
+
+
+def describe(exc: InputError, name: str) -> str:
+    """The splitter's error, naming the file as the user dropped it (not our work path)."""
+    return str(exc).replace(exc.file, name, 1)
