@@ -1,0 +1,1 @@
+"""One support package for tests and benchmarks: settings, processes, waiting, data."""
