@@ -35,27 +35,27 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-import structlog
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the helpers live in tests/support
 
-from orchestrator import constants, splitter
-from orchestrator.config import (
-    BackoffSettings,
-    HttpSettings,
-    LimitSettings,
-    MarketoSettings,
-    PollingSettings,
-    Route,
-    Secret,
-    Settings,
-    WatchSettings,
+import structlog  # noqa: E402  (after the path set-up above)
+
+from orchestrator import constants, splitter  # noqa: E402
+from orchestrator.config import Route, Settings  # noqa: E402
+from orchestrator.daemon import Daemon  # noqa: E402
+from orchestrator.marketo import MarketoClient  # noqa: E402
+from orchestrator.simulator import Simulator, SimulatorConfig  # noqa: E402
+from tests.support.settings import CARS as CSV_CARS  # noqa: E402
+from tests.support.settings import (  # noqa: E402
+    CLIENT_ID,
+    LEADS,
+    MEMBERS,
+    fast_settings,
+    with_sections,
 )
-from orchestrator.daemon import Daemon
-from orchestrator.marketo import MarketoClient
-from orchestrator.models import ObjectType
-from orchestrator.simulator import Simulator, SimulatorConfig
 
 # --- time scale -------------------------------------------------------------------
 # One benchmark second stands for SCALE seconds at Marketo. Polling, backoff and
@@ -79,16 +79,7 @@ MIN_UTILIZATION = 0.98
 MAX_MAKESPAN_RATIO = 0.55
 BOUND_EXTRA = 2  # calls per chunk: 1 submit + duration / interval polls + 2
 
-CLIENT_ID = "bench-client"
-SECRET = "bench-secret-not-real"
-LEADS = Route(dir="leads", object=ObjectType.LEADS)
-CARS = Route(dir="cars", object=ObjectType.CUSTOM_OBJECT, api_name="car_c", format="tsv")
-MEMBERS = Route(
-    dir="members",
-    object=ObjectType.PROGRAM_MEMBERS,
-    program_id=1001,
-    program_member_status="Registered",
-)
+CARS = replace(CSV_CARS, format="tsv")  # the car file is tab-separated
 ROUTES = (LEADS, CARS, MEMBERS)
 
 
@@ -178,20 +169,13 @@ def sim_config() -> SimulatorConfig:
 
 
 def bench_settings(base_url: str, data_dir: Path) -> Settings:
-    return Settings(
-        data_dir=data_dir,
-        marketo=MarketoSettings(
-            base_url=base_url,
-            client_id=CLIENT_ID,
-            client_secret=Secret(SECRET),
-            request_timeout=10.0,
+    """fast_settings at this benchmark's time scale."""
+    return with_sections(
+        fast_settings(
+            base_url, data_dir, ROUTES, max_chunk_bytes=MAX_CHUNK_BYTES, api_window_seconds=WINDOW
         ),
-        limits=LimitSettings(max_chunk_bytes=MAX_CHUNK_BYTES, api_window_seconds=WINDOW),
-        polling=PollingSettings(interval=INTERVAL, max_interval=MAX_INTERVAL),
-        backoff=BackoffSettings(initial=BACKOFF_INITIAL, max=BACKOFF_MAX),
-        watch=WatchSettings(settle_seconds=0.0),
-        http=HttpSettings(listen=""),
-        routes=ROUTES,
+        polling={"interval": INTERVAL, "max_interval": MAX_INTERVAL},
+        backoff={"initial": BACKOFF_INITIAL, "max": BACKOFF_MAX},
     )
 
 

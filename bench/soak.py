@@ -33,9 +33,7 @@ import asyncio
 import json
 import logging
 import random
-import re
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -46,30 +44,44 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # the suite's helpers live in tests/
+sys.path.insert(0, str(ROOT))  # the helpers live in tests/support
 
 import aiohttp  # noqa: E402  (after the path set-up above)
 
 from orchestrator.backoff import Backoff  # noqa: E402
-from orchestrator.config import (  # noqa: E402
-    HttpSettings,
-    PollingSettings,
-    Settings,
+from orchestrator.config import PollingSettings, Settings  # noqa: E402
+from orchestrator.simulator import Simulator  # noqa: E402
+from tests.support.data import (  # noqa: E402
+    all_results,
+    drop_leads,
+    drop_tiny_files,
+    drop_workload,
+    integrity,
+    landed,
+    result_docs,
 )
-from orchestrator.simulator import Simulator, SimulatorConfig  # noqa: E402
-from tests.engine_support import (  # noqa: E402
+from tests.support.faults import (  # noqa: E402
+    FAULT_KNOBS,
+    REQUEST_TIMEOUT,
+    SEED,
+    answered,
+    hold_foreign,
+    one_life,
+    retries_after_1016,
+)
+from tests.support.http import http_get, metric_samples  # noqa: E402
+from tests.support.processes import CliRunner  # noqa: E402
+from tests.support.settings import (  # noqa: E402
     CARS,
     CLIENT_ID,
     LEADS,
     MEMBERS,
     SIM_KNOBS,
-    all_results,
-    drop_leads,
     fast_settings,
-    write_csv,
+    with_sections,
 )
-from tests.reliability import test_chaos, test_faults, test_foreign_load  # noqa: E402
-from tests.reliability.conftest import DaemonRunner, Life, daemon_toml, wait_until  # noqa: E402
+from tests.support.simulators import Simulators  # noqa: E402
+from tests.support.waiting import wait_until  # noqa: E402
 
 PHASES = ("faults", "chaos", "foreign", "foreign-all", "flood")
 
@@ -96,103 +108,65 @@ class Bench:
     def __init__(self, keep: bool) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="soak-"))
         self.keep = keep
-        self._sims: list[Simulator] = []
-        self._runners: list[DaemonRunner] = []
+        self._sims = Simulators()
+        self._runners: list[CliRunner] = []
 
     async def simulator(self, **knobs: Any) -> Simulator:
-        sim = Simulator(SimulatorConfig().with_knobs(**knobs))
-        await sim.start()
-        self._sims.append(sim)
-        return sim
+        return await self._sims.start(**knobs)
 
-    def runner(self, name: str, settings: Settings) -> DaemonRunner:
-        folder = self.root / name / "daemon"
-        folder.mkdir(parents=True)
-        config = folder / "orchestrator.toml"
-        config.write_text(daemon_toml(settings), encoding="utf-8")
-        runner = DaemonRunner(config, folder)
+    def runner(self, name: str, settings: Settings) -> CliRunner:
+        runner = CliRunner.for_settings(self.root / name / "daemon", settings)
         self._runners.append(runner)
         return runner
 
     async def close(self) -> None:
         for runner in self._runners:
             await runner.close()
-        for sim in self._sims:
-            await sim.stop()
+        await self._sims.close()
         if not self.keep:
             shutil.rmtree(self.root, ignore_errors=True)
 
 
-def three_routes(data: Path, leads: int, cars: int, members: int) -> dict[str, set[str]]:
-    """Source files for leads, a custom object and program members; the keys that must land."""
-    drop_leads(data, "leads.csv", leads, prefix="s")
-    write_csv(
-        data / "inbox" / "cars" / "cars.csv",
-        ["vin", "model", "note"],
-        [[f"VIN{i:06d}", "Model T", "y" * 12] for i in range(cars)],
-    )
-    write_csv(
-        data / "inbox" / "members" / "members.csv",
-        ["email", "firstName"],
-        [[f"m{i}@example.com", "M"] for i in range(members)],
-    )
-    return {
-        "leads": {f"s{i}@example.com" for i in range(leads)},
-        "cars": {f"VIN{i:06d}" for i in range(cars)},
-        "members": {f"m{i}@example.com" for i in range(members)},
-    }
-
-
 def lost_rows(sim: Simulator, expected: dict[str, set[str]]) -> int:
-    got = test_chaos.landed(sim)
+    got = landed(sim)
     return sum(len(keys - got[obj]) for obj, keys in expected.items())
 
 
-def result_docs(data: Path) -> list[dict[str, Any]]:
-    return [json.loads(p.read_text(encoding="utf-8")) for p in all_results(data)]
-
-
 async def scrape_metrics(port: int) -> dict[str, dict[str, float]]:
-    """marketo_orchestrator_* counters by their one label, from /metrics."""
-    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/metrics") as r:
-        text = await r.text()
+    """marketo_orchestrator_*_total counters by their one label, from /metrics."""
+    async with aiohttp.ClientSession() as http:
+        _, text = await http_get(http, f"http://127.0.0.1:{port}/metrics")
     found: dict[str, dict[str, float]] = {}
-    for match in re.finditer(
-        r'^(marketo_orchestrator_\w+_total)\{\w+="([^"]*)"\} (\S+)$', text, re.M
-    ):
-        found.setdefault(match[1], {})[match[2]] = float(match[3])
+    for (name, labels), value in metric_samples(text).items():
+        ours = name.startswith("marketo_orchestrator_") and name.endswith("_total")
+        if ours and len(labels) == 1:
+            found.setdefault(name, {})[labels[0][1]] = value
     return found
-
-
-def status_port(life: Life) -> int | None:
-    for event in life.events():
-        if event.get("event") == "status_server":
-            return int(str(event["listen"]).rpartition(":")[2])
-    return None
 
 
 # -- phases -------------------------------------------------------------------------------
 
 
 async def faults(bench: Bench, args: argparse.Namespace) -> Outcome:
-    sim = await bench.simulator(**SIM_KNOBS, **test_faults.FAULT_KNOBS)
+    sim = await bench.simulator(**SIM_KNOBS, **FAULT_KNOBS)
     data = bench.root / "faults" / "data"
-    settings = fast_settings(sim.base_url, data, (LEADS, CARS, MEMBERS), max_chunk_bytes=400)
-    settings = replace(
-        settings,
-        marketo=replace(settings.marketo, request_timeout=test_faults.REQUEST_TIMEOUT),
-        http=HttpSettings(listen="127.0.0.1:0"),
+    settings = with_sections(
+        fast_settings(sim.base_url, data, (LEADS, CARS, MEMBERS), max_chunk_bytes=400),
+        marketo={"request_timeout": REQUEST_TIMEOUT},
+        http={"listen": "127.0.0.1:0"},
     )
     per = args.fault_chunks * 10  # about ten rows per 400-byte chunk
-    expected = three_routes(data, per * 4 // 10, per * 3 // 10, per * 3 // 10)
+    expected = drop_workload(
+        data, leads=per * 4 // 10, cars=per * 3 // 10, members=per * 3 // 10, prefix="s"
+    )
     runner = bench.runner("faults", settings)
     started = time.monotonic()
-    life = await runner.start()
-    port = await wait_until(lambda: status_port(life), "the status server")
+    life = await runner.daemon()
+    port = await wait_until(life.status_port, "the status server", process=life)
     await wait_until(lambda: len(all_results(data)) >= 3, "three results", within=args.limit)
     seconds = time.monotonic() - started
     metrics = await scrape_metrics(port)
-    life.process.send_signal(signal.SIGTERM)
+    life.terminate()
     await life.wait(15)
     docs = result_docs(data)
     stats = sim.stats()
@@ -201,7 +175,7 @@ async def faults(bench: Bench, args: argparse.Namespace) -> Outcome:
     return Outcome(
         "faults",
         "HTTP 500, 503; 601, 602, 606, 608, 611, 615; dropped before/after effect; "
-        f"slower than request_timeout; token TTL {test_faults.FAULT_KNOBS['token_ttl']:g} s",
+        f"slower than request_timeout; token TTL {FAULT_KNOBS['token_ttl']:g} s",
         "10 % of calls each, all at once",
         f"{chunks} chunks, 3 routes",
         lost_rows(sim, expected),
@@ -209,7 +183,7 @@ async def faults(bench: Bench, args: argparse.Namespace) -> Outcome:
         {
             "seconds": round(seconds, 1),
             "bulk_calls": sum(n for op, n in stats["calls"].items() if op != "identity"),
-            "answered_by_simulator": test_faults.answered(sim),
+            "answered_by_simulator": answered(sim),
             "errors_counted_by_daemon": metrics.get("marketo_orchestrator_marketo_errors_total"),
             "backoff_waits_by_reason": metrics.get("marketo_orchestrator_backoff_waits_total"),
             "tokens_issued": stats["tokens_issued"],
@@ -226,15 +200,16 @@ async def chaos(bench: Bench, args: argparse.Namespace) -> Outcome:
     data = bench.root / "chaos" / "data"
     settings = fast_settings(sim.base_url, data, (LEADS, CARS, MEMBERS), max_chunk_bytes=700)
     n = args.chaos_chunks
-    expected = three_routes(data, n * 8, n * 7, n * 9)  # ~1/3 of the chunks each
+    # ~1/3 of the chunks each
+    expected = drop_workload(data, leads=n * 8, cars=n * 7, members=n * 9, prefix="s")
     runner = bench.runner("chaos", settings)
-    rng = random.Random(test_chaos.SEED)
+    rng = random.Random(SEED)
     kinds: Counter[str] = Counter()
     started = time.monotonic()
     for life in range(1, args.kills + 1):
-        kinds[await test_chaos.one_life(runner, sim, rng, life)] += 1
+        kinds[await one_life(runner, sim, rng, life)] += 1
     before_drain = len(all_results(data))
-    integrity_after_kills = test_chaos.integrity(data / "state.db")
+    integrity_after_kills = integrity(data / "state.db")
     drain = await runner.once(within=args.limit)
     seconds = time.monotonic() - started
     docs = result_docs(data)
@@ -256,7 +231,7 @@ async def chaos(bench: Bench, args: argparse.Namespace) -> Outcome:
             "jobs_created": jobs,
             "chunks_submitted_more_than_once": jobs - chunks,
             "results_per_source_file": sorted(set(per_source.values())),
-            "integrity_check": [integrity_after_kills, test_chaos.integrity(data / "state.db")],
+            "integrity_check": [integrity_after_kills, integrity(data / "state.db")],
         },
     )
 
@@ -265,21 +240,18 @@ async def foreign(bench: Bench, args: argparse.Namespace) -> Outcome:
     sim = await bench.simulator(**SIM_KNOBS)
     data = bench.root / "foreign" / "data"
     settings = fast_settings(sim.base_url, data, (LEADS, CARS), max_chunk_bytes=500)
-    drop_leads(data, "a.csv", 2000, prefix="a", mtime=time.time() - 10)
-    write_csv(
-        data / "inbox" / "cars" / "b.csv",
-        ["vin", "model"],
-        [[f"VIN{i:05d}", "Model T"] for i in range(1500)],
+    expected = drop_workload(
+        data,
+        leads=2000,
+        cars=1500,
+        names=("a.csv", "b.csv", ""),
+        prefix="a",
+        car_note=None,
+        mtime=time.time() - 10,
     )
-    expected = {
-        "leads": {f"a{i}@example.com" for i in range(2000)},
-        "cars": {f"VIN{i:05d}" for i in range(1500)},
-    }
     runner = bench.runner("foreign", settings)
     sim.add_foreign_jobs(9, 2.0)
-    load = asyncio.ensure_future(
-        test_foreign_load.hold_foreign(sim, (8, 9), hold=2.0, total=args.foreign_seconds)
-    )
+    load = asyncio.ensure_future(hold_foreign(sim, (8, 9), hold=2.0, total=args.foreign_seconds))
     started = time.monotonic()
     drain = await runner.once(within=args.limit)
     await load
@@ -289,9 +261,8 @@ async def foreign(bench: Bench, args: argparse.Namespace) -> Outcome:
         [c["batch_id"] for c in d["chunks"]] == sorted(c["batch_id"] for c in d["chunks"])
         for d in docs
     )
-    refused = test_foreign_load.retries_after_1016(sim)
-    got = test_chaos.landed(sim)
-    lost = sum(len(keys - got[obj]) for obj, keys in expected.items())
+    refused = retries_after_1016(sim)
+    lost = lost_rows(sim, expected)
     return Outcome(
         "foreign",
         "other integrations' jobs in the import queue",
@@ -317,7 +288,7 @@ async def foreign_all(bench: Bench, args: argparse.Namespace) -> Outcome:
     sim.add_foreign_jobs(10, 3.0)
     runner = bench.runner("foreign-all", settings)
     started = time.monotonic()
-    life = await runner.start("--once")
+    life = await runner.daemon("--once")
     try:
         async with asyncio.timeout(20):
             await life.process.wait()
@@ -325,15 +296,15 @@ async def foreign_all(bench: Bench, args: argparse.Namespace) -> Outcome:
         life.kill()
         await life.process.wait()
     backoff = Backoff(settings.backoff.initial, settings.backoff.max)
-    refused = test_foreign_load.retries_after_1016(sim)
-    landed = len(sim.records("leads"))
+    refused = retries_after_1016(sim)
+    landed_rows = len(sim.records("leads"))
     return Outcome(
         "foreign-all",
         "other integrations' jobs in the import queue",
         "all 10 slots for 3 s, nothing of ours outstanding",
         "1 file",
-        300 - landed,
-        life.returncode == 0 and landed == 300,
+        300 - landed_rows,
+        life.returncode == 0 and landed_rows == 300,
         {
             "seconds": round(time.monotonic() - started, 1),
             "stalled_until_killed_after_20_s": life.returncode != 0,
@@ -343,26 +314,17 @@ async def foreign_all(bench: Bench, args: argparse.Namespace) -> Outcome:
     )
 
 
-def drop_flood(inbox: Path, n: int) -> None:
-    staging = inbox.parent.parent / "staging"
-    staging.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        part = staging / f"t{i:06d}.csv"
-        part.write_text(f"email,firstName\nt{i}@example.com,T\n", encoding="utf-8")
-        part.rename(inbox / part.name)
-
-
 async def flood(bench: Bench, args: argparse.Namespace) -> Outcome:
     sim = await bench.simulator(**{**SIM_KNOBS, "job_overhead": 0.002, "rate_limit": 1_000_000})
     data = bench.root / "flood" / "data"
     settings = fast_settings(sim.base_url, data, (LEADS,), api_calls_per_window=1_000_000)
     settings = replace(settings, polling=PollingSettings(interval=0.01, max_interval=0.05))
     runner = bench.runner("flood", settings)
-    life = await runner.start()
-    await wait_until(lambda: any(e["event"] == "spool_started" for e in life.events()), "start")
+    life = await runner.daemon()
+    await life.wait_for_event("spool_started")
     inbox = data / "inbox" / "leads"
     done = data / "done" / "leads"
-    await asyncio.to_thread(drop_flood, inbox, args.files)
+    await asyncio.to_thread(drop_tiny_files, inbox, args.files)
     started = time.monotonic()
     samples: list[tuple[float, int, int]] = []  # seconds, results, RSS KiB
     while True:
@@ -375,7 +337,7 @@ async def flood(bench: Bench, args: argparse.Namespace) -> Outcome:
         await asyncio.sleep(2.0)  # the sampling period of this report
     seconds = time.monotonic() - started
     peak = life.memory_kib("VmHWM") or 0
-    life.process.send_signal(signal.SIGTERM)
+    life.terminate()
     code = await life.wait(30)
     landed = len(sim.records("leads"))
     marks = [samples[int(f * (len(samples) - 1))] for f in (0.1, 0.5, 1.0)]

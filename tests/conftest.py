@@ -1,19 +1,18 @@
-"""Shared fixtures: a simulated Marketo subscription on a loopback port, clean global state."""
+"""Shared fixtures: simulated Marketo subscriptions and the daemon in subprocesses on
+loopback, clean global state. The helpers behind them live in tests/support."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 import structlog
 
-from orchestrator.simulator import Simulator, SimulatorConfig
-
-# Jobs finish in tens of milliseconds: tests scale time through knobs, not waits.
-FAST_KNOBS: dict[str, Any] = {"job_overhead": 0.05, "rows_per_second": 100_000.0}
-
-MakeSimulator = Callable[..., Awaitable[Simulator]]
+from orchestrator.config import Settings
+from orchestrator.simulator import Simulator
+from tests.support.processes import CliRunner, MakeRunner
+from tests.support.simulators import FAST_KNOBS, MakeSimulator, Simulators
 
 
 @pytest.fixture
@@ -23,23 +22,33 @@ async def make_simulator() -> AsyncIterator[MakeSimulator]:
     Knobs not given keep the defaults of a fresh Marketo subscription. Every
     simulator made is stopped at teardown.
     """
-    started: list[Simulator] = []
-
-    async def make(**knobs: Any) -> Simulator:
-        simulator = Simulator(SimulatorConfig().with_knobs(**knobs))
-        await simulator.start()
-        started.append(simulator)
-        return simulator
-
-    yield make
-    for simulator in reversed(started):
-        await simulator.stop()
+    simulators = Simulators()
+    yield simulators.start
+    await simulators.close()
 
 
 @pytest.fixture
 async def simulator(make_simulator: MakeSimulator) -> Simulator:
     """A simulator with Marketo's limits and fast jobs (FAST_KNOBS)."""
     return await make_simulator(**FAST_KNOBS)
+
+
+@pytest.fixture
+async def daemons(tmp_path: Path, make_simulator: MakeSimulator) -> AsyncIterator[MakeRunner]:
+    """Factory: `daemons(settings)` writes the config and returns a CliRunner for it.
+
+    Every process still running at teardown is SIGKILLed (by pid) and reaped, before
+    the simulators stop (hence the dependency on make_simulator).
+    """
+    made: list[CliRunner] = []
+
+    def make(settings: Settings) -> CliRunner:
+        made.append(CliRunner.for_settings(tmp_path / f"daemon-{len(made) + 1}", settings))
+        return made[-1]
+
+    yield make
+    for runner in made:
+        await runner.close()
 
 
 @pytest.fixture(autouse=True)

@@ -8,46 +8,23 @@ same as an operator's kill -9 at that instant.
 
 from __future__ import annotations
 
-import asyncio
-import os
 import signal
-import sys
 from pathlib import Path
 
 import pytest
 
 from orchestrator.store import Store
-from tests.conftest import MakeSimulator
-from tests.engine_support import (
-    CARS,
-    CLIENT_SECRET,
-    LEADS,
-    SIM_KNOBS,
-    all_results,
-    drop_leads,
-    fast_settings,
-    result,
-    settings_toml,
-    write_csv,
-)
+from tests.support.data import all_results, drop_leads, result, write_csv
+from tests.support.processes import CliRunner, MakeRunner
+from tests.support.settings import CARS, LEADS, SIM_KNOBS, fast_settings
+from tests.support.simulators import MakeSimulator, imports
 
 
-async def run_daemon(config: Path, crash_at: str | None = None) -> int:
-    env = {**os.environ, "MARKETO_CLIENT_SECRET": CLIENT_SECRET}
-    env.pop("ORCHESTRATOR_CRASH_AT", None)
-    if crash_at:
-        env["ORCHESTRATOR_CRASH_AT"] = crash_at
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "orchestrator", "run", "--once", "--config", str(config),
-        env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        async with asyncio.timeout(60):
-            _, stderr = await proc.communicate()
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-    assert b"Traceback" not in stderr, stderr.decode()
+async def run_daemon(runner: CliRunner, crash_at: str | None = None) -> int:
+    """`run --once`, with ORCHESTRATOR_CRASH_AT armed when `crash_at` is given."""
+    env = {"ORCHESTRATOR_CRASH_AT": crash_at} if crash_at else {}
+    proc = await runner.once(env=env)
+    assert "Traceback" not in proc.stderr(), proc.stderr()
     assert proc.returncode is not None
     return proc.returncode
 
@@ -64,20 +41,23 @@ async def run_daemon(config: Path, crash_at: str | None = None) -> int:
     ],
 )
 async def test_kill_9_then_restart_loses_nothing(
-    make_simulator: MakeSimulator, tmp_path: Path, crash_at: str, extra_submits: int
+    make_simulator: MakeSimulator,
+    daemons: MakeRunner,
+    tmp_path: Path,
+    crash_at: str,
+    extra_submits: int,
 ) -> None:
     sim = await make_simulator(**{**SIM_KNOBS, "job_overhead": 0.15})
     data = tmp_path / "data"
     settings = fast_settings(sim.base_url, data, (LEADS, CARS), max_chunk_bytes=700)
-    config = tmp_path / "orchestrator.toml"
-    config.write_text(settings_toml(settings))
+    runner = daemons(settings)
     drop_leads(data, "a.csv", 200, bad={5, 150})
     write_csv(
         data / "inbox" / "cars" / "b.csv", ["vin", "colour"], [[f"V{i}", "red"] for i in range(120)]
     )
 
-    assert await run_daemon(config, crash_at) == -signal.SIGKILL
-    assert await run_daemon(config) == 0
+    assert await run_daemon(runner, crash_at) == -signal.SIGKILL
+    assert await run_daemon(runner) == 0
 
     docs = [result(data, "done", "leads", "a.csv"), result(data, "done", "cars", "b.csv")]
     assert len(all_results(data)) == 2, "each result exactly once"
@@ -90,8 +70,7 @@ async def test_kill_9_then_restart_loses_nothing(
     assert len(failures) == 3, "failed rows reported once each"
 
     chunks = sum(len(d["chunks"]) for d in docs)
-    submits = [c for c in sim.calls() if str(c["operation"]).startswith("import") and c["batch_id"]]
-    assert len(submits) == chunks + extra_submits
+    assert len(imports(sim)) == chunks + extra_submits
     async with await Store.open(data / "state.db") as store:
         assert await store.integrity_check() == "ok"
     assert not list((data / "work" / "incoming").iterdir()), "nothing left behind in work/"

@@ -23,50 +23,46 @@ from typing import Any
 
 import aiohttp
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from orchestrator.config import Route
+from orchestrator.config import Route, Settings
 from orchestrator.models import ObjectType
 from orchestrator.simulator import Simulator
-from tests.conftest import MakeSimulator
-from tests.daemon_support import (
-    COMMAND,
-    Cli,
-    CliProcess,
-    RecordingProxy,
-    clean_env,
-    contains_any,
-    daemon_config,
-    free_port,
-    http_get,
-    wait_for,
-    wait_until,
-    write_config,
+from tests.support.data import (
+    LEAD_HEADER,
+    all_results,
+    drop_leads,
+    lead_rows,
+    result,
+    result_path,
+    write_csv,
 )
-from tests.engine_support import (
+from tests.support.http import RecordingProxy, contains_any, http_get, metric_samples
+from tests.support.processes import COMMAND, CliProcess, CliRunner, clean_env
+from tests.support.settings import (
     CARS,
     CLIENT_ID,
     CLIENT_SECRET,
     LEADS,
     MEMBERS,
     SIM_KNOBS,
-    all_results,
-    drop_leads,
-    lead_rows,
-    result,
-    write_csv,
+    fast_settings,
+    free_port,
+    write_settings,
 )
+from tests.support.simulators import MakeSimulator, imports
+from tests.support.waiting import wait_until
 
 SECRET_ENV = {"MARKETO_CLIENT_SECRET": CLIENT_SECRET}
-LEAD_HEADER = ["email", "firstName", "note"]
+# The daemon logs JSON lines on stdout (CliProcess.events reads them back).
+JSON_LOGS = {"format": "json", "level": "info"}
 
 
 @pytest.fixture
-async def cli(tmp_path: Path, make_simulator: MakeSimulator) -> AsyncIterator[Cli]:
+async def cli(tmp_path: Path, make_simulator: MakeSimulator) -> AsyncIterator[CliRunner]:
     """Subprocess factory; depends on make_simulator so daemons die before simulators stop."""
     workdir = tmp_path / "cli"
     workdir.mkdir()
-    runner = Cli(workdir)
+    runner = CliRunner(workdir)
     yield runner
     await runner.close()
 
@@ -92,38 +88,28 @@ def data_dir(tmp_path: Path) -> Path:
 def config_file(
     tmp_path: Path, data_dir: Path, base_url: str, routes: tuple[Route, ...], **sections: Any
 ) -> str:
-    """orchestrator.toml in tmp_path (see daemon_support.daemon_config); its path."""
-    path = write_config(
-        tmp_path / "orchestrator.toml", daemon_config(data_dir, base_url, routes, **sections)
-    )
-    return str(path)
+    """orchestrator.toml in tmp_path: fast_settings, JSON logs, `sections` changed; its path."""
+    settings = fast_settings(base_url, data_dir, routes)
+    sections["logging"] = {**JSON_LOGS, **sections.get("logging", {})}
+    return str(write_settings(tmp_path / "orchestrator.toml", settings, **sections))
 
 
-async def start_daemon(cli: Cli, config: str) -> CliProcess:
+async def start_daemon(cli: CliRunner, config: str) -> CliProcess:
     """The long-running daemon (no --once); the test sends SIGTERM."""
-    return await cli.start("run", "--config", config, env=clean_env(**SECRET_ENV))
+    return await cli.start("run", "--config", config, env=SECRET_ENV)
 
 
-async def run_once(cli: Cli, config: str) -> CliProcess:
-    proc = await cli.run("run", "--config", config, "--once", env=clean_env(**SECRET_ENV))
-    assert "Traceback" not in proc.stderr_text()
+async def run_once(cli: CliRunner, config: str) -> CliProcess:
+    proc = await cli.run("run", "--config", config, "--once", env=SECRET_ENV)
+    assert "Traceback" not in proc.stderr()
     return proc
 
 
-async def status_json(cli: Cli, config: str) -> dict[str, Any]:
-    proc = await cli.run("status", "--config", config, "--json", env=clean_env())
-    assert proc.returncode == 0, proc.stderr_text()
-    data: dict[str, Any] = json.loads(proc.stdout_text())
+async def status_json(cli: CliRunner, config: str) -> dict[str, Any]:
+    proc = await cli.run("status", "--config", config, "--json")
+    assert proc.returncode == 0, proc.stderr()
+    data: dict[str, Any] = json.loads(proc.stdout())
     return data
-
-
-def result_path(data_dir: Path, folder: str, route: str, name: str) -> Path:
-    return data_dir / folder / route / f"{name}.result.json"
-
-
-def imports(sim: Simulator) -> list[dict[str, Any]]:
-    """Import calls that created a job."""
-    return [c for c in sim.calls() if str(c["operation"]).startswith("import") and c["batch_id"]]
 
 
 def append_rows(path: Path, rows: list[list[str]], *, header: list[str] | None = None) -> None:
@@ -143,7 +129,7 @@ def parse_utc(text: str) -> datetime:
 
 
 async def test_three_object_types_reach_their_endpoints_with_their_parameters(
-    sim: Simulator, proxy: RecordingProxy, cli: Cli, tmp_path: Path, data_dir: Path
+    sim: Simulator, proxy: RecordingProxy, cli: CliRunner, tmp_path: Path, data_dir: Path
 ) -> None:
     leads = Route(
         dir="leads",
@@ -167,7 +153,7 @@ async def test_three_object_types_reach_their_endpoints_with_their_parameters(
     )
 
     proc = await run_once(cli, config)
-    assert proc.returncode == 0, proc.stderr_text()
+    assert proc.returncode == 0, proc.stderr()
 
     uploads = {
         "leads": proxy.requests("/bulk/v1/leads.json", "POST"),
@@ -227,7 +213,7 @@ async def test_three_object_types_reach_their_endpoints_with_their_parameters(
 
 
 async def test_files_present_before_startup_are_imported_row_failures_exit_0(
-    sim: Simulator, cli: Cli, tmp_path: Path, data_dir: Path
+    sim: Simulator, cli: CliRunner, tmp_path: Path, data_dir: Path
 ) -> None:
     config = config_file(tmp_path, data_dir, sim.base_url, (LEADS, CARS))
     drop_leads(data_dir, "a.csv", 40, prefix="a", bad={3, 17})
@@ -249,7 +235,7 @@ async def test_files_present_before_startup_are_imported_row_failures_exit_0(
 
 
 async def test_file_written_slowly_in_place_is_imported_whole(
-    sim: Simulator, cli: Cli, tmp_path: Path, data_dir: Path
+    sim: Simulator, cli: CliRunner, tmp_path: Path, data_dir: Path
 ) -> None:
     config = config_file(tmp_path, data_dir, sim.base_url, (LEADS,), watch={"settle_seconds": 1.0})
     daemon = await start_daemon(cli, config)
@@ -264,7 +250,7 @@ async def test_file_written_slowly_in_place_is_imported_whole(
     assert not daemon.events("file_claimed"), "claimed while still being written"
 
     done = result_path(data_dir, "done", "leads", "slow.csv")
-    await wait_for(done.exists, "slow.csv's result", process=daemon)
+    await wait_until(done.exists, "slow.csv's result", process=daemon)
     daemon.terminate()
     assert await daemon.wait(10) == 0
 
@@ -276,7 +262,7 @@ async def test_file_written_slowly_in_place_is_imported_whole(
 
 
 async def test_part_file_is_claimed_only_after_its_rename(
-    sim: Simulator, cli: Cli, tmp_path: Path, data_dir: Path
+    sim: Simulator, cli: CliRunner, tmp_path: Path, data_dir: Path
 ) -> None:
     config = config_file(tmp_path, data_dir, sim.base_url, (LEADS,))
     inbox = data_dir / "inbox" / "leads"
@@ -286,7 +272,7 @@ async def test_part_file_is_claimed_only_after_its_rename(
     append_rows(part, lead_rows(30, prefix="late"), header=LEAD_HEADER)
     # A probe dropped after the .part file: the scan that claims it lists late.csv.part too.
     drop_leads(data_dir, "probe.csv", 3, prefix="probe")
-    await wait_for(
+    await wait_until(
         result_path(data_dir, "done", "leads", "probe.csv").exists, "probe", process=daemon
     )
     assert part.is_file(), "a .part file is never claimed"
@@ -295,7 +281,7 @@ async def test_part_file_is_claimed_only_after_its_rename(
 
     part.rename(inbox / "late.csv")
     late = result_path(data_dir, "done", "leads", "late.csv")
-    await wait_for(late.exists, "late.csv's result", process=daemon)
+    await wait_until(late.exists, "late.csv's result", process=daemon)
     daemon.terminate()
     assert await daemon.wait(10) == 0
     assert result(data_dir, "done", "leads", "late.csv")["rows_processed"] == 30
@@ -303,7 +289,7 @@ async def test_part_file_is_claimed_only_after_its_rename(
 
 
 async def test_symlink_to_a_file_outside_the_inbox_is_refused_never_uploaded(
-    sim: Simulator, proxy: RecordingProxy, cli: Cli, tmp_path: Path, data_dir: Path
+    sim: Simulator, proxy: RecordingProxy, cli: CliRunner, tmp_path: Path, data_dir: Path
 ) -> None:
     marker = f"marker-{uuid.uuid4().hex}@example.com"
     outside = write_csv(
@@ -333,7 +319,7 @@ async def test_symlink_to_a_file_outside_the_inbox_is_refused_never_uploaded(
 
 
 async def test_unrouted_directory_is_left_alone_with_one_warning(
-    sim: Simulator, cli: Cli, tmp_path: Path, data_dir: Path
+    sim: Simulator, cli: CliRunner, tmp_path: Path, data_dir: Path
 ) -> None:
     config = config_file(tmp_path, data_dir, sim.base_url, (LEADS,))
     stray = write_csv(
@@ -359,7 +345,7 @@ async def test_unrouted_directory_is_left_alone_with_one_warning(
 
 
 async def test_sigterm_mid_run_exits_0_and_a_restart_finishes_without_resubmitting(
-    make_simulator: MakeSimulator, cli: Cli, tmp_path: Path, data_dir: Path
+    make_simulator: MakeSimulator, cli: CliRunner, tmp_path: Path, data_dir: Path
 ) -> None:
     sim = await make_simulator(**{**SIM_KNOBS, "job_overhead": 0.8})
     config = config_file(tmp_path, data_dir, sim.base_url, (LEADS,), limits={"queued_jobs": 3})
@@ -382,7 +368,7 @@ async def test_sigterm_mid_run_exits_0_and_a_restart_finishes_without_resubmitti
 
     second = await run_once(cli, config)
 
-    assert second.returncode == 0, second.stderr_text()
+    assert second.returncode == 0, second.stderr()
     doc = result(data_dir, "done", "leads", "big.csv")
     assert (doc["status"], doc["rows"], doc["rows_processed"]) == ("complete", 300, 300)
     batches = {c["index"]: c["batch_id"] for c in doc["chunks"]}
@@ -395,7 +381,7 @@ async def test_sigterm_mid_run_exits_0_and_a_restart_finishes_without_resubmitti
 
 
 async def test_sigterm_with_a_hung_submit_exits_0_and_the_unknown_outcome_is_resubmitted(
-    make_simulator: MakeSimulator, cli: Cli, tmp_path: Path, data_dir: Path
+    make_simulator: MakeSimulator, cli: CliRunner, tmp_path: Path, data_dir: Path
 ) -> None:
     sim = await make_simulator(**SIM_KNOBS, slow_fraction=1.0, slow_seconds=8.0)
     config = config_file(tmp_path, data_dir, sim.base_url, (LEADS,))
@@ -413,7 +399,7 @@ async def test_sigterm_with_a_hung_submit_exits_0_and_the_unknown_outcome_is_res
     sim.set_knobs(slow_fraction=0.0)
     second = await run_once(cli, config)
 
-    assert second.returncode == 0, second.stderr_text()
+    assert second.returncode == 0, second.stderr()
     assert second.events("recovering")[0]["resubmit"] == 1
     assert result(data_dir, "done", "leads", "stuck.csv")["rows_processed"] == 20
     assert len(imports(sim)) == 1
@@ -421,7 +407,7 @@ async def test_sigterm_with_a_hung_submit_exits_0_and_the_unknown_outcome_is_res
 
 
 async def test_second_sigint_forces_exit(
-    make_simulator: MakeSimulator, cli: Cli, tmp_path: Path, data_dir: Path
+    make_simulator: MakeSimulator, cli: CliRunner, tmp_path: Path, data_dir: Path
 ) -> None:
     sim = await make_simulator(**SIM_KNOBS, slow_fraction=1.0, slow_seconds=3.0)
     config = config_file(tmp_path, data_dir, sim.base_url, (LEADS,))
@@ -438,7 +424,7 @@ async def test_second_sigint_forces_exit(
     assert daemon.events("forced_exit")
 
 
-async def chunk_statuses(cli: Cli, config: str) -> list[str] | None:
+async def chunk_statuses(cli: CliRunner, config: str) -> list[str] | None:
     """Chunk statuses of the first file (status --json) once one is being submitted."""
     files = (await status_json(cli, config))["files"]
     statuses = [c["status"] for c in files[0]["chunks"]] if files else []
@@ -449,7 +435,7 @@ async def chunk_statuses(cli: Cli, config: str) -> list[str] | None:
 
 
 async def test_status_endpoints_and_status_command_while_running(
-    sim: Simulator, cli: Cli, tmp_path: Path, data_dir: Path
+    sim: Simulator, cli: CliRunner, tmp_path: Path, data_dir: Path
 ) -> None:
     port = free_port()
     config = config_file(
@@ -458,7 +444,7 @@ async def test_status_endpoints_and_status_command_while_running(
     drop_leads(data_dir, "seen.csv", 60, bad={5})
     daemon = await start_daemon(cli, config)
     base = f"http://127.0.0.1:{port}"
-    await wait_for(
+    await wait_until(
         result_path(data_dir, "done", "leads", "seen.csv").exists, "result", process=daemon
     )
     chunks = len(result(data_dir, "done", "leads", "seen.csv")["chunks"])
@@ -477,7 +463,7 @@ async def test_status_endpoints_and_status_command_while_running(
         assert status == 200
         jobs = json.loads(jobs_text)
         from_cli = await status_json(cli, config)
-        table = await cli.run("status", "--config", config, env=clean_env())
+        table = await cli.run("status", "--config", config)
 
     prefix = "marketo_orchestrator_"
     assert samples[(f"{prefix}files", (("status", "complete"),))] == 1
@@ -497,7 +483,7 @@ async def test_status_endpoints_and_status_command_while_running(
     assert (entry["rows_processed"], entry["rows_failed"]) == (59, 1)
     assert jobs["totals"]["files"]["complete"] == 1
     assert table.returncode == 0
-    lines = table.stdout_text().splitlines()
+    lines = table.stdout().splitlines()
     assert lines[0].split()[:3] == ["ROUTE", "FILE", "STATUS"]
     assert lines[1].split()[:4] == ["leads", "seen.csv", "complete", f"{chunks}/{chunks}"]
 
@@ -505,20 +491,11 @@ async def test_status_endpoints_and_status_command_while_running(
     assert await daemon.wait(10) == 0
 
 
-def metric_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample of a Prometheus text page by (name, sorted labels)."""
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
 # -- exit codes -----------------------------------------------------------------
 
 
 async def test_run_once_exits_1_when_a_file_fails(
-    sim: Simulator, cli: Cli, tmp_path: Path, data_dir: Path
+    sim: Simulator, cli: CliRunner, tmp_path: Path, data_dir: Path
 ) -> None:
     config = config_file(tmp_path, data_dir, sim.base_url, (LEADS,))
     (data_dir / "inbox" / "leads").mkdir(parents=True)
@@ -535,18 +512,18 @@ async def test_run_once_exits_1_when_a_file_fails(
 
 
 async def test_refused_credentials_fail_no_file_and_the_next_run_imports_it(
-    make_simulator: MakeSimulator, cli: Cli, tmp_path: Path, data_dir: Path
+    make_simulator: MakeSimulator, cli: CliRunner, tmp_path: Path, data_dir: Path
 ) -> None:
     sim = await make_simulator(**SIM_KNOBS, client_id=CLIENT_ID, client_secret=CLIENT_SECRET)
     config = config_file(tmp_path, data_dir, sim.base_url, (LEADS,))
     drop_leads(data_dir, "waiting.csv", 8)
 
     wrong = await cli.run(
-        "run", "--config", config, "--once", env=clean_env(MARKETO_CLIENT_SECRET="wrong-secret")
+        "run", "--config", config, "--once", env={"MARKETO_CLIENT_SECRET": "wrong-secret"}
     )
     assert wrong.returncode == 1
-    assert "refused the client credentials" in wrong.stderr_text()
-    assert "Traceback" not in wrong.stderr_text()
+    assert "refused the client credentials" in wrong.stderr()
+    assert "Traceback" not in wrong.stderr()
     assert not (data_dir / "failed").exists() or not any((data_dir / "failed").rglob("*.json"))
     assert imports(sim) == []
 
@@ -567,16 +544,21 @@ async def test_refused_credentials_fail_no_file_and_the_next_run_imports_it(
     ids=["unknown-key", "unknown-top-level-key", "wrong-type", "missing-secret", "unknown-flag"],
 )
 async def test_user_mistakes_exit_2_with_one_line_naming_the_key(
-    cli: Cli, tmp_path: Path, toml: str, args: tuple[str, ...], env: dict[str, str], expected: str
+    cli: CliRunner,
+    tmp_path: Path,
+    toml: str,
+    args: tuple[str, ...],
+    env: dict[str, str],
+    expected: str,
 ) -> None:
     marketo = '[marketo]\nbase_url = "http://127.0.0.1:9"\nclient_id = "x"\n'
     path = tmp_path / "bad.toml"
     path.write_text(f'data_dir = "{tmp_path / "data"}"\n{toml}{marketo}', encoding="utf-8")
 
-    proc = await cli.run("run", "--config", str(path), "--once", *args, env=clean_env(**env))
+    proc = await cli.run("run", "--config", str(path), "--once", *args, env=env)
 
     assert proc.returncode == 2
-    stderr = proc.stderr_text()
+    stderr = proc.stderr()
     assert len(stderr.strip().splitlines()) == 1, stderr
     assert stderr.startswith("marketo-orchestrator: ")
     assert expected in stderr
@@ -584,33 +566,33 @@ async def test_user_mistakes_exit_2_with_one_line_naming_the_key(
     assert not (tmp_path / "data").exists(), "nothing started"
 
 
-async def test_missing_config_file_exits_2(cli: Cli, tmp_path: Path) -> None:
-    proc = await cli.run("run", "--config", str(tmp_path / "nope.toml"), env=clean_env())
+async def test_missing_config_file_exits_2(cli: CliRunner, tmp_path: Path) -> None:
+    proc = await cli.run("run", "--config", str(tmp_path / "nope.toml"))
     assert proc.returncode == 2
-    assert proc.stderr_text().count("\n") == 1
-    assert "--config: file not found" in proc.stderr_text()
+    assert proc.stderr().count("\n") == 1
+    assert "--config: file not found" in proc.stderr()
 
 
 @pytest.mark.parametrize("inside", [False, True], ids=["a-file", "under-a-file"])
 async def test_data_dir_that_cannot_be_a_directory_exits_2(
-    cli: Cli, tmp_path: Path, inside: bool
+    cli: CliRunner, tmp_path: Path, inside: bool
 ) -> None:
     blocker = tmp_path / "blocker"
     blocker.write_text("not a directory\n", encoding="utf-8")
     data_dir = blocker / "data" if inside else blocker
     config = config_file(tmp_path, data_dir, "http://127.0.0.1:9", (LEADS,))
 
-    proc = await cli.run("run", "--config", config, "--once", env=clean_env(**SECRET_ENV))
+    proc = await cli.run("run", "--config", config, "--once", env=SECRET_ENV)
 
     assert proc.returncode == 2
-    stderr = proc.stderr_text()
+    stderr = proc.stderr()
     assert stderr.startswith("marketo-orchestrator: configuration error: data_dir: "), stderr
     assert stderr.count("\n") == 1
     assert "Traceback" not in stderr
 
 
 async def test_status_port_taken_exits_1_with_one_line(
-    cli: Cli, tmp_path: Path, data_dir: Path
+    cli: CliRunner, tmp_path: Path, data_dir: Path
 ) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -619,17 +601,17 @@ async def test_status_port_taken_exits_1_with_one_line(
         config = config_file(
             tmp_path, data_dir, "http://127.0.0.1:9", (LEADS,), http={"listen": listen}
         )
-        proc = await cli.run("run", "--config", config, "--once", env=clean_env(**SECRET_ENV))
+        proc = await cli.run("run", "--config", config, "--once", env=SECRET_ENV)
 
     assert proc.returncode == 1
-    stderr = proc.stderr_text()
+    stderr = proc.stderr()
     assert stderr.count("\n") == 1
     assert f"http.listen {listen}" in stderr
     assert "Traceback" not in stderr
 
 
 async def test_configuration_from_the_environment_alone(
-    sim: Simulator, cli: Cli, tmp_path: Path
+    sim: Simulator, cli: CliRunner, tmp_path: Path
 ) -> None:
     """A sidecar's setup: the config path, data_dir, URL, id and secret file all from env."""
     unused = tmp_path / "elsewhere"
@@ -638,31 +620,31 @@ async def test_configuration_from_the_environment_alone(
     secret_file = tmp_path / "secret"
     secret_file.write_text(CLIENT_SECRET + "\n", encoding="utf-8")
     drop_leads(data_dir, "env.csv", 8)
-    env = clean_env(
-        ORCHESTRATOR_CONFIG=config,
-        ORCHESTRATOR_DATA_DIR=str(data_dir),
-        MARKETO_BASE_URL=sim.base_url,
-        MARKETO_CLIENT_ID=CLIENT_ID,
-        MARKETO_CLIENT_SECRET_FILE=str(secret_file),
-    )
+    env = {
+        "ORCHESTRATOR_CONFIG": config,
+        "ORCHESTRATOR_DATA_DIR": str(data_dir),
+        "MARKETO_BASE_URL": sim.base_url,
+        "MARKETO_CLIENT_ID": CLIENT_ID,
+        "MARKETO_CLIENT_SECRET_FILE": str(secret_file),
+    }
 
     proc = await cli.run("run", "--once", env=env)
 
-    assert proc.returncode == 0, proc.stderr_text()
+    assert proc.returncode == 0, proc.stderr()
     assert result(data_dir, "done", "leads", "env.csv")["rows_processed"] == 8
     assert not unused.exists()
     assert len(sim.records("leads")) == 8
 
 
 async def test_status_before_any_run_is_empty_and_creates_nothing(
-    cli: Cli, tmp_path: Path, data_dir: Path
+    cli: CliRunner, tmp_path: Path, data_dir: Path
 ) -> None:
     config = config_file(tmp_path, data_dir, "http://127.0.0.1:9", (LEADS,))
     snapshot = await status_json(cli, config)
-    table = await cli.run("status", "--config", config, env=clean_env())
+    table = await cli.run("status", "--config", config)
     assert snapshot["files"] == []
     assert snapshot["totals"]["jobs_outstanding"] == 0
-    assert "(no files)" in table.stdout_text()
+    assert "(no files)" in table.stdout()
     assert not await asyncio.to_thread(data_dir.exists)
 
 
@@ -670,7 +652,7 @@ async def test_status_before_any_run_is_empty_and_creates_nothing(
 
 
 async def test_no_secret_or_token_anywhere_we_write(
-    make_simulator: MakeSimulator, cli: Cli, tmp_path: Path, data_dir: Path
+    make_simulator: MakeSimulator, cli: CliRunner, tmp_path: Path, data_dir: Path
 ) -> None:
     secret = f"s3cret-{uuid.uuid4().hex}"
     sim = await make_simulator(
@@ -689,13 +671,13 @@ async def test_no_secret_or_token_anywhere_we_write(
         logging={"format": "json", "level": "debug"},
     )
     drop_leads(data_dir, "leak.csv", 400, bad={4, 250}, warn={9})
-    daemon = await cli.start("run", "--config", config, env=clean_env(MARKETO_CLIENT_SECRET=secret))
+    daemon = await cli.start("run", "--config", config, env={"MARKETO_CLIENT_SECRET": secret})
     done = result_path(data_dir, "done", "leads", "leak.csv")
-    await wait_for(done.exists, "leak.csv's result", process=daemon, within=30)
+    await wait_until(done.exists, "leak.csv's result", process=daemon, within=30)
     base = f"http://127.0.0.1:{port}"
     async with aiohttp.ClientSession() as session:
         pages = [await http_get(session, f"{base}{p}") for p in ("/jobs", "/metrics", "/readyz")]
-    from_cli = await cli.run("status", "--config", config, "--json", env=clean_env())
+    from_cli = await cli.run("status", "--config", config, "--json")
     daemon.terminate()
     assert await daemon.wait(10) == 0
 
@@ -728,25 +710,22 @@ async def test_no_secret_or_token_anywhere_we_write(
 
 
 async def test_simulate_once_needs_no_credentials_and_says_so_loudly(
-    cli: Cli, tmp_path: Path, data_dir: Path
+    cli: CliRunner, tmp_path: Path, data_dir: Path
 ) -> None:
-    config = tmp_path / "simulate.toml"
-    write_config(
-        config,
-        {
-            "data_dir": str(data_dir),
-            "polling": {"interval": 0.05, "max_interval": 0.2},
-            "watch": {"settle_seconds": 0.0},
-            "http": {"listen": ""},
-            "logging": {"format": "json"},
-        },
+    config = write_settings(
+        tmp_path / "simulate.toml",
+        Settings(data_dir=data_dir),  # no [marketo] credentials, no routes
+        polling={"interval": 0.05, "max_interval": 0.2},
+        watch={"settle_seconds": 0.0},
+        http={"listen": ""},
+        logging={"format": "json"},
     )
     drop_leads(data_dir, "sample.csv", 5)
 
-    proc = await cli.run("run", "--config", str(config), "--simulate", "--once", env=clean_env())
+    proc = await cli.run("run", "--config", str(config), "--simulate", "--once")
 
-    assert proc.returncode == 0, proc.stderr_text()
-    loud = [e for e in proc.logs() if "SIMULATION MODE" in str(e.get("event"))]
+    assert proc.returncode == 0, proc.stderr()
+    loud = [e for e in proc.events() if "SIMULATION MODE" in str(e.get("event"))]
     assert len(loud) == 1
     assert loud[0]["level"] == "warning"
     assert "nothing goes to a real Marketo" in loud[0]["event"]

@@ -16,19 +16,9 @@ from orchestrator.config import Route, Settings
 from orchestrator.daemon import Daemon
 from orchestrator.models import ObjectType
 from orchestrator.simulator import Simulator
-from tests.conftest import MakeSimulator
-from tests.engine_support import (
-    CARS,
-    CLIENT_ID,
-    LEADS,
-    MEMBERS,
-    SIM_KNOBS,
-    all_results,
-    drop_leads,
-    fast_settings,
-    result,
-    write_csv,
-)
+from tests.support.data import all_results, drop_leads, drop_workload, result, write_csv
+from tests.support.settings import CARS, CLIENT_ID, LEADS, MEMBERS, SIM_KNOBS, fast_settings
+from tests.support.simulators import MakeSimulator, imports
 
 RESULT_KEYS = {
     "file", "route", "object", "status", "error", "rows", "rows_processed", "rows_failed",
@@ -46,25 +36,18 @@ async def sim(make_simulator: MakeSimulator) -> Simulator:
     return await make_simulator(**SIM_KNOBS)
 
 
-def imports(sim: Simulator) -> list[dict[str, object]]:
-    return [c for c in sim.calls() if str(c["operation"]).startswith("import") and c["batch_id"]]
-
-
 async def test_fifo_across_files_and_routes(sim: Simulator, tmp_path: Path) -> None:
     settings = fast_settings(sim.base_url, tmp_path, (LEADS, CARS, MEMBERS), max_chunk_bytes=700)
     t0 = time.time() - 100
-    drop_leads(tmp_path, "a.csv", 60, prefix="a", mtime=t0)
-    write_csv(
-        tmp_path / "inbox" / "cars" / "b.csv",
-        ["vin", "model", "note"],
-        [[f"VIN{i:05d}", "Model T", "x" * 30] for i in range(80)],
-        mtime=t0 + 1,
-    )
-    write_csv(
-        tmp_path / "inbox" / "members" / "c.csv",
-        ["email", "firstName"],
-        [[f"m{i}@example.com", "M"] for i in range(50)],
-        mtime=t0 + 2,
+    drop_workload(
+        tmp_path,
+        leads=60,
+        cars=80,
+        members=50,
+        names=("a.csv", "b.csv", "c.csv"),
+        prefix="a",
+        car_note="x" * 30,
+        mtime=t0,
     )
     drop_leads(tmp_path, "d.csv", 30, prefix="d", mtime=t0 + 3)
 

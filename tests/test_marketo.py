@@ -37,6 +37,7 @@ from orchestrator.marketo import MarketoClient
 from orchestrator.marketo.auth import Grant, TokenSource
 from orchestrator.models import BatchStatus, ObjectType
 from orchestrator.simulator import Simulator
+from tests.support.waiting import wait_until
 
 SECRET = "s3cr3t-value-never-shown"
 CLIENT_ID = "client-under-test"
@@ -146,13 +147,12 @@ def identity_calls(sim: Simulator) -> int:
 
 async def wait_final(client: MarketoClient, route: Route, batch_id: int) -> BatchStatus:
     """Poll until Marketo reports a final status, with a deadline."""
-    deadline = time.monotonic() + 15.0
-    while True:
+
+    async def final() -> BatchStatus | None:
         batch = await client.status(route, batch_id)
-        if batch.status in constants.FINAL_STATUSES:
-            return batch
-        assert time.monotonic() < deadline, f"batch {batch_id} still {batch.status}"
-        await asyncio.sleep(0.05)
+        return batch if batch.status in constants.FINAL_STATUSES else None
+
+    return await wait_until(final, f"batch {batch_id} to be final", within=15.0, poll=0.05)
 
 
 async def submitted(client: MarketoClient, sim: Simulator, tmp_path: Path) -> int:

@@ -8,8 +8,8 @@ import csv
 import io
 import json
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import pytest
@@ -23,11 +23,8 @@ from orchestrator.simulator import (
     config_from_args,
     serve,
 )
-
-T = TypeVar("T")
-MakeSimulator = Callable[..., Awaitable[Simulator]]
-# The `simulator` fixture's knobs (tests/conftest.py).
-FAST_KNOBS: dict[str, Any] = {"job_overhead": 0.05, "rows_per_second": 100_000.0}
+from tests.support.simulators import FAST_KNOBS, MakeSimulator
+from tests.support.waiting import wait_until
 
 LEADS_CSV = (
     b"firstName,lastName,email\n"
@@ -38,19 +35,6 @@ LEADS_CSV = (
 LEADS_PATH = "/bulk/v1/leads.json"
 CUSTOM_PATH = "/bulk/v1/customobjects/car_c/import.json"
 MEMBERS_PATH = "/bulk/v1/program/1001/members/import.json"
-
-
-async def eventually(check: Callable[[], Awaitable[T | None]], within: float = 5.0) -> T:
-    """Poll `check` until it returns something truthy, failing after `within` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while True:
-        result = await check()
-        if result:
-            return result
-        if loop.time() > deadline:
-            raise AssertionError(f"condition not met within {within} s")
-        await asyncio.sleep(0.02)
 
 
 class Client:
@@ -125,7 +109,7 @@ class Client:
             result: dict[str, Any] = (await self.get(status_path))["result"][0]
             return result if result["status"] in ("Complete", "Failed") else None
 
-        return await eventually(final, within)
+        return await wait_until(final, f"{status_path} to be final", within=within)
 
 
 def error_code(body: dict[str, Any]) -> str | None:
@@ -195,14 +179,14 @@ async def test_token_is_reused_while_alive_then_replaced_and_the_old_one_expires
         again = await client.token()
         return again if again["expires_in"] == 1 else None
 
-    again = await eventually(same_token_less_life, within=3.0)
+    again = await wait_until(same_token_less_life, "the same token, a second older", within=3.0)
     assert again["access_token"] == first["access_token"]
 
     async def new_token() -> dict[str, Any] | None:
         body = await client.token()
         return body if body["access_token"] != first["access_token"] else None
 
-    second = await eventually(new_token, within=3.0)
+    second = await wait_until(new_token, "a new token", within=3.0)
     batch_id = await client.batch(LEADS_PATH, LEADS_CSV, format="csv")
     client.access_token = first["access_token"]
     expired = await client.get(f"/bulk/v1/leads/batch/{batch_id}.json")
@@ -334,7 +318,7 @@ async def test_jobs_start_in_fifo_order_and_never_more_than_two_import(
         jobs = simulator.jobs()
         return jobs if all(job["status"] == "Complete" for job in jobs) else None
 
-    jobs = await eventually(all_done)
+    jobs = await wait_until(all_done, "every job complete", within=5.0)
 
     assert [job["batch_id"] for job in jobs] == ids
     starts = [job["started_at"] for job in jobs]
@@ -436,7 +420,7 @@ async def test_rate_limit_606_in_a_scaled_window(
     async def admitted() -> bool:
         return error_code(await client.get(path)) != "606"
 
-    await eventually(admitted, within=3.0)
+    await wait_until(admitted, "a call admitted again", within=3.0)
     assert simulator.stats()["max_calls_in_window"] == 3
 
 
@@ -761,7 +745,9 @@ async def test_cli_arguments_and_serve_until_stopped(session: aiohttp.ClientSess
     stop = asyncio.Event()
     with capture_logs() as logs:
         task = asyncio.create_task(serve(config, "127.0.0.1", 0, stop))
-        started = await eventually(lambda: asyncio.sleep(0, [e for e in logs if "url" in e]))
+        started = await wait_until(
+            lambda: [e for e in logs if "url" in e], "the start line", within=5.0
+        )
         url = started[0]["url"]
         async with session.get(
             f"{url}/identity/oauth/token",

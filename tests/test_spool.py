@@ -18,6 +18,7 @@ from orchestrator.errors import ConfigError
 from orchestrator.models import FileRecord, FileStatus, ObjectType
 from orchestrator.spool import Spool
 from orchestrator.store import Store
+from tests.support.waiting import wait_until
 
 DEADLINE = 10.0  # seconds any awaited condition may take before the test fails
 ROUTES = (
@@ -99,10 +100,10 @@ async def running(spool: Spool) -> AsyncIterator[asyncio.Task[None]]:
     stop = asyncio.Event()
     task = asyncio.create_task(spool.run(stop))
     try:
-        async with asyncio.timeout(DEADLINE):
-            # `running` is a readiness flag with no event to await: polled, with a deadline.
-            while not (spool.running or task.done()):  # noqa: ASYNC110
-                await asyncio.sleep(0.01)
+        # `running` is a readiness flag with no event to await: polled, with a deadline.
+        await wait_until(
+            lambda: spool.running or task.done(), "the watcher", within=DEADLINE, poll=0.01
+        )
         assert spool.running, task
         yield task
     finally:

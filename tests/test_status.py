@@ -25,6 +25,7 @@ from orchestrator.status import (
     read_snapshot,
 )
 from orchestrator.store import Store
+from tests.support.http import metric_samples
 
 NOW = "2026-11-23T14:03:11Z"
 LATER = "2026-11-23T14:09:40Z"
@@ -153,15 +154,6 @@ def get(server: StatusServer, http: aiohttp.ClientSession) -> Get:
     return fetch
 
 
-def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Prometheus text as {(sample name, sorted labels): value}."""
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
-
-
 def value(parsed: dict[Any, float], name: str, **labels: str) -> float:
     return parsed[(name, tuple(sorted(labels.items())))]
 
@@ -203,7 +195,7 @@ async def test_metrics_follow_the_store_and_the_observer_calls(
     assert status == 200
     assert ctype.startswith("text/plain")
     assert "version=" in ctype
-    parsed = samples(body)
+    parsed = metric_samples(body)
     files, chunks = "marketo_orchestrator_files", "marketo_orchestrator_chunks"
     assert value(parsed, files, status="split") == 1
     assert value(parsed, files, status="claimed") == 1
@@ -236,7 +228,7 @@ async def test_metrics_follow_the_store_and_the_observer_calls(
         finished_at=LATER,
         batch=BatchStatus(102, "Failed", 0, 0, 0, "Failed"),
     )
-    parsed = samples((await get("/metrics"))[2])
+    parsed = metric_samples((await get("/metrics"))[2])
     assert value(parsed, "marketo_orchestrator_jobs_outstanding") == 0
     assert value(parsed, chunks, status="failed") == 1
     assert value(parsed, chunks, status="submitted") == 0

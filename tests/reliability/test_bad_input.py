@@ -17,18 +17,19 @@ from __future__ import annotations
 import asyncio
 import csv
 import gc
-import json
 import shutil
 import tracemalloc
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from orchestrator.config import PollingSettings
 from orchestrator.daemon import Daemon
-from tests.conftest import MakeSimulator
-from tests.engine_support import LEADS, SIM_KNOBS, all_results, drop_leads, fast_settings
-from tests.reliability.conftest import Life, MakeRunner, Record, wait_until
+from tests.support.data import all_results, drop_leads, drop_tiny_files, result
+from tests.support.processes import CliProcess, MakeRunner
+from tests.support.reliability import Record
+from tests.support.settings import LEADS, SIM_KNOBS, fast_settings
+from tests.support.simulators import MakeSimulator
+from tests.support.waiting import wait_until
 
 CORPUS = Path(__file__).resolve().parent.parent / "data" / "bad"
 # File -> what its result's error must say (every one also names nothing but its own problem).
@@ -59,13 +60,6 @@ def write_big_record_file(path: Path) -> int:
     return 52
 
 
-def result_of(data: Path, folder: str, name: str) -> dict[str, Any]:
-    doc: dict[str, Any] = json.loads(
-        (data / folder / "leads" / f"{name}.result.json").read_text(encoding="utf-8")
-    )
-    return doc
-
-
 async def test_bad_corpus_fails_each_file_with_its_problem_and_good_rows_land(
     make_simulator: MakeSimulator, tmp_path: Path, figures: Record
 ) -> None:
@@ -83,16 +77,16 @@ async def test_bad_corpus_fails_each_file_with_its_problem_and_good_rows_land(
 
     errors = {}
     for name, needs in FAILS_WITH.items():
-        doc = result_of(tmp_path, "failed", name)
+        doc = result(tmp_path, "failed", "leads", name)
         assert doc["status"] == "failed"
         assert (tmp_path / "failed" / "leads" / name).is_file(), "the source is kept"
         for alternatives in needs:
             assert any(word in doc["error"] for word in alternatives), (name, doc["error"])
         assert "Traceback" not in doc["error"]
         errors[name] = doc["error"]
-    empty = result_of(tmp_path, "done", "header_only.csv")
+    empty = result(tmp_path, "done", "leads", "header_only.csv")
     assert (empty["status"], empty["rows"], empty["chunks"]) == ("complete", 0, [])
-    assert result_of(tmp_path, "done", "good.csv")["rows_processed"] == 40
+    assert result(tmp_path, "done", "leads", "good.csv")["rows_processed"] == 40
     assert {str(r["email"]) for r in sim.records("leads")} == {
         f"ok{i}@example.com" for i in range(40)
     }
@@ -111,7 +105,7 @@ async def test_twelve_megabyte_record_is_set_aside_and_the_rest_lands(
     async with asyncio.timeout(60):
         assert await Daemon(settings, once=True).run() == 0
 
-    big = result_of(tmp_path, "done", "big_record.csv")
+    big = result(tmp_path, "done", "leads", "big_record.csv")
     assert big["status"] == "complete"
     assert (big["rows"], big["rows_processed"], big["rows_failed"]) == (101, 100, 1)
     with (tmp_path / "done" / "leads" / big["failures_file"]).open(newline="") as fh:
@@ -127,17 +121,7 @@ async def test_twelve_megabyte_record_is_set_aside_and_the_rest_lands(
 FLOOD = 1_000  # bench/soak.py drops 20,000
 
 
-def drop_tiny_files(inbox: Path, n: int, first: int = 0) -> None:
-    """n one-row files, each renamed into the inbox whole (as a pipeline would)."""
-    staging = inbox.parent.parent / "staging"
-    staging.mkdir(parents=True, exist_ok=True)
-    for i in range(first, first + n):
-        part = staging / f"t{i:05d}.csv"
-        part.write_text(f"email,firstName\nt{i}@example.com,T\n", encoding="utf-8")
-        part.rename(inbox / part.name)
-
-
-async def sample_memory(life: Life, samples: list[int], stop: asyncio.Event) -> None:
+async def sample_memory(life: CliProcess, samples: list[int], stop: asyncio.Event) -> None:
     """VmRSS of the daemon every 0.2 s until `stop` (a sampler, not a synchronisation)."""
     while not stop.is_set():
         rss = life.memory_kib()
@@ -154,8 +138,8 @@ async def test_a_thousand_tiny_files_all_processed_memory_flat(
     settings = fast_settings(sim.base_url, data, (LEADS,), api_calls_per_window=100_000)
     settings = replace(settings, polling=PollingSettings(interval=0.01, max_interval=0.05))
     runner = daemons(settings)
-    life = await runner.start()
-    await wait_until(lambda: any(e["event"] == "spool_started" for e in life.events()), "start")
+    life = await runner.daemon()
+    await life.wait_for_event("spool_started")
     inbox = data / "inbox" / "leads"
     await asyncio.to_thread(drop_tiny_files, inbox, FLOOD)
     samples: list[int] = []
@@ -173,7 +157,7 @@ async def test_a_thousand_tiny_files_all_processed_memory_flat(
     peak = life.memory_kib("VmHWM")
     stop.set()
     await sampler
-    life.process.terminate()  # SIGTERM: a clean exit 0 within 10 s
+    life.terminate()  # SIGTERM: a clean exit 0 within 10 s
     assert await life.wait(10) == 0
 
     assert len(list(done.glob("*.result.json"))) == FLOOD

@@ -12,76 +12,33 @@ both sides: what the simulator answered and what the daemon counted.
 from __future__ import annotations
 
 import asyncio
-import json
-from collections import Counter
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from orchestrator.daemon import Daemon
 from orchestrator.simulator import Simulator
-from tests.conftest import MakeSimulator
-from tests.engine_support import (
-    CARS,
-    CLIENT_ID,
-    LEADS,
-    MEMBERS,
-    SIM_KNOBS,
-    all_results,
-    drop_leads,
-    fast_settings,
-    write_csv,
-)
-from tests.reliability.conftest import Record
+from tests.support.data import drop_workload, result_docs
+from tests.support.faults import FAULT_KNOBS, REQUEST_TIMEOUT, answered
+from tests.support.reliability import Record
+from tests.support.settings import CARS, CLIENT_ID, LEADS, MEMBERS, SIM_KNOBS, fast_settings
+from tests.support.simulators import MakeSimulator
 
-FAULT = 0.1
-SLOW_SECONDS = 0.5
-REQUEST_TIMEOUT = 0.25
-FAULT_KNOBS: dict[str, Any] = {
-    **{f"fault_{code}": FAULT for code in ("500", "503", "601", "602", "606", "608", "611")},
-    "fault_615": FAULT,
-    "drop_fraction": FAULT,
-    "drop_reply_fraction": FAULT,
-    "slow_fraction": FAULT,
-    "slow_seconds": SLOW_SECONDS,
-    "token_ttl": 2.0,
-    "seed": 20261123,
-}
 ROWS = {"leads": 150, "cars": 120, "members": 120}
 
 
 def drop_three_routes(data_dir: Path) -> None:
-    drop_leads(data_dir, "leads.csv", ROWS["leads"], prefix="f")
-    write_csv(
-        data_dir / "inbox" / "cars" / "cars.csv",
-        ["vin", "model", "note"],
-        [[f"VIN{i:05d}", "Model T", "y" * 12] for i in range(ROWS["cars"])],
-    )
-    write_csv(
-        data_dir / "inbox" / "members" / "members.csv",
-        ["email", "firstName"],
-        [[f"m{i}@example.com", "M"] for i in range(ROWS["members"])],
+    drop_workload(
+        data_dir, leads=ROWS["leads"], cars=ROWS["cars"], members=ROWS["members"], prefix="f"
     )
 
 
 def landed(sim: Simulator) -> dict[str, int]:
+    """Rows that reached the simulator per object, counted (not deduplicated)."""
     return {
         "leads": len(sim.records("leads")),
         "cars": len(sim.records("customobject", api_name="car_c")),
         "members": len(sim.records("programmembers", program_id=1001)),
     }
-
-
-def answered(sim: Simulator) -> dict[str, int]:
-    """What the simulator did to our calls, by cause."""
-    stats = sim.stats()
-    calls = [c for c in sim.calls() if c["operation"] != "identity"]
-    causes: Counter[str] = Counter()
-    causes.update({f"marketo {code}": n for code, n in stats["errors"].items()})
-    causes.update({f"http {status}": n for status, n in stats["http_errors"].items()})
-    causes["dropped connection"] = sum(1 for c in calls if c["dropped"])
-    causes["slower than request_timeout"] = sum(1 for c in calls if c["duration"] >= SLOW_SECONDS)
-    return dict(causes)
 
 
 def metric_samples(daemon: Daemon, name: str, label: str) -> dict[str, float]:
@@ -105,7 +62,7 @@ async def test_every_fault_at_ten_percent_still_lands_every_row(
     async with asyncio.timeout(90):
         assert await daemon.run() == 0, "no file may fail"
 
-    docs = [json.loads(p.read_text(encoding="utf-8")) for p in all_results(tmp_path)]
+    docs = result_docs(tmp_path)
     assert len(docs) == 3
     chunks = sum(len(doc["chunks"]) for doc in docs)
     assert chunks >= 30

@@ -15,83 +15,38 @@ that test measures the exponential spacing of those probes.
 from __future__ import annotations
 
 import asyncio
-import itertools
-import json
-import random
 import time
 from pathlib import Path
-from typing import Any
 
 from orchestrator.backoff import Backoff
 from orchestrator.config import Settings
 from orchestrator.daemon import Daemon
 from orchestrator.simulator import Simulator
-from tests.conftest import MakeSimulator
-from tests.engine_support import (
-    CARS,
-    LEADS,
-    SIM_KNOBS,
-    all_results,
-    drop_leads,
-    fast_settings,
-    write_csv,
-)
-from tests.reliability.conftest import Record
+from tests.support.data import drop_workload, result_docs
+from tests.support.faults import hold_foreign, retries_after_1016
+from tests.support.reliability import Record
+from tests.support.settings import CARS, LEADS, SIM_KNOBS, fast_settings
+from tests.support.simulators import MakeSimulator
 
 SLACK = 0.15  # scheduling, SQLite commits and the HTTP round trip, on two busy cores
 
 
 def drop_two_files(data_dir: Path) -> int:
-    drop_leads(data_dir, "a.csv", 200, prefix="a", mtime=time.time() - 10)
-    write_csv(
-        data_dir / "inbox" / "cars" / "b.csv",
-        ["vin", "model"],
-        [[f"VIN{i:05d}", "Model T"] for i in range(150)],
+    """a.csv (200 leads) claimed before b.csv (150 cars); returns the rows."""
+    expected = drop_workload(
+        data_dir,
+        leads=200,
+        cars=150,
+        names=("a.csv", "b.csv", ""),
+        prefix="a",
+        car_note=None,
+        mtime=time.time() - 10,
     )
-    return 350
-
-
-def foreign_held(sim: Simulator) -> int:
-    return sum(
-        1 for j in sim.jobs() if j["owner"] == "foreign" and j["status"] in ("Queued", "Importing")
-    )
-
-
-async def hold_foreign(sim: Simulator, targets: tuple[int, ...], hold: float, total: float) -> None:
-    """Keep `targets` (one drawn every 0.5 s) of the queue's slots foreign for `total` s."""
-    rng = random.Random(8)
-    end = time.monotonic() + total
-    target, redraw = rng.choice(targets), time.monotonic() + 0.5
-    while time.monotonic() < end:
-        if time.monotonic() >= redraw:
-            target, redraw = rng.choice(targets), time.monotonic() + 0.5
-        missing = target - foreign_held(sim)
-        if missing > 0:
-            sim.add_foreign_jobs(missing, hold)
-        await asyncio.sleep(0.02)  # the pace of the other integrations' submissions
-
-
-def creates(sim: Simulator) -> list[dict[str, Any]]:
-    calls = [c for c in sim.calls() if str(c["operation"]).startswith("import")]
-    return sorted(calls, key=lambda c: float(c["t"]))
-
-
-def retries_after_1016(sim: Simulator) -> list[tuple[int, float]]:
-    """(attempt, seconds from a 1016 answer to our next create), attempt counted per streak."""
-    calls = creates(sim)
-    found, streak = [], 0
-    for call, after in itertools.pairwise(calls):
-        if call["code"] != "1016":
-            streak = 0
-            continue
-        streak += 1
-        answered = float(call["t"]) + float(call["duration"])
-        found.append((streak, round(float(after["t"]) - answered, 4)))
-    return found
+    return sum(len(keys) for keys in expected.values())
 
 
 def check_landed_in_order(sim: Simulator, data_dir: Path, rows: int) -> int:
-    docs = [json.loads(p.read_text(encoding="utf-8")) for p in all_results(data_dir)]
+    docs = result_docs(data_dir)
     assert [d["status"] for d in docs] == ["complete"] * 2
     for doc in docs:
         batches = [c["batch_id"] for c in doc["chunks"]]

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 from collections.abc import Iterator
 from dataclasses import replace
@@ -25,20 +24,20 @@ import aiohttp
 
 from orchestrator.config import HttpSettings, LoggingSettings, load_settings
 from orchestrator.simulator import Simulator
-from tests.conftest import MakeSimulator
-from tests.engine_support import (
+from tests.support.data import all_results, drop_leads, write_csv
+from tests.support.processes import CliProcess, CliRunner, MakeRunner
+from tests.support.reliability import Record
+from tests.support.settings import (
     CARS,
     CLIENT_ID,
     CLIENT_SECRET,
     LEADS,
     MEMBERS,
     SIM_KNOBS,
-    all_results,
-    drop_leads,
     fast_settings,
-    write_csv,
 )
-from tests.reliability.conftest import DaemonRunner, Life, MakeRunner, Record, wait_until
+from tests.support.simulators import MakeSimulator
+from tests.support.waiting import wait_until
 
 PATHS = ("/healthz", "/readyz", "/metrics", "/jobs", "/", "/jobs/1", "/admin", "/shutdown")
 WRITE_METHODS = ("POST", "PUT", "PATCH", "DELETE")
@@ -57,13 +56,6 @@ def drop_inputs(data: Path, outside: Path) -> None:
         ["email", "firstName"],
         [[f"m{i}@example.com", "M"] for i in range(40)],
     )
-
-
-def status_port(life: Life) -> int | None:
-    for event in life.events():
-        if event.get("event") == "status_server":
-            return int(str(event["listen"]).rpartition(":")[2])
-    return None
 
 
 def listening_addresses(pid: int) -> set[str]:
@@ -123,7 +115,7 @@ def leaks(paths: list[Path], secrets: list[str]) -> list[str]:
 
 async def full_run(
     sim: Simulator, daemons: MakeRunner, tmp_path: Path
-) -> tuple[DaemonRunner, Life, Path, dict[str, int], set[str]]:
+) -> tuple[CliRunner, CliProcess, Path, dict[str, int], set[str]]:
     data, outside = tmp_path / "data", tmp_path / "outside" / "private.csv"
     settings = fast_settings(sim.base_url, data, (LEADS, CARS, MEMBERS), max_chunk_bytes=300)
     settings = replace(
@@ -133,15 +125,15 @@ async def full_run(
     )
     runner = daemons(settings)
     drop_inputs(data, outside)
-    life = await runner.start()
-    port = await wait_until(lambda: status_port(life), "the status server")
+    life = await runner.daemon()
+    port = await wait_until(life.status_port, "the status server")
     addresses = listening_addresses(life.pid)
     await wait_until(lambda: len(all_results(data)) >= RESULTS, "every result", within=60)
-    refused = await fetch_everything(port, runner.out_dir)
-    code, out, err = await runner.cli("status", "--json")
-    assert code == 0, err
-    (runner.out_dir / "status.json").write_text(out + err)
-    life.process.send_signal(signal.SIGTERM)
+    refused = await fetch_everything(port, runner.workdir)
+    status = await runner.command("status", "--json")
+    assert status.returncode == 0, status.stderr()
+    (runner.workdir / "status.json").write_text(status.stdout() + status.stderr())
+    life.terminate()
     assert await life.wait(10) == 0, "SIGTERM: a clean exit 0"
     return runner, life, data, refused, addresses
 
@@ -164,7 +156,7 @@ async def test_no_secret_or_token_in_anything_the_daemon_wrote(
     tokens = sim.tokens()
     assert len(tokens) >= 2, "tokens were refreshed during the run"
     secrets = [CLIENT_SECRET, *tokens, *(t.split(":")[0] for t in tokens)]
-    written = [*runner.written(), *every_file(data, runner.out_dir)]
+    written = [*runner.written(), *every_file(data, runner.workdir)]
     assert any(p.name == "state.db" for p in written)
     assert any(p.name.endswith(".failures.csv") for p in written)
     assert any(p.name.endswith(".warnings.csv") for p in written)

@@ -10,22 +10,18 @@ lands every row. On a corrupt store the daemon refuses to start and says how to 
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
 import pytest
 
 from orchestrator.simulator import Simulator
-from tests.conftest import MakeSimulator
-from tests.engine_support import LEADS, SIM_KNOBS, all_results, drop_leads, fast_settings
-from tests.reliability.conftest import (
-    DaemonRunner,
-    MakeRunner,
-    MakeVolume,
-    Record,
-    wait_until,
-)
+from tests.support.data import drop_leads, result_docs
+from tests.support.processes import CliRunner, MakeRunner
+from tests.support.reliability import MakeVolume, Record
+from tests.support.settings import LEADS, SIM_KNOBS, fast_settings
+from tests.support.simulators import MakeSimulator, imports
+from tests.support.waiting import wait_until
 
 PROG = "marketo-orchestrator"
 
@@ -35,7 +31,7 @@ async def sim(make_simulator: MakeSimulator) -> Simulator:
     return await make_simulator(**SIM_KNOBS)
 
 
-def runner_for(daemons: MakeRunner, sim: Simulator, data: Path, **limits: int) -> DaemonRunner:
+def runner_for(daemons: MakeRunner, sim: Simulator, data: Path, **limits: int) -> CliRunner:
     return daemons(fast_settings(sim.base_url, data, (LEADS,), **limits))
 
 
@@ -57,15 +53,12 @@ def one_error_line(stderr: str) -> str:
 
 
 def submitted_once(sim: Simulator) -> bool:
-    return any(c["batch_id"] for c in sim.calls() if str(c["operation"]).startswith("import"))
+    return bool(imports(sim))
 
 
 def results(data: Path) -> dict[str, dict[str, object]]:
-    found = {}
-    for path in all_results(data):
-        doc = json.loads(path.read_text(encoding="utf-8"))
-        found[str(doc["file"])] = doc
-    return found
+    """Result documents by source file name."""
+    return {str(doc["file"]): doc for doc in result_docs(data)}
 
 
 # -- state.db while stopped -------------------------------------------------------------
@@ -107,7 +100,7 @@ async def test_deleted_state_db_with_work_in_flight_is_refused(
     data = tmp_path / "data"
     runner = runner_for(daemons, sim, data, max_chunk_bytes=700)
     drop_leads(data, "big.csv", 300)
-    life = await runner.start()
+    life = await runner.daemon()
     await wait_until(lambda: submitted_once(sim), "a first submit")
     life.kill()
     await life.wait(10)
@@ -155,7 +148,7 @@ async def test_read_only_mid_run_stops_and_loses_nothing(
     runner = runner_for(daemons, sim, vol.path, max_chunk_bytes=700)
     drop_leads(vol.path, "a.csv", 300, prefix="a")
     drop_leads(vol.path, "b.csv", 100, prefix="b")
-    life = await runner.start()
+    life = await runner.daemon()
     await wait_until(lambda: submitted_once(sim), "a first submit")
     vol.read_only()
     code = await life.wait(20)
@@ -187,13 +180,13 @@ def error_line(stderr: str, data: Path) -> str:
 
 async def fill_while_running(
     sim: Simulator, daemons: MakeRunner, volume: MakeVolume
-) -> tuple[DaemonRunner, int, str, Path, Path]:
+) -> tuple[CliRunner, int, str, Path, Path]:
     """A 3 MB tmpfs with 250 kB left when the daemon starts on a 600 kB file."""
     vol = volume(size="3m")
     runner = runner_for(daemons, sim, vol.path, max_chunk_bytes=20_000)
     drop_leads(vol.path, "big.csv", 15_000, prefix="x")
     ballast = vol.fill(leave_bytes=250_000)
-    life = await runner.start()
+    life = await runner.daemon()
     code = await life.wait(30)
     return runner, code, life.stderr(), vol.path, ballast
 

@@ -1,7 +1,20 @@
-"""Settings for tests and benchmarks: Marketo's limits with every interval scaled down."""
+"""Settings for tests and benchmarks: Marketo's limits with every interval scaled down,
+the same settings as a TOML file for the daemon in a subprocess, and a free port.
+
+- `fast_settings`: Marketo's limits, polling and backoff in tens of milliseconds (the
+  simulator's `rate_window` must match `limits.api_window_seconds`: see SIM_KNOBS).
+- `with_sections`: a copy with keys changed per section, `limits={"queued_jobs": 3}`.
+- `settings_toml` / `write_settings`: every key of a Settings as TOML for
+  `marketo-orchestrator run --config`, but the client secret: that travels only in
+  MARKETO_CLIENT_SECRET (processes.CliRunner.for_settings puts it there).
+"""
 
 from __future__ import annotations
 
+import json
+import socket
+from collections.abc import Mapping
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +41,8 @@ MEMBERS = Route(
     program_id=1001,
     program_member_status="Registered",
 )
+# The [section] tables of a config file, in the order they are written.
+SECTIONS = ("marketo", "limits", "polling", "backoff", "watch", "http", "logging")
 
 
 # Simulator knobs matching fast_settings: fast jobs, Marketo's 100 calls per window scaled to 2 s.
@@ -53,3 +68,61 @@ def fast_settings(
         http=HttpSettings(listen=""),
         routes=routes,
     )
+
+
+def with_sections(settings: Settings, **sections: Mapping[str, Any]) -> Settings:
+    """A copy with keys changed per section, e.g. `http={"listen": "127.0.0.1:0"}`."""
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        raise TypeError(f"not a section of Settings: {', '.join(sorted(unknown))}")
+    changed = {
+        name: replace(getattr(settings, name), **values) for name, values in sections.items()
+    }
+    return replace(settings, **changed)
+
+
+def toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str | Path):  # ObjectType is a StrEnum: its value
+        return json.dumps(str(value))  # a TOML basic string
+    raise TypeError(f"no TOML for {value!r}")
+
+
+def settings_toml(settings: Settings, **sections: Mapping[str, Any]) -> str:
+    """Every key of `settings` (changed per section by `sections`) as TOML, but the
+    client secret: the daemon reads that from MARKETO_CLIENT_SECRET only."""
+    settings = with_sections(settings, **sections)
+    lines = [f"data_dir = {toml_value(settings.data_dir)}"]
+    for section in SECTIONS:
+        lines.append(f"[{section}]")
+        table = getattr(settings, section)
+        lines.extend(
+            f"{f.name} = {toml_value(getattr(table, f.name))}"
+            for f in fields(table)
+            if f.name != "client_secret"
+        )
+    for route in settings.routes:
+        lines.append("[[routes]]")
+        lines.extend(
+            f"{f.name} = {toml_value(getattr(route, f.name))}"
+            for f in fields(route)
+            if getattr(route, f.name)
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_settings(path: Path, settings: Settings, **sections: Mapping[str, Any]) -> Path:
+    """`settings_toml` written to `path`; returns `path`."""
+    path.write_text(settings_toml(settings, **sections), encoding="utf-8")
+    return path
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now (bind port 0, read it, let it go)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
