@@ -24,12 +24,13 @@ counters are above zero; Failed ends the chunk with Marketo's message.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import structlog
 
@@ -42,6 +43,8 @@ from orchestrator.models import BatchStatus, ChunkRecord, ChunkStatus, FileRecor
 from orchestrator.store import Store
 
 log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
 
 BUDGET_SLOWDOWN = 0.9  # share of limits.daily_api_calls after which polling slows
 
@@ -93,13 +96,27 @@ class Poller:
         while not stop.is_set():
             self._wake.clear()
             outstanding = await self.outstanding()
-            due = [c for c, interval in outstanding if self.is_due(c, interval)]
-            if due:
-                async with asyncio.TaskGroup() as group:
-                    for chunk in due:
-                        group.create_task(self.poll(chunk))
+            if await self.poll_round(outstanding):
                 continue
             await wait_for_any(self._wake, stop, within=self.next_due(outstanding))
+
+    async def poll_round(
+        self, outstanding: list[tuple[ChunkRecord, float]] | None = None
+    ) -> list[ChunkRecord]:
+        """Ask for every due batch at once, then record the answers in submit order: a
+        job ahead that finished is counted before a job behind it is seen starting.
+
+        Returns the batches asked about."""
+        if outstanding is None:
+            outstanding = await self.outstanding()
+        due = [c for c, interval in outstanding if self.is_due(c, interval)]
+        async with asyncio.TaskGroup() as group:
+            asked = [group.create_task(self.ask(chunk)) for chunk in due]
+        for chunk, task in zip(due, asked, strict=True):
+            batch = task.result()
+            if batch is not None:
+                await self.guarded(chunk, self.record(chunk, batch))
+        return due
 
     async def outstanding(self) -> list[tuple[ChunkRecord, float]]:
         """Our batches at Marketo in submit order, each with the interval it deserves.
@@ -125,6 +142,9 @@ class Poller:
         return result
 
     def is_due(self, chunk: ChunkRecord, interval: float) -> bool:
+        """Due once `interval` passed since the last look; never while it cannot change."""
+        if interval == math.inf:
+            return False
         return self.clock() - self.tracks[chunk.id].last_poll >= interval
 
     def next_due(self, outstanding: list[tuple[ChunkRecord, float]]) -> float | None:
@@ -133,33 +153,45 @@ class Poller:
         waits = [self.tracks[c.id].last_poll + i - now for c, i in outstanding if i < math.inf]
         return max(0.0, min(waits)) if waits else None
 
-    async def poll(self, chunk: ChunkRecord) -> None:
+    async def ask(self, chunk: ChunkRecord) -> BatchStatus | None:
+        """One status call; None when there is no answer to record."""
         file = await self.file(chunk.file_id)
         route = self.settings.route(file.route)
-        track = self.tracks[chunk.id]
-        track.last_poll = self.clock()
+        self.tracks[chunk.id].last_poll = self.clock()
         assert chunk.batch_id is not None, "a SUBMITTED chunk has a batch id"
-        bound = structlog.contextvars.bound_contextvars(
-            route=file.route, file=file.name, chunk=chunk.index, batch_id=chunk.batch_id
-        )
-        with bound:
-            if route is None:
+        if route is None:
+            with self.bound(file, chunk):
                 await self.finish(chunk, ChunkStatus.FAILED, f"route {file.route!r} is gone", None)
-                return
+            return None
+        batch = await self.guarded(chunk, self.client.status(route, chunk.batch_id))
+        if batch is not None:
+            crashpoint("polled")
+        return batch
+
+    async def guarded(self, chunk: ChunkRecord, step: Awaitable[T]) -> T | None:
+        """Run one step for a batch with its log context; Marketo's refusals end here."""
+        file = await self.file(chunk.file_id)
+        with self.bound(file, chunk):
             try:
-                batch = await self.client.status(route, chunk.batch_id)
-                crashpoint("polled")
-                await self.record(chunk, route, batch, track)
+                return await step
             except CredentialsError as exc:
                 log.error("credentials_refused", error=str(exc))
             except FatalError as exc:
                 await self.finish(chunk, ChunkStatus.FAILED, f"status unavailable: {exc}", None)
             except MarketoError as exc:
                 log.warning("poll_deferred", code=exc.code, error=str(exc))
+        return None
 
-    async def record(
-        self, chunk: ChunkRecord, route: Route, batch: BatchStatus, track: Track
-    ) -> None:
+    @staticmethod
+    def bound(file: FileRecord, chunk: ChunkRecord) -> contextlib.AbstractContextManager[None]:
+        return structlog.contextvars.bound_contextvars(
+            route=file.route, file=file.name, chunk=chunk.index, batch_id=chunk.batch_id
+        )
+
+    async def record(self, chunk: ChunkRecord, batch: BatchStatus) -> None:
+        route = self.settings.route((await self.file(chunk.file_id)).route)
+        assert route is not None, "ask() answers only for a configured route"
+        track = self.tracks[chunk.id]
         polling = self.settings.polling
         if batch.status != constants.STATUS_QUEUED:
             self.note_start(track)

@@ -121,8 +121,11 @@ def write_outputs(
     delimiter = constants.DELIMITERS[fmt]
     work = Path(file.work_path)
     source = work if os.path.lexists(work) else target  # moved already by an earlier run
-    failures = merge_rows(chunks, "failures_path", fmt, reject_rows(source, rejects, delimiter))
-    warnings = merge_rows(chunks, "warnings_path", fmt, iter(()))
+    gaps = reject_gaps(source, rejects)
+    failures = merge_rows(
+        chunks, "failures_path", fmt, gaps, reject_rows(source, rejects, delimiter)
+    )
+    warnings = merge_rows(chunks, "warnings_path", fmt, gaps, iter(()))
     failures_name = write_table(
         target.with_name(target.name + ".failures.csv"), failures, delimiter
     )
@@ -186,11 +189,13 @@ def merge_rows(
     chunks: list[ChunkRecord],
     attr: str,
     fmt: str,
+    gaps: list[tuple[int, int]],
     extra: Iterator[tuple[list[str], list[str]]],
 ) -> Table:
     """Marketo's per-chunk files as one table, each row with its source line when known.
 
-    `extra` yields (header, row) pairs from the daemon's own rejections.
+    `gaps` are the records the splitter set aside (see `reject_gaps`); `extra`
+    yields (header, row) pairs from the daemon's own rejections.
     """
     delimiter = constants.DELIMITERS[fmt]
     table = Table([], [])
@@ -198,7 +203,7 @@ def merge_rows(
         path = getattr(chunk, attr)
         if not path or not os.path.exists(path):
             continue
-        lines = source_lines(chunk, fmt)
+        lines = source_lines(chunk, fmt, gaps)
         with open(path, encoding="utf-8-sig", newline="") as fh:
             reader = csv.reader(fh, delimiter=delimiter)
             header = next(reader, None)
@@ -219,18 +224,49 @@ def merge_rows(
     return table
 
 
-def source_lines(chunk: ChunkRecord, fmt: str) -> dict[tuple[str, ...], deque[int]]:
-    """Each record of a chunk (as parsed fields) to the source lines it stands on."""
+def source_lines(
+    chunk: ChunkRecord, fmt: str, gaps: list[tuple[int, int]]
+) -> dict[tuple[str, ...], deque[int]]:
+    """Each record of a chunk (as parsed fields) to the source line it starts on.
+
+    A chunk's records are consecutive in the source but for records the splitter
+    set aside between them: each gap (line, lines it spans) at or before a record
+    moves that record and the ones after it down by its span."""
     delimiter = constants.DELIMITERS[fmt]
     found: dict[tuple[str, ...], deque[int]] = defaultdict(deque)
     if not os.path.exists(chunk.path):
         return found
+    pending = deque(g for g in gaps if g[0] >= chunk.first_line)
+    shift = 0
     for line, raw in splitter.iter_records(Path(chunk.path), fmt):
+        source_line = chunk.first_line + line - 2 + shift
+        while pending and pending[0][0] <= source_line:
+            shift += pending[0][1]
+            source_line += pending.popleft()[1]
         fields = next(
             csv.reader(io.StringIO(raw.decode("utf-8"), newline=""), delimiter=delimiter), []
         )
-        found[tuple(fields)].append(chunk.first_line + line - 2)
+        found[tuple(fields)].append(source_line)
     return found
+
+
+def reject_gaps(source: Path, rejects: Iterable[RejectRecord]) -> list[tuple[int, int]]:
+    """(first line, lines spanned) of each set-aside record, in source order."""
+    gaps: list[tuple[int, int]] = []
+    if not source.is_file():
+        return gaps
+    with open(source, "rb") as raw:
+        for reject in sorted(rejects, key=lambda r: r.offset):
+            raw.seek(reject.offset)
+            newlines, left = 0, reject.size
+            while left > 0:
+                block = raw.read(min(left, 1 << 20))
+                if not block:
+                    break
+                newlines += block.count(b"\n")
+                left -= len(block)
+            gaps.append((reject.line, max(1, newlines)))
+    return gaps
 
 
 def reject_rows(

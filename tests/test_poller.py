@@ -1,0 +1,457 @@
+"""The poller alone: a scripted status source, a real store in tmp_path, a clock moved by hand.
+
+Tests drive rounds themselves (`poll_round`: what one turn of `Poller.run` does),
+so intervals are crossed by advancing the fake clock, never by waiting.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import pytest
+
+from orchestrator.config import PollingSettings, Route, Settings
+from orchestrator.errors import (
+    AuthError,
+    CredentialsError,
+    FatalError,
+    MarketoError,
+    RateLimitError,
+    TransientError,
+)
+from orchestrator.models import BatchStatus, ChunkRecord, ChunkStatus
+from orchestrator.poller import Poller
+from orchestrator.store import Store
+from tests.support.settings import CARS, LEADS, fast_settings
+
+INTERVAL = 5.0
+MAX_INTERVAL = 40.0
+DAILY_CALLS = 1000
+
+Answer = BatchStatus | MarketoError
+
+
+class FakeClock:
+    """A monotonic clock that moves only when a test says so."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class FakeStatusSource:
+    """Marketo's status and download calls, answering from a script per batch.
+
+    A poll of a batch with nothing left in its script fails the test (IndexError)."""
+
+    def __init__(self) -> None:
+        self.scripts: dict[int, deque[Answer]] = {}
+        self.polls: list[int] = []
+        self.downloads: list[tuple[str, int, Path]] = []
+        self.calls_today = 0
+
+    def script(self, batch_id: int, *answers: str | Answer) -> None:
+        """Answers for the next polls of `batch_id`; a bare string is a status."""
+        queue = self.scripts.setdefault(batch_id, deque())
+        for answer in answers:
+            queue.append(BatchStatus(batch_id, answer) if isinstance(answer, str) else answer)
+
+    async def status(self, route: Route, batch_id: int) -> BatchStatus:
+        self.polls.append(batch_id)
+        answer = self.scripts[batch_id].popleft()
+        if isinstance(answer, MarketoError):
+            raise answer
+        return answer
+
+    async def download_failures(self, route: Route, batch_id: int, dest: Path) -> bool:
+        return self._download("failures", batch_id, dest)
+
+    async def download_warnings(self, route: Route, batch_id: int, dest: Path) -> bool:
+        return self._download("warnings", batch_id, dest)
+
+    def _download(self, kind: str, batch_id: int, dest: Path) -> bool:
+        self.downloads.append((kind, batch_id, dest))
+        dest.write_text(f"email,Import {kind} reason\nx@y.z,bad\n", encoding="utf-8")
+        return True
+
+
+@dataclass
+class Harness:
+    poller: Poller
+    store: Store
+    client: FakeStatusSource
+    clock: FakeClock
+    chunk_dir: Path
+    finals: list[ChunkRecord] = field(default_factory=list)
+    started: list[None] = field(default_factory=list)
+    _files: int = 0
+
+    async def submitted_chunks(
+        self, route: Route, *submits: tuple[int, int], announce: bool = False
+    ) -> list[ChunkRecord]:
+        """A file whose chunks Marketo holds: (batch id, second submitted) per chunk.
+
+        `announce`: hand each to `Poller.submitted`, as the scheduler does; else the
+        poller meets them as after a restart, in the store only."""
+        self._files += 1
+        name = f"f{self._files}.csv"
+        began = await self.store.begin_claim(
+            route=route.dir,
+            name=name,
+            source_path=f"/data/inbox/{route.dir}/{name}",
+            work_path=f"/data/work/incoming/{self._files}-{name}",
+            max_chunk_bytes=2000,
+            claimed_at=f"2026-11-23T14:00:{self._files:02d}.000000Z",
+        )
+        await self.store.finish_claim(began.id)
+        await self.store.start_split(began.id)
+        chunks = []
+        for index, (batch_id, second) in enumerate(submits, 1):
+            chunk = await self.store.add_chunk(
+                began.id,
+                index=index,
+                path=str(self.chunk_dir / f"b{batch_id}.csv"),
+                rows=10,
+                bytes=900,
+                first_line=2 + 10 * (index - 1),
+            )
+            await self.store.mark_submitting(chunk.id)
+            chunks.append(
+                await self.store.mark_submitted(
+                    chunk.id,
+                    batch_id=batch_id,
+                    marketo_status="Queued",
+                    submitted_at=f"2026-11-23T14:10:{second:02d}.000000Z",
+                )
+            )
+        await self.store.finish_split(began.id, rows=10 * len(submits), chunks_total=len(submits))
+        if announce:
+            for chunk in chunks:
+                self.poller.submitted(chunk)
+        return chunks
+
+    async def poll_round(self) -> list[int]:
+        """One turn of `Poller.run`: poll every due batch concurrently; the batches polled."""
+        due = await self.poller.poll_round()
+        return [c.batch_id for c in due if c.batch_id is not None]
+
+    async def intervals(self) -> dict[int, float]:
+        return {c.batch_id or 0: i for c, i in await self.poller.outstanding()}
+
+    async def chunk(self, batch_id: int) -> ChunkRecord:
+        (found,) = [c for c in await self.store.chunks() if c.batch_id == batch_id]
+        return found
+
+
+def make_settings(tmp_path: Path, **limits: int) -> Settings:
+    base = fast_settings(
+        "http://marketo.invalid",
+        tmp_path / "data",
+        (LEADS, CARS),
+        **{"concurrent_jobs": 2, "daily_api_calls": DAILY_CALLS, **limits},
+    )
+    return replace(base, polling=PollingSettings(interval=INTERVAL, max_interval=MAX_INTERVAL))
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    opened = await Store.open(tmp_path / "state.db")
+    yield opened
+    await opened.close()
+
+
+@pytest.fixture
+def harness(store: Store, tmp_path: Path) -> Harness:
+    client, clock = FakeStatusSource(), FakeClock()
+    chunk_dir = tmp_path / "chunks"
+    chunk_dir.mkdir()
+    finals: list[ChunkRecord] = []
+    started: list[None] = []
+
+    async def on_chunk_final(chunk: ChunkRecord) -> None:
+        finals.append(chunk)
+
+    poller = Poller(
+        make_settings(tmp_path),
+        store,
+        client,
+        on_chunk_final=on_chunk_final,
+        on_started=lambda: started.append(None),
+        clock=clock,
+    )
+    return Harness(poller, store, client, clock, chunk_dir, finals, started)
+
+
+# -- who is polled ----------------------------------------------------------------------------
+
+
+async def test_only_the_first_concurrent_jobs_are_polled(harness: Harness) -> None:
+    # Submit order is not claim order: file 2's chunks went first.
+    await harness.submitted_chunks(LEADS, (103, 2), (104, 3), announce=True)
+    await harness.submitted_chunks(CARS, (101, 0), (102, 1), announce=True)
+    harness.client.script(101, "Importing", BatchStatus(101, "Complete", rows_processed=10))
+    harness.client.script(102, "Importing", "Importing", "Importing")
+    harness.client.script(103, "Queued")
+
+    assert await harness.poll_round() == []
+    assert await harness.intervals() == {101: 5.0, 102: 5.0, 103: math.inf, 104: math.inf}
+    harness.clock.advance(INTERVAL)
+    assert await harness.poll_round() == [101, 102]
+    harness.clock.advance(INTERVAL)
+    assert await harness.poll_round() == [101, 102]  # 101 completes
+    assert (await harness.chunk(101)).status is ChunkStatus.COMPLETE
+
+    # 103 moved up; it started importing no earlier than now: first poll one interval on.
+    assert await harness.intervals() == {102: 5.0, 103: 5.0, 104: math.inf}
+    assert await harness.poll_round() == []
+    harness.clock.advance(INTERVAL)
+    assert await harness.poll_round() == [102, 103]
+    assert 104 not in harness.client.polls
+
+
+async def test_after_a_restart_the_first_jobs_are_polled_at_once(harness: Harness) -> None:
+    await harness.submitted_chunks(LEADS, (101, 0), (102, 1))
+    harness.client.script(101, "Importing")
+    harness.client.script(102, "Queued")
+
+    assert await harness.poll_round() == [101, 102]
+    assert (await harness.chunk(101)).marketo_status == "Importing"
+
+
+async def test_after_a_restart_the_batches_behind_ours_are_not_polled(harness: Harness) -> None:
+    await harness.submitted_chunks(LEADS, (101, 0), (102, 1), (103, 2), (104, 3))
+    for batch_id in (101, 102, 103, 104):
+        harness.client.script(batch_id, "Queued")
+
+    assert await harness.poll_round() == [101, 102]
+
+
+async def test_a_new_batch_is_first_polled_one_interval_after_its_submit(
+    harness: Harness,
+) -> None:
+    (chunk,) = await harness.submitted_chunks(LEADS, (101, 0))
+    harness.poller.submitted(chunk)  # the create response counts as the first look
+    harness.client.script(101, "Queued")
+
+    assert await harness.poll_round() == []
+    harness.clock.advance(INTERVAL - 0.25)
+    assert await harness.poll_round() == []
+    harness.clock.advance(0.25)
+    assert await harness.poll_round() == [101]
+
+
+# -- intervals --------------------------------------------------------------------------------
+
+
+async def test_queued_answers_double_the_interval_up_to_max_interval(harness: Harness) -> None:
+    (chunk,) = await harness.submitted_chunks(LEADS, (101, 0))
+    harness.poller.submitted(chunk)
+    harness.client.script(101, "Queued", "Queued", "Queued", "Queued", "Importing", "Importing")
+
+    assert await harness.poll_round() == []  # run() looks right after the submit
+    seen = []
+    waited = INTERVAL
+    for _ in range(6):
+        harness.clock.advance(waited - 0.25)
+        assert await harness.poll_round() == []  # not due a moment early
+        harness.clock.advance(0.25)
+        assert await harness.poll_round() == [101]
+        waited = (await harness.intervals())[101]
+        seen.append(waited)
+
+    assert seen == [10.0, 20.0, 40.0, 40.0, 5.0, 5.0]
+    chunk = await harness.chunk(101)
+    assert (chunk.status, chunk.marketo_status) == (ChunkStatus.SUBMITTED, "Importing")
+
+
+async def test_near_the_daily_budget_jobs_are_polled_at_max_interval(harness: Harness) -> None:
+    await harness.submitted_chunks(LEADS, (101, 0), (102, 1), (103, 2), announce=True)
+    harness.client.script(101, "Importing", "Importing")
+    harness.client.script(102, "Importing", "Importing")
+
+    harness.client.calls_today = int(0.9 * DAILY_CALLS) - 1
+    assert await harness.poll_round() == []
+    harness.clock.advance(INTERVAL)
+    assert await harness.poll_round() == [101, 102]
+    assert await harness.intervals() == {101: 5.0, 102: 5.0, 103: math.inf}
+
+    harness.client.calls_today = int(0.9 * DAILY_CALLS)
+    assert await harness.intervals() == {101: 40.0, 102: 40.0, 103: math.inf}
+    harness.clock.advance(INTERVAL)
+    assert await harness.poll_round() == []
+    harness.clock.advance(MAX_INTERVAL - INTERVAL)
+    assert await harness.poll_round() == [101, 102]
+    assert 103 not in harness.client.polls
+
+
+# -- final answers --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("failed", "warned", "kinds"),
+    [
+        (2, 1, ["failures", "warnings"]),
+        (2, 0, ["failures"]),
+        (0, 3, ["warnings"]),
+        (0, 0, []),
+    ],
+)
+async def test_complete_downloads_the_files_whose_counters_are_above_zero(
+    harness: Harness, failed: int, warned: int, kinds: list[str]
+) -> None:
+    (chunk,) = await harness.submitted_chunks(LEADS, (101, 0))
+    complete = BatchStatus(
+        101,
+        "Complete",
+        rows_processed=10 - failed,
+        rows_failed=failed,
+        rows_with_warning=warned,
+        message="Import completed with errors",
+    )
+    harness.client.script(101, complete)
+
+    assert await harness.poll_round() == [101]
+
+    chunk_path = Path(chunk.path)
+    paths = {kind: chunk_path.with_suffix(f".{kind}") for kind in kinds}
+    assert harness.client.downloads == [(kind, 101, paths[kind]) for kind in kinds]
+    done = await harness.chunk(101)
+    assert (done.status, done.marketo_status, done.message) == (
+        ChunkStatus.COMPLETE,
+        "Complete",
+        "Import completed with errors",
+    )
+    assert (done.rows_processed, done.rows_failed, done.rows_with_warning) == (
+        10 - failed,
+        failed,
+        warned,
+    )
+    failures, warnings = paths.get("failures"), paths.get("warnings")
+    assert done.failures_path == (str(failures) if failures else None)
+    assert done.warnings_path == (str(warnings) if warnings else None)
+    assert harness.finals == [done]
+    assert await harness.poller.outstanding() == []
+    assert harness.poller.tracks == {}
+
+
+async def test_failed_finishes_the_chunk_with_marketos_message(harness: Harness) -> None:
+    await harness.submitted_chunks(LEADS, (101, 0), (102, 1))
+    why = "Import failed: field 'email' is not a column of the file"
+    harness.client.script(101, BatchStatus(101, "Failed", message=why))
+    harness.client.script(102, BatchStatus(102, "Failed"))
+
+    assert await harness.poll_round() == [101, 102]
+
+    first, second = await harness.chunk(101), await harness.chunk(102)
+    assert (first.status, first.marketo_status, first.message) == (
+        ChunkStatus.FAILED,
+        "Failed",
+        why,
+    )
+    assert (second.status, second.message) == (ChunkStatus.FAILED, "Import failed")
+    assert sorted(c.batch_id or 0 for c in harness.finals) == [101, 102]
+    assert all(c.status is ChunkStatus.FAILED for c in harness.finals)
+    assert harness.client.downloads == []
+
+
+async def test_fatal_status_error_fails_the_chunk(harness: Harness) -> None:
+    await harness.submitted_chunks(LEADS, (101, 0))
+    error = FatalError("1004", "Batch not found", operation="status")
+    harness.client.script(101, error)
+
+    assert await harness.poll_round() == [101]
+
+    chunk = await harness.chunk(101)
+    assert (chunk.status, chunk.message) == (ChunkStatus.FAILED, f"status unavailable: {error}")
+    assert harness.finals == [chunk]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        TransientError("608", "API Temporarily Unavailable"),
+        RateLimitError("606", "Max rate limit exceeded"),
+        AuthError("601", "Access token invalid"),
+        CredentialsError("http-401", "client id or secret refused"),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+async def test_retryable_error_leaves_the_chunk_outstanding(
+    harness: Harness, error: MarketoError
+) -> None:
+    await harness.submitted_chunks(LEADS, (101, 0))
+    harness.client.script(101, error, BatchStatus(101, "Complete", rows_processed=10))
+
+    assert await harness.poll_round() == [101]
+    chunk = await harness.chunk(101)
+    assert (chunk.status, chunk.marketo_status) == (ChunkStatus.SUBMITTED, "Queued")
+    assert harness.finals == []
+    assert await harness.intervals() == {101: INTERVAL}
+
+    assert await harness.poll_round() == []  # tried again at the interval, not at once
+    harness.clock.advance(INTERVAL)
+    assert await harness.poll_round() == [101]
+    assert (await harness.chunk(101)).status is ChunkStatus.COMPLETE
+
+
+# -- a start tells the scheduler a foreign job left -------------------------------------------------
+
+
+async def test_queued_then_importing_reports_that_a_job_ahead_left(harness: Harness) -> None:
+    await harness.submitted_chunks(LEADS, (101, 0), (102, 1))
+    harness.client.script(101, "Queued", "Importing", "Importing")
+    harness.client.script(102, "Importing", "Importing", "Importing")
+
+    await harness.poll_round()
+    # 102 was never seen Queued by a poll: its Importing tells nothing.
+    assert harness.started == []
+
+    harness.clock.advance(2 * INTERVAL)
+    await harness.poll_round()  # 101: Queued -> Importing, and none of ours finished
+    assert harness.started == [None]
+
+    harness.clock.advance(INTERVAL)
+    await harness.poll_round()  # still Importing: no new start
+    assert harness.started == [None]
+
+
+async def test_a_start_after_one_of_ours_finished_is_not_reported(harness: Harness) -> None:
+    await harness.submitted_chunks(LEADS, (101, 0), (102, 1))
+    harness.client.script(101, "Importing", BatchStatus(101, "Complete", rows_processed=10))
+    harness.client.script(102, "Queued", "Importing")
+
+    assert await harness.poll_round() == [101, 102]
+    harness.clock.advance(INTERVAL)
+    assert await harness.poll_round() == [101]  # 101 completes; 102 (Queued) is not due yet
+    harness.clock.advance(INTERVAL)
+    assert await harness.poll_round() == [102]  # 102 Importing: our 101 made the room
+    assert harness.started == []
+    assert [c.batch_id for c in harness.finals] == [101]
+
+
+async def test_a_start_in_the_round_one_of_ours_finishes_is_not_reported(
+    harness: Harness,
+) -> None:
+    await harness.submitted_chunks(LEADS, (101, 0), (102, 1))
+    complete = BatchStatus(101, "Complete", rows_processed=10)
+    harness.client.script(101, "Importing", "Importing", complete)
+    harness.client.script(102, "Queued", "Importing")
+
+    assert await harness.poll_round() == [101, 102]
+    harness.clock.advance(INTERVAL)
+    assert await harness.poll_round() == [101]
+    harness.clock.advance(INTERVAL)
+    # Marketo's one picture: our 101 is done, so 102 (right behind it) started.
+    assert await harness.poll_round() == [101, 102]
+
+    assert (await harness.chunk(101)).status is ChunkStatus.COMPLETE
+    assert harness.started == []

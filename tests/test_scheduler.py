@@ -1,0 +1,448 @@
+"""The scheduler alone: a fake submitter, a real store in tmp_path, a clock moved by hand.
+
+Each test calls `Scheduler.submit_ready` directly (never the `run` loop), so
+backoffs are crossed by advancing the fake clock, not by waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import pytest
+
+from orchestrator.config import BackoffSettings, Route, Settings
+from orchestrator.errors import (
+    CredentialsError,
+    FatalError,
+    ImportInProgressError,
+    MarketoError,
+    QueueFullError,
+    TransientError,
+)
+from orchestrator.models import BatchStatus, ChunkRecord, ChunkStatus, FileRecord, ObjectType
+from orchestrator.scheduler import QueueModel, Scheduler
+from orchestrator.store import Store
+from tests.support.settings import CARS, LEADS, fast_settings
+
+LIST_7 = Route(dir="list7", object=ObjectType.LEADS, list_id=7)
+LIST_8 = Route(dir="list8", object=ObjectType.LEADS, list_id=8)
+ROUTES = (LEADS, CARS, LIST_7, LIST_8)
+# Backoff waits are jittered in [50 %, 100 %] of 10, 20, 40 ... seconds, so
+# 4.9 s after a first refusal it surely still waits, 10 s after it surely not.
+BACKOFF = BackoffSettings(initial=10.0, max=80.0)
+SURELY_WAITING = 4.9
+SURELY_OVER = 10.0
+
+QUEUE_FULL = QueueFullError("1016", "Too many imports", operation="import")
+
+
+class FakeClock:
+    """A monotonic clock that moves only when a test says so."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class FakeSubmitter:
+    """Marketo's create-job call: succeeds with a fresh batch id unless told to raise.
+
+    Chunks are named by their path's stem ("a1" is chunk 1 of a.csv); `calls`
+    lists every submit in order, refused or not."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.errors: dict[str, deque[MarketoError]] = {}
+        self._next_batch = 1001
+
+    def refuse(self, label: str, *errors: MarketoError) -> None:
+        """The next submits of chunk `label` raise `errors`, one each, then succeed."""
+        self.errors.setdefault(label, deque()).extend(errors)
+
+    async def submit(self, route: Route, path: Path, fmt: str) -> BatchStatus:
+        label = path.stem
+        self.calls.append(label)
+        queue = self.errors.get(label)
+        if queue:
+            raise queue.popleft()
+        batch = BatchStatus(self._next_batch, "Queued")
+        self._next_batch += 1
+        return batch
+
+
+@dataclass
+class FakeObserver:
+    backoffs: list[tuple[str, float]] = field(default_factory=list)
+    current: list[float] = field(default_factory=list)
+
+    def backoff(self, reason: str, seconds: float) -> None:
+        self.backoffs.append((reason, seconds))
+
+    def set_backoff_current(self, seconds: float) -> None:
+        self.current.append(seconds)
+
+
+@dataclass
+class Harness:
+    scheduler: Scheduler
+    store: Store
+    client: FakeSubmitter
+    clock: FakeClock
+    observer: FakeObserver
+    submitted: list[str]
+    finals: list[ChunkRecord]
+    _claims: int = 0
+
+    async def add_file(
+        self, route: Route, name: str, chunks: int, *, order: Sequence[int] | None = None
+    ) -> FileRecord:
+        """A claimed, split file of `chunks` chunks, claimed after every earlier one.
+
+        `order` is the order the chunks are recorded in (default 1, 2, ...)."""
+        self._claims += 1
+        stem = name.removesuffix(".csv")
+        began = await self.store.begin_claim(
+            route=route.dir,
+            name=name,
+            source_path=f"/data/inbox/{route.dir}/{name}",
+            work_path=f"/data/work/incoming/{self._claims}-{name}",
+            max_chunk_bytes=2000,
+            claimed_at=f"2026-11-23T14:00:{self._claims:02d}.000000Z",
+        )
+        await self.store.finish_claim(began.id)
+        await self.store.start_split(began.id)
+        for index in order or range(1, chunks + 1):
+            await self.store.add_chunk(
+                began.id,
+                index=index,
+                path=f"/data/work/chunks/{began.id}/{stem}{index}.csv",
+                rows=10,
+                bytes=900,
+                first_line=2 + 10 * (index - 1),
+            )
+        return await self.store.finish_split(began.id, rows=10 * chunks, chunks_total=chunks)
+
+    async def submit_ready(self) -> list[str]:
+        """One scheduling pass; the chunks it submitted, in order."""
+        before = len(self.submitted)
+        await self.scheduler.submit_ready(asyncio.Event())
+        return self.submitted[before:]
+
+    async def chunk(self, label: str) -> ChunkRecord:
+        (found,) = [c for c in await self.store.chunks() if Path(c.path).stem == label]
+        return found
+
+    async def statuses(self) -> dict[str, ChunkStatus]:
+        return {Path(c.path).stem: c.status for c in await self.store.chunks()}
+
+    async def outstanding(self) -> int:
+        return len(await self.store.chunks(statuses=[ChunkStatus.SUBMITTED]))
+
+    async def job_done(self, label: str) -> None:
+        """Marketo finished one of our jobs: the poller's store call, then its hand-off."""
+        chunk = await self.chunk(label)
+        await self.store.finish_chunk(
+            chunk.id, status=ChunkStatus.COMPLETE, message="", finished_at="2026-11-23T15:00:00Z"
+        )
+        self.scheduler.job_finished()
+
+
+def make_settings(tmp_path: Path, **limits: int) -> Settings:
+    base = fast_settings("http://marketo.invalid", tmp_path / "data", ROUTES, **limits)
+    return replace(base, backoff=BACKOFF)
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    opened = await Store.open(tmp_path / "state.db")
+    yield opened
+    await opened.close()
+
+
+def make_harness(store: Store, settings: Settings) -> Harness:
+    client, clock, observer = FakeSubmitter(), FakeClock(), FakeObserver()
+    submitted: list[str] = []
+    finals: list[ChunkRecord] = []
+
+    async def on_chunk_final(chunk: ChunkRecord) -> None:
+        finals.append(chunk)
+
+    scheduler = Scheduler(
+        settings,
+        store,
+        client,
+        on_submitted=lambda chunk: submitted.append(Path(chunk.path).stem),
+        on_chunk_final=on_chunk_final,
+        observer=observer,
+        clock=clock,
+    )
+    return Harness(scheduler, store, client, clock, observer, submitted, finals)
+
+
+@pytest.fixture
+def harness(store: Store, tmp_path: Path) -> Harness:
+    return make_harness(store, make_settings(tmp_path))
+
+
+# -- FIFO and the queue limit ---------------------------------------------------------------
+
+
+async def test_fifo_by_claim_order_across_routes_and_chunk_order_within_a_file(
+    harness: Harness,
+) -> None:
+    await harness.add_file(LEADS, "a.csv", 3, order=[3, 1, 2])
+    await harness.add_file(CARS, "b.csv", 2, order=[2, 1])
+    await harness.add_file(LEADS, "c.csv", 1)
+
+    assert await harness.submit_ready() == ["a1", "a2", "a3", "b1", "b2", "c1"]
+    assert harness.client.calls == ["a1", "a2", "a3", "b1", "b2", "c1"]
+    chunk = await harness.chunk("b2")
+    assert (chunk.status, chunk.batch_id, chunk.marketo_status) == (
+        ChunkStatus.SUBMITTED,
+        1005,
+        "Queued",
+    )
+
+
+async def test_never_more_than_queued_jobs_outstanding(store: Store, tmp_path: Path) -> None:
+    harness = make_harness(store, make_settings(tmp_path, concurrent_jobs=2, queued_jobs=3))
+    await harness.add_file(LEADS, "a.csv", 4)
+    await harness.add_file(CARS, "b.csv", 1)
+
+    assert await harness.submit_ready() == ["a1", "a2", "a3"]
+    assert await harness.submit_ready() == []
+    assert await harness.outstanding() == 3
+
+    await harness.job_done("a1")
+    assert await harness.submit_ready() == ["a4"]
+    assert await harness.outstanding() == 3
+    await harness.job_done("a3")
+    await harness.job_done("a2")
+    assert await harness.submit_ready() == ["b1"]
+    assert harness.client.calls == ["a1", "a2", "a3", "a4", "b1"]
+
+
+# -- 1016: queue full -------------------------------------------------------------------------
+
+
+async def test_queue_full_keeps_the_head_and_waits_out_the_backoff(harness: Harness) -> None:
+    await harness.add_file(LEADS, "a.csv", 2)
+    await harness.add_file(CARS, "b.csv", 1)
+    harness.client.refuse("a1", QUEUE_FULL)
+
+    assert await harness.submit_ready() == []
+    assert harness.client.calls == ["a1"]  # neither a2 nor b1 jumped the queue
+    head = await harness.chunk("a1")
+    assert (head.status, head.submit_attempts, head.batch_id) == (ChunkStatus.PENDING, 1, None)
+    ((reason, delay),) = harness.observer.backoffs
+    assert reason == "1016"
+    assert 5.0 <= delay <= 10.0
+    assert harness.observer.current[-1] == pytest.approx(delay)
+    assert harness.scheduler.backoff_remaining() == pytest.approx(delay)
+    assert harness.scheduler.next_deadline() == pytest.approx(delay)
+
+    harness.clock.advance(SURELY_WAITING)
+    assert await harness.submit_ready() == []
+    assert harness.client.calls == ["a1"]
+
+    harness.clock.advance(SURELY_OVER - SURELY_WAITING)
+    # Nothing of ours was outstanding at the 1016: the model probes one slot, the head.
+    assert await harness.submit_ready() == ["a1"]
+    assert harness.client.calls == ["a1", "a1"]
+    head = await harness.chunk("a1")
+    assert (head.status, head.submit_attempts) == (ChunkStatus.SUBMITTED, 2)
+    assert harness.scheduler.backoff_remaining() == 0.0
+    assert harness.observer.current[-1] == 0.0
+
+
+async def test_repeated_queue_full_doubles_the_backoff(harness: Harness) -> None:
+    await harness.add_file(LEADS, "a.csv", 1)
+    harness.client.refuse("a1", QUEUE_FULL, QUEUE_FULL)
+
+    await harness.submit_ready()
+    harness.clock.advance(SURELY_OVER)
+    await harness.submit_ready()
+
+    assert [reason for reason, _ in harness.observer.backoffs] == ["1016", "1016"]
+    first, second = (seconds for _, seconds in harness.observer.backoffs)
+    assert 5.0 <= first <= 10.0
+    assert 10.0 <= second <= 20.0
+    harness.clock.advance(2 * SURELY_OVER)
+    assert await harness.submit_ready() == ["a1"]
+
+
+async def test_queue_full_lowers_the_model_until_jobs_leave(harness: Harness) -> None:
+    await harness.add_file(LEADS, "a.csv", 6)
+    harness.client.refuse("a3", QUEUE_FULL)
+
+    assert await harness.submit_ready() == ["a1", "a2"]
+    # 1016 with two of ours at Marketo: other integrations hold the other eight.
+    assert harness.scheduler.model.foreign == 8
+    assert harness.scheduler.model.capacity(2) == 0
+
+    harness.clock.advance(SURELY_OVER)
+    assert await harness.submit_ready() == []  # the backoff is over, the queue is not
+    assert harness.client.calls == ["a1", "a2", "a3"]
+
+    # One of ours completes: its slot, and a probe of one more (foreign 8 -> 7).
+    await harness.job_done("a1")
+    assert await harness.submit_ready() == ["a3", "a4"]
+    assert harness.scheduler.model.foreign == 7
+    assert await harness.submit_ready() == []
+
+    harness.scheduler.foreign_job_left()  # one of ours left Queued: a foreign job finished
+    assert harness.scheduler.model.foreign == 6
+    assert await harness.submit_ready() == ["a5"]
+    assert await harness.outstanding() == 4
+    assert (await harness.chunk("a6")).status is ChunkStatus.PENDING
+
+
+# -- one job per static list; 1019 ---------------------------------------------------------------
+
+
+async def test_one_outstanding_job_per_list(harness: Harness) -> None:
+    await harness.add_file(LIST_7, "a.csv", 2)
+    await harness.add_file(LIST_7, "b.csv", 1)
+    await harness.add_file(LIST_8, "c.csv", 1)
+    await harness.add_file(LEADS, "d.csv", 2)  # no list: never held back
+
+    # a2 waits for a1 (same list), and b1 waits too: it must not pass a2.
+    assert await harness.submit_ready() == ["a1", "c1", "d1", "d2"]
+    assert await harness.submit_ready() == []
+
+    await harness.job_done("a1")
+    assert await harness.submit_ready() == ["a2"]
+    await harness.job_done("a2")
+    assert await harness.submit_ready() == ["b1"]
+    assert (await harness.chunk("b1")).status is ChunkStatus.SUBMITTED
+
+
+async def test_import_in_progress_backs_off_only_that_list(harness: Harness) -> None:
+    await harness.add_file(LIST_7, "a.csv", 2)
+    await harness.add_file(LIST_8, "b.csv", 1)
+    harness.client.refuse("a1", ImportInProgressError("1019", "Import in progress"))
+
+    assert await harness.submit_ready() == ["b1"]
+    assert harness.client.calls == ["a1", "b1"]
+    assert [r for r, _ in harness.observer.backoffs] == ["1019"]
+    assert harness.scheduler.backoff_remaining() == 0.0  # the queue itself is not waiting
+    assert (await harness.chunk("a1")).status is ChunkStatus.PENDING
+
+    await harness.add_file(LEADS, "c.csv", 1)
+    harness.clock.advance(SURELY_WAITING)
+    assert await harness.submit_ready() == ["c1"]  # list 7 still waits, others go
+    assert harness.client.calls == ["a1", "b1", "c1"]
+
+    harness.clock.advance(SURELY_OVER - SURELY_WAITING)
+    assert await harness.submit_ready() == ["a1"]
+    assert harness.scheduler.list_waits == {}
+    assert harness.scheduler.next_deadline() is None
+
+
+# -- refusals ---------------------------------------------------------------------------------------
+
+
+async def test_fatal_error_refuses_the_chunk_and_fails_the_rest_of_its_file(
+    harness: Harness,
+) -> None:
+    refused = FatalError("1003", "Invalid file format", operation="import")
+    a = await harness.add_file(LEADS, "a.csv", 3)
+    await harness.add_file(CARS, "b.csv", 1)
+    harness.client.refuse("a1", refused)
+
+    assert await harness.submit_ready() == ["b1"]
+    assert harness.client.calls == ["a1", "b1"]  # a2, a3 were never sent
+    a1, a2, a3 = [await harness.chunk(label) for label in ("a1", "a2", "a3")]
+    assert (a1.status, a1.message) == (ChunkStatus.FAILED, str(refused))
+    note = "not submitted: chunk 1 of this file was refused"
+    assert [(c.status, c.message, c.batch_id) for c in (a2, a3)] == [
+        (ChunkStatus.FAILED, note, None),
+        (ChunkStatus.FAILED, note, None),
+    ]
+    assert (await harness.store.get_file(a.id)).error == str(refused)
+    assert [(Path(c.path).stem, c.status) for c in harness.finals] == [("a1", ChunkStatus.FAILED)]
+    assert harness.observer.backoffs == []  # a refusal is not a reason to wait
+
+
+async def test_credentials_error_waits_and_fails_nothing(harness: Harness) -> None:
+    a = await harness.add_file(LEADS, "a.csv", 2)
+    await harness.add_file(CARS, "b.csv", 1)
+    harness.client.refuse("a1", CredentialsError("http-401", "client id or secret refused"))
+
+    assert await harness.submit_ready() == []
+    assert harness.client.calls == ["a1"]
+    assert set((await harness.statuses()).values()) == {ChunkStatus.PENDING}
+    assert (await harness.store.get_file(a.id)).error is None
+    assert harness.finals == []
+    assert [r for r, _ in harness.observer.backoffs] == ["credentials"]
+
+    harness.clock.advance(SURELY_WAITING)
+    assert await harness.submit_ready() == []
+    harness.clock.advance(SURELY_OVER - SURELY_WAITING)
+    assert await harness.submit_ready() == ["a1", "a2", "b1"]
+
+
+async def test_retryable_error_puts_the_chunk_back_and_waits(harness: Harness) -> None:
+    await harness.add_file(LEADS, "a.csv", 2)
+    harness.client.refuse("a1", TransientError("608", "API Temporarily Unavailable"))
+
+    assert await harness.submit_ready() == []
+    assert (await harness.chunk("a1")).status is ChunkStatus.PENDING
+    assert [r for r, _ in harness.observer.backoffs] == ["608"]
+    assert harness.finals == []
+
+    harness.clock.advance(SURELY_OVER)
+    assert await harness.submit_ready() == ["a1", "a2"]
+
+
+# -- the queue model ----------------------------------------------------------------------------------
+
+
+def test_queue_model_capacity_is_the_limit_less_ours() -> None:
+    model = QueueModel(limit=3)
+    assert [model.capacity(n) for n in range(5)] == [3, 2, 1, 0, 0]
+
+
+def test_queue_model_probes_one_slot_when_nothing_of_ours_is_outstanding() -> None:
+    model = QueueModel(limit=10)
+    model.queue_full(0)
+    assert model.foreign == 10
+    assert model.capacity(0) == 1  # a probe, though the model believes the queue is full
+    assert model.capacity(1) == 0
+
+
+def test_queue_model_queue_full_counts_the_rest_as_foreign() -> None:
+    model = QueueModel(limit=10)
+    model.queue_full(4)
+    assert (model.foreign, model.capacity(4)) == (6, 0)
+    model.queue_full(7)  # a later 1016 with more of ours never lowers the estimate
+    assert model.foreign == 6
+    model.queue_full(2)
+    assert (model.foreign, model.capacity(2)) == (8, 0)
+
+
+def test_queue_model_job_left_frees_a_slot_never_below_zero() -> None:
+    model = QueueModel(limit=10)
+    model.queue_full(8)
+    assert model.capacity(7) == 1
+    model.job_left()
+    assert (model.foreign, model.capacity(7)) == (1, 2)
+    model.job_left()
+    model.job_left()
+    assert (model.foreign, model.capacity(7)) == (0, 3)
+
+
+def test_queue_model_own_limit_caps_what_foreign_slots_leave() -> None:
+    model = QueueModel(limit=3, foreign=5)
+    assert model.capacity(0) == 3
+    model = QueueModel(limit=3, foreign=8)
+    assert model.capacity(1) == 1
