@@ -21,17 +21,17 @@ import os
 import signal
 import sys
 from collections.abc import Coroutine
-from pathlib import Path
 from typing import Any
 
 import structlog
 
 from orchestrator import logs
 from orchestrator.config import Settings
-from orchestrator.errors import ConfigError, OrchestratorError, StoreError
+from orchestrator.errors import OrchestratorError, StoreError
 from orchestrator.marketo import MarketoClient
 from orchestrator.metrics import Metrics
 from orchestrator.pipeline import Pipeline
+from orchestrator.spool import make_dir
 from orchestrator.status import StatusServer, format_status_table, load_snapshot
 from orchestrator.store import Store
 from orchestrator.upkeep import Upkeep, progress, quota_day
@@ -90,7 +90,7 @@ class Daemon:
 
     async def startup(self, stack: contextlib.AsyncExitStack) -> None:
         settings = self.settings
-        make_data_dir(settings.data_dir)
+        make_dir(settings.data_dir)
         refuse_orphaned_work(settings)
         self.store = await Store.open(settings.layout.state_db)
         stack.push_async_callback(self.store.close)
@@ -181,16 +181,6 @@ class Daemon:
             os._exit(130)
         log.info("shutdown_requested", signal=sig.name)
         self.stop.set()
-
-
-def make_data_dir(path: Path) -> None:
-    """Create data_dir; a path that cannot be one is a configuration error naming the key."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise ConfigError("data_dir", f"{path} exists and is not a directory") from None
-    except OSError as exc:
-        raise ConfigError("data_dir", f"cannot create {path}: {exc.strerror or exc}") from None
 
 
 def refuse_orphaned_work(settings: Settings) -> None:

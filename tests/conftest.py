@@ -11,6 +11,7 @@ import structlog
 
 from orchestrator.config import Settings
 from orchestrator.simulator import Simulator
+from orchestrator.store import Store
 from tests.support.processes import CliRunner, MakeRunner
 from tests.support.simulators import FAST_KNOBS, MakeSimulator, Simulators
 
@@ -25,6 +26,13 @@ async def make_simulator() -> AsyncIterator[MakeSimulator]:
     simulators = Simulators()
     yield simulators.start
     await simulators.close()
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    opened = await Store.open(tmp_path / "state.db")
+    yield opened
+    await opened.close()
 
 
 @pytest.fixture

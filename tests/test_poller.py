@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -27,25 +26,13 @@ from orchestrator.models import BatchStatus, ChunkRecord, ChunkStatus
 from orchestrator.poller import Poller
 from orchestrator.store import Store
 from tests.support.settings import CARS, LEADS, fast_settings
+from tests.support.stages import FakeClock, claimed_file
 
 INTERVAL = 5.0
 MAX_INTERVAL = 40.0
 DAILY_CALLS = 1000
 
 Answer = BatchStatus | MarketoError
-
-
-class FakeClock:
-    """A monotonic clock that moves only when a test says so."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class FakeStatusSource:
@@ -104,16 +91,7 @@ class Harness:
         poller meets them as after a restart, in the store only."""
         self._files += 1
         name = f"f{self._files}.csv"
-        began = await self.store.begin_claim(
-            route=route.dir,
-            name=name,
-            source_path=f"/data/inbox/{route.dir}/{name}",
-            work_path=f"/data/work/incoming/{self._files}-{name}",
-            max_chunk_bytes=2000,
-            claimed_at=f"2026-11-23T14:00:{self._files:02d}.000000Z",
-        )
-        await self.store.finish_claim(began.id)
-        await self.store.start_split(began.id)
+        began = await claimed_file(self.store, route.dir, name, number=self._files)
         chunks = []
         for index, (batch_id, second) in enumerate(submits, 1):
             chunk = await self.store.add_chunk(
@@ -160,13 +138,6 @@ def make_settings(tmp_path: Path, **limits: int) -> Settings:
         **{"concurrent_jobs": 2, "daily_api_calls": DAILY_CALLS, **limits},
     )
     return replace(base, polling=PollingSettings(interval=INTERVAL, max_interval=MAX_INTERVAL))
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    opened = await Store.open(tmp_path / "state.db")
-    yield opened
-    await opened.close()
 
 
 @pytest.fixture

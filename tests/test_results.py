@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from orchestrator.models import (
 from orchestrator.results import Outcome, finish_file, outcome
 from orchestrator.store import Store
 from tests.support.settings import CARS, LEADS, fast_settings
+from tests.support.stages import claimed_file
 
 RESULT_KEYS = {
     "file", "route", "object", "status", "error", "rows", "rows_processed", "rows_failed",
@@ -67,13 +68,6 @@ def settings(tmp_path: Path) -> Settings:
     return make_settings(tmp_path)
 
 
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    opened = await Store.open(tmp_path / "state.db")
-    yield opened
-    await opened.close()
-
-
 @dataclass
 class Files:
     """Builds claimed files, their chunks and Marketo's answers, as the pipeline would."""
@@ -88,16 +82,9 @@ class Files:
         work = layout.incoming / f"{self.claims}-{name}"
         work.parent.mkdir(parents=True, exist_ok=True)
         work.write_text(text, encoding="utf-8", newline="")
-        began = await self.store.begin_claim(
-            route=route,
-            name=name,
-            source_path=str(layout.inbox_route(route) / name),
-            work_path=str(work),
-            max_chunk_bytes=256,
-            claimed_at=f"2026-11-23T14:00:{self.claims:02d}.000000Z",
+        return await claimed_file(
+            self.store, route, name, number=self.claims, work_path=str(work), max_chunk_bytes=256
         )
-        await self.store.finish_claim(began.id)
-        return await self.store.start_split(began.id)
 
     async def chunk(
         self, file: FileRecord, index: int, lines: list[str], first_line: int

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from orchestrator.models import BatchStatus, ChunkRecord, ChunkStatus, FileRecor
 from orchestrator.scheduler import QueueModel, Scheduler
 from orchestrator.store import Store
 from tests.support.settings import CARS, LEADS, fast_settings
+from tests.support.stages import FakeClock, claimed_file
 
 LIST_7 = Route(dir="list7", object=ObjectType.LEADS, list_id=7)
 LIST_8 = Route(dir="list8", object=ObjectType.LEADS, list_id=8)
@@ -38,19 +39,6 @@ SURELY_WAITING = 4.9
 SURELY_OVER = 10.0
 
 QUEUE_FULL = QueueFullError("1016", "Too many imports", operation="import")
-
-
-class FakeClock:
-    """A monotonic clock that moves only when a test says so."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class FakeSubmitter:
@@ -110,16 +98,7 @@ class Harness:
         `order` is the order the chunks are recorded in (default 1, 2, ...)."""
         self._claims += 1
         stem = name.removesuffix(".csv")
-        began = await self.store.begin_claim(
-            route=route.dir,
-            name=name,
-            source_path=f"/data/inbox/{route.dir}/{name}",
-            work_path=f"/data/work/incoming/{self._claims}-{name}",
-            max_chunk_bytes=2000,
-            claimed_at=f"2026-11-23T14:00:{self._claims:02d}.000000Z",
-        )
-        await self.store.finish_claim(began.id)
-        await self.store.start_split(began.id)
+        began = await claimed_file(self.store, route.dir, name, number=self._claims)
         for index in order or range(1, chunks + 1):
             await self.store.add_chunk(
                 began.id,
@@ -159,13 +138,6 @@ class Harness:
 def make_settings(tmp_path: Path, **limits: int) -> Settings:
     base = fast_settings("http://marketo.invalid", tmp_path / "data", ROUTES, **limits)
     return replace(base, backoff=BACKOFF)
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    opened = await Store.open(tmp_path / "state.db")
-    yield opened
-    await opened.close()
 
 
 def make_harness(store: Store, settings: Settings) -> Harness:

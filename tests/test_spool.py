@@ -64,13 +64,6 @@ def incoming(data_dir: Path) -> Path:
     return data_dir.absolute() / "work" / "incoming"
 
 
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    opened = await Store.open(tmp_path / "state.db")
-    yield opened
-    await opened.close()
-
-
 SpoolFactory = Callable[..., tuple[Spool, Claims]]
 
 

@@ -101,15 +101,6 @@ class Readiness:
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    opened = await Store.open(tmp_path / "state.db")
-    try:
-        yield opened
-    finally:
-        await opened.close()
-
-
-@pytest.fixture
 async def populated(store: Store, tmp_path: Path) -> Populated:
     return await populate(store, tmp_path)
 

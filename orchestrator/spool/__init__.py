@@ -4,6 +4,7 @@
 as a hint and rescans as the truth); `fs` its blocking filesystem helpers.
 """
 
+from orchestrator.spool.fs import make_dir
 from orchestrator.spool.inbox import Spool
 
-__all__ = ["Spool"]
+__all__ = ["Spool", "make_dir"]

@@ -202,9 +202,10 @@ def work_name(ns: int, name: str) -> str:
 
 
 def make_dir(path: Path) -> None:
+    """Create a directory under data_dir; one that cannot be made is a configuration error."""
     try:
         path.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
         raise ConfigError("data_dir", f"{path} exists and is not a directory") from None
     except OSError as exc:
-        raise ConfigError("data_dir", f"cannot create {path}: {exc.strerror}") from None
+        raise ConfigError("data_dir", f"cannot create {path}: {exc.strerror or exc}") from None
