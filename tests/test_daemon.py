@@ -383,17 +383,20 @@ async def test_sigterm_mid_run_exits_0_and_a_restart_finishes_without_resubmitti
 async def test_sigterm_with_a_hung_submit_exits_0_and_the_unknown_outcome_is_resubmitted(
     make_simulator: MakeSimulator, cli: CliRunner, tmp_path: Path, data_dir: Path
 ) -> None:
-    sim = await make_simulator(**SIM_KNOBS, slow_fraction=1.0, slow_seconds=8.0)
+    # The simulator would answer after a minute: only cutting the call short ends the run.
+    sim = await make_simulator(**SIM_KNOBS, slow_fraction=1.0, slow_seconds=60.0)
     config = config_file(tmp_path, data_dir, sim.base_url, (LEADS,))
     drop_leads(data_dir, "stuck.csv", 20)
     daemon = await start_daemon(cli, config)
     await wait_until(lambda: chunk_statuses(cli, config), "a submit in flight", process=daemon)
 
     daemon.terminate()
-    t0 = time.monotonic()
-    assert await daemon.wait(10) == 0
-    assert time.monotonic() - t0 < 10
+    assert await daemon.wait(50) == 0
     assert [e["task"] for e in daemon.events("shutdown_cut_short")] == ["scheduler"]
+    # By the daemon's own clock (this machine may be slow to start or reap processes):
+    (asked,) = daemon.events("shutdown_requested")
+    (cut,) = daemon.events("shutdown_cut_short")
+    assert seconds_between(asked["timestamp"], cut["timestamp"]) < 10
     assert await chunk_statuses(cli, config) == ["submitting"], "outcome unknown, kept as such"
 
     sim.set_knobs(slow_fraction=0.0)
@@ -409,7 +412,7 @@ async def test_sigterm_with_a_hung_submit_exits_0_and_the_unknown_outcome_is_res
 async def test_second_sigint_forces_exit(
     make_simulator: MakeSimulator, cli: CliRunner, tmp_path: Path, data_dir: Path
 ) -> None:
-    sim = await make_simulator(**SIM_KNOBS, slow_fraction=1.0, slow_seconds=3.0)
+    sim = await make_simulator(**SIM_KNOBS, slow_fraction=1.0, slow_seconds=60.0)
     config = config_file(tmp_path, data_dir, sim.base_url, (LEADS,))
     drop_leads(data_dir, "stuck.csv", 20)
     daemon = await start_daemon(cli, config)
@@ -417,11 +420,17 @@ async def test_second_sigint_forces_exit(
 
     daemon.process.send_signal(signal.SIGINT)
     await daemon.wait_for_event("shutdown_requested")
-    t0 = time.monotonic()
     daemon.process.send_signal(signal.SIGINT)
-    assert await daemon.wait(10) == 130
-    assert time.monotonic() - t0 < 2, "not the drain deadline"
+    assert await daemon.wait(50) == 130
     assert daemon.events("forced_exit")
+    # At once, not after the drain: nothing was cut short, the daemon never stopped.
+    assert not daemon.events("shutdown_cut_short")
+    assert not daemon.events("daemon_stopped")
+
+
+def seconds_between(start: str, end: str) -> float:
+    """Seconds between two ISO timestamps of the daemon's log lines."""
+    return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
 
 
 async def chunk_statuses(cli: CliRunner, config: str) -> list[str] | None:

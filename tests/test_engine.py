@@ -19,6 +19,7 @@ from orchestrator.simulator import Simulator
 from tests.support.data import all_results, drop_leads, drop_workload, result, write_csv
 from tests.support.settings import CARS, CLIENT_ID, LEADS, MEMBERS, SIM_KNOBS, fast_settings
 from tests.support.simulators import MakeSimulator, imports
+from tests.support.waiting import wait_until
 
 RESULT_KEYS = {
     "file", "route", "object", "status", "error", "rows", "rows_processed", "rows_failed",
@@ -82,10 +83,19 @@ async def test_fifo_across_files_and_routes(sim: Simulator, tmp_path: Path) -> N
 async def test_queue_kept_full_but_never_over_the_limit(
     make_simulator: MakeSimulator, tmp_path: Path
 ) -> None:
-    sim = await make_simulator(**{**SIM_KNOBS, "job_overhead": 0.1})
+    # Marketo starts nothing until the queue is full, so how fast this machine submits
+    # does not matter: the daemon must stop at 10 by itself, then imports resume.
+    sim = await make_simulator(**{**SIM_KNOBS, "max_importing": 0})
     settings = fast_settings(sim.base_url, tmp_path, (LEADS,), max_chunk_bytes=700)
     drop_leads(tmp_path, "big.csv", 800)
-    assert await run_once(settings) == 0
+    daemon = asyncio.ensure_future(run_once(settings))
+
+    def ours_outstanding() -> int:
+        return int(sim.stats()["max_outstanding"].get(CLIENT_ID, 0))
+
+    await wait_until(lambda: ours_outstanding() >= 10 or daemon.done(), "10 jobs of ours queued")
+    sim.set_knobs(max_importing=2)
+    assert await daemon == 0
     doc = result(tmp_path, "done", "leads", "big.csv")
     assert len(doc["chunks"]) >= 20
     stats = sim.stats()
@@ -98,10 +108,13 @@ async def test_queue_kept_full_but_never_over_the_limit(
 async def test_queued_jobs_setting_caps_outstanding(
     make_simulator: MakeSimulator, tmp_path: Path
 ) -> None:
-    sim = await make_simulator(**{**SIM_KNOBS, "job_overhead": 0.1})
+    sim = await make_simulator(**{**SIM_KNOBS, "max_importing": 0})
     settings = fast_settings(sim.base_url, tmp_path, (LEADS,), queued_jobs=3, max_chunk_bytes=700)
     drop_leads(tmp_path, "big.csv", 300)
-    assert await run_once(settings) == 0
+    daemon = asyncio.ensure_future(run_once(settings))
+    await wait_until(lambda: len(imports(sim)) >= 3 or daemon.done(), "3 jobs of ours queued")
+    sim.set_knobs(max_importing=2)
+    assert await daemon == 0
     assert sim.stats()["max_outstanding"][CLIENT_ID] == 3
 
 
