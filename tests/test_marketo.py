@@ -152,7 +152,7 @@ async def wait_final(client: MarketoClient, route: Route, batch_id: int) -> Batc
         batch = await client.status(route, batch_id)
         return batch if batch.status in constants.FINAL_STATUSES else None
 
-    return await wait_until(final, f"batch {batch_id} to be final", within=15.0, poll=0.05)
+    return await wait_until(final, f"batch {batch_id} to be final", within=60.0, poll=0.05)
 
 
 async def submitted(client: MarketoClient, sim: Simulator, tmp_path: Path) -> int:

@@ -418,7 +418,7 @@ async def test_symlink_is_claimed_with_an_error_and_moved_as_a_link(
     assert all(e["log_level"] == "warning" for e in refused)
 
 
-@pytest.mark.timeout(15)
+@pytest.mark.timeout(60)
 async def test_fifo_is_claimed_with_an_error_without_opening_it(
     make_spool: SpoolFactory, data_dir: Path
 ) -> None:
@@ -487,10 +487,10 @@ async def test_run_claims_on_an_event_long_before_the_rescan(
         await claims.wait_for(1)
         started = time.monotonic()
         drop(inbox(data_dir, "leads"), "after.csv", b"email\na@example.com\n")
-        await claims.wait_for(2, within=5.0)
+        await claims.wait_for(2, within=60.0)
         elapsed = time.monotonic() - started
     assert [r.name for r in claims.records] == ["before.csv", "after.csv"]
-    assert 0.3 <= elapsed < 5.0
+    assert 0.3 <= elapsed < 60.0, "settled, then claimed long before the hour-long rescan"
 
 
 # -- exactly once, across instances and crashes -------------------------------------------------

@@ -134,7 +134,7 @@ async def full_run(
     assert status.returncode == 0, status.stderr()
     (runner.workdir / "status.json").write_text(status.stdout() + status.stderr())
     life.terminate()
-    assert await life.wait(10) == 0, "SIGTERM: a clean exit 0"
+    assert await life.wait(60) == 0, "SIGTERM: a clean exit 0"
     return runner, life, data, refused, addresses
 
 

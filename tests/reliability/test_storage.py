@@ -103,7 +103,7 @@ async def test_deleted_state_db_with_work_in_flight_is_refused(
     life = await runner.daemon()
     await wait_until(lambda: submitted_once(sim), "a first submit")
     life.kill()
-    await life.wait(10)
+    await life.wait(60)
     claimed = list((data / "work" / "incoming").iterdir())
     assert claimed, "the file was claimed before the kill"
     for part in data.glob("state.db*"):

@@ -77,7 +77,7 @@ async def one_life(runner: CliRunner, sim: Simulator, rng: random.Random, n: int
         if life.returncode is None:
             kind = "external"
         life.kill()
-    code = await life.wait(10)
+    code = await life.wait(60)
     assert code == -9, f"life {n} ended by itself ({code}): {life.stderr()[-2000:]}"
     return kind
 
