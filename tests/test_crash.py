@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.models import ChunkStatus
 from orchestrator.store import Store
 from tests.support.data import all_results, drop_leads, result, write_csv
 from tests.support.processes import CliRunner, MakeRunner
@@ -30,7 +31,7 @@ async def run_daemon(runner: CliRunner, crash_at: str | None = None) -> int:
 
 
 @pytest.mark.parametrize(
-    ("crash_at", "extra_submits"),
+    ("crash_at", "least_extra"),
     [
         ("chunk_added:1", 0),  # split interrupted: split again, the known chunk reused
         ("before_submit:3", 0),  # submit recorded as under way, request never sent
@@ -45,7 +46,7 @@ async def test_kill_9_then_restart_loses_nothing(
     daemons: MakeRunner,
     tmp_path: Path,
     crash_at: str,
-    extra_submits: int,
+    least_extra: int,
 ) -> None:
     sim = await make_simulator(**{**SIM_KNOBS, "job_overhead": 0.15})
     data = tmp_path / "data"
@@ -57,6 +58,8 @@ async def test_kill_9_then_restart_loses_nothing(
     )
 
     assert await run_daemon(runner, crash_at) == -signal.SIGKILL
+    async with await Store.open(data / "state.db") as store:
+        unknown = len(await store.chunks(statuses=[ChunkStatus.SUBMITTING]))
     assert await run_daemon(runner) == 0
 
     docs = [result(data, "done", "leads", "a.csv"), result(data, "done", "cars", "b.csv")]
@@ -69,8 +72,12 @@ async def test_kill_9_then_restart_loses_nothing(
     failures = (data / "done" / "leads" / "a.csv.failures.csv").read_text().splitlines()
     assert len(failures) == 3, "failed rows reported once each"
 
+    # Only a create whose outcome the crash left unknown may go out twice. Which
+    # creates were in flight at a kill elsewhere (a poll, say) is a race with this
+    # machine's speed; a create whose batch id was stored never goes out again.
     chunks = sum(len(d["chunks"]) for d in docs)
-    assert len(imports(sim)) == chunks + extra_submits
+    extra = len(imports(sim)) - chunks
+    assert least_extra <= extra <= unknown
     async with await Store.open(data / "state.db") as store:
         assert await store.integrity_check() == "ok"
     assert not list((data / "work" / "incoming").iterdir()), "nothing left behind in work/"

@@ -453,9 +453,9 @@ async def test_status_endpoints_and_status_command_while_running(
     drop_leads(data_dir, "seen.csv", 60, bad={5})
     daemon = await start_daemon(cli, config)
     base = f"http://127.0.0.1:{port}"
-    await wait_until(
-        result_path(data_dir, "done", "leads", "seen.csv").exists, "result", process=daemon
-    )
+    # The canonical log line comes after the file's metrics were counted (and after
+    # its result.json, which a pipeline may see a moment before the metrics move).
+    await daemon.wait_for_event("file_finished")
     chunks = len(result(data_dir, "done", "leads", "seen.csv")["chunks"])
 
     async with aiohttp.ClientSession() as session:

@@ -183,7 +183,7 @@ async def drop_and_finish(data: Path, first: int, count: int) -> None:
     await asyncio.to_thread(drop_tiny_files, inbox, count, first)
     total = first + count
     await wait_until(
-        lambda: len(list(done.glob("*.result.json"))) >= total, f"{total} results", within=60
+        lambda: len(list(done.glob("*.result.json"))) >= total, f"{total} results", within=300
     )
 
 
@@ -211,7 +211,7 @@ async def test_memory_held_per_finished_file_is_released(
     finally:
         tracemalloc.stop()
         daemon.stop.set()
-        await asyncio.wait_for(running, 15)
+        await asyncio.wait_for(running, 60)
     growth = sum(stat.size_diff for stat in after.compare_to(before, "lineno"))
     figures(bytes_kept_per_finished_file=round(growth / 150))
     assert growth < 64 * 1024, f"{growth} bytes still held after 150 more files"
