@@ -26,10 +26,12 @@ from typing import Any
 import structlog
 
 from orchestrator import logs
+from orchestrator.clock import wait_for_any
 from orchestrator.config import Settings
 from orchestrator.errors import OrchestratorError, StoreError
 from orchestrator.marketo import MarketoClient
 from orchestrator.metrics import Metrics
+from orchestrator.models import FINAL_FILE_STATUSES, ExitCode, FileStatus
 from orchestrator.pipeline import Pipeline
 from orchestrator.spool import make_dir
 from orchestrator.status import StatusServer, format_status_table, load_snapshot
@@ -68,25 +70,46 @@ class Daemon:
     # -- phases ------------------------------------------------------------
 
     async def run(self) -> int:
-        """Startup, loop, shutdown; the process exit code."""
+        """Startup, loop, shutdown; the process exit code (`ExitCode`)."""
         async with contextlib.AsyncExitStack() as stack:
             await self.startup(stack)
             await self.loop()
+            outstanding = await self.outstanding() if self.once else 0
             log.info(
                 "daemon_stopped",
                 files_finished=self.pipeline.finished_total,
                 failed=self.pipeline.finished_failed,
+                outstanding=outstanding,
             )
         if self.once and sys.stderr.isatty():
             print(format_status_table(await self.final_snapshot()), file=sys.stderr)
+        return self.exit_code(outstanding)
+
+    def exit_code(self, outstanding: int) -> ExitCode:
+        """Refused credentials, then work left over (--once), then a failed file (--once)."""
         if self.upkeep.credentials_refused:
             print(
                 f"marketo-orchestrator: error: {self.upkeep.credentials_refused}; "
-                "claimed files wait in work/ for the next run",
+                "files wait in inbox/ (and claimed ones in work/) for the next run",
                 file=sys.stderr,
             )
-            return 1
-        return 1 if self.once and self.pipeline.finished_failed else 0
+            return ExitCode.CREDENTIALS
+        if not self.once:
+            return ExitCode.COMPLETE  # SIGTERM ends a daemon normally
+        if outstanding:
+            print(
+                f"marketo-orchestrator: interrupted with {outstanding} file(s) outstanding; "
+                f"nothing is lost: they wait in {self.settings.layout.work} and "
+                f"{self.settings.layout.inbox} for the next run",
+                file=sys.stderr,
+            )
+            return ExitCode.OUTSTANDING
+        return ExitCode.FAILED if self.pipeline.finished_failed else ExitCode.COMPLETE
+
+    async def outstanding(self) -> int:
+        """Files without a result: unfinished in the store, or seen in the inbox unclaimed."""
+        unfinished = await self.store.files(set(FileStatus) - FINAL_FILE_STATUSES)
+        return len(unfinished) + self.pipeline.spool.pending()
 
     async def startup(self, stack: contextlib.AsyncExitStack) -> None:
         settings = self.settings
@@ -153,7 +176,13 @@ class Daemon:
         await upkeep.save_calls()
 
     async def drain(self) -> None:
-        """--once: claim what the inbox holds, wait until every file has a result, stop."""
+        """--once: claim what the inbox holds, wait until every file has a result, stop.
+
+        Nothing is claimed before Marketo gave a token: refused credentials leave
+        the inbox as it was."""
+        await wait_for_any(self.upkeep.token_settled, self.stop, within=None)
+        if self.stop.is_set() or self.upkeep.credentials_refused:
+            return
         await self.pipeline.spool.drain()
         await self.pipeline.wait_idle(self.stop)
         self.stop.set()

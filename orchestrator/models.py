@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import StrEnum
+from enum import IntEnum, StrEnum
 
 
 class ObjectType(StrEnum):
@@ -36,6 +36,16 @@ class ChunkStatus(StrEnum):
     FAILED = "failed"  # Marketo said Failed, or a fatal error refused the chunk
 
 
+class ExitCode(IntEnum):
+    """What `run --once`, `submit --wait` and `check` tell the caller (SPEC section 2)."""
+
+    COMPLETE = 0  # every file complete (row-level failures are reported, not fatal)
+    FAILED = 1  # a file failed (or had more failed rows than --max-failed-rows allows)
+    USAGE = 2  # configuration or usage error
+    CREDENTIALS = 3  # Marketo refused the credentials
+    OUTSTANDING = 4  # timed out or interrupted with work outstanding (nothing lost)
+
+
 FINAL_FILE_STATUSES = frozenset({FileStatus.COMPLETE, FileStatus.FAILED})
 FINAL_CHUNK_STATUSES = frozenset({ChunkStatus.COMPLETE, ChunkStatus.FAILED})
 
@@ -64,6 +74,7 @@ class FileRecord:
     status: FileStatus
     max_chunk_bytes: int  # the limit it was (or will be) split with
     claimed_at: str  # ISO 8601 UTC
+    job_id: str = ""  # the hand-over id (orchestrator.handover), in result.json as "id"
     rows: int | None = None
     chunks_total: int | None = None
     error: str | None = None

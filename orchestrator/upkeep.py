@@ -53,12 +53,20 @@ class Upkeep:
         self.metrics = metrics
         self.persisted_calls = persisted_calls
         self.credentials_refused: str | None = None
+        # Set once Marketo answered the first token request (a token, or a refusal).
+        self.token_settled = asyncio.Event()
         self.backoff = Backoff(settings.backoff.initial, settings.backoff.max)
 
     async def token_keeper(self, stop: asyncio.Event, *, once: bool) -> None:
         """Get a token early (readiness needs one); retry quietly while Marketo is unreachable.
 
         Refused credentials end `run --once` (nothing can be imported; nothing is failed)."""
+        try:
+            await self._get_first_token(stop, once=once)
+        finally:
+            self.token_settled.set()
+
+    async def _get_first_token(self, stop: asyncio.Event, *, once: bool) -> None:
         attempt = 0
         while not stop.is_set() and not self.client.has_token:
             try:
