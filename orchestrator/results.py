@@ -140,6 +140,7 @@ def write_outputs(
         existing: dict[str, Any] = json.loads(result_path.read_text(encoding="utf-8"))
         return existing
     document = {
+        "id": file.job_id,
         "file": file.name,
         "route": file.route,
         "object": object_type,

@@ -3,10 +3,13 @@
 - `jobs_snapshot`: files and chunks from the state store as JSON-ready data,
   the body of `GET /jobs` and of `marketo-orchestrator status --json`
   (`read_snapshot` opens the store for the CLI).
-- `format_status_table`: the same snapshot as a fixed-width table for
-  `marketo-orchestrator status`.
+- `format_status_table`: the same snapshot as a table for
+  `marketo-orchestrator status` (100 columns, or `--wide`).
+- `Query`: which files a snapshot shows: by id, name, activity, status, limit.
 - `StatusServer`: a small read-only aiohttp server with `/healthz`, `/readyz`,
-  `/metrics` and `/jobs`. Only GET and HEAD exist; every other method is 405.
+  `/metrics`, `/jobs` (`?status=` and `?limit=`, default 100) and `/jobs/<id>`
+  (one file by its hand-over id, 404 if unknown). Only GET and HEAD exist;
+  every other method is 405.
 
 Work paths and other internals stay out of the snapshot; the store holds no
 secrets, so none can leak from here.
@@ -15,18 +18,23 @@ secrets, so none can leak from here.
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 from collections import Counter, defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
 
 import structlog
 from aiohttp import web
 
+from orchestrator.clock import utc_now
 from orchestrator.errors import StoreError
 from orchestrator.metrics import Metrics, StoreReader
 from orchestrator.models import (
     FINAL_CHUNK_STATUSES,
+    FINAL_FILE_STATUSES,
     ChunkRecord,
     ChunkStatus,
     FileRecord,
@@ -42,24 +50,87 @@ Readiness = Callable[[], str | None]
 # The snapshot.
 
 
-def jobs_snapshot(files: list[FileRecord], chunks: list[ChunkRecord]) -> dict[str, Any]:
-    """Files (in claim order) with their chunks (in file order), and totals by status."""
+@dataclass(frozen=True, slots=True)
+class Query:
+    """Which files a snapshot shows (the totals always count every file)."""
+
+    job_id: str | None = None  # exactly this hand-over id
+    name: str | None = None  # the file name, or a shell pattern (`nightly-*.csv`)
+    active: bool = False  # only files without a result yet
+    statuses: frozenset[str] | None = None  # file statuses or live states
+    limit: int | None = None  # at most this many files
+
+
+def jobs_snapshot(
+    files: list[FileRecord], chunks: list[ChunkRecord], query: Query | None = None
+) -> dict[str, Any]:
+    """Files (active work first in claim order, then the latest finished) with their chunks
+    (in file order), and totals by status."""
+    query = query or Query()
     by_file: dict[int, list[ChunkRecord]] = defaultdict(list)
     for chunk in chunks:
         by_file[chunk.file_id].append(chunk)
-    ordered = sorted(files, key=lambda f: f.id)
+    entries = [file_entry(f, sorted(by_file[f.id], key=lambda c: c.index)) for f in files]
+    active = sorted(
+        (e for e in entries if e["status"] not in FINAL),
+        key=lambda e: (e["claimed_at"], e["file_id"]),
+    )
+    finished = sorted(
+        (e for e in entries if e["status"] in FINAL),
+        key=lambda e: (e["finished_at"] or "", e["file_id"]),
+        reverse=True,
+    )
+    shown = [e for e in active + finished if matches(e, query)]
     return {
-        "files": [file_entry(f, sorted(by_file[f.id], key=lambda c: c.index)) for f in ordered],
+        "files": shown[: query.limit] if query.limit is not None else shown,
         "totals": totals(files, chunks),
     }
 
 
+FINAL: Final = frozenset(str(s) for s in FINAL_FILE_STATUSES)
+
+
+def matches(entry: dict[str, Any], query: Query) -> bool:
+    if query.job_id is not None and entry["id"] != query.job_id:
+        return False
+    if query.name is not None and not fnmatch.fnmatchcase(entry["file"], query.name):
+        return False
+    if query.active and entry["status"] in FINAL:
+        return False
+    wanted = query.statuses
+    return wanted is None or entry["status"] in wanted or entry["state"] in wanted
+
+
+def live_state(file: FileRecord, chunks: list[ChunkRecord]) -> str:
+    """What a file waits for now, in a word.
+
+    claimed, splitting; then, while its chunks are at Marketo: importing (one of
+    them is), queued (submitted, waiting in Marketo's queue), waiting (for a slot
+    in our queue or a backoff); finishing; complete or failed."""
+    if file.status in (FileStatus.CLAIMING, FileStatus.CLAIMED):
+        return "claimed"
+    if file.status in (FileStatus.FINISHING, *FINAL_FILE_STATUSES):
+        return str(file.status)
+    if any(c.marketo_status == "Importing" for c in chunks):
+        return "importing"
+    if any(c.status is ChunkStatus.SUBMITTED for c in chunks):
+        return "queued"
+    if file.status is FileStatus.SPLITTING and not any(
+        c.status not in FINAL_CHUNK_STATUSES for c in chunks
+    ):
+        return "splitting"
+    return "waiting"
+
+
 def file_entry(file: FileRecord, chunks: list[ChunkRecord]) -> dict[str, Any]:
+    final = file.status in FINAL_FILE_STATUSES
     return {
-        "id": file.id,
+        "id": file.job_id,
+        "file_id": file.id,
         "route": file.route,
         "file": file.name,
         "status": file.status.value,
+        "state": live_state(file, chunks),
         "error": file.error,
         "rows": file.rows,
         "rows_processed": sum(c.rows_processed for c in chunks),
@@ -70,8 +141,17 @@ def file_entry(file: FileRecord, chunks: list[ChunkRecord]) -> dict[str, Any]:
         "batch_ids": [c.batch_id for c in chunks if c.batch_id is not None],
         "claimed_at": file.claimed_at,
         "finished_at": file.finished_at,
+        "result": result_in_data_dir(file.result_path) if final else None,
         "chunks": [chunk_entry(c) for c in chunks],
     }
+
+
+def result_in_data_dir(path: str | None) -> str | None:
+    """A result path as `<done|failed>/<route>/<name>.result.json`, relative to data_dir
+    (the store keeps it as the daemon spelled data_dir; a pipeline may mount it elsewhere)."""
+    if not path:
+        return None
+    return "/".join(Path(path).parts[-3:])
 
 
 def chunk_entry(chunk: ChunkRecord) -> dict[str, Any]:
@@ -100,73 +180,156 @@ def totals(files: list[FileRecord], chunks: list[ChunkRecord]) -> dict[str, Any]
     }
 
 
-async def load_snapshot(store: StoreReader) -> dict[str, Any]:
+async def load_snapshot(store: StoreReader, query: Query | None = None) -> dict[str, Any]:
     """Read the store and build `jobs_snapshot` from it."""
     files = await store.files()
     chunks = await store.chunks()
-    return jobs_snapshot(files, chunks)
+    return jobs_snapshot(files, chunks, query)
 
 
-async def read_snapshot(db_path: Path) -> dict[str, Any]:
+async def read_snapshot(db_path: Path, query: Query | None = None) -> dict[str, Any]:
     """Open the state store at `db_path` (read, then close) and snapshot it.
 
-    No store yet (the daemon never ran with this data_dir) is an empty snapshot,
-    and nothing is created on disk.
+    No store there is a `StoreError` (a wrong data_dir, or a daemon that never
+    ran with it); nothing is created on disk.
     """
-    if not await asyncio.to_thread(db_path.exists):
-        return jobs_snapshot([], [])
+    if not await asyncio.to_thread(db_path.is_file):
+        raise StoreError(
+            db_path,
+            "no state store here: is data_dir right (--config, ORCHESTRATOR_DATA_DIR)? "
+            "It appears once a daemon has run with this data_dir",
+        )
     store = await Store.open(db_path)
     try:
-        return await load_snapshot(store)
+        return await load_snapshot(store, query)
     finally:
         await store.close()
 
 
 # The table.
 
-# (header, width, right-aligned); with two-space gutters the row is 97 columns.
+# (header, width, right-aligned); with two-space gutters the row is 96 columns. FILE wraps.
 COLUMNS: Final = (
     ("ROUTE", 10, False),
     ("FILE", 20, False),
-    ("STATUS", 9, False),
+    ("STATE", 9, False),
     ("CHUNKS", 7, True),
-    ("BATCHES", 14, False),
-    ("PROCESSED", 9, True),
+    ("ROWS", 15, True),
     ("FAILED", 7, True),
     ("WARNED", 7, True),
+    ("ELAPSED", 7, True),
+)
+# --wide: every value whole, the id and batch ids in columns of their own.
+WIDE_COLUMNS: Final = (
+    ("ID", 0, False),
+    ("ROUTE", 0, False),
+    ("FILE", 0, False),
+    ("STATE", 0, False),
+    ("CHUNKS", 0, True),
+    ("ROWS", 0, True),
+    ("FAILED", 0, True),
+    ("WARNED", 0, True),
+    ("ELAPSED", 0, True),
+    ("BATCHES", 0, False),
 )
 GUTTER: Final = "  "
-TABLE_WIDTH: Final = sum(w for _, w, _ in COLUMNS) + len(GUTTER) * (len(COLUMNS) - 1)
+TABLE_WIDTH: Final = 100
 FLATTEN: Final = str.maketrans({"\n": " ", "\r": " ", "\t": " "})
+INDENT: Final = " " * (COLUMNS[0][1] + len(GUTTER))
 
 
-def format_status_table(snapshot: dict[str, Any]) -> str:
-    """The snapshot as a fixed-width table, at most 100 columns wide, with a summary line."""
+def format_status_table(
+    snapshot: dict[str, Any], *, wide: bool = False, now: datetime | None = None
+) -> str:
+    """The snapshot as a table with a summary line.
+
+    Narrow (default): at most 100 columns; a long file name wraps inside its
+    column, never cut; below each file a line with its id and batch ids, and
+    its error if it has one. Wide: one line per file, every value whole."""
+    now = now or utc_now()
+    if wide:
+        return wide_table(snapshot, now)
     lines = [table_row([header for header, _, _ in COLUMNS])]
     for entry in snapshot["files"]:
-        lines.append(table_row(file_cells(entry)))
+        cells = file_cells(entry, now)
+        name = cells[1].translate(FLATTEN)
+        width = COLUMNS[1][1]
+        pieces = [name[i : i + width] for i in range(0, len(name), width)] or [""]
+        lines.append(table_row([cells[0], pieces[0], *cells[2:]]))
+        blank = [""] * len(COLUMNS)
+        for piece in pieces[1:]:
+            lines.append(table_row([blank[0], piece, *blank[2:]]))
+        detail = f"{INDENT}id {entry['id']}"
+        if entry["batch_ids"]:
+            detail += (
+                f"  batches {batch_summary(entry['batch_ids'], TABLE_WIDTH - len(detail) - 10)}"
+            )
+        lines.append(detail.rstrip())
         if entry["error"]:
-            indent = " " * (COLUMNS[0][1] + len(GUTTER))
-            lines.append(fit(f"{indent}error: {entry['error']}", TABLE_WIDTH))
+            lines.append(fit(f"{INDENT}error: {entry['error']}", TABLE_WIDTH))
     if not snapshot["files"]:
         lines.append("(no files)")
     lines.append(summary_line(snapshot["totals"]))
     return "\n".join(lines)
 
 
-def file_cells(entry: dict[str, Any]) -> list[str]:
+def wide_table(snapshot: dict[str, Any], now: datetime) -> str:
+    rows = [[header for header, _, _ in WIDE_COLUMNS]]
+    for entry in snapshot["files"]:
+        batches = ",".join(str(b) for b in entry["batch_ids"]) or "-"
+        rows.append([entry["id"], *file_cells(entry, now), batches])
+    rows = [[cell.translate(FLATTEN) for cell in row] for row in rows]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(WIDE_COLUMNS))]
+    lines = []
+    for row in rows:
+        parts = [
+            cell.rjust(width) if right else cell.ljust(width)
+            for cell, width, (_, _, right) in zip(row, widths, WIDE_COLUMNS, strict=True)
+        ]
+        lines.append(GUTTER.join(parts).rstrip())
+    for entry in snapshot["files"]:
+        if entry["error"]:
+            lines.append(f"{entry['id']}: error: {entry['error'].translate(FLATTEN)}")
+    if not snapshot["files"]:
+        lines.append("(no files)")
+    lines.append(summary_line(snapshot["totals"]))
+    return "\n".join(lines)
+
+
+def file_cells(entry: dict[str, Any], now: datetime) -> list[str]:
+    """ROUTE, FILE, STATE, CHUNKS, ROWS, FAILED, WARNED, ELAPSED."""
     total = entry["chunks_total"]
-    chunks = f"{entry['chunks_done']}/{'?' if total is None else total}"
+    rows_total = "?" if entry["rows"] is None else str(entry["rows"])
     return [
         entry["route"],
         entry["file"],
-        entry["status"],
-        chunks,
-        batch_summary(entry["batch_ids"], COLUMNS[4][1]),
-        str(entry["rows_processed"]),
+        entry["state"],
+        f"{entry['chunks_done']}/{'?' if total is None else total}",
+        f"{entry['rows_processed']}/{rows_total}",
         str(entry["rows_failed"]),
         str(entry["rows_with_warning"]),
+        elapsed(entry["claimed_at"], entry["finished_at"], now),
     ]
+
+
+def elapsed(claimed_at: str, finished_at: str | None, now: datetime) -> str:
+    """Time from claim to result (or to now): 42s, 3m05s, 2h03m, 4d02h."""
+    try:
+        start = datetime.fromisoformat(claimed_at)
+        end = datetime.fromisoformat(finished_at) if finished_at else now
+    except ValueError:
+        return "?"
+    seconds = max(0, int((end - start).total_seconds()))
+    minutes, sec = divmod(seconds, 60)
+    hours, minute = divmod(minutes, 60)
+    days, hour = divmod(hours, 24)
+    if days:
+        return f"{days}d{hour:02d}h"
+    if hours:
+        return f"{hours}h{minute:02d}m"
+    if minutes:
+        return f"{minutes}m{sec:02d}s"
+    return f"{sec}s"
 
 
 def table_row(cells: list[str]) -> str:
@@ -255,6 +418,7 @@ class StatusServer:
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics_page)
         app.router.add_get("/jobs", self._jobs)
+        app.router.add_get("/jobs/{id}", self._job)
         app.on_response_prepare.append(_no_store_headers)
         # access_log=None: a scraper every few seconds must not flood the info log.
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
@@ -295,11 +459,50 @@ class StatusServer:
 
     async def _jobs(self, request: web.Request) -> web.Response:
         try:
-            snapshot = await load_snapshot(self._store)
-        except StoreError as exc:
-            log.warning("jobs_store_unreadable", error=exc.problem)
+            query = jobs_query(request.query.getall("status", []), request.query.get("limit"))
+        except ValueError as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        snapshot = await self._snapshot(query)
+        if snapshot is None:
             return web.json_response({"error": "state store unreadable"}, status=503)
         return web.json_response(snapshot)
+
+    async def _job(self, request: web.Request) -> web.Response:
+        job_id = request.match_info["id"]
+        snapshot = await self._snapshot(Query(job_id=job_id, limit=1))
+        if snapshot is None:
+            return web.json_response({"error": "state store unreadable"}, status=503)
+        if not snapshot["files"]:
+            return web.json_response({"error": f"no file with id {job_id!r}"}, status=404)
+        return web.json_response(snapshot["files"][0])
+
+    async def _snapshot(self, query: Query) -> dict[str, Any] | None:
+        try:
+            return await load_snapshot(self._store, query)
+        except StoreError as exc:
+            log.warning("jobs_store_unreadable", error=exc.problem)
+            return None
+
+
+JOBS_LIMIT: Final = 100  # GET /jobs without ?limit=
+JOBS_LIMIT_MAX: Final = 1000
+STATES: Final = frozenset({str(s) for s in FileStatus} | {"waiting", "queued", "importing"})
+
+
+def jobs_query(statuses: list[str], limit: str | None) -> Query:
+    """`?status=a,b&status=c&limit=N` as a Query; ValueError saying what is wrong."""
+    wanted = {s.strip() for value in statuses for s in value.split(",") if s.strip()}
+    unknown = wanted - STATES
+    if unknown:
+        raise ValueError(
+            f"unknown status {sorted(unknown)[0]!r}; one of: {', '.join(sorted(STATES))}"
+        )
+    count = JOBS_LIMIT
+    if limit is not None:
+        if not limit.isdigit() or not 1 <= int(limit) <= JOBS_LIMIT_MAX:
+            raise ValueError(f"limit must be a whole number from 1 to {JOBS_LIMIT_MAX}")
+        count = int(limit)
+    return Query(statuses=frozenset(wanted) if wanted else None, limit=count)
 
 
 async def _no_store_headers(request: web.Request, response: web.StreamResponse) -> None:

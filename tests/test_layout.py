@@ -41,7 +41,7 @@ RANKS: dict[str, int] = {
     for rank, units in enumerate(
         [
             "orchestrator constants errors models clock backoff faults layout",  # leaves
-            "config logs splitter",
+            "config logs splitter handover",
             "store marketo metrics",
             "spool status",
             "scheduler poller results upkeep",  # the stages and housekeeping

@@ -6,6 +6,7 @@ import ipaddress
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from orchestrator.metrics import Metrics, error_code_label, reason_label
 from orchestrator.models import BatchStatus, ChunkRecord, ChunkStatus, FileRecord, FileStatus
 from orchestrator.status import (
     TABLE_WIDTH,
+    Query,
     StatusServer,
     format_status_table,
     jobs_snapshot,
@@ -51,6 +53,7 @@ async def populate(store: Store, tmp_path: Path) -> Populated:
         work_path=str(work / "1-big.csv"),
         max_chunk_bytes=1000,
         claimed_at=NOW,
+        job_id="big-1",
     )
     await store.finish_claim(big.id)
     await store.start_split(big.id)
@@ -85,6 +88,7 @@ async def populate(store: Store, tmp_path: Path) -> Populated:
         work_path=str(work / "2-cars.tsv"),
         max_chunk_bytes=1000,
         claimed_at=LATER,
+        job_id="cars-1",
     )
     cars = await store.finish_claim(cars.id)
     return Populated(big=big, cars=cars, chunks=chunks)
@@ -317,27 +321,30 @@ async def test_store_trouble_is_a_503_not_a_crash(
 async def test_status_table_shows_routes_files_and_counts(
     store: Store, populated: Populated
 ) -> None:
-    table = format_status_table(jobs_snapshot(await store.files(), await store.chunks()))
+    now = datetime(2026, 11, 23, 14, 6, 16, tzinfo=UTC)  # 3m05s after big.csv was claimed
+    table = format_status_table(jobs_snapshot(await store.files(), await store.chunks()), now=now)
     lines = table.splitlines()
     assert lines[0].split() == [
         "ROUTE",
         "FILE",
-        "STATUS",
+        "STATE",
         "CHUNKS",
-        "BATCHES",
-        "PROCESSED",
+        "ROWS",
         "FAILED",
         "WARNED",
+        "ELAPSED",
     ]
-    big = next(line for line in lines if "big.csv" in line)
-    assert big.split() == ["leads", "big.csv", "split", "1/3", "101,102", "9", "1", "0"]
+    at = next(i for i, line in enumerate(lines) if "big.csv" in line)
+    # One chunk done, one Queued at Marketo: the live state is "queued", not "split".
+    assert lines[at].split() == ["leads", "big.csv", "queued", "1/3", "9/30", "1", "0", "3m05s"]
+    assert lines[at + 1].split() == ["id", "big-1", "batches", "101,102"]
     cars = next(line for line in lines if "cars.tsv" in line)
-    assert cars.split()[:4] == ["cars", "cars.tsv", "claimed", "0/?"]
+    assert cars.split()[:5] == ["cars", "cars.tsv", "claimed", "0/?", "0/?"]
     assert "jobs at Marketo: 1" in lines[-1]
     assert all(len(line) <= 100 for line in lines)
 
 
-def test_status_table_stays_narrow_with_long_values() -> None:
+def long_file() -> tuple[FileRecord, list[ChunkRecord]]:
     chunks = [
         ChunkRecord(
             id=i,
@@ -349,30 +356,99 @@ def test_status_table_stays_narrow_with_long_values() -> None:
             first_line=i + 1,
             status=ChunkStatus.SUBMITTED,
             batch_id=100_000 + i,
+            marketo_status="Importing" if i == 1 else "Queued",
         )
-        for i in range(1, 8)
+        for i in range(1, 30)
     ]
     file = FileRecord(
         id=1,
         route="a-very-long-route-name",
-        name="an-extremely-long-file-name-that-goes-on-and-on.csv",
+        name="an-extremely-long-file-name-that-goes-on-and-on-2026-11-23.csv",
         source_path="/in/x",
         work_path="/w/x",
-        status=FileStatus.FAILED,
+        status=FileStatus.SPLIT,
         max_chunk_bytes=1000,
         claimed_at=NOW,
-        chunks_total=7,
+        job_id="20261123T140311Z-8f3a",
+        chunks_total=29,
         error="Marketo said Failed for chunk 3:\nthe file\tcould not be parsed " + "x" * 200,
     )
+    return file, chunks
+
+
+def test_status_table_wraps_long_names_whole_and_stays_narrow() -> None:
+    file, chunks = long_file()
     lines = format_status_table(jobs_snapshot([file], chunks)).splitlines()
     assert all(len(line) <= TABLE_WIDTH <= 100 for line in lines)
     row = lines[1]
-    assert "0/7" in row
-    assert "+" in row.split()[4]  # batch ids that do not fit are counted, not cut mid-number
-    assert "100001" in row
-    error_line = lines[2]
+    assert row.split()[2:4] == ["importing", "0/29"]
+    # The name wraps in its column: the pieces put together are the whole name.
+    start = row.index("an-extremely")
+    pieces = [line[start : start + 20].strip() for line in lines[1:5]]
+    assert "".join(pieces) == file.name
+    detail = next(line for line in lines if line.lstrip().startswith("id "))
+    assert "20261123T140311Z-8f3a" in detail
+    assert "+" in detail.split()[-1]  # batch ids that do not fit are counted, not cut mid-number
+    assert "100001" in detail
+    error_line = next(line for line in lines if "error:" in line)
     assert error_line.lstrip().startswith("error: Marketo said Failed")
     assert "\t" not in error_line
+
+
+def test_wide_status_table_keeps_every_value_on_one_line() -> None:
+    file, chunks = long_file()
+    lines = format_status_table(jobs_snapshot([file], chunks), wide=True).splitlines()
+    assert lines[0].split()[:3] == ["ID", "ROUTE", "FILE"]
+    row = lines[1].split()
+    assert row[:4] == ["20261123T140311Z-8f3a", "a-very-long-route-name", file.name, "importing"]
+    assert row[-1] == ",".join(str(100_000 + i) for i in range(1, 30))
+
+
+async def test_snapshot_queries_by_id_name_activity_status_and_limit(
+    store: Store, populated: Populated
+) -> None:
+    files, chunks = await store.files(), await store.chunks()
+
+    def shown(**query: Any) -> list[str]:
+        return [f["id"] for f in jobs_snapshot(files, chunks, Query(**query))["files"]]
+
+    assert shown() == ["big-1", "cars-1"]
+    assert shown(job_id="cars-1") == ["cars-1"]
+    assert shown(job_id="nope") == []
+    assert shown(name="*.tsv") == ["cars-1"]
+    assert shown(name="big.csv") == ["big-1"]
+    assert shown(statuses=frozenset({"queued"})) == ["big-1"]  # a live state
+    assert shown(statuses=frozenset({"claimed"})) == ["cars-1"]
+    assert shown(limit=1) == ["big-1"]
+    assert shown(active=True) == ["big-1", "cars-1"]
+    totals = jobs_snapshot(files, chunks, Query(job_id="nope"))["totals"]
+    assert totals["files"]["split"] == 1  # totals count every file
+
+
+async def test_jobs_takes_status_and_limit_and_one_job_by_id(
+    get: Get, populated: Populated
+) -> None:
+    status, _, body = await get("/jobs?status=claimed")
+    assert status == 200
+    assert [f["id"] for f in json.loads(body)["files"]] == ["cars-1"]
+    status, _, body = await get("/jobs?status=split,claimed&limit=1")
+    assert [f["id"] for f in json.loads(body)["files"]] == ["big-1"]
+    for bad in ("/jobs?status=done", "/jobs?limit=0", "/jobs?limit=x", "/jobs?limit=1001"):
+        status, _, body = await get(bad)
+        assert status == 400, bad
+        assert json.loads(body)["error"]
+    status, _, body = await get("/jobs/big-1")
+    assert status == 200
+    one = json.loads(body)
+    assert (one["id"], one["file"], one["state"], one["result"]) == (
+        "big-1",
+        "big.csv",
+        "queued",
+        None,
+    )
+    status, _, body = await get("/jobs/nope")
+    assert status == 404
+    assert "nope" in json.loads(body)["error"]
 
 
 async def test_read_snapshot_for_the_cli(tmp_path: Path) -> None:
@@ -386,9 +462,8 @@ async def test_read_snapshot_for_the_cli(tmp_path: Path) -> None:
     assert await read_snapshot(db) == expected
 
     missing = tmp_path / "never-ran" / "state.db"
-    empty = await read_snapshot(missing)
-    assert empty["files"] == []
-    assert empty["totals"]["jobs_outstanding"] == 0
+    with pytest.raises(StoreError, match="no state store here"):
+        await read_snapshot(missing)
     assert not missing.parent.exists()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import re
 import sqlite3
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import pytest
 from orchestrator.errors import StoreError
 from orchestrator.models import BatchStatus, ChunkStatus, FileRecord, FileStatus, RejectRecord
 from orchestrator.store import LATEST_VERSION, Recovery, Store
+from orchestrator.store.schema import _MIGRATIONS
 
 T0 = "2026-11-23T14:00:00Z"
 T1 = "2026-11-23T14:00:01Z"
@@ -105,21 +107,46 @@ async def test_open_creates_schema_with_wal_full_sync_and_foreign_keys(store: St
     assert await on_store_connection("journal_mode") == "wal"
     assert await on_store_connection("synchronous") == 2  # FULL
     assert await on_store_connection("foreign_keys") == 1
-    assert pragma(store.path, "user_version") == LATEST_VERSION == 1
+    assert pragma(store.path, "user_version") == LATEST_VERSION == 2
     assert await store.integrity_check() == "ok"
 
 
-async def test_empty_v0_file_is_migrated_to_v1(db_path: Path) -> None:
+async def test_empty_v0_file_is_migrated_to_the_latest(db_path: Path) -> None:
     write_file(db_path, b"")
     async with await Store.open(db_path) as store:
         file = await claim(store)
-    assert pragma(db_path, "user_version") == 1
+    assert pragma(db_path, "user_version") == LATEST_VERSION
     with sqlite3.connect(db_path) as conn:
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     conn.close()
     assert tables == {"files", "chunks", "rejects", "api_calls"}
     async with await Store.open(db_path) as store:
         assert await store.get_file(file.id) == file
+
+
+async def test_v1_files_get_an_id_from_their_claim_second_when_migrated(db_path: Path) -> None:
+    """Migration 2 adds the hand-over id; files claimed under v1 get one that never clashes."""
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    conn.execute("BEGIN")
+    for statement in _MIGRATIONS[0]:
+        conn.execute(statement)
+    conn.execute("PRAGMA user_version = 1")
+    for n in (1, 2):
+        conn.execute(
+            "INSERT INTO files (route, name, source_path, work_path, status, max_chunk_bytes,"
+            " claimed_at) VALUES ('leads', ?, 's', 'w', 'complete', 1000, ?)",
+            (f"f{n}.csv", "2026-11-23T14:03:11.123456Z"),
+        )
+    conn.execute("COMMIT")
+    conn.close()
+    async with await Store.open(db_path) as store:
+        files = await store.files()
+        assert [f.job_id for f in files] == ["20261123T140311Z-0001", "20261123T140311Z-0002"]
+        assert await store.find_file("20261123T140311Z-0002") == files[1]
+        fresh = await claim(store, "new.csv")
+    assert pragma(db_path, "user_version") == 2
+    assert re.fullmatch(r"\d{8}T\d{6}Z-[0-9a-f]{4}", fresh.job_id)
 
 
 async def test_schema_from_the_future_is_refused_untouched(db_path: Path) -> None:
@@ -240,6 +267,7 @@ async def test_claim_transitions_persist(store: Store) -> None:
         work_path="/work/1-big.csv",
         max_chunk_bytes=9_500_000,
         claimed_at=T0,
+        job_id="nightly-42",
     )
     assert began == FileRecord(
         id=began.id,
@@ -250,7 +278,10 @@ async def test_claim_transitions_persist(store: Store) -> None:
         status=FileStatus.CLAIMING,
         max_chunk_bytes=9_500_000,
         claimed_at=T0,
+        job_id="nightly-42",
     )
+    assert await store.find_file("nightly-42") == began
+    assert await store.find_file("nightly-43") is None
     claimed = await store.finish_claim(began.id)
     assert claimed.status is FileStatus.CLAIMED
     assert await store.finish_claim(began.id) == claimed  # again after a crash: no-op

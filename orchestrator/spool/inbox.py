@@ -18,6 +18,10 @@ the same name never share a work path), and the same instant as `claimed_at`.
 Names too long for the filesystem lose characters from the front, so the
 extension survives; the record keeps the original name.
 
+A file handed over by `submit` has a ticket beside it (`orchestrator.handover`):
+its id and the name the caller gave are recorded at the claim, and the ticket
+is deleted once the claim is done. Any other file gets a fresh id.
+
 The truth is a directory scan: a full one at startup and every `rescan_seconds`.
 watchfiles (inotify, or polling for NFS/SMB/overlay volumes) is only a hint
 that brings the scan of one route directory forward. A regular file is claimed
@@ -45,6 +49,7 @@ from watchfiles import Change, awatch
 from orchestrator.clock import stamp_ns
 from orchestrator.config import Settings
 from orchestrator.errors import ConfigError
+from orchestrator.handover import drop_ticket, new_id, read_ticket
 from orchestrator.layout import Layout
 from orchestrator.models import FileRecord, FileStatus
 from orchestrator.spool.fs import (
@@ -147,6 +152,7 @@ class Spool:
                 log.info("claim_dropped", route=record.route, file=record.name)
                 continue
             done = await self._store.finish_claim(record.id)
+            await asyncio.to_thread(drop_ticket, Path(record.source_path))
             log.info("claim_recovered", route=done.route, file=done.name, file_id=done.id)
             await self._on_claimed(done)
         self._recovered = True
@@ -236,14 +242,17 @@ class Spool:
     async def _take(self, entry: Entry) -> FileRecord | None:
         """Intent, rename, done: the CLAIMED record, or None if the entry stays or vanished."""
         ns = self._next_ns()
+        ticket = await asyncio.to_thread(read_ticket, entry.path)
+        job_id, name = ticket if ticket else (new_id(), entry.name)
         work = self._incoming / work_name(ns, entry.name)
         record = await self._store.begin_claim(
             route=entry.route,
-            name=entry.name,
+            name=name,
             source_path=str(entry.path),
             work_path=str(work),
             max_chunk_bytes=self._settings.limits.max_chunk_bytes,
             claimed_at=stamp_ns(ns),
+            job_id=job_id,
             error=entry.signature.kind.refusal,
         )
         try:
@@ -258,7 +267,10 @@ class Spool:
             await self._store.drop_claim(record.id)
             log.info("claim_abandoned", route=entry.route, file=entry.name, why=moved.value)
             return None
-        return await self._store.finish_claim(record.id)
+        done = await self._store.finish_claim(record.id)
+        if ticket:
+            await asyncio.to_thread(drop_ticket, entry.path)
+        return done
 
     def _cannot_move(self, entry: Entry, reason: str) -> None:
         """Leave an entry in place, warning once per entry (it is retried on later scans)."""

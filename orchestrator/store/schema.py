@@ -85,6 +85,14 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE TABLE api_calls (day TEXT PRIMARY KEY, count INTEGER NOT NULL)",
     ),
+    # v2: the hand-over id of each file (orchestrator.handover); files claimed before it
+    # get one made of their claim second and their row id.
+    (
+        "ALTER TABLE files ADD COLUMN job_id TEXT",
+        """UPDATE files SET job_id = strftime('%Y%m%dT%H%M%SZ', claimed_at)
+            || '-' || printf('%04x', id % 65536)""",
+        "CREATE INDEX files_by_job_id ON files (job_id)",
+    ),
 )
 LATEST_VERSION = len(_MIGRATIONS)
 

@@ -32,6 +32,7 @@ from types import TracebackType
 from typing import TypeVar
 
 from orchestrator.errors import StoreError
+from orchestrator.handover import new_id
 from orchestrator.models import (
     FINAL_CHUNK_STATUSES,
     FINAL_FILE_STATUSES,
@@ -139,14 +140,18 @@ class Store:
         work_path: str,
         max_chunk_bytes: int,
         claimed_at: str,
+        job_id: str = "",
         error: str | None = None,
     ) -> FileRecord:
-        """Record the intent to claim a file (CLAIMING), before the rename into work/."""
+        """Record the intent to claim a file (CLAIMING), before the rename into work/.
+
+        `job_id` is its hand-over id; a fresh one is made when none is given."""
+        job_id = job_id or new_id()
 
         def body(conn: sqlite3.Connection) -> FileRecord:
             cur = conn.execute(
                 "INSERT INTO files (route, name, source_path, work_path, status, max_chunk_bytes,"
-                " claimed_at, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                " claimed_at, job_id, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     route,
                     name,
@@ -155,6 +160,7 @@ class Store:
                     FileStatus.CLAIMING,
                     max_chunk_bytes,
                     claimed_at,
+                    job_id,
                     error,
                 ),
             )
@@ -408,6 +414,18 @@ class Store:
 
     async def get_file(self, file_id: int) -> FileRecord:
         return await self._run("get_file", lambda conn: fetch_file(conn, file_id), write=False)
+
+    async def find_file(self, job_id: str) -> FileRecord | None:
+        """The file handed over with `job_id` (the latest claimed, should it be reused), or None."""
+
+        def body(conn: sqlite3.Connection) -> FileRecord | None:
+            row = conn.execute(
+                "SELECT * FROM files WHERE job_id = ? ORDER BY claimed_at DESC, id DESC LIMIT 1",
+                (job_id,),
+            ).fetchone()
+            return None if row is None else file_record(row)
+
+        return await self._run("find_file", body, write=False)
 
     async def files(self, statuses: Iterable[FileStatus] | None = None) -> list[FileRecord]:
         """Files in claim order (claimed_at, then id), optionally only those in `statuses`."""
