@@ -1,11 +1,15 @@
-"""The `marketo-orchestrator` command: run, status, split, simulator; the composition root.
+"""The `marketo-orchestrator` command: run, submit, status, check, split, simulator;
+the composition root.
 
 It owns `asyncio.run`, derives the settings (for `run --simulate`: pointed at
 the bundled simulator, which it starts beside the daemon and nothing else in
 the product imports) and builds the daemon.
 
-User mistakes (a bad flag, a bad config key) end with one line on stderr and
-exit code 2, never a traceback. Logging is configured here, once.
+User mistakes (a bad flag, a bad config key, a missing file, a closed pipe) end
+with one line on stderr, never a traceback. Exit codes (`ExitCode`) are those of
+SPEC section 2: 0 complete, 1 a file failed, 2 configuration or usage, 3
+credentials refused, 4 timed out or interrupted with work outstanding.
+Logging is configured here, once.
 """
 
 from __future__ import annotations
@@ -15,32 +19,39 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import structlog
 
-from orchestrator import __version__, logs
+from orchestrator import __version__, client, logs
 from orchestrator.config import (
     FORMATS,
+    MIN_CHUNK_BYTES,
     Route,
     Secret,
     Settings,
+    env_warnings,
+    identity_url,
     load_settings,
     resolve_config_path,
     with_marketo,
 )
-from orchestrator.errors import ConfigError, InputError, OrchestratorError
-from orchestrator.models import ObjectType
+from orchestrator.constants import DEFAULT_MAX_CHUNK_BYTES, MAX_FILE_BYTES
+from orchestrator.errors import ConfigError, InputError, OrchestratorError, UsageError
+from orchestrator.models import ExitCode, ObjectType
 
 log = structlog.get_logger(__name__)
 
 PROG = "marketo-orchestrator"
-EXIT_USAGE = 2
+EXIT_USAGE = ExitCode.USAGE
+EXIT_BROKEN_PIPE = 141  # as a shell reports a process ended by SIGPIPE
 # `run --simulate` without routes configured: one route per object type.
 DEMO_ROUTES = (
     Route(dir="leads", object=ObjectType.LEADS),
@@ -81,12 +92,63 @@ def build_parser(argv: Sequence[str] = ()) -> Parser:
     status = sub.add_parser("status", help="files and chunks from the state store")
     status.add_argument("--config", help="TOML file (as for run)")
     status.add_argument("--json", action="store_true", help="the same JSON as GET /jobs")
+    status.add_argument("--id", help="only the file handed over with this id")
+    status.add_argument("--file", help="only files of this name (a shell pattern: 'nightly-*')")
+    status.add_argument("--active", action="store_true", help="only files without a result yet")
+    status.add_argument("--limit", type=positive_int, help="at most this many files")
+    status.add_argument("--wide", action="store_true", help="one line per file, nothing cut")
+
+    submit = sub.add_parser("submit", help="hand a file over to the daemon; --wait for its result")
+    submit.add_argument("file", type=Path)
+    submit.add_argument("--route", required=True, help="the inbox sub-directory, e.g. leads")
+    submit.add_argument("--config", help="TOML file (as for run): where data_dir is")
+    submit.add_argument("--id", help="the id to give the file (default: a fresh one)")
+    submit.add_argument("--wait", action="store_true", help="block until the result exists")
+    submit.add_argument(
+        "--timeout",
+        type=duration,
+        help="with --wait: give up after this long (90, 90s, 15m, 2h, 1d); exit 4",
+    )
+    submit.add_argument("--json", action="store_true", help="print the result JSON")
+    submit.add_argument(
+        "--max-failed-rows",
+        type=natural_int,
+        help="exit 1 when the file is complete but more rows than this failed",
+    )
+    submit.add_argument(
+        "--once",
+        action="store_true",
+        help="no daemon runs: run one here (as run --once) until the file has its result",
+    )
+    submit.add_argument(
+        "--simulate", action="store_true", help="with --once: against the bundled simulator"
+    )
+    submit.add_argument(
+        "--poll", type=duration, default=client.POLL_SECONDS, help=argparse.SUPPRESS
+    )
+
+    check = sub.add_parser(
+        "check", help="validate the configuration and the data directory; exit as run --once"
+    )
+    check.add_argument("--config", help="TOML file (as for run)")
+    check.add_argument(
+        "--credentials", action="store_true", help="also get a Marketo token with them"
+    )
 
     split = sub.add_parser("split", help="run only the splitter")
     split.add_argument("file", type=Path)
     split.add_argument("--out", type=Path, required=True, help="directory for the chunk files")
-    split.add_argument("--max-bytes", type=int, default=None, help="chunk size limit (bytes)")
+    split.add_argument(
+        "--max-bytes",
+        type=int,
+        default=None,
+        help=f"every chunk is smaller than this (256 to {MAX_FILE_BYTES}, "
+        f"default {DEFAULT_MAX_CHUNK_BYTES})",
+    )
     split.add_argument("--format", choices=FORMATS, default=None, help="default: from extension")
+    split.add_argument(
+        "--force", action="store_true", help="clear the chunk files already in --out first"
+    )
 
     sim = sub.add_parser("simulator", help="the bundled Marketo Bulk Import simulator")
     if "simulator" in argv:
@@ -101,36 +163,84 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
     try:
-        if args.command == "run":
-            return cmd_run(args)
-        if args.command == "status":
-            return cmd_status(args)
-        if args.command == "split":
-            return cmd_split(args)
-        return cmd_simulator(args)
+        return COMMANDS[args.command](args)
+    except UsageError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
     except ConfigError as exc:
         print(f"{PROG}: configuration error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     except InputError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
-        return 1
+        return ExitCode.FAILED
     except OrchestratorError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 1
+        return ExitCode.FAILED
+    except BrokenPipeError:
+        # The reader went away (`status --json | head`): no traceback, and none at exit.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+    except OSError as exc:
+        # A file or directory named on the command line that cannot be used.
+        if not exc.filename:
+            raise
+        print(f"{PROG}: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
+        return ExitCode.USAGE
     except KeyboardInterrupt:
         return 130
 
 
+def positive_int(text: str) -> int:
+    value = natural_int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {text}")
+    return value
+
+
+def natural_int(text: str) -> int:
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"must be a whole number, not {text!r}")
+    return int(text)
+
+
+DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration(text: str) -> float:
+    """90, 90s, 1.5m, 2h, 1d as seconds (greater than 0)."""
+    value = text.strip().lower()
+    unit = value[-1:] if value[-1:] in DURATION_UNITS and value[-1:] else ""
+    try:
+        seconds = float(value[: len(value) - len(unit)]) * DURATION_UNITS[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a duration (90, 90s, 15m, 2h, 1d)"
+        ) from None
+    if not 0 < seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be greater than 0")
+    return seconds
+
+
 def load(args: argparse.Namespace, *, require_credentials: bool) -> Settings:
+    """The settings for a command; a warning line on stderr for a misspelt variable."""
     path = resolve_config_path(args.config, os.environ)
-    return load_settings(path, os.environ, require_credentials=require_credentials)
+    settings = load_settings(path, os.environ, require_credentials=require_credentials)
+    for warning in env_warnings(os.environ):
+        print(f"{PROG}: warning: {warning}", file=sys.stderr)
+    return settings
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     settings = load(args, require_credentials=not args.simulate)
     logs.configure(settings.logging.level, settings.logging.format)
+    return run_to_end(settings, once=args.once, simulate=args.simulate)
+
+
+def run_to_end(settings: Settings, *, once: bool, simulate: bool) -> int:
+    """The daemon in this process until it stops; its exit code."""
     try:
-        return asyncio.run(run_daemon(settings, once=args.once, simulate=args.simulate))
+        return asyncio.run(run_daemon(settings, once=once, simulate=simulate))
     except ConfigError:
         raise  # one line naming the key, exit 2 (main)
     except (OrchestratorError, OSError, BaseExceptionGroup) as exc:
@@ -141,7 +251,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise
         log.error("daemon_failed", error=str(cause))
         print(f"{PROG}: error: {cause}", file=sys.stderr)
-        return 1
+        return ExitCode.FAILED
 
 
 async def run_daemon(settings: Settings, *, once: bool, simulate: bool) -> int:
@@ -183,31 +293,254 @@ def cmd_status(args: argparse.Namespace) -> int:
     from orchestrator import status
 
     settings = load(args, require_credentials=False)
-    snapshot = asyncio.run(status.read_snapshot(settings.layout.state_db))
+    query = status.Query(job_id=args.id, name=args.file, active=args.active, limit=args.limit)
+    db = settings.layout.state_db
+    if not db.is_file():
+        raise UsageError(
+            "data_dir",
+            f"no state store at {db}: no daemon has run with data_dir {settings.data_dir} "
+            "(is it the right one? --config, ORCHESTRATOR_DATA_DIR)",
+        )
+    snapshot = asyncio.run(status.read_snapshot(db, query))
     if args.json:
         print(json.dumps(snapshot, indent=2))
     else:
-        print(status.format_status_table(snapshot))
-    return 0
+        print(status.format_status_table(snapshot, wide=args.wide))
+    filtered = args.id is not None or args.file is not None or args.active
+    if filtered and not snapshot["files"]:
+        print(f"{PROG}: no file matches", file=sys.stderr)
+        return ExitCode.FAILED
+    return ExitCode.COMPLETE
 
 
 def cmd_split(args: argparse.Namespace) -> int:
     from orchestrator import splitter
-    from orchestrator.constants import DEFAULT_MAX_CHUNK_BYTES
 
-    fmt = args.format or Route(dir="-", object=ObjectType.LEADS).format_for(args.file.name)
-    max_bytes = args.max_bytes or DEFAULT_MAX_CHUNK_BYTES
-    if max_bytes < 2:
-        raise ConfigError("--max-bytes", "must be a positive number of bytes")
-    args.out.mkdir(parents=True, exist_ok=True)
-    for event in splitter.split_file(args.file, args.out, max_bytes=max_bytes, fmt=fmt):
+    source, out = args.file, args.out
+    client.check_source(source)
+    fmt = args.format or Route(dir="-", object=ObjectType.LEADS).format_for(source.name)
+    max_bytes = DEFAULT_MAX_CHUNK_BYTES if args.max_bytes is None else args.max_bytes
+    if not MIN_CHUNK_BYTES <= max_bytes <= MAX_FILE_BYTES:
+        raise UsageError(
+            "--max-bytes",
+            f"must be between {MIN_CHUNK_BYTES} and {MAX_FILE_BYTES} (Marketo refuses import "
+            f"files of 10 MB or more), not {max_bytes}",
+        )
+    prepare_out_dir(out, force=args.force)
+    for event in splitter.split_file(source, out, max_bytes=max_bytes, fmt=fmt):
         if isinstance(event, splitter.Chunk):
             print(f"{event.path.name}\trows={event.rows}\tbytes={event.bytes}")
         elif isinstance(event, splitter.Rejected):
             print(f"rejected\tline={event.line}\tbytes={event.size}\t{event.reason}")
         else:
             print(f"total\trows={event.rows}\tchunks={event.chunks}\trejected={event.rejected}")
-    return 0
+    return ExitCode.COMPLETE
+
+
+CHUNK_NAME = re.compile(r"chunk-\d{5}\.(csv|tsv|ssv)(\.tmp)?")
+
+
+def prepare_out_dir(out: Path, *, force: bool) -> None:
+    """An empty directory for `split`: created, or emptied of old chunks with --force.
+
+    Old chunks beside new ones would be uploaded twice by `chunks/*`; anything that
+    is not a chunk file is never deleted."""
+    if out.exists() and not out.is_dir():
+        raise UsageError("--out", f"{out} exists and is not a directory")
+    if out.is_dir():
+        present = sorted(p.name for p in out.iterdir())
+        others = [name for name in present if not CHUNK_NAME.fullmatch(name)]
+        if others:
+            raise UsageError(
+                "--out",
+                f"{out} holds files that are not chunks ({others[0]}, ...): choose "
+                "an empty directory",
+            )
+        if present and not force:
+            raise UsageError(
+                "--out",
+                f"{out} already holds {len(present)} chunk file(s): choose an empty "
+                "directory, or --force to delete them first",
+            )
+        for name in present:
+            (out / name).unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    if args.simulate and not args.once:
+        raise UsageError("--simulate", "applies to submit --once only")
+    settings = load(args, require_credentials=args.once and not args.simulate)
+    routes = settings.routes or (DEMO_ROUTES if args.simulate else ())
+    known = [r.dir for r in routes]
+    if known and args.route not in known:
+        raise UsageError(
+            "--route", f"{args.route!r} is not a configured route ({', '.join(known)})"
+        )
+    if args.once:
+        make_route_inbox(settings, args.route)
+    handle = client.submit(args.file, args.route, data_dir=settings.data_dir, id=args.id)
+    if not (args.wait or args.once):
+        print(handle.id)
+        return ExitCode.COMPLETE
+    if sys.stderr.isatty():
+        where = handle.layout.inbox_route(handle.route) / handle.inbox_name
+        print(f"{PROG}: handed over {handle.name} as id {handle.id} ({where})", file=sys.stderr)
+    if args.once:
+        # Log lines go to stderr: stdout is for the result.
+        logs.configure(settings.logging.level, settings.logging.format, stream=sys.stderr)
+        code = run_to_end(settings, once=True, simulate=args.simulate)
+        if code in (ExitCode.CREDENTIALS, ExitCode.OUTSTANDING):
+            return code
+        outcome = asyncio.run(wait_for_result(handle, 0.0, args.poll))
+    else:
+        outcome = asyncio.run(wait_for_result(handle, args.timeout, args.poll))
+    if isinstance(outcome, int):
+        return outcome
+    print(json.dumps(outcome.document, indent=2) if args.json else outcome.summary())
+    return outcome.exit_code(args.max_failed_rows)
+
+
+def make_route_inbox(settings: Settings, route: str) -> None:
+    path = settings.layout.inbox_route(route)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError("data_dir", f"cannot create {path}: {exc.strerror or exc}") from None
+
+
+async def wait_for_result(
+    handle: client.Handle,
+    timeout: float | None,  # noqa: ASYNC109 (TimedOut says where the file waits)
+    poll: float,
+) -> client.Result | int:
+    """The file's result, or exit code 4 (timed out or interrupted, with where it waits).
+
+    On a terminal, a live line on stderr shows what the file is doing meanwhile."""
+    live = logs.LiveLine(sys.stderr) if sys.stderr.isatty() and timeout != 0 else None
+    meter = RateMeter()
+    last: list[dict[str, Any] | None] = [None]
+
+    def show(entry: dict[str, Any] | None) -> None:
+        last[0] = entry
+        if live is not None:
+            live.show(submit_progress(handle, entry, meter))
+
+    task = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    assert task is not None  # asyncio.run runs us as a task
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        return await handle.result(timeout, poll=poll, on_progress=show)
+    except client.TimedOut as exc:
+        message = str(exc)
+    except asyncio.CancelledError:
+        message = "interrupted: " + handle.where(last[0], None)
+    finally:
+        if live is not None:
+            live.close()
+    print(f"{PROG}: {message}", file=sys.stderr)
+    return ExitCode.OUTSTANDING
+
+
+class RateMeter:
+    """Rows per second since the first rows were seen."""
+
+    def __init__(self) -> None:
+        self.start: tuple[float, int] | None = None
+
+    def rate(self, rows: int) -> float | None:
+        now = time.monotonic()
+        if self.start is None or rows < self.start[1]:
+            self.start = (now, rows)
+            return None
+        began, first = self.start
+        return (rows - first) / (now - began) if now > began and rows > first else None
+
+
+def submit_progress(handle: client.Handle, entry: dict[str, Any] | None, meter: RateMeter) -> str:
+    """One line: name, state, chunks, rows, rate, and what it waits for."""
+    from orchestrator.status import WAITING_FOR
+
+    if entry is None:
+        return f"{handle.name}  unclaimed  waiting for: {WAITING_FOR['inbox']}"
+    total = entry["chunks_total"]
+    rows_total = "?" if entry["rows"] is None else entry["rows"]
+    rate = meter.rate(entry["rows_processed"])
+    line = (
+        f"{handle.name}  {entry['state']}  chunks {entry['chunks_done']}/"
+        f"{'?' if total is None else total}  rows {entry['rows_processed']}/{rows_total}"
+    )
+    if rate:
+        line += f"  {rate:,.0f} rows/s"
+    waiting = WAITING_FOR.get(entry["state"])
+    return line + (f"  waiting for: {waiting}" if waiting else "")
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Configuration, data directory and, with --credentials, a token: each an `ok` line."""
+    settings = load(args, require_credentials=args.credentials)
+    config = resolve_config_path(args.config, os.environ)
+    print(f"configuration: ok ({config or 'built-in defaults'})")
+    problems = data_dir_problems(settings)
+    if problems:
+        for problem in problems:
+            print(f"{PROG}: data_dir: {problem}", file=sys.stderr)
+        return ExitCode.USAGE
+    routes = ", ".join(r.dir for r in settings.routes) or "none configured"
+    print(f"data_dir: ok ({settings.data_dir}; routes: {routes})")
+    if not args.credentials:
+        return ExitCode.COMPLETE
+    return asyncio.run(check_credentials(settings))
+
+
+def data_dir_problems(settings: Settings) -> list[str]:
+    """What would stop a daemon from using data_dir (without creating or changing anything)."""
+    layout = settings.layout
+    root = settings.data_dir
+    existing = root
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return [f"{existing} exists and is not a directory"]
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return [f"{existing} is not writable by this user (uid {os.getuid()})"]
+    problems = []
+    dirs = [layout.inbox, layout.work, layout.incoming, layout.chunks]
+    for route in settings.routes:
+        dirs += layout.route_dirs(route.dir)
+    for path in dirs:
+        if path.exists() and not path.is_dir():
+            problems.append(f"{path} exists and is not a directory")
+        elif path.is_dir() and not os.access(path, os.W_OK | os.X_OK):
+            problems.append(f"{path} is not writable by this user (uid {os.getuid()})")
+    db = layout.state_db
+    if db.exists() and (not db.is_file() or not os.access(db, os.R_OK | os.W_OK)):
+        problems.append(f"{db} is not a readable and writable file")
+    both = layout.inbox.is_dir() and layout.work.is_dir()
+    if both and os.stat(layout.inbox).st_dev != os.stat(layout.work).st_dev:
+        problems.append(
+            f"{layout.inbox} and {layout.work} are on different filesystems (claims are renames)"
+        )
+    return problems
+
+
+async def check_credentials(settings: Settings) -> int:
+    from orchestrator.errors import CredentialsError, MarketoError
+    from orchestrator.marketo import MarketoClient
+
+    async with MarketoClient(settings, max_attempts=2) as marketo:
+        try:
+            await marketo.ensure_token()
+        except CredentialsError as exc:
+            print(f"{PROG}: credentials: {exc}", file=sys.stderr)
+            return ExitCode.CREDENTIALS
+        except MarketoError as exc:
+            print(f"{PROG}: credentials: Marketo could not be reached: {exc}", file=sys.stderr)
+            return ExitCode.FAILED
+    print(f"credentials: ok (a token from {identity_url(settings.marketo)})")
+    return ExitCode.COMPLETE
 
 
 def cmd_simulator(args: argparse.Namespace) -> int:
@@ -225,3 +558,13 @@ def cmd_simulator(args: argparse.Namespace) -> int:
 
     asyncio.run(serve())
     return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "run": cmd_run,
+    "status": cmd_status,
+    "submit": cmd_submit,
+    "check": cmd_check,
+    "split": cmd_split,
+    "simulator": cmd_simulator,
+}

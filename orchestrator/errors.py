@@ -2,6 +2,7 @@
 
     OrchestratorError
     ├── ConfigError                 a key or flag is wrong (CLI: exit 2)
+    │   └── UsageError              a command's argument is wrong: no such file, ... (exit 2)
     ├── InputError                  a source file cannot be split (file, offset, line)
     ├── StoreError                  the state store cannot be opened or written (path)
     └── MarketoError                Marketo said no, or could not be reached (code)
@@ -36,6 +37,10 @@ class ConfigError(OrchestratorError):
         self.key = key
         self.problem = problem
         super().__init__(f"{key}: {problem}")
+
+
+class UsageError(ConfigError):
+    """A command's argument is wrong (no such file, a directory, an id in use): `key` names it."""
 
 
 class InputError(OrchestratorError):

@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
-from orchestrator.errors import ConfigError
+from orchestrator.errors import UsageError
 
 TICKET_SUFFIX: Final = ".ticket"
 MAX_ID_LENGTH: Final = 64
@@ -39,9 +39,9 @@ def new_id(moment: datetime | None = None) -> str:
 
 
 def check_id(value: str, *, flag: str = "--id") -> str:
-    """A caller's id, or ConfigError naming `flag` when it cannot be one."""
+    """A caller's id, or UsageError naming `flag` when it cannot be one."""
     if not value or len(value) > MAX_ID_LENGTH or not ID_PATTERN.fullmatch(value):
-        raise ConfigError(
+        raise UsageError(
             flag,
             f"{value!r} is not a usable id: 1 to {MAX_ID_LENGTH} letters, digits, '.', '_' or "
             "'-', starting with a letter or digit",

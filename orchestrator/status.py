@@ -122,6 +122,18 @@ def live_state(file: FileRecord, chunks: list[ChunkRecord]) -> str:
     return "waiting"
 
 
+# What a file in each live state waits for (progress lines).
+WAITING_FOR: Final = {
+    "inbox": "a daemon to claim it",
+    "claimed": "the splitter",
+    "splitting": "the splitter",
+    "waiting": "a queue slot",
+    "queued": "Marketo's queue",
+    "importing": "Marketo's import",
+    "finishing": "the result file",
+}
+
+
 def file_entry(file: FileRecord, chunks: list[ChunkRecord]) -> dict[str, Any]:
     final = file.status in FINAL_FILE_STATUSES
     return {

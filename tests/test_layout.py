@@ -44,7 +44,7 @@ RANKS: dict[str, int] = {
             "config logs splitter handover",
             "store marketo metrics",
             "spool status",
-            "scheduler poller results upkeep",  # the stages and housekeeping
+            "scheduler poller results upkeep client",  # the stages, housekeeping, the hand-over API
             "pipeline",
             "daemon",
             "cli",
