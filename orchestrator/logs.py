@@ -1,6 +1,8 @@
 """Logging: structlog configured once, by the CLI.
 
 JSON lines on stdout when it is not a terminal, console rendering when it is.
+A `LiveLine` (the progress display) and log lines never share a line: while
+one is shown, each log line first erases it, and it is drawn again below.
 Per-file context (route, file, chunk, batch_id) is bound through contextvars
 by the engine. As a last line of defence, every string in an event is scrubbed
 of registered secrets (the client secret, each access token) before rendering.
@@ -9,6 +11,7 @@ of registered secrets (the client secret, each access token) before rendering.
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
 from collections.abc import MutableMapping
 from typing import Any, TextIO
@@ -70,7 +73,7 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level.lower()]),
-        logger_factory=structlog.PrintLoggerFactory(stream),
+        logger_factory=LineLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
 
@@ -79,3 +82,75 @@ def _passthrough(
     _logger: Any, _method: str, event: MutableMapping[str, Any]
 ) -> MutableMapping[str, Any]:
     return event
+
+
+ERASE = "\r\x1b[2K"  # back to column 0, erase the whole line
+
+_live: LiveLine | None = None
+
+
+class LiveLine:
+    """One line redrawn in place at the bottom of a terminal (a progress display).
+
+    Log lines written meanwhile erase it first, and it is drawn again after them,
+    so the two never run together. Only one is live per process."""
+
+    def __init__(self, stream: TextIO) -> None:
+        global _live
+        self._stream = stream
+        self._text = ""
+        _live = self
+
+    def show(self, text: str) -> None:
+        width = shutil.get_terminal_size().columns
+        self._text = text if len(text) < width else text[: max(1, width - 2)] + "~"
+        self.redraw()
+
+    def hide(self) -> None:
+        if self._text:
+            self._stream.write(ERASE)
+            self._stream.flush()
+
+    def redraw(self) -> None:
+        if self._text:
+            self._stream.write(ERASE + self._text)
+            self._stream.flush()
+
+    def close(self, *, keep: bool = False) -> None:
+        """Stop: leave the last text as an ordinary line (`keep`), or erase it."""
+        global _live
+        if keep and self._text:
+            self.redraw()
+            self._stream.write("\n")
+            self._stream.flush()
+        else:
+            self.hide()
+        self._text = ""
+        if _live is self:
+            _live = None
+
+
+class LineLogger:
+    """structlog's PrintLogger, but stepping around a `LiveLine` on the terminal."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def msg(self, message: str) -> None:
+        live = _live
+        if live is not None:
+            live.hide()
+        self._stream.write(message + "\n")
+        self._stream.flush()
+        if live is not None:
+            live.redraw()
+
+    log = debug = info = warn = warning = error = critical = exception = fatal = msg
+
+
+class LineLoggerFactory:
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def __call__(self, *args: Any) -> LineLogger:
+        return LineLogger(self._stream)

@@ -236,7 +236,9 @@ class Pipeline:
         self.finished_total += 1
         if file.status is FileStatus.FAILED:
             self.finished_failed += 1
-        log.info(
+        # The canonical line: error level for a failed file, so alerting on errors sees it.
+        emit = log.error if file.status is FileStatus.FAILED else log.info
+        emit(
             "file_finished",
             status=document["status"],
             error=document["error"],

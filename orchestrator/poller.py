@@ -239,7 +239,8 @@ class Poller:
         )
         self.tracks.pop(chunk.id, None)
         self.finishes += 1
-        log.info(
+        emit = log.info if status is ChunkStatus.COMPLETE else log.warning
+        emit(
             "chunk_finished",
             status=str(status),
             rows_processed=record.rows_processed,

@@ -248,7 +248,8 @@ class Scheduler:
         if self.observer:
             self.observer.backoff(reason, delay)
         self.report_backoff()
-        log.info("backoff", reason=reason, attempt=wait.attempts, seconds=round(delay, 3))
+        # A retry after a wait: warning level, like every retry.
+        log.warning("backoff", reason=reason, attempt=wait.attempts, seconds=round(delay, 3))
 
     def report_backoff(self) -> None:
         if self.observer:

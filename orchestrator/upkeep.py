@@ -9,19 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
 from collections.abc import Callable
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
 import structlog
 
+from orchestrator import logs
 from orchestrator.backoff import Backoff
 from orchestrator.clock import wait_for_any
 from orchestrator.config import Settings
 from orchestrator.errors import CredentialsError, FatalError, MarketoError
 from orchestrator.marketo import MarketoClient
 from orchestrator.metrics import Metrics
-from orchestrator.status import load_snapshot
+from orchestrator.status import WAITING_FOR, load_snapshot
 from orchestrator.store import Store
 
 log = structlog.get_logger(__name__)
@@ -112,17 +114,21 @@ class Upkeep:
 async def progress(
     store: Store, backoff_remaining: Callable[[], float], stop: asyncio.Event
 ) -> None:
-    """A live line on the terminal: files, chunks, rows, backoff; drawn once more at the end."""
-    while True:
-        line = await progress_line(store, backoff_remaining())
-        print(f"\r{line:<79}", end="", file=sys.stderr, flush=True)
-        if stop.is_set():
-            break
-        await wait_for_any(stop, within=PROGRESS_SECONDS)
-    print(file=sys.stderr)
+    """A live line on the terminal: files, chunks, rows, rate, what the work waits for;
+    kept apart from log lines (`logs.LiveLine`), left as an ordinary line at the end."""
+    live = logs.LiveLine(sys.stderr)
+    start = time.monotonic()
+    try:
+        while True:
+            live.show(await progress_line(store, backoff_remaining(), time.monotonic() - start))
+            if stop.is_set():
+                break
+            await wait_for_any(stop, within=PROGRESS_SECONDS)
+    finally:
+        live.close(keep=True)
 
 
-async def progress_line(store: Store, backoff: float) -> str:
+async def progress_line(store: Store, backoff: float, elapsed: float) -> str:
     snap = await load_snapshot(store)
     files = snap["files"]
     done = sum(1 for f in files if f["status"] in ("complete", "failed"))
@@ -130,4 +136,12 @@ async def progress_line(store: Store, backoff: float) -> str:
     chunks_total = sum(f["chunks_total"] or 0 for f in files)
     rows = sum(f["rows_processed"] or 0 for f in files)
     line = f"files {done}/{len(files)}  chunks {chunks_done}/{chunks_total}  rows {rows}"
-    return line + (f"  backoff {backoff:.0f}s" if backoff else "")
+    if rows and elapsed > 0:
+        line += f"  {rows / elapsed:,.0f} rows/s"
+    if backoff:
+        return line + f"  waiting for: a backoff ({backoff:.0f}s)"
+    states = [f["state"] for f in files if f["status"] not in ("complete", "failed")]
+    for state in ("importing", "queued", "waiting", "splitting", "claimed", "finishing"):
+        if state in states:
+            return line + f"  waiting for: {WAITING_FOR[state]}"
+    return line
