@@ -9,11 +9,15 @@ MARKETO_CLIENT_SECRET, MARKETO_CLIENT_SECRET_FILE), plus
 ORCHESTRATOR_<SECTION>_<KEY> for any scalar key of a section, e.g.
 ORCHESTRATOR_HTTP_LISTEN or ORCHESTRATOR_LIMITS_QUEUED_JOBS. Other ORCHESTRATOR_*
 variables are ignored (Kubernetes injects ORCHESTRATOR_PORT for a Service of that
-name, which must not stop the daemon).
+name, which must not stop the daemon); `env_warnings` names those that look like
+a misspelling of a known one. An error in a value that came from the environment
+names the variable.
 """
 
 from __future__ import annotations
 
+import difflib
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -30,6 +34,7 @@ from orchestrator.models import ObjectType
 
 DEFAULT_CONFIG_PATH = Path("config/orchestrator.toml")
 FORMATS = ("csv", "tsv", "ssv")
+MIN_CHUNK_BYTES = 256  # smallest chunk limit accepted (a header and a few records)
 
 
 class Secret:
@@ -193,8 +198,50 @@ def load_settings(
     raw = read_toml(path) if path is not None else {}
     raw = apply_env(raw, env)
     settings = build_settings(raw)
-    validate(settings, require_credentials=require_credentials)
+    try:
+        validate(settings, require_credentials=require_credentials)
+        check_ranges(settings)
+    except ConfigError as exc:
+        var = env_source(raw, exc.key)
+        if var is None:
+            raise
+        raise ConfigError(f"{var} (sets {exc.key})", exc.problem) from None
     return settings
+
+
+def env_source(raw: dict[str, Any], key: str) -> str | None:
+    """The environment variable that set `key` ("section.key" or "data_dir"), if one did."""
+    section, _, name = key.partition(".")
+    value = raw.get(section)
+    if name and isinstance(value, dict):
+        value = value.get(name)
+    return value.var if isinstance(value, EnvValue) else None
+
+
+def known_variables() -> list[str]:
+    """Every ORCHESTRATOR_* variable the loader reads."""
+    names = ["ORCHESTRATOR_CONFIG", "ORCHESTRATOR_DATA_DIR"]
+    for section, cls in SECTIONS.items():
+        names += [f"ORCHESTRATOR_{section}_{f.name}".upper() for f in fields(cls)]
+    return names
+
+
+def env_warnings(env: Mapping[str, str]) -> list[str]:
+    """A warning for each ORCHESTRATOR_* variable that is unknown but close to a known one.
+
+    Unknown ones that resemble nothing (Kubernetes injects ORCHESTRATOR_PORT for a
+    Service named orchestrator) stay silent; all unknown ones are ignored."""
+    known = known_variables()
+    warnings = []
+    for var in sorted(env):
+        if not var.startswith("ORCHESTRATOR_") or var in known:
+            continue
+        close = difflib.get_close_matches(var, known, n=1, cutoff=0.85)
+        if close:
+            warnings.append(
+                f"{var} is not a known variable and is ignored: did you mean {close[0]}?"
+            )
+    return warnings
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -213,7 +260,7 @@ def apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
     """Overlay environment variables onto the raw TOML tables (as strings, typed later)."""
     merged = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
     if env.get("ORCHESTRATOR_DATA_DIR"):
-        merged["data_dir"] = env["ORCHESTRATOR_DATA_DIR"]
+        merged["data_dir"] = EnvValue("ORCHESTRATOR_DATA_DIR", env["ORCHESTRATOR_DATA_DIR"])
     for var, (section, key) in ENV_NAMED.items():
         if env.get(var):
             table_of(merged, section)[key] = EnvValue(var, env[var])
@@ -417,9 +464,10 @@ def validate(settings: Settings, *, require_credentials: bool) -> None:
             raise ConfigError(key, "must be greater than 0")
     if lim.queued_jobs < lim.concurrent_jobs:
         raise ConfigError("limits.queued_jobs", "must be at least limits.concurrent_jobs")
-    if not 256 <= lim.max_chunk_bytes <= constants.MAX_FILE_BYTES:
+    if not MIN_CHUNK_BYTES <= lim.max_chunk_bytes <= constants.MAX_FILE_BYTES:
         raise ConfigError(
-            "limits.max_chunk_bytes", f"must be between 256 and {constants.MAX_FILE_BYTES}"
+            "limits.max_chunk_bytes",
+            f"must be between {MIN_CHUNK_BYTES} and {constants.MAX_FILE_BYTES}",
         )
     try:
         ZoneInfo(lim.quota_reset_tz)
@@ -437,6 +485,38 @@ def validate(settings: Settings, *, require_credentials: bool) -> None:
         raise ConfigError("logging.level", "must be debug, info, warning or error")
     if settings.http.listen:
         parse_listen(settings.http.listen, "http.listen")
+
+
+# Numeric keys outside [limits]: (lowest, highest, lowest allowed itself). Marketo sets no
+# limit on these; the bounds catch unit mistakes (milliseconds for seconds, say).
+RANGES: dict[str, tuple[float, float, bool]] = {
+    "marketo.request_timeout": (0.0, 600.0, False),  # seconds per HTTP request
+    "polling.interval": (0.0, 3600.0, False),
+    "polling.max_interval": (0.0, 3600.0, False),
+    "backoff.initial": (0.0, 3600.0, False),
+    "backoff.max": (0.0, 86400.0, False),
+    "watch.settle_seconds": (0.0, 3600.0, True),
+}
+ROUTE_IDS = ("list_id", "program_id")
+MAX_MARKETO_ID = 2**31 - 1  # Marketo's ids are 32-bit integers
+
+
+def check_ranges(settings: Settings) -> None:
+    """Every numeric key outside [limits] within its range; ConfigError naming the key."""
+    for key, (low, high, low_ok) in RANGES.items():
+        section, _, name = key.partition(".")
+        value = getattr(getattr(settings, section), name)
+        if not math.isfinite(value):
+            raise ConfigError(key, f"must be a finite number, not {value}")
+        if value < low or (value == low and not low_ok):
+            bound = "at least" if low_ok else "greater than"
+            raise ConfigError(key, f"must be {bound} {low:g}, not {value:g}")
+        if value > high:
+            raise ConfigError(key, f"must be at most {high:g} seconds, not {value:g}")
+    for i, route in enumerate(settings.routes):
+        for name in ROUTE_IDS:
+            if getattr(route, name) > MAX_MARKETO_ID:
+                raise ConfigError(f"routes[{i}].{name}", f"must be at most {MAX_MARKETO_ID}")
 
 
 def parse_listen(listen: str, key: str) -> tuple[str, int]:
