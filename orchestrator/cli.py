@@ -492,6 +492,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"data_dir: ok ({settings.data_dir}; routes: {routes})")
     if not args.credentials:
         return ExitCode.COMPLETE
+    logs.configure("warning", settings.logging.format, stream=sys.stderr)  # the client's chatter
     return asyncio.run(check_credentials(settings))
 
 

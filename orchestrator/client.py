@@ -221,6 +221,7 @@ def submit(
     source = Path(path)
     layout = Layout(Path(data_dir))
     check_source(source)
+    file_id = handover.check_id(id) if id is not None else handover.new_id()
     inbox = layout.inbox_route(route)
     if not inbox.is_dir():
         raise UsageError(
@@ -228,7 +229,6 @@ def submit(
             f"{inbox} is not a directory: is route {route!r} configured, and has the daemon "
             "run with this data_dir?",
         )
-    file_id = handover.check_id(id) if id is not None else handover.new_id()
     refuse_used_id(layout, route, file_id)
     inbox_name = f"{file_id}-{source.name}"
     target = inbox / inbox_name

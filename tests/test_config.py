@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator import constants
-from orchestrator.config import Secret, Settings, load_settings, resolve_config_path
+from orchestrator.config import Secret, Settings, env_warnings, load_settings, resolve_config_path
 from orchestrator.errors import ConfigError
 from orchestrator.models import ObjectType
 
@@ -184,3 +184,57 @@ def test_config_path_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     (tmp_path / "config").mkdir()
     (tmp_path / "config" / "orchestrator.toml").write_text("")
     assert resolve_config_path(None, {}) == Path("config/orchestrator.toml")
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("[marketo]\nrequest_timeout = 0\n", "marketo.request_timeout"),
+        ("[marketo]\nrequest_timeout = 3600\n", "marketo.request_timeout"),
+        ("[polling]\ninterval = 5000.0\nmax_interval = 6000.0\n", "polling.interval"),
+        ("[polling]\nmax_interval = 7200\n", "polling.max_interval"),
+        ("[backoff]\ninitial = 0\n", "backoff.initial"),
+        ("[backoff]\nmax = 100000\n", "backoff.max"),
+        ("[watch]\nsettle_seconds = -1\n", "watch.settle_seconds"),
+        ("[watch]\nsettle_seconds = 7200\n", "watch.settle_seconds"),
+        ("[polling]\ninterval = inf\nmax_interval = inf\n", "polling.interval"),
+        (
+            '[[routes]]\ndir = "l"\nobject = "leads"\nlist_id = 99999999999\n',
+            "routes[0].list_id",
+        ),
+    ],
+)
+def test_every_numeric_key_outside_limits_is_range_checked(
+    tmp_path: Path, text: str, key: str
+) -> None:
+    assert error_key(tmp_path, text) == key
+
+
+def test_range_error_from_the_environment_names_the_variable(tmp_path: Path) -> None:
+    path = write(tmp_path, "[polling]\ninterval = 1.0\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, {"ORCHESTRATOR_POLLING_MAX_INTERVAL": "0.5"}, require_credentials=False)
+    assert caught.value.key == "ORCHESTRATOR_POLLING_MAX_INTERVAL (sets polling.max_interval)"
+    with pytest.raises(ConfigError) as caught:
+        load_settings(None, {"ORCHESTRATOR_WATCH_SETTLE_SECONDS": "nan"}, require_credentials=False)
+    assert caught.value.key.startswith("ORCHESTRATOR_WATCH_SETTLE_SECONDS")
+    # The same value from the file names the key.
+    assert error_key(tmp_path, "[watch]\nsettle_seconds = nan\n") == "watch.settle_seconds"
+
+
+def test_misspelt_variables_are_named_and_injected_ones_are_not() -> None:
+    env = {
+        "ORCHESTRATOR_LIMIT_QUEUED_JOBS": "5",
+        "ORCHESTRATOR_HTTP_LISTN": "0.0.0.0:9400",
+        "ORCHESTRATOR_PORT": "tcp://10.0.0.1:9400",  # Kubernetes, for a Service "orchestrator"
+        "ORCHESTRATOR_PORT_9400_TCP_ADDR": "10.0.0.1",
+        "ORCHESTRATOR_SERVICE_HOST": "10.0.0.1",
+        "ORCHESTRATOR_LIMITS_QUEUED_JOBS": "5",
+    }
+    warnings = env_warnings(env)
+    assert warnings == [
+        "ORCHESTRATOR_HTTP_LISTN is not a known variable and is ignored: "
+        "did you mean ORCHESTRATOR_HTTP_LISTEN?",
+        "ORCHESTRATOR_LIMIT_QUEUED_JOBS is not a known variable and is ignored: "
+        "did you mean ORCHESTRATOR_LIMITS_QUEUED_JOBS?",
+    ]

@@ -435,7 +435,11 @@ def seconds_between(start: str, end: str) -> float:
 
 async def chunk_statuses(cli: CliRunner, config: str) -> list[str] | None:
     """Chunk statuses of the first file (status --json) once one is being submitted."""
-    files = (await status_json(cli, config))["files"]
+    proc = await cli.run("status", "--config", config, "--json")
+    if proc.returncode == 2:  # no state store yet: the daemon is still starting
+        return None
+    assert proc.returncode == 0, proc.stderr()
+    files = json.loads(proc.stdout())["files"]
     statuses = [c["status"] for c in files[0]["chunks"]] if files else []
     return statuses if "submitting" in statuses else None
 
@@ -493,7 +497,7 @@ async def test_status_endpoints_and_status_command_while_running(
     assert jobs["totals"]["files"]["complete"] == 1
     assert table.returncode == 0
     lines = table.stdout().splitlines()
-    assert lines[0].split()[:3] == ["ROUTE", "FILE", "STATUS"]
+    assert lines[0].split()[:3] == ["ROUTE", "FILE", "STATE"]
     assert lines[1].split()[:4] == ["leads", "seen.csv", "complete", f"{chunks}/{chunks}"]
 
     daemon.terminate()
@@ -530,9 +534,12 @@ async def test_refused_credentials_fail_no_file_and_the_next_run_imports_it(
     wrong = await cli.run(
         "run", "--config", config, "--once", env={"MARKETO_CLIENT_SECRET": "wrong-secret"}
     )
-    assert wrong.returncode == 1
+    assert wrong.returncode == 3, "3: Marketo refused the credentials (1 is a failed file)"
     assert "refused the client credentials" in wrong.stderr()
     assert "Traceback" not in wrong.stderr()
+    # Nothing was claimed after the refusal: the file still waits in the inbox.
+    assert (data_dir / "inbox" / "leads" / "waiting.csv").is_file()
+    assert not any((data_dir / "work" / "incoming").iterdir())
     assert not (data_dir / "failed").exists() or not any((data_dir / "failed").rglob("*.json"))
     assert imports(sim) == []
 
@@ -645,15 +652,17 @@ async def test_configuration_from_the_environment_alone(
     assert len(sim.records("leads")) == 8
 
 
-async def test_status_before_any_run_is_empty_and_creates_nothing(
+async def test_status_without_a_state_store_exits_2_naming_it_and_creates_nothing(
     cli: CliRunner, tmp_path: Path, data_dir: Path
 ) -> None:
+    """A wrong data directory is not "(no files)" with exit 0."""
     config = config_file(tmp_path, data_dir, "http://127.0.0.1:9", (LEADS,))
-    snapshot = await status_json(cli, config)
-    table = await cli.run("status", "--config", config)
-    assert snapshot["files"] == []
-    assert snapshot["totals"]["jobs_outstanding"] == 0
-    assert "(no files)" in table.stdout()
+    for flags in ((), ("--json",)):
+        proc = await cli.run("status", "--config", config, *flags)
+        assert proc.returncode == 2
+        assert proc.stdout() == ""
+        [line] = proc.stderr().splitlines()
+        assert f"no state store at {data_dir / 'state.db'}" in line
     assert not await asyncio.to_thread(data_dir.exists)
 
 
@@ -776,10 +785,10 @@ async def test_run_once_on_a_terminal_shows_progress_and_the_summary_table(
         for fd in (master, slave):
             if fd >= 0:
                 os.close(fd)
-    assert "\rfiles " in screen, "a live progress line"
+    assert "\r\x1b[2Kfiles " in screen, "a live progress line"
     assert "files 1/1  chunks 1/1  rows 50" in screen, "drawn once more at the end"
     lines = screen.replace("\r", "\n").splitlines()
-    assert any(line.split()[:3] == ["ROUTE", "FILE", "STATUS"] for line in lines)
+    assert any(line.split()[:3] == ["ROUTE", "FILE", "STATE"] for line in lines)
     assert any(line.split()[:3] == ["leads", "tty.csv", "complete"] for line in lines)
     assert "files: 1 complete" in screen
     assert "Traceback" not in screen

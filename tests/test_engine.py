@@ -22,7 +22,7 @@ from tests.support.simulators import MakeSimulator, imports
 from tests.support.waiting import wait_until
 
 RESULT_KEYS = {
-    "file", "route", "object", "status", "error", "rows", "rows_processed", "rows_failed",
+    "id", "file", "route", "object", "status", "error", "rows", "rows_processed", "rows_failed",
     "rows_with_warning", "chunks", "failures_file", "warnings_file", "claimed_at", "finished_at",
 }  # fmt: skip
 

@@ -32,7 +32,7 @@ from tests.support.settings import CARS, LEADS, fast_settings
 from tests.support.stages import claimed_file
 
 RESULT_KEYS = {
-    "file", "route", "object", "status", "error", "rows", "rows_processed", "rows_failed",
+    "id", "file", "route", "object", "status", "error", "rows", "rows_processed", "rows_failed",
     "rows_with_warning", "chunks", "failures_file", "warnings_file", "claimed_at", "finished_at",
 }  # fmt: skip
 CHUNK_KEYS = {
@@ -271,6 +271,7 @@ async def test_complete_file_result_and_merged_failures(
     assert json.loads(result_path.read_text(encoding="utf-8")) == document
     assert set(document) == RESULT_KEYS
     assert {k: v for k, v in document.items() if k not in ("chunks", "finished_at")} == {
+        "id": file.job_id,
         "file": "big.csv",
         "route": "leads",
         "object": "leads",
