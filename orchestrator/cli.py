@@ -460,20 +460,20 @@ class RateMeter:
 
 
 def submit_progress(handle: client.Handle, entry: dict[str, Any] | None, meter: RateMeter) -> str:
-    """One line: name, state, chunks, rows, rate, and what it waits for."""
+    """One line (the name is on the line above): state, chunks, rows, rate, what it waits for."""
     from orchestrator.status import WAITING_FOR
 
     if entry is None:
-        return f"{handle.name}  unclaimed  waiting for: {WAITING_FOR['inbox']}"
+        return f"unclaimed  waiting for: {WAITING_FOR['inbox']}"
     total = entry["chunks_total"]
     rows_total = "?" if entry["rows"] is None else entry["rows"]
     rate = meter.rate(entry["rows_processed"])
     line = (
-        f"{handle.name}  {entry['state']}  chunks {entry['chunks_done']}/"
-        f"{'?' if total is None else total}  rows {entry['rows_processed']}/{rows_total}"
+        f"{entry['state']}  chunks {entry['chunks_done']}/{'?' if total is None else total}"
+        f"  rows {entry['rows_processed']}/{rows_total}"
     )
     if rate:
-        line += f"  {rate:,.0f} rows/s"
+        line += f"  {rate:,.0f}/s"
     waiting = WAITING_FOR.get(entry["state"])
     return line + (f"  waiting for: {waiting}" if waiting else "")
 
