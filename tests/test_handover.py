@@ -569,3 +569,32 @@ def rendered(screen: str) -> list[str]:
             lines[-1] = line[:col] + ch + line[col + 1 :]
             col += 1
     return [line.rstrip() for line in lines if line.strip()]
+
+
+def test_submit_links_the_file_or_copies_it_when_it_cannot_and_writes_the_ticket_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inbox = tmp_path / "data" / "inbox" / "leads"
+    inbox.mkdir(parents=True)
+    export = source(tmp_path, "linked.csv", 3)
+    linked = client.submit(export, "leads", data_dir=tmp_path / "data", id="a-1")
+    placed = inbox / linked.inbox_name
+    assert placed.name == "a-1-linked.csv"
+    assert placed.stat().st_ino == export.stat().st_ino, "a hard link: no copy on one volume"
+    ticket = json.loads((inbox / ".a-1-linked.csv.ticket").read_text())
+    assert ticket == {"id": "a-1", "file": "linked.csv"}
+
+    def cross_device(src: object, dst: object) -> None:
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", cross_device)  # as if the export lived on another volume
+    copied = client.submit(export, "leads", data_dir=tmp_path / "data", id="b-2")
+    placed = inbox / copied.inbox_name
+    assert placed.stat().st_ino != export.stat().st_ino
+    assert placed.read_bytes() == export.read_bytes()
+    assert sorted(p.name for p in inbox.iterdir()) == [
+        ".a-1-linked.csv.ticket",
+        ".b-2-linked.csv.ticket",
+        "a-1-linked.csv",
+        "b-2-linked.csv",
+    ], "no .part or .tmp left behind"
