@@ -23,14 +23,14 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, NoReturn
 
 import structlog
 
-from orchestrator import __version__, client, logs
+from orchestrator import __version__, client, dirlock, logs
 from orchestrator.config import (
     FORMATS,
     MIN_CHUNK_BYTES,
@@ -44,7 +44,14 @@ from orchestrator.config import (
     with_marketo,
 )
 from orchestrator.constants import DEFAULT_MAX_CHUNK_BYTES, MAX_FILE_BYTES
-from orchestrator.errors import ConfigError, InputError, OrchestratorError, UsageError
+from orchestrator.dirlock import DataDirLock
+from orchestrator.errors import (
+    ConfigError,
+    DataDirInUse,
+    InputError,
+    OrchestratorError,
+    UsageError,
+)
 from orchestrator.models import ExitCode, ObjectType
 
 log = structlog.get_logger(__name__)
@@ -170,6 +177,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"{PROG}: configuration error: {exc}", file=sys.stderr)
         return ExitCode.USAGE
+    except DataDirInUse as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
     except InputError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return ExitCode.FAILED
@@ -237,12 +247,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run_to_end(settings, once=args.once, simulate=args.simulate)
 
 
-def run_to_end(settings: Settings, *, once: bool, simulate: bool) -> int:
-    """The daemon in this process until it stops; its exit code."""
+def run_to_end(
+    settings: Settings, *, once: bool, simulate: bool, lock: DataDirLock | None = None
+) -> int:
+    """The daemon in this process until it stops; its exit code. `lock`: data_dir's
+    lock when the caller took it already (submit --once), else it is taken here."""
     try:
-        return asyncio.run(run_daemon(settings, once=once, simulate=simulate))
-    except ConfigError:
-        raise  # one line naming the key, exit 2 (main)
+        return asyncio.run(run_daemon(settings, once=once, simulate=simulate, lock=lock))
+    except (ConfigError, DataDirInUse):
+        raise  # one line naming the key or the data directory, exit 2 (main)
     except (OrchestratorError, OSError, BaseExceptionGroup) as exc:
         from orchestrator.daemon import first_cause
 
@@ -254,14 +267,32 @@ def run_to_end(settings: Settings, *, once: bool, simulate: bool) -> int:
         return ExitCode.FAILED
 
 
-async def run_daemon(settings: Settings, *, once: bool, simulate: bool) -> int:
-    """The daemon to its end; with `simulate`, beside a simulator it is pointed at."""
+async def run_daemon(
+    settings: Settings, *, once: bool, simulate: bool, lock: DataDirLock | None = None
+) -> int:
+    """The daemon to its end; with `simulate`, beside a simulator it is pointed at.
+
+    data_dir's lock is taken first (unless the caller holds it), before the simulator
+    loads its state from there."""
     from orchestrator.daemon import Daemon
 
     async with contextlib.AsyncExitStack() as stack:
+        if lock is None:
+            lock = stack.enter_context(lock_data_dir(settings))
         if simulate:
             settings = await start_simulator(stack, settings)
-        return await Daemon(settings, once=once).run()
+        return await Daemon(settings, once=once, lock=lock).run()
+
+
+@contextlib.contextmanager
+def lock_data_dir(settings: Settings) -> Iterator[DataDirLock]:
+    """data_dir (created if need be) locked for a daemon in this process; DataDirInUse if
+    another one runs there. Only commands that run a daemon take it (run, submit --once)."""
+    from orchestrator.spool import make_dir
+
+    make_dir(settings.data_dir)
+    with dirlock.held(settings.layout) as lock:
+        yield lock
 
 
 async def start_simulator(stack: contextlib.AsyncExitStack, settings: Settings) -> Settings:
@@ -377,8 +408,17 @@ def cmd_submit(args: argparse.Namespace) -> int:
         raise UsageError(
             "--route", f"{args.route!r} is not a configured route ({', '.join(known)})"
         )
-    if args.once:
+    if not args.once:
+        return hand_over(args, settings, None)
+    # A daemon of its own: data_dir's lock first, so that beside a running daemon
+    # nothing is handed over before the refusal (exit 2 naming the holder).
+    with lock_data_dir(settings) as lock:
         make_route_inbox(settings, args.route)
+        return hand_over(args, settings, lock)
+
+
+def hand_over(args: argparse.Namespace, settings: Settings, lock: DataDirLock | None) -> int:
+    """submit's hand-over and, with --wait or --once (holding `lock`), its answer."""
     handle = client.submit(args.file, args.route, data_dir=settings.data_dir, id=args.id)
     if not (args.wait or args.once):
         print(handle.id)
@@ -389,7 +429,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if args.once:
         # Log lines go to stderr: stdout is for the result.
         logs.configure(settings.logging.level, settings.logging.format, stream=sys.stderr)
-        code = run_to_end(settings, once=True, simulate=args.simulate)
+        code = run_to_end(settings, once=True, simulate=args.simulate, lock=lock)
         if code in (ExitCode.CREDENTIALS, ExitCode.OUTSTANDING):
             return code
         outcome = asyncio.run(wait_for_result(handle, 0.0, args.poll))

@@ -4,9 +4,10 @@
 
 The stages and their hand-offs are the `Pipeline`; housekeeping (token, API
 call count, readiness, progress line) is `Upkeep`. The daemon owns the
-phases. Startup opens the store, repairs what a crash left half done (claims,
-splits, submits of unknown outcome, results), prepares the inbox and starts
-the status server. The loop runs every long-lived task in one TaskGroup.
+phases. Startup takes data_dir's lock (one daemon per data directory), opens
+the store, starts the status server (/readyz says "recovering"), then repairs
+what a crash left half done (claims, splits, submits of unknown outcome,
+results) and prepares the inbox. The loop runs every long-lived task in one TaskGroup.
 Shutdown begins at the first SIGTERM/SIGINT (or, with --once, when the inbox
 is drained and every file has a result): claiming stops, in-flight calls get
 `DRAIN_SECONDS` to end, then whatever is left is cancelled; the store already
@@ -25,10 +26,11 @@ from typing import Any
 
 import structlog
 
-from orchestrator import logs
+from orchestrator import dirlock, logs
 from orchestrator.clock import wait_for_any
 from orchestrator.config import Settings
 from orchestrator.errors import OrchestratorError, StoreError
+from orchestrator.faults import holdpoint
 from orchestrator.marketo import MarketoClient
 from orchestrator.metrics import Metrics
 from orchestrator.models import FINAL_FILE_STATUSES, ExitCode, FileStatus
@@ -60,9 +62,13 @@ def first_cause(exc: BaseException) -> BaseException | None:
 
 
 class Daemon:
-    def __init__(self, settings: Settings, *, once: bool) -> None:
+    def __init__(
+        self, settings: Settings, *, once: bool, lock: dirlock.DataDirLock | None = None
+    ) -> None:
         self.settings = settings
         self.once = once
+        self.lock = lock  # data_dir's lock; taken at startup unless the caller holds it
+        self.recovering = True  # until startup has repaired what a crash left
         self.stop = asyncio.Event()
         self.metrics = Metrics()
         self.interrupts = 0
@@ -112,11 +118,20 @@ class Daemon:
         return len(unfinished) + self.pipeline.spool.pending()
 
     async def startup(self, stack: contextlib.AsyncExitStack) -> None:
+        """Own data_dir, open the store, serve health and readiness, then recover.
+
+        The status server starts before recovery (which can take a while: finishing
+        a large file), so /healthz answers and /readyz says "recovering" meanwhile."""
         settings = self.settings
         make_dir(settings.data_dir)
+        if self.lock is None:
+            self.lock = dirlock.acquire(settings.layout)
+            stack.callback(self.lock.release)
         refuse_orphaned_work(settings)
         self.store = await Store.open(settings.layout.state_db)
         stack.push_async_callback(self.store.close)
+        await self.start_status_server(stack)
+        await holdpoint("recovery")
         recovery = await self.store.recover()
         if recovery.resubmit or recovery.resplit or recovery.finishing or recovery.claiming:
             log.info(
@@ -133,20 +148,24 @@ class Daemon:
         self.upkeep = Upkeep(settings, self.store, client, self.metrics, persisted_calls=calls)
         self.pipeline = Pipeline(settings, self.store, client, self.metrics)
         await self.pipeline.recover(recovery)
-        if settings.http.host_port:
-            host, port = settings.http.host_port
-            server = StatusServer(
-                host, port, store=self.store, metrics=self.metrics, readiness=self.readiness
-            )
-            try:
-                await server.start()
-            except OSError as exc:
-                raise OrchestratorError(
-                    f"http.listen {settings.http.listen}: {exc.strerror}"
-                ) from None
-            stack.push_async_callback(server.stop)
-            log.info("status_server", listen=f"{host}:{server.port}")
+        self.recovering = False
         self.install_signals()
+
+    async def start_status_server(self, stack: contextlib.AsyncExitStack) -> None:
+        if not self.settings.http.host_port:
+            return
+        host, port = self.settings.http.host_port
+        server = StatusServer(
+            host, port, store=self.store, metrics=self.metrics, readiness=self.readiness
+        )
+        try:
+            await server.start()
+        except OSError as exc:
+            raise OrchestratorError(
+                f"http.listen {self.settings.http.listen}: {exc.strerror}"
+            ) from None
+        stack.push_async_callback(server.stop)
+        log.info("status_server", listen=f"{host}:{server.port}")
 
     async def loop(self) -> None:
         pipeline, upkeep, stop = self.pipeline, self.upkeep, self.stop
@@ -192,6 +211,8 @@ class Daemon:
             return await load_snapshot(store)
 
     def readiness(self) -> str | None:
+        if self.recovering:
+            return "recovering"
         if not self.pipeline.spool.running and not self.once:
             return "the inbox watcher is not running"
         return self.upkeep.token_problem()

@@ -5,6 +5,7 @@
     │   └── UsageError              a command's argument is wrong: no such file, ... (exit 2)
     ├── InputError                  a source file cannot be split (file, offset, line)
     ├── StoreError                  the state store cannot be opened or written (path)
+    ├── DataDirInUse                another daemon owns data_dir (CLI: exit 2)
     └── MarketoError                Marketo said no, or could not be reached (code)
         ├── RetryableError          worth trying again after a wait
         │   ├── AuthError           601, 602: token invalid or expired
@@ -69,6 +70,20 @@ class StoreError(OrchestratorError):
         self.path = str(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
+
+
+class DataDirInUse(OrchestratorError):
+    """Another process holds data_dir's lock: one daemon per data directory."""
+
+    def __init__(self, data_dir: Path | str, holder: int | None) -> None:
+        self.data_dir = str(data_dir)
+        self.holder = holder
+        who = f"pid {holder}" if holder is not None else "a process whose pid is not known yet"
+        super().__init__(
+            f"data_dir {self.data_dir} is in use by another marketo-orchestrator daemon "
+            f"({who}); one daemon per data directory: stop that one first, or give this "
+            "one its own data_dir"
+        )
 
 
 class MarketoError(OrchestratorError):

@@ -7,6 +7,8 @@
   done/<route>/           sources and results of complete files
   failed/<route>/         sources and results of failed files
   state.db                the state store
+  daemon.lock             held (flock) by the one daemon that owns data_dir
+  simulator.json          `run --simulate`: the simulated subscription's state
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 STATE_DB = "state.db"
+LOCK = "daemon.lock"
+SIMULATOR_STATE = "simulator.json"
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +28,16 @@ class Layout:
     @property
     def state_db(self) -> Path:
         return self.root / STATE_DB
+
+    @property
+    def lock(self) -> Path:
+        """The data directory's owner lock, next to state.db (see orchestrator.dirlock)."""
+        return self.root / LOCK
+
+    @property
+    def simulator_state(self) -> Path:
+        """Where `run --simulate` keeps the simulated subscription between runs."""
+        return self.root / SIMULATOR_STATE
 
     @property
     def inbox(self) -> Path:

@@ -3,6 +3,10 @@
 JSON lines on stdout when it is not a terminal, console rendering when it is.
 A `LiveLine` (the progress display) and log lines never share a line: while
 one is shown, each log line first erases it, and it is drawn again below.
+The standard library's logging (asyncio's "Task exception was never
+retrieved", aiohttp's server errors, anything a dependency logs) goes through
+the same processors and renderer, so every line has one format; its records
+carry `logger` (the stdlib logger's name) and are filtered at the same level.
 Per-file context (route, file, chunk, batch_id) is bound through contextvars
 by the engine. As a last line of defence, every string in an event is scrubbed
 of registered secrets (the client secret, each access token) before rendering.
@@ -54,7 +58,9 @@ def scrub_secrets(
 
 
 def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
-    """Set up structlog for the process: `fmt` is json, console or auto (console on a TTY)."""
+    """Set up structlog for the process: `fmt` is json, console or auto (console on a TTY).
+
+    The root logger of the standard library gets one handler rendering through structlog."""
     stream = stream or sys.stdout
     console = fmt == "console" or (fmt == "auto" and stream.isatty())
     renderer: Any = (
@@ -62,20 +68,44 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
         if console
         else structlog.processors.JSONRenderer()
     )
-    processors: list[Any] = [
-        structlog.contextvars.merge_contextvars,
-        structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    stamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
+    tail: list[Any] = [
         structlog.processors.format_exc_info if not console else _passthrough,
         scrub_secrets,
         renderer,
     ]
     structlog.configure(
-        processors=processors,
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            stamper,
+            *tail,
+        ],
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level.lower()]),
         logger_factory=LineLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
+    route_stdlib(level, stream, stamper, tail)
+
+
+def route_stdlib(level: str, stream: TextIO, stamper: Any, tail: list[Any]) -> None:
+    """Replace the root logger's handlers with one that renders records as structlog does."""
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[
+            structlog.contextvars.merge_contextvars,
+            structlog.stdlib.add_log_level,
+            structlog.stdlib.add_logger_name,
+            stamper,
+        ],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *tail],
+    )
+    handler = LineHandler(stream)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(LEVELS[level.lower()])
 
 
 def _passthrough(
@@ -146,6 +176,20 @@ class LineLogger:
             live.redraw()
 
     log = debug = info = warn = warning = error = critical = exception = fatal = msg
+
+
+class LineHandler(logging.Handler):
+    """The standard library's records, written as a `LineLogger` writes (around a LiveLine)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__()
+        self._line = LineLogger(stream)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._line.msg(self.format(record))
+        except Exception:
+            self.handleError(record)
 
 
 class LineLoggerFactory:

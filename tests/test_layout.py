@@ -6,10 +6,10 @@ Every import of our own package points down this picture, never up or sideways:
      cli ......................................... 7 ───┐ (only cli.py)
       daemon ..................................... 6    │
         pipeline ................................. 5    ▼
-          scheduler  poller  results  upkeep ..... 4   simulator: a program of its
+          scheduler poller results upkeep client . 4   simulator: a program of its
             spool  status ........................ 3   own, it uses constants,
               store  marketo  metrics ............ 2   models, errors and
-                config  logs  splitter ........... 1   nothing else of ours
+          config logs splitter handover dirlock .. 1   nothing else of ours
                   constants errors models clock
                   backoff faults layout orchestrator . 0
 
@@ -41,7 +41,7 @@ RANKS: dict[str, int] = {
     for rank, units in enumerate(
         [
             "orchestrator constants errors models clock backoff faults layout",  # leaves
-            "config logs splitter handover",
+            "config logs splitter handover dirlock",
             "store marketo metrics",
             "spool status",
             "scheduler poller results upkeep client",  # the stages, housekeeping, the hand-over API
