@@ -1,13 +1,19 @@
 # marketo-orchestrator as a container sidecar.
 #
-# Build:  docker build -t marketo-orchestrator:local .
+# Build:  docker build -t marketo-orchestrator:local \
+#           --build-arg REVISION="$(git rev-parse HEAD)" \
+#           --build-arg CREATED="$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
+#           --build-arg SOURCE="$(git remote get-url origin)" .
 # Run:    mount the TOML at /etc/marketo-orchestrator/orchestrator.toml, the client
 #         secret at /run/secrets/marketo_client_secret and a volume at /data.
+#         `docker run IMAGE` runs the daemon; `docker run IMAGE status` (or any
+#         other subcommand) runs that command instead.
 #
-# Stage 1 builds the project's wheel; stage 2 installs only that wheel (and its
-# dependencies from PyPI) into a slim runtime. Nothing of the build context but
-# what .dockerignore lets through (pyproject.toml, README.md, orchestrator/) is
-# ever copied: no secrets, no test data.
+# Stage 1 builds the project's wheel; stage 2 installs only that wheel, with its
+# dependencies at the versions pinned in constraints.txt (CI checks that file
+# against pyproject.toml), into a slim runtime. Nothing of the build context but
+# what .dockerignore lets through (pyproject.toml, README.md, constraints.txt,
+# orchestrator/) is ever copied: no secrets, no test data.
 
 ARG PYTHON_IMAGE=python:3.11.13-slim-bookworm
 
@@ -17,9 +23,18 @@ COPY . .
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
 FROM ${PYTHON_IMAGE} AS runtime
+# OCI annotations from build arguments (see Build above); VERSION follows pyproject.toml.
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+ARG CREATED=unknown
+ARG SOURCE=unknown
 LABEL org.opencontainers.image.title="marketo-orchestrator" \
       org.opencontainers.image.description="Loads delimited files dropped into /data/inbox into Marketo's Bulk Import API." \
-      org.opencontainers.image.licenses="Apache-2.0"
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.created="${CREATED}" \
+      org.opencontainers.image.source="${SOURCE}"
 
 # A fixed, non-root UID/GID so volume ownership and Kubernetes' runAsUser agree.
 RUN groupadd --system --gid 10001 orchestrator \
@@ -29,9 +44,11 @@ RUN groupadd --system --gid 10001 orchestrator \
  && chown 10001:10001 /data
 
 # The wheel is compiled to bytecode at install time, so the read-only root
-# filesystem costs nothing at import.
+# filesystem costs nothing at import. Every dependency comes at its pinned version.
 COPY --from=build /wheels /tmp/wheels
-RUN pip install --no-cache-dir --root-user-action=ignore /tmp/wheels/*.whl \
+COPY --from=build /src/constraints.txt /tmp/wheels/constraints.txt
+RUN pip install --no-cache-dir --root-user-action=ignore \
+      --constraint /tmp/wheels/constraints.txt /tmp/wheels/*.whl \
  && rm -rf /tmp/wheels
 
 # Runtime: writes go only to /data (the volume) and /tmp (a tmpfs or emptyDir
@@ -60,6 +77,8 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
   CMD ["python", "-c", "import os, urllib.request; port = os.environ['ORCHESTRATOR_HTTP_LISTEN'].rpartition(':')[2]; urllib.request.urlopen(f'http://127.0.0.1:{port}/healthz', timeout=4)"]
 
 # Exec form: the daemon is PID 1 and receives SIGTERM itself, then drains and
-# exits 0 within 10 s. Extra arguments (e.g. --once) are appended.
+# exits 0 within 10 s. The command is the subcommand: `run` by default; give
+# `run --once`, `status` or `--version` as the container's arguments instead.
 STOPSIGNAL SIGTERM
-ENTRYPOINT ["marketo-orchestrator", "run"]
+ENTRYPOINT ["marketo-orchestrator"]
+CMD ["run"]

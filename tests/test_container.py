@@ -269,7 +269,11 @@ def test_image_is_built_from_a_wheel_in_a_separate_stage() -> None:
     assert len(dockerfile_stages()) == 2
     assert any("pip wheel" in a and "--no-deps" in a for n, a in build if n == "RUN")
     assert any(n == "COPY" and a.startswith("--from=build") for n, a in run)
-    assert any("pip install" in a and ".whl" in a for n, a in run if n == "RUN")
+    [install] = [a for n, a in run if n == "RUN" and "pip install" in a]
+    assert ".whl" in install
+    # Dependencies at the pinned versions, from the committed constraints file.
+    [(_, constraints)] = re.findall(r"--(constraint|c) (\S+)", install) or [("", "")]
+    assert ("COPY", f"--from=build /src/constraints.txt {constraints}") in run
     assert [a for n, a in build if n == "FROM"] == ["${PYTHON_IMAGE} AS build"]
     assert [a for n, a in run if n == "FROM"] == ["${PYTHON_IMAGE} AS runtime"]
     [base] = [a for n, a in dockerfile_instructions() if n == "ARG" and "PYTHON_IMAGE" in a]
@@ -278,11 +282,82 @@ def test_image_is_built_from_a_wheel_in_a_separate_stage() -> None:
 
 def test_entrypoint_runs_the_daemon_as_pid_1() -> None:
     [entrypoint] = runtime("ENTRYPOINT")
-    assert json.loads(entrypoint) == ["marketo-orchestrator", "run"]
-    assert runtime("CMD") == []
+    assert json.loads(entrypoint) == ["marketo-orchestrator"]
+    [cmd] = runtime("CMD")
+    assert json.loads(cmd) == ["run"]
     assert runtime("STOPSIGNAL") == ["SIGTERM"]
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert "marketo-orchestrator" in scripts
+
+
+def test_container_arguments_are_the_subcommand() -> None:
+    """`docker run IMAGE` runs the daemon; `docker run IMAGE status` runs status, not `run status`."""
+    from orchestrator.cli import build_parser
+
+    [cmd] = runtime("CMD")
+    assert build_parser().parse_args(json.loads(cmd)).command == "run"
+    assert build_parser().parse_args(["status"]).command == "status"
+    assert build_parser().parse_args(["run", "--once"]).once is True
+
+
+def test_image_labels_come_from_build_arguments() -> None:
+    labels: dict[str, str] = {}
+    for args in runtime("LABEL"):
+        for word in shlex.split(args):
+            key, _, value = word.partition("=")
+            labels[key] = value
+    declared = {}
+    for args in runtime("ARG"):
+        name, _, default = args.partition("=")
+        declared[name] = default
+    oci = "org.opencontainers.image."
+    for key, arg in (
+        ("version", "VERSION"),
+        ("revision", "REVISION"),
+        ("created", "CREATED"),
+        ("source", "SOURCE"),
+    ):
+        assert labels[oci + key] == "${" + arg + "}", key
+        assert arg in declared, f"ARG {arg} must be declared in the runtime stage"
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert declared["VERSION"] == version
+
+
+# --- constraints.txt ----------------------------------------------------------------
+
+CHECK_CONSTRAINTS = ROOT / ".ci" / "check_constraints.py"
+
+
+def check_constraints(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(CHECK_CONSTRAINTS), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_constraints_pin_every_declared_dependency() -> None:
+    proc = check_constraints()
+    assert proc.returncode == 0, proc.stderr
+    assert dockerignore_allows("constraints.txt")
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert "--constraint constraints.txt" in ci
+    assert ".ci/check_constraints.py --installed" in ci
+
+
+def test_constraints_check_catches_a_missing_or_stale_pin(tmp_path: Path) -> None:
+    pyproject = tmp_path / "pyproject.toml"
+    pyproject.write_text(
+        '[project]\nname = "x"\ndependencies = ["aiohttp>=3.9", "newdep>=1"]\n', encoding="utf-8"
+    )
+    constraints = tmp_path / "constraints.txt"
+    constraints.write_text("aiohttp==3.8.0\n", encoding="utf-8")
+    proc = check_constraints("--pyproject", str(pyproject), "--constraints", str(constraints))
+    assert proc.returncode == 1
+    assert "newdep>=1 (pyproject.toml) is not pinned" in proc.stderr
+    assert "aiohttp==3.8.0, outside aiohttp>=3.9" in proc.stderr
 
 
 def test_image_runs_as_a_fixed_non_root_uid() -> None:
@@ -383,7 +458,7 @@ def dockerignore_allows(path: str) -> bool:
 
 def test_build_context_holds_the_package_and_nothing_else() -> None:
     assert ("COPY", ". .") in dockerfile_stages()[0]
-    for needed in ("pyproject.toml", "README.md", "orchestrator/cli.py"):
+    for needed in ("pyproject.toml", "README.md", "constraints.txt", "orchestrator/cli.py"):
         assert dockerignore_allows(needed), needed
     for kept_out in (
         ".git/HEAD",
@@ -409,11 +484,13 @@ def test_compose_runs_daemon_and_simulator_from_one_image() -> None:
     sim, orch = services["simulator"], services["orchestrator"]
     assert sim["image"] == orch["image"]
     assert sim["build"] == orch["build"] == "."
-    simulator = ["marketo-orchestrator", "simulator", "--host", "0.0.0.0", "--port", "8090"]
-    assert sim["entrypoint"] == simulator
+    # The image's entrypoint is the program; a service's command is the subcommand.
+    assert sim["command"] == ["simulator", "--host", "0.0.0.0", "--port", "8090"]
+    assert "entrypoint" not in sim
     assert "entrypoint" not in orch
+    assert "command" not in orch  # the image's CMD: run
     assert orch["depends_on"] == {"simulator": {"condition": "service_healthy"}}
-    for service in (sim, orch):
+    for service in (sim, orch, services["pipeline"]):
         assert service["read_only"] is True
         assert "/tmp" in service["tmpfs"]
 
@@ -440,7 +517,7 @@ def test_compose_config_loads_and_points_at_the_simulator(tmp_path: Path) -> Non
     settings = load_with_secret_file(ROOT / "config" / "compose.toml", env, secret, tmp_path)
     assert settings.marketo.client_secret.reveal() == secret
     assert settings.data_dir == Path("/data")
-    sim_args = doc["services"]["simulator"]["entrypoint"]
+    sim_args = doc["services"]["simulator"]["command"]
     sim_port = int(sim_args[sim_args.index("--port") + 1])
     base = urlsplit(settings.marketo.base_url)
     assert (base.hostname, base.port) == ("simulator", sim_port)
@@ -455,13 +532,45 @@ def test_compose_config_loads_and_points_at_the_simulator(tmp_path: Path) -> Non
 def test_compose_healthchecks_and_ports_agree() -> None:
     services = compose()["services"]
     orch, sim = services["orchestrator"], services["simulator"]
-    assert orch["healthcheck"]["test"] == ["CMD", *healthcheck_command()]
+    # The image's liveness check, asking /readyz: depends_on waits for readiness.
+    readiness = [part.replace("/healthz", "/readyz") for part in healthcheck_command()]
+    assert orch["healthcheck"]["test"] == ["CMD", *readiness]
     assert orch["ports"] == [f"127.0.0.1:{PORT}:{PORT}"]
     sim_test = sim["healthcheck"]["test"]
     assert sim_test[:3] == ["CMD", "python", "-c"]
     compile(sim_test[3], "<simulator healthcheck>", "exec")
     assert url_in(sim_test[3]) == ("127.0.0.1", 8090, "/_sim/stats")
     assert sim["ports"] == ["127.0.0.1:8090:8090"]
+
+
+def test_compose_waits_on_readiness_where_a_service_depends_on_another() -> None:
+    services = compose()["services"]
+    readiness_paths = {"/readyz", "/_sim/stats"}
+    for name, service in services.items():
+        for needed, how in service.get("depends_on", {}).items():
+            assert how == {"condition": "service_healthy"}, (name, needed)
+            code = services[needed]["healthcheck"]["test"][3]
+            assert url_in(code)[2] in readiness_paths, (name, needed)
+    pipeline = services["pipeline"]
+    assert pipeline["depends_on"] == {"orchestrator": {"condition": "service_healthy"}}
+    assert pipeline["image"] == services["orchestrator"]["image"]
+    [script] = pipeline["command"]
+    # The README's recipe: written under a .part name, renamed into the inbox, waited for.
+    assert re.search(r"cp \S+ /data/inbox/leads/\$n\.part", script)
+    assert "mv /data/inbox/leads/$n.part /data/inbox/leads/$n" in script
+    assert "/data/done/leads/$n.result.json" in script
+    mounts = dict(v.split(":")[1::-1] for v in pipeline["volumes"] if v.count(":") == 1)
+    assert mounts["/data"] in compose()["volumes"]
+
+
+async def test_compose_readiness_check_follows_readyz(
+    health_server: Callable[[int], str],
+) -> None:
+    code = compose()["services"]["orchestrator"]["healthcheck"]["test"][3]
+    # The fixture serves /healthz only; point the check there to drive its status code.
+    code = code.replace("/readyz", "/healthz")
+    assert await run_python_code(code, {"ORCHESTRATOR_HTTP_LISTEN": health_server(200)}) == 0
+    assert await run_python_code(code, {"ORCHESTRATOR_HTTP_LISTEN": health_server(503)}) != 0
 
 
 async def test_simulator_healthcheck_passes_against_a_stats_endpoint() -> None:
@@ -517,15 +626,39 @@ def test_kubernetes_probes_hit_the_status_server() -> None:
     container = sidecar()
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert list(ports.values()) == [PORT]
-    for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+    probes = (("startupProbe", "/healthz"), ("livenessProbe", "/healthz"))
+    for probe, path in (*probes, ("readinessProbe", "/readyz")):
         get = container[probe]["httpGet"]
         assert get["path"] == path
         assert ports.get(get["port"], get["port"]) == PORT
+    # Liveness takes over only after the startup probe passed: a slow start (opening a
+    # large store) has minutes, not liveness's ~30 s.
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 120
+    assert "initialDelaySeconds" not in container["livenessProbe"]
+
+
+def test_kubernetes_deployment_has_one_owner_of_the_volume() -> None:
+    deployment = manifests()["Deployment"]
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    claim = volume("data")["persistentVolumeClaim"]["claimName"]
+    pvc = manifests()["PersistentVolumeClaim"]
+    assert claim == pvc["metadata"]["name"]
+    assert pvc["spec"]["accessModes"] == ["ReadWriteOnce"]
+
+
+@pytest.mark.parametrize("kind", ["Deployment", "Job"])
+def test_kubernetes_pods_carry_prometheus_scrape_annotations(kind: str) -> None:
+    annotations = manifests()[kind]["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/port"] == str(PORT)
+    assert annotations["prometheus.io/path"] == "/metrics"
 
 
 def test_kubernetes_pipeline_and_sidecar_share_the_inbox() -> None:
     spec = pod_spec()
-    assert "emptyDir" in volume("data")
+    assert "persistentVolumeClaim" in volume("data")
     assert len(spec["containers"]) == 2
     for container in spec["containers"]:
         assert mount_path(container, "data") == "/data"
@@ -562,3 +695,103 @@ def test_check_container_script_is_strict_bash() -> None:
     for tool in ("hadolint", "vendor.compose-spec", "kubernetes-validate --strict"):
         assert tool in text
     subprocess.run(["bash", "-n", str(script)], check=True, timeout=30)
+
+
+# --- Kubernetes: the Job with a native sidecar ---------------------------------------
+
+
+def job_pod() -> dict[str, Any]:
+    return dict(manifests()["Job"]["spec"]["template"]["spec"])
+
+
+def job_volume(name: str) -> dict[str, Any]:
+    [found] = [v for v in job_pod()["volumes"] if v["name"] == name]
+    return dict(found)
+
+
+def readme_hand_over_script() -> str:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    [script] = re.findall(r"```sh\n(#!/bin/sh\n# hand-over ROUTE FILE.*?)```", readme, re.S)
+    return script
+
+
+def test_kubernetes_job_runs_the_orchestrator_as_a_native_sidecar() -> None:
+    pod = job_pod()
+    assert pod["restartPolicy"] == "Never"
+    [init] = pod["initContainers"]
+    assert init["restartPolicy"] == "Always"  # Kubernetes 1.29+: a sidecar, not a one-shot
+    assert "marketo-orchestrator" in init["image"]
+    assert init["args"] == ["run"]
+    deployed = sidecar()
+    for key in ("env", "ports", "volumeMounts", "securityContext", "livenessProbe"):
+        assert init[key] == deployed[key], key
+    # The pipeline starts only once the daemon can take files.
+    assert init["startupProbe"]["httpGet"] == {"path": "/readyz", "port": PORT}
+    [main] = pod["containers"]
+    assert all("marketo-orchestrator" not in c["image"] for c in pod["containers"])
+    assert mount_path(main, "data") == mount_path(init, "data") == "/data"
+    assert "emptyDir" in job_volume("data")
+    assert manifests()["Job"]["spec"]["backoffLimit"] == 0
+
+
+def test_kubernetes_job_hands_over_with_the_readme_recipe() -> None:
+    [main] = job_pod()["containers"]
+    script = manifests()["ConfigMap"]["data"]["hand-over.sh"]
+    assert script == readme_hand_over_script()
+    [item] = job_volume("hand-over")["configMap"]["items"]
+    assert item["key"] == "hand-over.sh"
+    script_path = f"{mount_path(main, 'hand-over')}/{item['path']}"
+    [command] = main["args"]
+    assert f"/bin/sh {script_path} leads " in command
+    env = {e["name"]: e["value"] for e in main["env"]}
+    assert env["DATA_DIR"] == "/data"
+    deadline = manifests()["Job"]["spec"]["activeDeadlineSeconds"]
+    assert int(env["TIMEOUT_SECONDS"]) < deadline  # the script gives up before the Job is killed
+
+
+async def test_hand_over_script_renames_into_the_inbox_and_waits_for_the_result(
+    tmp_path: Path,
+) -> None:
+    """The recipe run for real with /bin/sh: the file appears in the inbox whole (never
+    half written under its final name), the script waits, prints the result, exits 0."""
+    script = tmp_path / "hand-over.sh"
+    script.write_text(readme_hand_over_script(), encoding="utf-8")
+    data = tmp_path / "data"
+    (data / "inbox" / "leads").mkdir(parents=True)
+    (data / "done" / "leads").mkdir(parents=True)
+    source = tmp_path / "export.csv"
+    source.write_text("email\na@example.com\n", encoding="utf-8")
+    env = {"PATH": os.environ["PATH"], "DATA_DIR": str(data), "TIMEOUT_SECONDS": "600"}
+    proc = await asyncio.create_subprocess_exec(
+        "/bin/sh", str(script), "leads", str(source), env=env, stdout=asyncio.subprocess.PIPE
+    )
+    inbox = data / "inbox" / "leads"
+    for _ in range(3000):  # until the rename; bounded so a broken script fails the test
+        handed = [p for p in inbox.iterdir() if not p.name.endswith(".part")]
+        if handed:
+            break
+        await asyncio.sleep(0.01)
+    [handed_over] = handed
+    assert handed_over.name.endswith("-export.csv")
+    assert handed_over.read_text(encoding="utf-8") == source.read_text(encoding="utf-8")
+    result = data / "done" / "leads" / f"{handed_over.name}.result.json"
+    result.write_text('{"status": "complete"}\n', encoding="utf-8")
+    out, _ = await asyncio.wait_for(proc.communicate(), timeout=60)
+    assert proc.returncode == 0
+    assert json.loads(out) == {"status": "complete"}
+
+
+async def test_hand_over_script_gives_up_with_exit_2(tmp_path: Path) -> None:
+    script = tmp_path / "hand-over.sh"
+    script.write_text(readme_hand_over_script(), encoding="utf-8")
+    data = tmp_path / "data"
+    (data / "inbox" / "leads").mkdir(parents=True)
+    source = tmp_path / "export.csv"
+    source.write_text("email\n", encoding="utf-8")
+    env = {"PATH": os.environ["PATH"], "DATA_DIR": str(data), "TIMEOUT_SECONDS": "0"}
+    proc = await asyncio.create_subprocess_exec(
+        "/bin/sh", str(script), "leads", str(source), env=env, stderr=asyncio.subprocess.PIPE
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), timeout=60)
+    assert proc.returncode == 2
+    assert b"no result for" in err
