@@ -103,6 +103,12 @@ class WatchSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class RetentionSettings:
+    keep_days: float = 30.0  # finished files leave the state store after this; 0 keeps them
+    interval: float = 600.0  # seconds between sweeps
+
+
+@dataclass(frozen=True, slots=True)
 class HttpSettings:
     listen: str = "127.0.0.1:9400"
 
@@ -148,6 +154,7 @@ class Settings:
     polling: PollingSettings = field(default_factory=PollingSettings)
     backoff: BackoffSettings = field(default_factory=BackoffSettings)
     watch: WatchSettings = field(default_factory=WatchSettings)
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     routes: tuple[Route, ...] = ()
@@ -167,6 +174,7 @@ SECTIONS: dict[str, type[Any]] = {
     "polling": PollingSettings,
     "backoff": BackoffSettings,
     "watch": WatchSettings,
+    "retention": RetentionSettings,
     "http": HttpSettings,
     "logging": LoggingSettings,
 }
@@ -458,6 +466,7 @@ def validate(settings: Settings, *, require_credentials: bool) -> None:
         "limits.daily_api_calls": lim.daily_api_calls,
         "polling.interval": settings.polling.interval,
         "backoff.initial": settings.backoff.initial,
+        "retention.interval": settings.retention.interval,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -477,6 +486,8 @@ def validate(settings: Settings, *, require_credentials: bool) -> None:
         raise ConfigError("polling.max_interval", "must be at least polling.interval")
     if settings.backoff.max < settings.backoff.initial:
         raise ConfigError("backoff.max", "must be at least backoff.initial")
+    if settings.retention.keep_days < 0:
+        raise ConfigError("retention.keep_days", "must not be negative (0 keeps every file)")
     if settings.watch.settle_seconds < 0:
         raise ConfigError("watch.settle_seconds", "must not be negative")
     if settings.logging.format not in ("json", "console", "auto"):

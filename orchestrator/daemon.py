@@ -180,6 +180,7 @@ class Daemon:
             start(pipeline.poller.run(stop), "poller")
             start(upkeep.token_keeper(stop, once=self.once), "token")
             start(upkeep.persist_calls(stop), "api-calls")
+            start(upkeep.retention(stop), "retention")
             if self.once:
                 start(self.drain(), "drain")
                 if sys.stderr.isatty():

@@ -2,9 +2,11 @@
 
 `Metrics` is the observer the Marketo client and the scheduler report to
 (`api_call`, `marketo_error`, `backoff`), plus a few setters for gauges the
-daemon owns. File and chunk counts are not tracked incrementally: they are read
-from the state store at scrape time (`refresh_from_store`), so they can never
-drift from the truth.
+daemon owns. File and chunk counts come from the state store's tallies at
+scrape time (`refresh_from_store`): counts its triggers keep in the same
+transaction as every change, so they never drift from the truth, and a scrape
+reads a dozen rows however long the history (finished files stay counted until
+retention prunes them).
 
 Every label value comes from a bounded set: statuses are enums, error codes are
 folded into Marketo's code ranges or a handful of transport names, and anything
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter as Tally
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Final, Protocol
 
 from prometheus_client import (
@@ -41,9 +43,18 @@ _IDENTIFIER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]{0,63}")
 class StoreReader(Protocol):
     """The part of the state store that metrics and the status server read."""
 
-    async def files(self) -> list[FileRecord]: ...
+    async def tallies(self) -> dict[str, int]: ...
 
-    async def chunks(self) -> list[ChunkRecord]: ...
+    async def listing(
+        self,
+        *,
+        limit: int | None,
+        statuses: Iterable[FileStatus] | None = None,
+        job_id: str | None = None,
+        name_glob: str | None = None,
+    ) -> list[FileRecord]: ...
+
+    async def chunks_of(self, file_ids: Iterable[int]) -> list[ChunkRecord]: ...
 
 
 def error_code_label(code: str) -> str:
@@ -176,11 +187,21 @@ class Metrics:
             self._chunks.labels(status=chunk_status.value).set(chunk_counts[chunk_status])
         self._jobs_outstanding.set(chunk_counts[ChunkStatus.SUBMITTED])
 
+    def update_from_tallies(self, tallies: Mapping[str, int]) -> None:
+        """Set the file, chunk and outstanding-job gauges from the store's tallies."""
+        for file_status in FileStatus:
+            self._files.labels(status=file_status.value).set(
+                tallies.get(f"files:{file_status.value}", 0)
+            )
+        for chunk_status in ChunkStatus:
+            self._chunks.labels(status=chunk_status.value).set(
+                tallies.get(f"chunks:{chunk_status.value}", 0)
+            )
+        self._jobs_outstanding.set(tallies.get(f"chunks:{ChunkStatus.SUBMITTED.value}", 0))
+
     async def refresh_from_store(self, store: StoreReader) -> None:
-        """Read files and chunks from the store and set the gauges."""
-        files = await store.files()
-        chunks = await store.chunks()
-        self.update_from_snapshot(files, chunks)
+        """Read the store's tallies (a few rows, whatever the history) and set the gauges."""
+        self.update_from_tallies(await store.tallies())
 
     def render(self) -> bytes:
         """The registry in Prometheus text format."""

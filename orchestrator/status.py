@@ -3,13 +3,19 @@
 - `jobs_snapshot`: files and chunks from the state store as JSON-ready data,
   the body of `GET /jobs` and of `marketo-orchestrator status --json`
   (`read_snapshot` opens the store for the CLI).
+- `Query`: which files a snapshot shows: by id, name, activity, status, limit.
+  `load_snapshot` is the one way from a query to the store: it asks the
+  store's bounded `listing` (active work first in claim order, then the most
+  recently finished; at most `limit` files, `JOBS_LIMIT` unless the query says
+  otherwise), so its cost follows the limit and the active files, never the
+  months of history; the totals count everything the store holds, from the
+  tallies its triggers keep. `truncated` says more files matched than shown.
 - `format_status_table`: the same snapshot as a table for
   `marketo-orchestrator status` (100 columns, or `--wide`).
-- `Query`: which files a snapshot shows: by id, name, activity, status, limit.
 - `StatusServer`: a small read-only aiohttp server with `/healthz`, `/readyz`,
-  `/metrics`, `/jobs` (`?status=` and `?limit=`, default 100) and `/jobs/<id>`
-  (one file by its hand-over id, 404 if unknown). Only GET and HEAD exist;
-  every other method is 405.
+  `/metrics`, `/jobs` (`?status=` and `?limit=`, default 100, at most 1000)
+  and `/jobs/<id>` (one file by its hand-over id, 404 if unknown). Only GET
+  and HEAD exist; every other method is 405.
 
 Work paths and other internals stay out of the snapshot; the store holds no
 secrets, so none can leak from here.
@@ -20,8 +26,8 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 from collections import Counter, defaultdict
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
@@ -62,10 +68,14 @@ class Query:
 
 
 def jobs_snapshot(
-    files: list[FileRecord], chunks: list[ChunkRecord], query: Query | None = None
+    files: list[FileRecord],
+    chunks: list[ChunkRecord],
+    query: Query | None = None,
+    tallies: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
     """Files (active work first in claim order, then the latest finished) with their chunks
-    (in file order), and totals by status."""
+    (in file order), and totals by status: from the store's `tallies` when given
+    (everything it holds), else counted over `files` and `chunks`."""
     query = query or Query()
     by_file: dict[int, list[ChunkRecord]] = defaultdict(list)
     for chunk in chunks:
@@ -81,9 +91,11 @@ def jobs_snapshot(
         reverse=True,
     )
     shown = [e for e in active + finished if matches(e, query)]
+    limit = len(shown) if query.limit is None else query.limit
     return {
-        "files": shown[: query.limit] if query.limit is not None else shown,
-        "totals": totals(files, chunks),
+        "files": shown[:limit],
+        "totals": totals(files, chunks) if tallies is None else totals_from_tallies(tallies),
+        "truncated": len(shown) > limit,
     }
 
 
@@ -192,11 +204,72 @@ def totals(files: list[FileRecord], chunks: list[ChunkRecord]) -> dict[str, Any]
     }
 
 
+def totals_from_tallies(tallies: Mapping[str, int]) -> dict[str, Any]:
+    """`totals` from the counts the store keeps as rows change."""
+    return {
+        "files": {s.value: tallies.get(f"files:{s.value}", 0) for s in FileStatus},
+        "chunks": {s.value: tallies.get(f"chunks:{s.value}", 0) for s in ChunkStatus},
+        "jobs_outstanding": tallies.get(f"chunks:{ChunkStatus.SUBMITTED.value}", 0),
+    }
+
+
+# The file statuses a file in each live state can have (live states are read from chunks).
+LIVE_STATES: Final = {
+    "claimed": frozenset({FileStatus.CLAIMING, FileStatus.CLAIMED}),
+    "splitting": frozenset({FileStatus.SPLITTING}),
+    "waiting": frozenset({FileStatus.SPLITTING, FileStatus.SPLIT}),
+    "queued": frozenset({FileStatus.SPLITTING, FileStatus.SPLIT}),
+    "importing": frozenset({FileStatus.SPLITTING, FileStatus.SPLIT}),
+}
+
+
+FILE_STATUSES: Final = frozenset(s.value for s in FileStatus)
+
+
+def store_statuses(query: Query) -> tuple[set[FileStatus] | None, bool]:
+    """The file statuses to ask the store for, and whether a live state must then be
+    checked on each file (`matches`) so that the store cannot apply the limit itself."""
+    wanted: set[FileStatus] | None = None
+    live = False
+    if query.statuses is not None:
+        wanted = set()
+        for name in query.statuses:
+            if name in LIVE_STATES:
+                wanted |= LIVE_STATES[name]
+            if name in FILE_STATUSES:
+                wanted.add(FileStatus(name))
+            else:
+                live = True
+    if query.active:
+        wanted = (set(FileStatus) if wanted is None else wanted) - FINAL_FILE_STATUSES
+    return wanted, live
+
+
+def glob_of(pattern: str) -> str:
+    """A shell pattern (fnmatch) as SQLite's GLOB spells it: `[!...]` is `[^...]`."""
+    return pattern.replace("[!", "[^")
+
+
 async def load_snapshot(store: StoreReader, query: Query | None = None) -> dict[str, Any]:
-    """Read the store and build `jobs_snapshot` from it."""
-    files = await store.files()
-    chunks = await store.chunks()
-    return jobs_snapshot(files, chunks, query)
+    """The snapshot of at most `query.limit` files (`JOBS_LIMIT` by default), read through
+    the store's bounded listing, with their chunks and the store's tallies."""
+    query = query or Query()
+    limit = JOBS_LIMIT if query.limit is None else query.limit
+    bounded = replace(query, limit=limit)
+    tallies = await store.tallies()
+    statuses, live = store_statuses(query)
+    # One more than the limit tells whether there are more (`truncated`). A live state
+    # (waiting, queued, importing) is known only from a file's chunks: the store returns
+    # every active file of the statuses it allows (active work is what is in flight,
+    # not the history) and `jobs_snapshot` keeps those in that state.
+    files = await store.listing(
+        limit=None if live else limit + 1,
+        statuses=statuses,
+        job_id=query.job_id,
+        name_glob=None if query.name is None else glob_of(query.name),
+    )
+    chunks = await store.chunks_of(f.id for f in files)
+    return jobs_snapshot(files, chunks, bounded, tallies)
 
 
 async def read_snapshot(db_path: Path, query: Query | None = None) -> dict[str, Any]:
@@ -281,6 +354,7 @@ def format_status_table(
             lines.append(fit(f"{INDENT}error: {entry['error']}", TABLE_WIDTH))
     if not snapshot["files"]:
         lines.append("(no files)")
+    lines += truncation_note(snapshot)
     lines.append(summary_line(snapshot["totals"]))
     return "\n".join(lines)
 
@@ -304,8 +378,17 @@ def wide_table(snapshot: dict[str, Any], now: datetime) -> str:
             lines.append(f"{entry['id']}: error: {entry['error'].translate(FLATTEN)}")
     if not snapshot["files"]:
         lines.append("(no files)")
+    lines += truncation_note(snapshot)
     lines.append(summary_line(snapshot["totals"]))
     return "\n".join(lines)
+
+
+def truncation_note(snapshot: dict[str, Any]) -> list[str]:
+    """A line saying the list was cut at the limit, or none."""
+    if not snapshot.get("truncated"):
+        return []
+    shown, held = len(snapshot["files"]), sum(snapshot["totals"]["files"].values())
+    return [f"(showing {shown} of {held} files: active first, then the latest finished)"]
 
 
 def file_cells(entry: dict[str, Any], now: datetime) -> list[str]:

@@ -1,5 +1,10 @@
 """Housekeeping beside the pipeline: the token, the day's API call count,
-readiness, and the `--once` progress line on a terminal.
+readiness, retention, and the `--once` progress line on a terminal.
+
+Retention: every `retention.interval` seconds, finished files that finished
+more than `retention.keep_days` ago leave the state store (with their chunks
+and set-aside records), `PRUNE_BATCH` files per transaction, so the daemon's
+own writes never wait long behind a sweep. Their result files stay on disk.
 
 None of it moves a file forward; all of it runs as long-lived tasks in the
 daemon's TaskGroup and stops when the daemon's `stop` event is set.
@@ -11,25 +16,27 @@ import asyncio
 import sys
 import time
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import structlog
 
 from orchestrator import logs
 from orchestrator.backoff import Backoff
-from orchestrator.clock import wait_for_any
+from orchestrator.clock import stamp, utc_now, wait_for_any
 from orchestrator.config import Settings
 from orchestrator.errors import CredentialsError, FatalError, MarketoError
 from orchestrator.marketo import MarketoClient
 from orchestrator.metrics import Metrics
-from orchestrator.status import WAITING_FOR, load_snapshot
+from orchestrator.status import WAITING_FOR, Query, load_snapshot
 from orchestrator.store import Store
 
 log = structlog.get_logger(__name__)
 
 PERSIST_SECONDS = 5.0  # how often the day's API call count is written to the store
 PROGRESS_SECONDS = 1.0  # how often the progress line is redrawn
+PRUNE_BATCH = 200  # finished files forgotten per transaction
+PROGRESS_FILES = 100  # active files whose live state the progress line looks at
 
 
 def quota_day(settings: Settings) -> str:
@@ -48,8 +55,11 @@ class Upkeep:
         metrics: Metrics,
         *,
         persisted_calls: int,
+        clock: Callable[[], datetime] = utc_now,
     ) -> None:
         self.settings = settings
+        self.clock = clock
+        self.pruned_total = 0
         self.store = store
         self.client = client
         self.metrics = metrics
@@ -102,6 +112,29 @@ class Upkeep:
         self.persisted_calls = used
         self.metrics.set_api_calls_today(used)
 
+    async def retention(self, stop: asyncio.Event) -> None:
+        """Prune finished files past `retention.keep_days`, now and every interval."""
+        keep = self.settings.retention
+        if keep.keep_days <= 0:
+            return
+        while not stop.is_set():
+            await self.prune(stop)
+            await wait_for_any(stop, within=keep.interval)
+
+    async def prune(self, stop: asyncio.Event | None = None) -> int:
+        """One sweep, in small transactions; how many files left the store."""
+        cutoff = stamp(self.clock() - timedelta(days=self.settings.retention.keep_days))
+        pruned = 0
+        while stop is None or not stop.is_set():
+            n = await self.store.prune_finished(before=cutoff, limit=PRUNE_BATCH)
+            pruned += n
+            if n < PRUNE_BATCH:
+                break
+        if pruned:
+            self.pruned_total += pruned
+            log.info("retention_pruned", files=pruned, finished_before=cutoff)
+        return pruned
+
     def token_problem(self) -> str | None:
         """Why Marketo cannot be called now (readiness), or None."""
         if self.credentials_refused:
@@ -129,18 +162,22 @@ async def progress(
 
 
 async def progress_line(store: Store, backoff: float, elapsed: float) -> str:
-    snap = await load_snapshot(store)
-    files = snap["files"]
-    done = sum(1 for f in files if f["status"] in ("complete", "failed"))
-    chunks_done = sum(f["chunks_done"] for f in files)
-    chunks_total = sum(f["chunks_total"] or 0 for f in files)
-    rows = sum(f["rows_processed"] or 0 for f in files)
-    line = f"files {done}/{len(files)}  chunks {chunks_done}/{chunks_total}  rows {rows}"
+    """Counts from the store's tallies (a few rows, however many files it holds); what
+    the work waits for from the active files (their live states)."""
+    snap = await load_snapshot(store, Query(active=True, limit=PROGRESS_FILES))
+    files, chunks = snap["totals"]["files"], snap["totals"]["chunks"]
+    done = files["complete"] + files["failed"]
+    chunks_done = chunks["complete"] + chunks["failed"]
+    rows = (await store.tallies()).get("rows:processed", 0)
+    line = (
+        f"files {done}/{sum(files.values())}  chunks {chunks_done}/{sum(chunks.values())}"
+        f"  rows {rows}"
+    )
     if rows and elapsed > 0:
         line += f"  {rows / elapsed:,.0f} rows/s"
     if backoff:
         return line + f"  waiting for: a backoff ({backoff:.0f}s)"
-    states = [f["state"] for f in files if f["status"] not in ("complete", "failed")]
+    states = [f["state"] for f in snap["files"]]
     for state in ("importing", "queued", "waiting", "splitting", "claimed", "finishing"):
         if state in states:
             return line + f"  waiting for: {WAITING_FOR[state]}"

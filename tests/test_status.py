@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -298,10 +298,20 @@ async def test_store_trouble_is_a_503_not_a_crash(
     metrics: Metrics, readiness: Readiness, http: aiohttp.ClientSession
 ) -> None:
     class BrokenStore:
-        async def files(self) -> list[FileRecord]:
+        async def tallies(self) -> dict[str, int]:
             raise StoreError("state.db", "database is locked")
 
-        async def chunks(self) -> list[ChunkRecord]:
+        async def listing(
+            self,
+            *,
+            limit: int | None,
+            statuses: Iterable[FileStatus] | None = None,
+            job_id: str | None = None,
+            name_glob: str | None = None,
+        ) -> list[FileRecord]:
+            raise StoreError("state.db", "database is locked")
+
+        async def chunks_of(self, file_ids: Iterable[int]) -> list[ChunkRecord]:
             raise StoreError("state.db", "database is locked")
 
     srv = StatusServer("127.0.0.1", 0, store=BrokenStore(), metrics=metrics, readiness=readiness)

@@ -107,7 +107,7 @@ async def test_open_creates_schema_with_wal_full_sync_and_foreign_keys(store: St
     assert await on_store_connection("journal_mode") == "wal"
     assert await on_store_connection("synchronous") == 2  # FULL
     assert await on_store_connection("foreign_keys") == 1
-    assert pragma(store.path, "user_version") == LATEST_VERSION == 2
+    assert pragma(store.path, "user_version") == LATEST_VERSION
     assert await store.integrity_check() == "ok"
 
 
@@ -119,7 +119,7 @@ async def test_empty_v0_file_is_migrated_to_the_latest(db_path: Path) -> None:
     with sqlite3.connect(db_path) as conn:
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     conn.close()
-    assert tables == {"files", "chunks", "rejects", "api_calls"}
+    assert tables == {"files", "chunks", "rejects", "api_calls", "tallies"}
     async with await Store.open(db_path) as store:
         assert await store.get_file(file.id) == file
 
@@ -145,7 +145,7 @@ async def test_v1_files_get_an_id_from_their_claim_second_when_migrated(db_path:
         assert [f.job_id for f in files] == ["20261123T140311Z-0001", "20261123T140311Z-0002"]
         assert await store.find_file("20261123T140311Z-0002") == files[1]
         fresh = await claim(store, "new.csv")
-    assert pragma(db_path, "user_version") == 2
+    assert pragma(db_path, "user_version") == LATEST_VERSION
     assert re.fullmatch(r"\d{8}T\d{6}Z-[0-9a-f]{4}", fresh.job_id)
 
 

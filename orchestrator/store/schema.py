@@ -93,7 +93,56 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             || '-' || printf('%04x', id % 65536)""",
         "CREATE INDEX files_by_job_id ON files (job_id)",
     ),
+    # v3, retention: finished files are pruned by finished_at, and counts of files
+    # and chunks by status (and rows processed) are kept by triggers as rows change,
+    # so /metrics and status read a few rows instead of scanning the history.
+    (
+        "CREATE INDEX files_by_finished ON files (finished_at)",
+        "CREATE TABLE tallies (name TEXT PRIMARY KEY, n INTEGER NOT NULL)",
+        """INSERT INTO tallies (name, n) VALUES
+            ('files:claiming', 0), ('files:claimed', 0), ('files:splitting', 0),
+            ('files:split', 0), ('files:finishing', 0), ('files:complete', 0),
+            ('files:failed', 0), ('chunks:pending', 0), ('chunks:submitting', 0),
+            ('chunks:submitted', 0), ('chunks:complete', 0), ('chunks:failed', 0),
+            ('rows:processed', 0)""",
+        """UPDATE tallies SET n = (SELECT count(*) FROM files AS f
+            WHERE 'files:' || f.status = tallies.name) WHERE tallies.name LIKE 'files:%'""",
+        """UPDATE tallies SET n = (SELECT count(*) FROM chunks AS c
+            WHERE 'chunks:' || c.status = tallies.name) WHERE tallies.name LIKE 'chunks:%'""",
+        """UPDATE tallies SET n = (SELECT coalesce(sum(rows_processed), 0) FROM chunks)
+            WHERE name = 'rows:processed'""",
+        """CREATE TRIGGER files_tally_insert AFTER INSERT ON files BEGIN
+            UPDATE tallies SET n = n + 1 WHERE name = 'files:' || NEW.status;
+        END""",
+        """CREATE TRIGGER files_tally_delete AFTER DELETE ON files BEGIN
+            UPDATE tallies SET n = n - 1 WHERE name = 'files:' || OLD.status;
+        END""",
+        """CREATE TRIGGER files_tally_update AFTER UPDATE OF status ON files
+            WHEN OLD.status <> NEW.status BEGIN
+            UPDATE tallies SET n = n - 1 WHERE name = 'files:' || OLD.status;
+            UPDATE tallies SET n = n + 1 WHERE name = 'files:' || NEW.status;
+        END""",
+        """CREATE TRIGGER chunks_tally_insert AFTER INSERT ON chunks BEGIN
+            UPDATE tallies SET n = n + 1 WHERE name = 'chunks:' || NEW.status;
+            UPDATE tallies SET n = n + NEW.rows_processed WHERE name = 'rows:processed';
+        END""",
+        """CREATE TRIGGER chunks_tally_delete AFTER DELETE ON chunks BEGIN
+            UPDATE tallies SET n = n - 1 WHERE name = 'chunks:' || OLD.status;
+            UPDATE tallies SET n = n - OLD.rows_processed WHERE name = 'rows:processed';
+        END""",
+        """CREATE TRIGGER chunks_tally_status AFTER UPDATE OF status ON chunks
+            WHEN OLD.status <> NEW.status BEGIN
+            UPDATE tallies SET n = n - 1 WHERE name = 'chunks:' || OLD.status;
+            UPDATE tallies SET n = n + 1 WHERE name = 'chunks:' || NEW.status;
+        END""",
+        """CREATE TRIGGER chunks_tally_rows AFTER UPDATE OF rows_processed ON chunks
+            WHEN OLD.rows_processed <> NEW.rows_processed BEGIN
+            UPDATE tallies SET n = n + NEW.rows_processed - OLD.rows_processed
+                WHERE name = 'rows:processed';
+        END""",
+    ),
 )
+# A new migration is appended (the next is v4); a released one is never renumbered.
 LATEST_VERSION = len(_MIGRATIONS)
 
 _RECOVER_HINT = (

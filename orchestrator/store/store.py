@@ -451,6 +451,106 @@ class Store:
 
         return await self._run("chunks", body, write=False)
 
+    async def tallies(self) -> dict[str, int]:
+        """Counts kept by triggers as rows change: "files:<status>", "chunks:<status>" and
+        "rows:processed" over the files the store holds. A few rows, whatever the history."""
+
+        def body(conn: sqlite3.Connection) -> dict[str, int]:
+            return {str(r[0]): int(r[1]) for r in conn.execute("SELECT name, n FROM tallies")}
+
+        return await self._run("tallies", body, write=False)
+
+    async def listing(
+        self,
+        *,
+        limit: int | None,
+        statuses: Iterable[FileStatus] | None = None,
+        job_id: str | None = None,
+        name_glob: str | None = None,
+    ) -> list[FileRecord]:
+        """At most `limit` files (None: no bound), active work first (claim order), then the
+        most recently finished (newest first); optionally only those in `statuses`, with
+        hand-over id `job_id`, or whose name matches `name_glob` (SQLite's GLOB: `*`, `?`,
+        `[...]`, case-sensitive). Index lookups only: the cost follows `limit` and the
+        active files, not the history (the status index for active work, finished_at for
+        the finished; the id's own index when `job_id` is given)."""
+        wanted = set(FileStatus) if statuses is None else set(statuses)
+        active = sorted(wanted - FINAL_FILE_STATUSES)
+        finished = sorted(wanted & FINAL_FILE_STATUSES)
+        extra = ""
+        extra_params: list[str] = []
+        if job_id is not None:
+            extra += " AND job_id = ?"
+            extra_params.append(job_id)
+        if name_glob is not None:
+            extra += " AND name GLOB ?"
+            extra_params.append(name_glob)
+
+        def index(name: str) -> str:
+            return "" if job_id is not None else f" INDEXED BY {name}"
+
+        def body(conn: sqlite3.Connection) -> list[FileRecord]:
+            found: list[FileRecord] = []
+            if active:
+                where, params = status_filter("status", active)
+                sql = (
+                    f"SELECT * FROM files{index('files_by_status')} WHERE {where}{extra}"
+                    " ORDER BY claimed_at, id LIMIT ?"
+                )
+                rows = conn.execute(sql, [*params, *extra_params, -1 if limit is None else limit])
+                found += [file_record(r) for r in rows]
+            room = -1 if limit is None else limit - len(found)
+            if finished and room != 0:
+                # finished_at is set exactly when a file becomes final: the index serves it.
+                where, params = status_filter("status", finished)
+                sql = (
+                    f"SELECT * FROM files{index('files_by_finished')}"
+                    f" WHERE finished_at IS NOT NULL AND {where}{extra}"
+                    " ORDER BY finished_at DESC, id DESC LIMIT ?"
+                )
+                rows = conn.execute(sql, [*params, *extra_params, room])
+                found += [file_record(r) for r in rows]
+            return found
+
+        return await self._run("listing", body, write=False)
+
+    async def chunks_of(self, file_ids: Iterable[int]) -> list[ChunkRecord]:
+        """The chunks of the given files, by file then index."""
+        ids = sorted(set(file_ids))
+
+        def body(conn: sqlite3.Connection) -> list[ChunkRecord]:
+            found: list[ChunkRecord] = []
+            for start in range(0, len(ids), 500):  # SQLite caps bound parameters
+                part = ids[start : start + 500]
+                marks = ", ".join("?" * len(part))
+                sql = f"SELECT * FROM chunks WHERE file_id IN ({marks}) ORDER BY file_id, idx"
+                found += [chunk_record(r) for r in conn.execute(sql, part)]
+            return found
+
+        return await self._run("chunks_of", body, write=False)
+
+    async def prune_finished(self, *, before: str, limit: int) -> int:
+        """Forget at most `limit` finished files (complete or failed) that finished before
+        `before` (a `stamp`), with their chunks and set-aside records; how many went.
+
+        One short transaction: call it again until it returns less than `limit`. Result
+        files on disk are not touched; they belong to the user."""
+
+        def body(conn: sqlite3.Connection) -> int:
+            rows = conn.execute(
+                "SELECT id FROM files INDEXED BY files_by_finished"
+                " WHERE finished_at IS NOT NULL AND finished_at < ?"
+                " AND status IN (?, ?) ORDER BY finished_at LIMIT ?",
+                (before, FileStatus.COMPLETE, FileStatus.FAILED, limit),
+            ).fetchall()
+            ids = [(int(row[0]),) for row in rows]
+            conn.executemany("DELETE FROM rejects WHERE file_id = ?", ids)
+            conn.executemany("DELETE FROM chunks WHERE file_id = ?", ids)
+            conn.executemany("DELETE FROM files WHERE id = ?", ids)
+            return len(ids)
+
+        return await self._run("prune_finished", body)
+
     async def rejects(self, file_id: int) -> list[RejectRecord]:
         """The records the splitter set aside for a file, by source line."""
 

@@ -42,7 +42,7 @@ MEMBERS = Route(
     program_member_status="Registered",
 )
 # The [section] tables of a config file, in the order they are written.
-SECTIONS = ("marketo", "limits", "polling", "backoff", "watch", "http", "logging")
+SECTIONS = ("marketo", "limits", "polling", "backoff", "watch", "retention", "http", "logging")
 
 
 # Simulator knobs matching fast_settings: fast jobs, Marketo's 100 calls per window scaled to 2 s.
