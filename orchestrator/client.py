@@ -136,7 +136,7 @@ class Handle:
         db = self.layout.state_db
         if not await asyncio.to_thread(db.is_file):
             return None
-        store = await Store.open(db)
+        store = await Store.open(db, check=False)  # a reader: the daemon checks at its start
         try:
             return await self._entry(store)
         finally:
@@ -165,7 +165,7 @@ class Handle:
         try:
             while True:
                 if store is None and await asyncio.to_thread(self.layout.state_db.is_file):
-                    store = await Store.open(self.layout.state_db)
+                    store = await Store.open(self.layout.state_db, check=False)
                 entry = await self._entry(store) if store is not None else None
                 if on_progress is not None:
                     on_progress(entry)
@@ -271,7 +271,7 @@ def refuse_used_id(layout: Layout, route: str, file_id: str) -> None:
         return
 
     async def known() -> bool:
-        store = await Store.open(db)
+        store = await Store.open(db, check=False)  # a reader: the daemon checks at its start
         try:
             return await store.find_file(file_id) is not None
         finally:

@@ -284,7 +284,7 @@ async def read_snapshot(db_path: Path, query: Query | None = None) -> dict[str, 
             "no state store here: is data_dir right (--config, ORCHESTRATOR_DATA_DIR)? "
             "It appears once a daemon has run with this data_dir",
         )
-    store = await Store.open(db_path)
+    store = await Store.open(db_path, check=False)  # the daemon checked it at its start
     try:
         return await load_snapshot(store, query)
     finally:

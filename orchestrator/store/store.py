@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import sqlite3
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -92,10 +93,13 @@ class Store:
     # -- lifecycle ---------------------------------------------------------------------------
 
     @classmethod
-    async def open(cls, path: Path) -> Store:
-        """Open (creating or migrating) the database at `path`; StoreError if it cannot be used."""
+    async def open(cls, path: Path, *, check: bool = True) -> Store:
+        """Open (creating or migrating) the database at `path`; StoreError if it cannot be used.
+
+        `check` runs SQLite's quick_check first (it reads the whole file): the daemon's
+        start does; `status`, which only reads beside a running daemon, does not."""
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
-        future = executor.submit(connect, path)
+        future = executor.submit(functools.partial(connect, path, check=check))
         try:
             conn = await asyncio.wrap_future(future)
         except BaseException:
