@@ -69,6 +69,9 @@ class MarketoSettings:
     identity_url: str = ""
     client_id: str = ""
     client_secret: Secret = field(default_factory=lambda: Secret(""))
+    # Where the secret was read from (MARKETO_CLIENT_SECRET_FILE): read again when
+    # Marketo refuses the credentials, so a rotated secret needs no restart.
+    client_secret_file: str = ""
     request_timeout: float = 60.0
 
 
@@ -206,6 +209,10 @@ def load_settings(
     raw = read_toml(path) if path is not None else {}
     raw = apply_env(raw, env)
     settings = build_settings(raw)
+    m = settings.marketo
+    if m.client_secret_file and not m.client_secret:  # given as a key, not by the variable
+        secret = read_secret(m.client_secret_file, "marketo.client_secret_file")
+        settings = with_marketo(settings, client_secret=Secret(secret))
     try:
         validate(settings, require_credentials=require_credentials)
         check_ranges(settings)
@@ -275,6 +282,7 @@ def apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
     secret_file = env.get("MARKETO_CLIENT_SECRET_FILE")
     if secret_file and not env.get("MARKETO_CLIENT_SECRET"):
         table_of(merged, "marketo")["client_secret"] = read_secret_file(secret_file)
+        table_of(merged, "marketo")["client_secret_file"] = secret_file
     for var, value in env.items():
         if not var.startswith("ORCHESTRATOR_"):
             continue
@@ -294,13 +302,15 @@ def table_of(raw: dict[str, Any], section: str) -> dict[str, Any]:
 
 
 def read_secret_file(path: str) -> EnvValue:
+    return EnvValue("MARKETO_CLIENT_SECRET_FILE", read_secret(path, "MARKETO_CLIENT_SECRET_FILE"))
+
+
+def read_secret(path: str, key: str) -> str:
+    """The client secret in the file at `path` (surrounding whitespace dropped)."""
     try:
-        value = Path(path).read_text(encoding="utf-8").strip()
+        return Path(path).read_text(encoding="utf-8").strip()
     except OSError as exc:
-        raise ConfigError(
-            "MARKETO_CLIENT_SECRET_FILE", f"cannot read {path}: {exc.strerror}"
-        ) from None
-    return EnvValue("MARKETO_CLIENT_SECRET_FILE", value)
+        raise ConfigError(key, f"cannot read {path}: {exc.strerror}") from None
 
 
 @dataclass(frozen=True, slots=True)

@@ -208,7 +208,7 @@ class Daemon:
         self.stop.set()
 
     async def final_snapshot(self) -> dict[str, Any]:
-        async with await Store.open(self.settings.layout.state_db) as store:
+        async with await Store.open(self.settings.layout.state_db, check=False) as store:
             return await load_snapshot(store)
 
     def readiness(self) -> str | None:

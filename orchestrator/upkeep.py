@@ -72,7 +72,9 @@ class Upkeep:
     async def token_keeper(self, stop: asyncio.Event, *, once: bool) -> None:
         """Get a token early (readiness needs one); retry quietly while Marketo is unreachable.
 
-        Refused credentials end `run --once` (nothing can be imported; nothing is failed)."""
+        Refused credentials end `run --once` (nothing can be imported; nothing is failed);
+        a long-running daemon keeps asking, with backoff: the client reads its secret file
+        again on each refusal, so a rotated secret is picked up without a restart."""
         try:
             await self._get_first_token(stop, once=once)
         finally:
@@ -81,23 +83,31 @@ class Upkeep:
     async def _get_first_token(self, stop: asyncio.Event, *, once: bool) -> None:
         attempt = 0
         while not stop.is_set() and not self.client.has_token:
+            unreachable: MarketoError | None = None
             try:
                 await self.client.ensure_token()
-                return
+                break
             except CredentialsError as exc:
                 self.credentials_refused = str(exc)
                 log.error("identity_refused", error=str(exc))
+                self.token_settled.set()  # Marketo answered: a refusal
                 if once:
                     stop.set()
-                return
+                    return
             except FatalError as exc:
                 log.error("identity_refused", error=str(exc))
                 return
             except MarketoError as exc:
-                attempt += 1
-                delay = self.backoff.delay(attempt)
-                log.warning("identity_unreachable", error=str(exc), retry_in=round(delay, 2))
-                await wait_for_any(stop, within=delay)
+                unreachable = exc
+            attempt += 1
+            delay = self.backoff.delay(attempt)
+            if unreachable is not None:
+                log.warning(
+                    "identity_unreachable", error=str(unreachable), retry_in=round(delay, 2)
+                )
+            await wait_for_any(stop, within=delay)
+        if self.client.has_token:
+            self.credentials_refused = None
 
     async def persist_calls(self, stop: asyncio.Event) -> None:
         while not stop.is_set():

@@ -85,6 +85,21 @@ def test_secret_from_file_and_never_shown(tmp_path: Path) -> None:
     assert s.marketo.client_secret.reveal() == "file-secret-xyz"
     for text in (repr(s), str(s), f"{s.marketo}", repr(s.marketo.client_secret)):
         assert "file-secret-xyz" not in text
+    # The client reads it again from there when Marketo refuses it (a rotated secret).
+    assert s.marketo.client_secret_file == str(secret_file)
+
+
+def test_secret_file_as_a_key(tmp_path: Path) -> None:
+    secret_file = tmp_path / "secret"
+    secret_file.write_text("key-secret-abc\n")
+    path = write(tmp_path, f'[marketo]\nclient_secret_file = "{secret_file}"\n')
+    env = {k: v for k, v in CREDS.items() if k != "MARKETO_CLIENT_SECRET"}
+    s = load_settings(path, env)
+    assert s.marketo.client_secret.reveal() == "key-secret-abc"
+    missing = write(tmp_path, f'[marketo]\nclient_secret_file = "{tmp_path / "nope"}"\n')
+    with pytest.raises(ConfigError) as info:
+        load_settings(missing, env)
+    assert info.value.key == "marketo.client_secret_file"
 
 
 def test_missing_secret_file_names_variable(tmp_path: Path) -> None:

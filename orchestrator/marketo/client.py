@@ -40,11 +40,12 @@ from typing import Any, Final, Protocol, Self, TypeVar
 import aiohttp
 import structlog
 
-from orchestrator import config
+from orchestrator import config, logs
 from orchestrator.backoff import Backoff
 from orchestrator.clock import utc_now
 from orchestrator.errors import (
     AuthError,
+    CredentialsError,
     FatalError,
     MarketoError,
     QuotaExhaustedError,
@@ -137,6 +138,8 @@ class MarketoClient:
         self._timeout = aiohttp.ClientTimeout(total=m.request_timeout)
         self._session = session
         self._owns_session = session is None
+        self._secret = m.client_secret
+        self._old_secrets: list[config.Secret] = []  # rotated out; still scrubbed
         self._tokens = TokenSource(self._fetch_grant, clock=clock, sleep=sleep)
         self._limiter = Limiter(
             lim.api_calls_per_window, lim.api_window_seconds, lim.concurrent_api_calls
@@ -438,11 +441,41 @@ class MarketoClient:
         return result
 
     async def _fetch_grant(self) -> Grant:
+        """A token from the identity service; refused credentials make the client read
+        its secret file again (marketo.client_secret_file) and, if the secret there
+        changed, ask once more with it: a rotated secret needs no restart."""
+        try:
+            return await self._ask_identity(self._secret)
+        except CredentialsError:
+            fresh = await asyncio.to_thread(self._reread_secret)
+            if fresh is None:
+                raise
+            self._old_secrets.append(self._secret)
+            self._secret = fresh
+            log.warning("client_secret_reloaded", file=self._settings.marketo.client_secret_file)
+            return await self._ask_identity(fresh)
+
+    def _reread_secret(self) -> config.Secret | None:
+        """The secret file's value if it differs from the one in use, else None."""
+        path = self._settings.marketo.client_secret_file
+        if not path:
+            return None
+        try:
+            text = Path(path).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            log.warning("client_secret_unreadable", file=path, error=exc.strerror)
+            return None
+        if not text or text == self._secret.reveal():
+            return None
+        logs.register_secret(text)
+        return config.Secret(text)
+
+    async def _ask_identity(self, secret: config.Secret) -> Grant:
         """Ask the identity service for a token (the secret goes in the form body)."""
         form = {
             "grant_type": "client_credentials",
             "client_id": self._settings.marketo.client_id,
-            "client_secret": self._settings.marketo.client_secret.reveal(),
+            "client_secret": secret.reveal(),
         }
 
         async def exchange(session: aiohttp.ClientSession, _: dict[str, str]) -> Grant:
@@ -472,7 +505,8 @@ class MarketoClient:
 
     def _scrub(self, text: str) -> str:
         """`text` with the secret and the current token blanked out."""
-        for secret in (self._settings.marketo.client_secret.reveal(), self._tokens.current_value):
+        secrets = [s.reveal() for s in (self._secret, *self._old_secrets)]
+        for secret in (*secrets, self._tokens.current_value):
             if secret:
                 text = text.replace(secret, "***")
         return text
