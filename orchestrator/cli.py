@@ -296,10 +296,13 @@ def lock_data_dir(settings: Settings) -> Iterator[DataDirLock]:
 
 
 async def start_simulator(stack: contextlib.AsyncExitStack, settings: Settings) -> Settings:
-    """Start the bundled simulator on a free loopback port; the settings that point at it."""
+    """Start the bundled simulator on a free loopback port; the settings that point at it.
+
+    Its state (jobs, batch ids, records) lives in data_dir/simulator.json, so a restart
+    of `run --simulate` resumes against the same simulated subscription."""
     from orchestrator.simulator import Simulator
 
-    sim = Simulator()
+    sim = Simulator(state_path=settings.layout.simulator_state)
     base_url = await sim.start("127.0.0.1", 0)
     stack.push_async_callback(sim.stop)
     simulated = replace(

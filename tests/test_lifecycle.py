@@ -266,3 +266,49 @@ def test_standard_library_log_lines_are_json_like_ours() -> None:
     for line in lines:
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+Z", line["timestamp"])
     assert set(ours) >= {"event", "level", "timestamp"}
+
+
+# -- run --simulate across a restart ----------------------------------------------------------
+
+
+async def test_run_simulate_resumes_against_the_same_subscription_after_a_restart(
+    tmp_path: Path, daemons: MakeRunner
+) -> None:
+    """A batch still at the simulator when `run --simulate` is killed is polled by the
+    next run, not failed with "Batch id ... not found": the simulator's jobs, batch ids
+    and records live in data_dir/simulator.json."""
+    data_dir = tmp_path / "data"
+    # The first poll of a new batch waits 30 s: the kill comes long before it.
+    settings = with_sections(
+        fast_settings("http://unused.invalid", data_dir, (LEADS,)),
+        polling={"interval": 30.0, "max_interval": 30.0},
+    )
+    runner = daemons(settings)
+    drop_leads(data_dir, "people.csv", 40)
+    first = await runner.daemon("--simulate")
+    [submitted] = await first.wait_for_event("chunk_submitted")
+    first.kill()
+    assert await first.wait() == -9
+    status = await runner.command("status", "--json")
+    [entry] = json.loads(status.stdout())["files"]
+    assert [c["status"] for c in entry["chunks"]] == ["submitted"]  # outstanding at the kill
+    assert (data_dir / "simulator.json").exists()
+
+    second = await runner.daemon("--simulate")
+    await second.wait_for_event("file_finished")
+    document = json.loads(result_path(data_dir, "done", "leads", "people.csv").read_text())
+    assert document["status"] == "complete"
+    assert [c["batch_id"] for c in document["chunks"]] == [submitted["batch_id"]]
+    assert document["rows_processed"] == 40
+    assert second.events("chunk_submitted") == []  # polled, not sent again
+    assert second.events("simulator_state_restored")
+    second.terminate()
+    assert await second.wait() == 0
+
+    # A third run goes on numbering batches after the ones the subscription knows.
+    drop_leads(data_dir, "more.csv", 10, prefix="m")
+    third = await runner.daemon("--simulate")
+    [again] = await third.wait_for_event("chunk_submitted")
+    assert again["batch_id"] > submitted["batch_id"]
+    third.terminate()
+    assert await third.wait() == 0

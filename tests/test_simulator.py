@@ -9,6 +9,7 @@ import io
 import json
 import re
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -16,6 +17,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from orchestrator.errors import ConfigError
+from orchestrator.models import ObjectType
 from orchestrator.simulator import (
     Simulator,
     SimulatorConfig,
@@ -23,6 +25,9 @@ from orchestrator.simulator import (
     config_from_args,
     serve,
 )
+from orchestrator.simulator.queue import JobQueue, ParsedFile
+from orchestrator.simulator.records import JobSpec
+from orchestrator.simulator.state import restore, snapshot
 from tests.support.simulators import FAST_KNOBS, MakeSimulator
 from tests.support.waiting import wait_until
 
@@ -757,3 +762,46 @@ async def test_cli_arguments_and_serve_until_stopped(session: aiohttp.ClientSess
         stop.set()
         await asyncio.wait_for(task, timeout=5.0)
     assert "nothing goes to a real Marketo" in started[0]["event"]
+
+
+# -- state across a restart (run --simulate) ------------------------------------------------
+
+
+async def test_state_file_keeps_jobs_batch_ids_and_records_across_a_restart(
+    tmp_path: Path,
+) -> None:
+    config = SimulatorConfig(job_overhead=10.0)
+    queue = JobQueue(config)
+    spec = JobSpec(ObjectType.LEADS, "csv")
+    done = queue.submit(spec, ParsedFile(["email"], [["a@example.com"]]), "c", now=0.0)
+    queue.advance(20.0)
+    assert done.status == "Complete"
+    later = queue.submit(spec, ParsedFile(["email"], [["b@example.com"]]), "c", now=20.0)
+    assert later.status == "Importing"
+    data = json.loads(json.dumps(snapshot(queue, now=25.0, wall=1000.0)))
+
+    # Another process: its clock reads differently; 3 s passed while it was down.
+    fresh = JobQueue(config)
+    restore(fresh, data, now=500.0, wall=1003.0)
+    assert fresh.jobs[later.batch_id].status == "Importing"
+    fresh.advance(500.0 + 1.9)  # 5 s ran before the stop, 3 s while down: 2 s are left
+    assert fresh.jobs[later.batch_id].status == "Importing"
+    fresh.advance(500.0 + 2.1)
+    assert fresh.jobs[later.batch_id].status == "Complete"
+    emails = sorted(r["email"] for r in fresh.store.records("leads"))
+    assert emails == ["a@example.com", "b@example.com"]
+    nxt = fresh.submit(spec, ParsedFile(["email"], [["c@example.com"]]), "c", now=510.0)
+    assert nxt.batch_id == later.batch_id + 1
+
+
+async def test_an_unusable_state_file_is_moved_aside(tmp_path: Path) -> None:
+    path = tmp_path / "simulator.json"
+    path.write_text("{not json", encoding="utf-8")
+    sim = Simulator(state_path=path)
+    await sim.start()
+    try:
+        assert sim.jobs() == []
+    finally:
+        await sim.stop()
+    assert (tmp_path / "simulator.json.bad").read_text(encoding="utf-8") == "{not json"
+    assert json.loads(path.read_text(encoding="utf-8"))["version"] == 1  # saved at stop

@@ -144,10 +144,13 @@ class BulkOperations:
         queue: JobQueue,
         clock: Callable[[], float],
         config: Callable[[], SimulatorConfig],
+        *,
+        on_change: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._queue = queue
         self._clock = clock
         self._config = config
+        self._on_change = on_change
 
     def routes(self) -> list[Route]:
         leads, custom = ObjectType.LEADS, ObjectType.CUSTOM_OBJECT
@@ -243,6 +246,8 @@ class BulkOperations:
         parsed = await asyncio.to_thread(parse_upload, call.upload.data, delimiter)
         job = self._queue.submit(spec, parsed, call.client_id, self._clock())
         call.info.batch_id = job.batch_id
+        if self._on_change is not None:
+            await self._on_change()  # the batch id is kept before the client learns it
         return job
 
     def _find(self, call: Call, object_type: ObjectType) -> Job:

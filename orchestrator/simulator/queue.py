@@ -212,9 +212,9 @@ class JobQueue:
         self.jobs: dict[int, Job] = {}
         self.max_outstanding: dict[str, int] = {}
         self.max_importing: dict[str, int] = {}
-        self._waiting: deque[Job] = deque()
-        self._importing: list[Job] = []
-        self._next_batch_id = FIRST_BATCH_ID
+        self.waiting: deque[Job] = deque()
+        self.importing: list[Job] = []
+        self.next_batch_id = FIRST_BATCH_ID
 
     def reset(self) -> None:
         """Forget jobs, records and peaks; batch ids keep increasing."""
@@ -222,8 +222,8 @@ class JobQueue:
         self.jobs.clear()
         self.max_outstanding.clear()
         self.max_importing.clear()
-        self._waiting.clear()
-        self._importing.clear()
+        self.waiting.clear()
+        self.importing.clear()
 
     def reconfigure(self, config: SimulatorConfig, now: float) -> None:
         """Apply new knobs from `now` on (a larger max_importing starts jobs now)."""
@@ -232,7 +232,7 @@ class JobQueue:
         self._fill(now)
 
     def outstanding(self) -> list[Job]:
-        return [*self._importing, *self._waiting]
+        return [*self.importing, *self.waiting]
 
     def check_room(self, spec: JobSpec | None) -> None:
         """Raise 1016 when the queue is full, 1019 when the static list has an import."""
@@ -267,28 +267,28 @@ class JobQueue:
 
     def advance(self, now: float) -> None:
         """Replay every finish (and the starts it allows) up to `now`, in time order."""
-        while self._importing:
-            job = min(self._importing, key=lambda j: (j.due_at, j.batch_id))
+        while self.importing:
+            job = min(self.importing, key=lambda j: (j.due_at, j.batch_id))
             if job.due_at > now:
                 return
             self._finish(job)
             self._fill(job.due_at)
 
     def _take_id(self) -> int:
-        batch_id = self._next_batch_id
-        self._next_batch_id += 1
+        batch_id = self.next_batch_id
+        self.next_batch_id += 1
         return batch_id
 
     def _enqueue(self, job: Job) -> Job:
         self.jobs[job.batch_id] = job
-        self._waiting.append(job)
+        self.waiting.append(job)
         mine = sum(1 for j in self.outstanding() if j.owner == job.owner)
         self.max_outstanding[job.owner] = max(self.max_outstanding.get(job.owner, 0), mine)
         return job
 
     def _fill(self, at: float) -> None:
-        while self._waiting and len(self._importing) < self.config.max_importing:
-            self._start(self._waiting.popleft(), at)
+        while self.waiting and len(self.importing) < self.config.max_importing:
+            self._start(self.waiting.popleft(), at)
 
     def _start(self, job: Job, at: float) -> None:
         at = max(at, job.queued_at)
@@ -298,12 +298,12 @@ class JobQueue:
             job.due_at = max(at, job.deadline)
         else:
             job.due_at = at + self.config.job_overhead + job.rows / self.config.rows_per_second
-        self._importing.append(job)
-        mine = sum(1 for j in self._importing if j.owner == job.owner)
+        self.importing.append(job)
+        mine = sum(1 for j in self.importing if j.owner == job.owner)
         self.max_importing[job.owner] = max(self.max_importing.get(job.owner, 0), mine)
 
     def _finish(self, job: Job) -> None:
-        self._importing.remove(job)
+        self.importing.remove(job)
         job.status, job.outcome = run_job(job, self.store, self.config.warn_marker)
         job.finished_at = job.due_at
         job.parsed = None  # the rows are stored; keep memory flat on long runs

@@ -73,7 +73,7 @@ class RecordStore:
         self.custom: dict[str, dict[str, dict[str, str]]] = {}  # apiName -> dedupe value -> row
         self.members: dict[str, dict[str, dict[str, str]]] = {}  # programId -> email -> row
         self._indexes: dict[str, dict[str, int]] = {}  # lookup field -> value -> lead id
-        self._next_lead_id = 1
+        self.next_lead_id = 1
 
     def importer(self, spec: JobSpec, header: list[str]) -> Callable[[dict[str, str]], str | None]:
         """The function that stores one row of this job, or says why it fails."""
@@ -98,8 +98,8 @@ class RecordStore:
         else:
             lead_id = self._index(lookup).get(normalise(lookup, key))
         if lead_id is None:
-            lead_id = self._next_lead_id
-            self._next_lead_id += 1
+            lead_id = self.next_lead_id
+            self.next_lead_id += 1
             self.leads[lead_id] = {}
         for name in cols.ids:
             values.pop(name, None)

@@ -38,6 +38,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from functools import partial
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -58,6 +59,7 @@ from orchestrator.simulator.gate import (
     credentials_ok,
 )
 from orchestrator.simulator.queue import JobQueue, Refusal
+from orchestrator.simulator.state import StateError, load_state, restore, save_state, snapshot
 
 __all__ = ["Simulator", "SimulatorConfig", "add_arguments", "config_from_args", "serve"]
 
@@ -76,8 +78,13 @@ class Simulator:
         ...  # point a client at sim.base_url; read sim.records("leads"), sim.stats()
     """
 
-    def __init__(self, config: SimulatorConfig | None = None) -> None:
+    def __init__(
+        self, config: SimulatorConfig | None = None, *, state_path: Path | None = None
+    ) -> None:
         self.config = config if config is not None else SimulatorConfig()
+        # With a state path, jobs and records survive a restart (see simulator.state).
+        self.state_path = state_path
+        self._save_lock = asyncio.Lock()
         self.base_url = ""
         self.port = 0
         self._clock = time.monotonic
@@ -88,7 +95,9 @@ class Simulator:
         self._tokens = Tokens()
         self._limits = Limits()
         self._log = CallLog()
-        self._operations = BulkOperations(self._queue, self._clock, lambda: self.config)
+        self._operations = BulkOperations(
+            self._queue, self._clock, lambda: self.config, on_change=self.save
+        )
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -110,6 +119,8 @@ class Simulator:
         """Serve on host:port (0: a free port); returns the base URL."""
         if self._runner is not None:
             raise RuntimeError("simulator already started")
+        if self.state_path is not None:
+            await asyncio.to_thread(self._load)
         runner = web.AppRunner(
             self.make_app(), access_log=None, handle_signals=False, shutdown_timeout=2.0
         )
@@ -128,6 +139,29 @@ class Simulator:
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
+            await self.save()
+
+    async def save(self) -> None:
+        """Write the subscription's state to `state_path` (if given): after every job
+        created, so a batch id a client was given survives even a kill, and at stop."""
+        if self.state_path is None:
+            return
+        async with self._save_lock:
+            data = snapshot(self._queue, self._clock())
+            await asyncio.to_thread(save_state, self.state_path, data)
+
+    def _load(self) -> None:
+        """Restore the state saved by an earlier run; a bad file is moved aside."""
+        assert self.state_path is not None
+        try:
+            data = load_state(self.state_path)
+            if data is not None:
+                restore(self._queue, data, self._clock())
+                log.info("simulator_state_restored", path=str(self.state_path))
+        except StateError as exc:
+            aside = self.state_path.with_name(self.state_path.name + ".bad")
+            self.state_path.replace(aside)
+            log.warning("simulator_state_unusable", error=str(exc), moved_to=str(aside))
 
     async def __aenter__(self) -> Simulator:
         await self.start()
