@@ -25,6 +25,9 @@ import structlog
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
 LEVELS["error"] = logging.ERROR
 REDACTED = "***"
+# Libraries that say something at INFO on every event: heard from at WARNING and up
+# unless the level is debug (watchfiles logs "N changes detected" for every change).
+CHATTY = ("watchfiles",)
 
 _secrets: set[str] = set()
 
@@ -106,6 +109,8 @@ def route_stdlib(level: str, stream: TextIO, stamper: Any, tail: list[Any]) -> N
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(LEVELS[level.lower()])
+    for name in CHATTY:
+        logging.getLogger(name).setLevel(max(LEVELS[level.lower()], logging.WARNING))
 
 
 def _passthrough(

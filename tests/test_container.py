@@ -34,6 +34,7 @@ from aiohttp import web
 
 from orchestrator.config import Settings, load_settings
 from orchestrator.models import ObjectType
+from tests.support.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 UID = "10001"
@@ -766,12 +767,10 @@ async def test_hand_over_script_renames_into_the_inbox_and_waits_for_the_result(
         "/bin/sh", str(script), "leads", str(source), env=env, stdout=asyncio.subprocess.PIPE
     )
     inbox = data / "inbox" / "leads"
-    for _ in range(3000):  # until the rename; bounded so a broken script fails the test
-        handed = [p for p in inbox.iterdir() if not p.name.endswith(".part")]
-        if handed:
-            break
-        await asyncio.sleep(0.01)
-    [handed_over] = handed
+    [handed_over] = await wait_until(
+        lambda: [p for p in inbox.iterdir() if not p.name.endswith(".part")],
+        "the file renamed into the inbox",
+    )
     assert handed_over.name.endswith("-export.csv")
     assert handed_over.read_text(encoding="utf-8") == source.read_text(encoding="utf-8")
     result = data / "done" / "leads" / f"{handed_over.name}.result.json"
