@@ -57,7 +57,7 @@ def acquire(layout: Layout) -> DataDirLock:
     except BlockingIOError:
         holder = read_pid(fd)
         os.close(fd)
-        raise DataDirInUse(layout.root, holder) from None
+        raise DataDirInUse(layout.root.absolute(), holder) from None
     except OSError as exc:
         os.close(fd)
         raise ConfigError("data_dir", f"cannot lock {path}: {exc.strerror}") from None
