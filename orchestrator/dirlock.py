@@ -19,7 +19,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from orchestrator.errors import ConfigError, DataDirInUse
+from orchestrator.errors import DataDirInUse, OrchestratorError
 from orchestrator.layout import Layout
 
 
@@ -46,12 +46,24 @@ class DataDirLock:
 
 
 def acquire(layout: Layout) -> DataDirLock:
-    """Take data_dir's lock without waiting; DataDirInUse naming the holder's pid if taken."""
+    """Take data_dir's lock without waiting; DataDirInUse naming the holder's pid if taken.
+
+    On a data_dir that has turned read-only the existing lock file is opened for
+    reading (flock works on it all the same), so the daemon goes on to the store,
+    which says clearly what is wrong; the pid is then not written."""
     path = layout.lock
+    writable = True
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as exc:
-        raise ConfigError("data_dir", f"cannot create the lock {path}: {exc.strerror}") from None
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            writable = False
+        except OSError:
+            raise OrchestratorError(
+                f"{path}: cannot create the data directory's lock ({exc.strerror}): "
+                "make data_dir writable for this user"
+            ) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -60,9 +72,10 @@ def acquire(layout: Layout) -> DataDirLock:
         raise DataDirInUse(layout.root.absolute(), holder) from None
     except OSError as exc:
         os.close(fd)
-        raise ConfigError("data_dir", f"cannot lock {path}: {exc.strerror}") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        raise OrchestratorError(f"{path}: cannot lock it ({exc.strerror})") from None
+    if writable:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return DataDirLock(path, fd)
 
 

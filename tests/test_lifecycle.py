@@ -203,9 +203,16 @@ async def test_a_rotated_secret_file_is_read_again_after_a_refusal(
     daemon = await runner.daemon(env={"MARKETO_CLIENT_SECRET_FILE": str(secret_file)})
 
     await daemon.wait_for_event("identity_refused")
-    status, body = await wait_until(lambda: answer(base + "/readyz"), "/readyz", process=daemon)
-    assert status == 503
-    assert "refused the client credentials" in json.loads(body)["reason"]
+
+    async def refused() -> str | None:
+        got = await answer(base + "/readyz")
+        if got is None or got[0] != 503:
+            return None
+        reason = str(json.loads(got[1])["reason"])
+        return reason if "refused the client credentials" in reason else None
+
+    await wait_until(refused, "/readyz 503 naming the refused credentials", process=daemon)
+    assert not result_path(data_dir, "done", "leads", "people.csv").exists()
 
     # Rotate as Kubernetes does: a new file renamed over the old one.
     staged = secret_file.with_name(".client_secret.new")
