@@ -7,7 +7,8 @@ call count, readiness, progress line) is `Upkeep`. The daemon owns the
 phases. Startup takes data_dir's lock (one daemon per data directory), opens
 the store, starts the status server (/readyz says "recovering"), then repairs
 what a crash left half done (claims, splits, submits of unknown outcome,
-results) and prepares the inbox. The loop runs every long-lived task in one TaskGroup.
+results) and prepares the inbox. The loop runs every long-lived task in one
+TaskGroup.
 Shutdown begins at the first SIGTERM/SIGINT (or, with --once, when the inbox
 is drained and every file has a result): claiming stops, in-flight calls get
 `DRAIN_SECONDS` to end, then whatever is left is cancelled; the store already
