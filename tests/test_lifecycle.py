@@ -91,14 +91,35 @@ async def test_a_second_daemon_on_the_same_data_dir_exits_2_naming_the_holder(
     assert second.events("status_server") == []  # it stopped before anything else
     assert await answer(second_url + "/healthz") is None
 
-    # Reading beside the running daemon is fine.
+    # Reading beside the running daemon is fine, and so are check and a hand-over.
     status = await runner.command("status", "--json")
     assert status.returncode == 0, status.stderr()
+    check = await runner.command("check")
+    assert check.returncode == 0, check.stderr()
 
-    # The first daemon still owns the directory and works.
+    # submit --once runs a daemon of its own: refused like `run`, before anything is
+    # handed over (the running daemon would otherwise import the file behind its back).
+    export = tmp_path / "exports" / "once.csv"
+    export.parent.mkdir()
+    export.write_text("email,firstName\nada@example.com,Ada\n", encoding="utf-8")
+    once = await runner.command("submit", str(export), "--route", "leads", "--once")
+    assert once.returncode == 2, once.stderr()
+    [line] = once.stderr().strip().splitlines()
+    assert f"pid {first.pid}" in line
+    assert list((data_dir / "inbox" / "leads").iterdir()) == []
+
+    # The first daemon still owns the directory and works: a file dropped in, and one
+    # handed over with submit --wait beside it.
     drop_leads(data_dir, "after.csv", 20)
     await first.wait_for_event("file_finished")
     assert result_path(data_dir, "done", "leads", "after.csv").exists()
+    handed = await runner.command(
+        "submit", str(export), "--route", "leads", "--wait", "--json", "--poll", "0.05"
+    )
+    assert handed.returncode == 0, handed.stderr()
+    assert json.loads(handed.stdout())["status"] == "complete"
+    listed = await runner.command("status", "--file", "once.csv", "--json")
+    assert len(json.loads(listed.stdout())["files"]) == 1  # only the one handed over
 
     # kill -9: the kernel drops the lock with the process; the next daemon starts.
     first.kill()
