@@ -15,6 +15,7 @@ quoted and plain scalars). The real YAML tooling validates the same files in
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import fnmatch
 import json
@@ -32,9 +33,9 @@ from urllib.parse import urlsplit
 import pytest
 from aiohttp import web
 
+from orchestrator.cli import build_parser
 from orchestrator.config import Settings, load_settings
 from orchestrator.models import ObjectType
-from tests.support.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 UID = "10001"
@@ -555,13 +556,17 @@ def test_compose_waits_on_readiness_where_a_service_depends_on_another() -> None
     pipeline = services["pipeline"]
     assert pipeline["depends_on"] == {"orchestrator": {"condition": "service_healthy"}}
     assert pipeline["image"] == services["orchestrator"]["image"]
-    [script] = pipeline["command"]
-    # The README's recipe: written under a .part name, renamed into the inbox, waited for.
-    assert re.search(r"cp \S+ /data/inbox/leads/\$n\.part", script)
-    assert "mv /data/inbox/leads/$n.part /data/inbox/leads/$n" in script
-    assert "/data/done/leads/$n.result.json" in script
+    # The hand-over is `submit --wait`, through the image's entrypoint, as in the README.
+    assert "entrypoint" not in pipeline
+    args = hand_over_args(pipeline["command"])
+    assert readme_command(pipeline["command"]) in " ".join(readme_text().split())
     mounts = dict(v.split(":")[1::-1] for v in pipeline["volumes"] if v.count(":") == 1)
     assert mounts["/data"] in compose()["volumes"]
+    assert pipeline["environment"]["ORCHESTRATOR_DATA_DIR"] == "/data"
+    config = pipeline["environment"]["ORCHESTRATOR_CONFIG"]
+    assert f"./config/compose.toml:{config}:ro" in pipeline["volumes"]
+    source = next(v for v in pipeline["volumes"] if v.endswith(f":{args.file}:ro"))
+    assert (ROOT / source.split(":")[0]).is_file()
 
 
 async def test_compose_readiness_check_follows_readyz(
@@ -710,87 +715,62 @@ def job_volume(name: str) -> dict[str, Any]:
     return dict(found)
 
 
-def readme_hand_over_script() -> str:
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    [script] = re.findall(r"```sh\n(#!/bin/sh\n# hand-over ROUTE FILE.*?)```", readme, re.S)
-    return script
+def readme_text() -> str:
+    return (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def readme_command(args: list[str]) -> str:
+    """A container's arguments as the README writes the command line."""
+    return " ".join(["marketo-orchestrator", *args])
+
+
+def hand_over_args(args: list[str]) -> argparse.Namespace:
+    """A container's arguments parsed by the real CLI: `submit FILE --route R --wait`."""
+    parsed = build_parser(args).parse_args(args)
+    assert parsed.command == "submit"
+    assert parsed.wait is True
+    assert parsed.once is False
+    assert parsed.route == "leads"
+    return parsed
 
 
 def test_kubernetes_job_runs_the_orchestrator_as_a_native_sidecar() -> None:
     pod = job_pod()
     assert pod["restartPolicy"] == "Never"
-    [init] = pod["initContainers"]
+    init, export = pod["initContainers"]  # the sidecar, then the export (runs to its end)
+    assert "restartPolicy" not in export
     assert init["restartPolicy"] == "Always"  # Kubernetes 1.29+: a sidecar, not a one-shot
     assert "marketo-orchestrator" in init["image"]
     assert init["args"] == ["run"]
     deployed = sidecar()
     for key in ("env", "ports", "volumeMounts", "securityContext", "livenessProbe"):
         assert init[key] == deployed[key], key
-    # The pipeline starts only once the daemon can take files.
+    # The export (and then the hand-over) starts only once the daemon can take files.
     assert init["startupProbe"]["httpGet"] == {"path": "/readyz", "port": PORT}
     [main] = pod["containers"]
-    assert all("marketo-orchestrator" not in c["image"] for c in pod["containers"])
-    assert mount_path(main, "data") == mount_path(init, "data") == "/data"
+    assert mount_path(main, "data") == mount_path(export, "data") == mount_path(init, "data")
+    assert mount_path(init, "data") == "/data"
     assert "emptyDir" in job_volume("data")
     assert manifests()["Job"]["spec"]["backoffLimit"] == 0
 
 
-def test_kubernetes_job_hands_over_with_the_readme_recipe() -> None:
-    [main] = job_pod()["containers"]
-    script = manifests()["ConfigMap"]["data"]["hand-over.sh"]
-    assert script == readme_hand_over_script()
-    [item] = job_volume("hand-over")["configMap"]["items"]
-    assert item["key"] == "hand-over.sh"
-    script_path = f"{mount_path(main, 'hand-over')}/{item['path']}"
-    [command] = main["args"]
-    assert f"/bin/sh {script_path} leads " in command
-    env = {e["name"]: e["value"] for e in main["env"]}
-    assert env["DATA_DIR"] == "/data"
+def test_kubernetes_job_hands_over_with_submit_wait_as_the_readme_shows() -> None:
+    pod = job_pod()
+    [main] = pod["containers"]
+    _, export = pod["initContainers"]
+    assert main["image"] == sidecar()["image"]  # the orchestrator's image has the CLI
+    args = hand_over_args(main["args"])
+    assert readme_command(main["args"]) in readme_text()
+    # It hands over the file the export wrote, and gives up before the Job is killed.
+    assert str(args.file) in export["command"]
     deadline = manifests()["Job"]["spec"]["activeDeadlineSeconds"]
-    assert int(env["TIMEOUT_SECONDS"]) < deadline  # the script gives up before the Job is killed
-
-
-async def test_hand_over_script_renames_into_the_inbox_and_waits_for_the_result(
-    tmp_path: Path,
-) -> None:
-    """The recipe run for real with /bin/sh: the file appears in the inbox whole (never
-    half written under its final name), the script waits, prints the result, exits 0."""
-    script = tmp_path / "hand-over.sh"
-    script.write_text(readme_hand_over_script(), encoding="utf-8")
-    data = tmp_path / "data"
-    (data / "inbox" / "leads").mkdir(parents=True)
-    (data / "done" / "leads").mkdir(parents=True)
-    source = tmp_path / "export.csv"
-    source.write_text("email\na@example.com\n", encoding="utf-8")
-    env = {"PATH": os.environ["PATH"], "DATA_DIR": str(data), "TIMEOUT_SECONDS": "600"}
-    proc = await asyncio.create_subprocess_exec(
-        "/bin/sh", str(script), "leads", str(source), env=env, stdout=asyncio.subprocess.PIPE
-    )
-    inbox = data / "inbox" / "leads"
-    [handed_over] = await wait_until(
-        lambda: [p for p in inbox.iterdir() if not p.name.endswith(".part")],
-        "the file renamed into the inbox",
-    )
-    assert handed_over.name.endswith("-export.csv")
-    assert handed_over.read_text(encoding="utf-8") == source.read_text(encoding="utf-8")
-    result = data / "done" / "leads" / f"{handed_over.name}.result.json"
-    result.write_text('{"status": "complete"}\n', encoding="utf-8")
-    out, _ = await asyncio.wait_for(proc.communicate(), timeout=60)
-    assert proc.returncode == 0
-    assert json.loads(out) == {"status": "complete"}
-
-
-async def test_hand_over_script_gives_up_with_exit_2(tmp_path: Path) -> None:
-    script = tmp_path / "hand-over.sh"
-    script.write_text(readme_hand_over_script(), encoding="utf-8")
-    data = tmp_path / "data"
-    (data / "inbox" / "leads").mkdir(parents=True)
-    source = tmp_path / "export.csv"
-    source.write_text("email\n", encoding="utf-8")
-    env = {"PATH": os.environ["PATH"], "DATA_DIR": str(data), "TIMEOUT_SECONDS": "0"}
-    proc = await asyncio.create_subprocess_exec(
-        "/bin/sh", str(script), "leads", str(source), env=env, stderr=asyncio.subprocess.PIPE
-    )
-    _, err = await asyncio.wait_for(proc.communicate(), timeout=60)
-    assert proc.returncode == 2
-    assert b"no result for" in err
+    assert 0 < args.timeout < deadline
+    assert args.json is True
+    env = {e["name"]: e["value"] for e in main["env"]}
+    assert env["ORCHESTRATOR_DATA_DIR"] == "/data" == mount_path(main, "data")
+    config_file = f"{mount_path(main, 'config')}/orchestrator.toml"
+    assert env["ORCHESTRATOR_CONFIG"] == config_file
+    # Only the sidecar talks to Marketo: no secret in the hand-over container.
+    assert all("SECRET" not in e["name"] for e in main["env"])
+    assert "credentials" not in {m["name"] for m in main["volumeMounts"]}
+    assert "hand-over.sh" not in manifests()["ConfigMap"]["data"]
