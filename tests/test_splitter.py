@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
+import subprocess
+import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -580,3 +582,42 @@ def test_bad_arguments_are_refused_at_the_call(tmp_path: Path) -> None:
         split_file(tmp_path / "x.csv", tmp_path, max_bytes=100, fmt="xlsx")
     with pytest.raises(ValueError, match="max_bytes"):
         split_file(tmp_path / "x.csv", tmp_path, max_bytes=1, fmt="csv")
+
+
+# --- a disk that fills up ------------------------------------------------------
+
+FULL_DISK = r"""
+import errno, resource, signal, sys
+from pathlib import Path
+from orchestrator.splitter import split_file
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write with EFBIG instead of dying
+# Root ignores file modes but not RLIMIT_FSIZE: no file grows past 64 KiB, so
+# write(2) fails with an OSError that names no file, as ENOSPC does on a full disk.
+resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.RLIM_INFINITY))
+try:
+    for _ in split_file(Path(sys.argv[1]), Path(sys.argv[2]), max_bytes=1_000_000, fmt="csv"):
+        pass
+except OSError as exc:
+    print(exc.errno == errno.EFBIG, exc.filename, sep="\n")
+    sys.exit(3)
+"""
+
+
+async def test_a_failed_chunk_write_names_the_chunk_file(tmp_path: Path) -> None:
+    """The daemon reports an OSError in one line only when it names a path."""
+    source = tmp_path / "big.csv"
+    source.write_bytes(b"email\n" + b"".join(b"user%06d@example.com\n" % n for n in range(20_000)))
+    out = tmp_path / "chunks"
+    out.mkdir()
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-c", FULL_DISK, str(source), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 3, done.stderr
+    is_efbig, filename = done.stdout.splitlines()
+    assert is_efbig == "True"
+    assert filename == str(out / "chunk-00001.csv.tmp")

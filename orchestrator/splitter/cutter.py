@@ -90,7 +90,11 @@ SplitEvent = Chunk | Rejected | SplitDone
 
 
 class _ChunkWriter:
-    """Writes one chunk at a time to a temp name; renames it into place when done."""
+    """Writes one chunk at a time to a temp name; renames it into place when done.
+
+    An OSError while writing names the chunk file: write(2) and close(2) failing
+    with ENOSPC or EFBIG raise one with no filename, which would leave the user
+    a full disk without saying where (`_naming`)."""
 
     def __init__(self, out_dir: Path, fmt: str, *, fsync: bool) -> None:
         self.header = b""
@@ -113,7 +117,8 @@ class _ChunkWriter:
         if self._file is None:
             self._open(line)
         assert self._file is not None  # opened above; tells mypy
-        self._file.write(data)
+        with _naming(self._tmp):
+            self._file.write(data)
         self.fill += len(data)
         self._rows += rows
 
@@ -126,10 +131,11 @@ class _ChunkWriter:
     def close(self) -> Chunk:
         assert self._file is not None  # only called with a chunk open
         assert self._tmp is not None
-        self._file.flush()
-        if self._fsync:
-            os.fsync(self._file.fileno())
-        self._file.close()
+        with _naming(self._tmp):
+            self._file.flush()
+            if self._fsync:
+                os.fsync(self._file.fileno())
+            self._file.close()
         self._file = None
         path = self._tmp.with_suffix("")
         os.replace(self._tmp, path)
@@ -143,7 +149,10 @@ class _ChunkWriter:
     def abort(self) -> None:
         """Drop the chunk being written, if any; idempotent."""
         if self._file is not None:
-            self._file.close()
+            # Flushing what is buffered can fail again (a full disk): the chunk is
+            # being dropped anyway, and close() releases the descriptor regardless.
+            with contextlib.suppress(OSError):
+                self._file.close()
             self._file = None
         if self._tmp is not None:
             self._tmp.unlink(missing_ok=True)
@@ -159,7 +168,19 @@ class _ChunkWriter:
         self._first_line = line
         self._tmp = self._out_dir / f"chunk-{self._index:05d}.{self._fmt}.tmp"
         self._file = self._tmp.open("wb")
-        self._file.write(self.header)
+        with _naming(self._tmp):
+            self._file.write(self.header)
+
+
+@contextlib.contextmanager
+def _naming(path: Path | None) -> Iterator[None]:
+    """Re-raise an OSError that names no file as the same error naming `path`."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None or path is None:
+            raise
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
 
 
 def _fsync_dir(path: Path) -> None:
