@@ -52,8 +52,8 @@ def seed(db: Path, first: int, last: int) -> None:
         with conn:
             conn.executemany(
                 "INSERT INTO files (id, route, name, source_path, work_path, status,"
-                " max_chunk_bytes, claimed_at, rows, chunks_total, result_path, finished_at)"
-                " VALUES (?, 'leads', ?, ?, ?, 'complete', 9500000, ?, 20000, 2, ?, ?)",
+                " max_chunk_bytes, claimed_at, rows, chunks_total, result_path, finished_at,"
+                " job_id) VALUES (?, 'leads', ?, ?, ?, 'complete', 9500000, ?, 20000, 2, ?, ?, ?)",
                 (
                     (
                         n,
@@ -63,6 +63,7 @@ def seed(db: Path, first: int, last: int) -> None:
                         moment(n),
                         f"/data/done/leads/export-{n}.csv.result.json",
                         moment(n, 30),
+                        f"export-{n}",
                     )
                     for n in range(first, last)
                 ),
@@ -89,7 +90,8 @@ def seed_active(db: Path, first_id: int) -> None:
         with conn:
             conn.executemany(
                 "INSERT INTO files (id, route, name, source_path, work_path, status,"
-                " max_chunk_bytes, claimed_at) VALUES (?, 'leads', ?, ?, ?, 'claimed', 9500000, ?)",
+                " max_chunk_bytes, claimed_at, job_id)"
+                " VALUES (?, 'leads', ?, ?, ?, 'claimed', 9500000, ?, ?)",
                 (
                     (
                         first_id + k,
@@ -97,6 +99,7 @@ def seed_active(db: Path, first_id: int) -> None:
                         f"/data/inbox/leads/new-{k}.csv",
                         f"/data/work/incoming/{k}-new-{k}.csv",
                         "2030-01-01T00:00:00.000000Z",
+                        f"new-{k}",
                     )
                     for k in range(ACTIVE)
                 ),
