@@ -24,6 +24,7 @@ from orchestrator.status import (
     StatusServer,
     format_status_table,
     jobs_snapshot,
+    load_snapshot,
     read_snapshot,
 )
 from orchestrator.store import Store
@@ -433,6 +434,33 @@ async def test_snapshot_queries_by_id_name_activity_status_and_limit(
     assert shown(active=True) == ["big-1", "cars-1"]
     totals = jobs_snapshot(files, chunks, Query(job_id="nope"))["totals"]
     assert totals["files"]["split"] == 1  # totals count every file
+
+
+async def test_the_store_answers_every_query_as_the_snapshot_does(
+    store: Store, populated: Populated
+) -> None:
+    """One query path: the store's bounded listing (statuses, id and name in SQL; live
+    states checked on the active files) gives what filtering everything would."""
+    files, chunks = await store.files(), await store.chunks()
+    queries: list[dict[str, Any]] = [
+        {},
+        {"job_id": "cars-1"},
+        {"job_id": "nope"},
+        {"name": "*.tsv"},
+        {"name": "b[!x]g.csv"},
+        {"statuses": frozenset({"queued"})},
+        {"statuses": frozenset({"importing"})},
+        {"statuses": frozenset({"claimed", "complete"})},
+        {"limit": 1},
+        {"active": True, "limit": 1},
+    ]
+    for query in queries:
+        read = await load_snapshot(store, Query(**query))
+        expected = jobs_snapshot(files, chunks, Query(**query))
+        assert read["files"] == expected["files"], query
+        assert read["totals"] == expected["totals"], query  # the tallies count it all
+    assert (await load_snapshot(store, Query(limit=1)))["truncated"] is True
+    assert (await load_snapshot(store))["truncated"] is False
 
 
 async def test_jobs_takes_status_and_limit_and_one_job_by_id(
