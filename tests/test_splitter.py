@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
 from orchestrator.constants import DELIMITERS
 from orchestrator.errors import InputError
@@ -246,6 +247,30 @@ def test_bom_is_dropped_from_the_header_and_every_chunk(tmp_path: Path) -> None:
     assert len(chunks) == 3
     assert all(c.path.read_bytes().startswith(b"email,name\n") for c in chunks)
     assert done_of(events).header == ("email", "name")
+
+
+def test_padded_header_names_are_trimmed_in_every_chunk_with_a_warning(tmp_path: Path) -> None:
+    """Item 6: Marketo matches names exactly (" vin" fails every row), so every chunk's
+    header carries them trimmed, line ending kept, and a warning names the columns."""
+    source = tmp_path / "in.tsv"
+    source.write_bytes(b"color\t vin \tmodel\r\nred\tV1\tT\r\nblue\tV2\tT\r\n")
+    with capture_logs() as logs:
+        chunks = chunks_of(run(source, tmp_path / "out", max_bytes=30, fmt="tsv"))
+    assert len(chunks) == 2
+    for chunk in chunks:
+        assert chunk.path.read_bytes().startswith(b"color\tvin\tmodel\r\n")
+    warned = [e for e in logs if e["event"] == "header_names_trimmed"]
+    assert [w["columns"] for w in warned] == [[" vin "]]
+    assert warned[0]["log_level"] == "warning"
+
+
+def test_clean_header_is_copied_unchanged(tmp_path: Path) -> None:
+    source = tmp_path / "in.csv"
+    source.write_bytes(b'"email",name\na@x,A\n')
+    with capture_logs() as logs:
+        (chunk,) = chunks_of(run(source, tmp_path / "out", max_bytes=100, fmt="csv"))
+    assert chunk.path.read_bytes() == b'"email",name\na@x,A\n'
+    assert not [e for e in logs if e["event"] == "header_names_trimmed"]
 
 
 def test_crlf_line_endings_are_kept(tmp_path: Path) -> None:

@@ -13,6 +13,10 @@ Decisions (the issue left these open; the scanning ones are in `splitter.scan`):
   line ending of its last record, because a chunk is only ever cut after an LF.
 - `SplitDone.rows` counts every data record of the source, the rejected ones
   included; the chunks hold `rows - rejected` of them.
+- The header is the one line that may change: column names with spaces around
+  them (`" vin"`) are written trimmed in every chunk's header, with a warning
+  naming them, since Marketo matches names exactly and would fail every row
+  (missing.dedupe.fields). A header without such names is copied unchanged.
 
 Chunks are written to `chunk-NNNNN.<fmt>.tmp`, optionally fsynced, then renamed
 into place and only then announced, so a chunk that was announced is whole and
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import csv
 import io
 import os
 import threading
@@ -30,6 +35,8 @@ from collections.abc import AsyncGenerator, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
+
+import structlog
 
 from orchestrator.errors import InputError
 from orchestrator.splitter.scan import (
@@ -46,6 +53,8 @@ from orchestrator.splitter.scan import (
     scan_block,
     unterminated_error,
 )
+
+log = structlog.get_logger(__name__)
 
 # Re-exported: DEFAULT_BLOCK_SIZE, parse_header and iter_records are public here.
 # Events the async wrapper's worker may run ahead of its consumer.
@@ -340,6 +349,15 @@ class _Cutter:
 
     def _set_header(self, raw: bytes) -> None:
         self._columns = parse_header(raw, self._fmt, self._source)
+        padded = [name for name in self._columns if name != name.strip()]
+        if padded:
+            raw = trimmed_header(raw, self._columns, self._fmt)
+            log.warning(
+                "header_names_trimmed",
+                file=str(self._source),
+                columns=padded,
+                note="Marketo matches column names exactly; chunks carry them trimmed",
+            )
         self._writer.header = raw
         self._room = self._max_bytes - 1 - len(raw)
 
@@ -360,6 +378,16 @@ class _Cutter:
             f"would be {header + size} bytes, and chunks must stay under {self._max_bytes}"
         )
         return Rejected(line, offset, size, reason)
+
+
+def trimmed_header(raw: bytes, columns: tuple[str, ...], fmt: str) -> bytes:
+    """The header line written again with every column name trimmed; line ending kept."""
+    ending = b"\r\n" if raw.endswith(b"\r\n") else b"\n" if raw.endswith(b"\n") else b""
+    out = io.StringIO()
+    csv.writer(out, delimiter=delimiter_for(fmt), lineterminator="").writerow(
+        [name.strip() for name in columns]
+    )
+    return out.getvalue().encode("utf-8") + ending
 
 
 # --- public entry points --------------------------------------------------------
