@@ -105,6 +105,12 @@ class ChunkRecord:
     warnings_path: str | None = None
     submitted_at: str | None = None
     finished_at: str | None = None
+    unknown_outcomes: int = 0  # creates that may or may not have made a job at Marketo
+
+    @property
+    def submits(self) -> int:
+        """Create calls that may have made a job: the unknown ones plus the answered one."""
+        return self.unknown_outcomes + (1 if self.batch_id is not None else 0)
 
 
 @dataclass(frozen=True, slots=True)

@@ -174,6 +174,7 @@ def chunk_summary(chunk: ChunkRecord) -> dict[str, Any]:
         "rows_processed": chunk.rows_processed,
         "rows_failed": chunk.rows_failed,
         "rows_with_warning": chunk.rows_with_warning,
+        "submits": chunk.submits,
         "message": chunk.message,
     }
 

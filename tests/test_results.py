@@ -37,7 +37,7 @@ RESULT_KEYS = {
 }  # fmt: skip
 CHUNK_KEYS = {
     "index", "rows", "bytes", "batch_id", "status", "rows_processed", "rows_failed",
-    "rows_with_warning", "message",
+    "rows_with_warning", "submits", "message",
 }  # fmt: skip
 HEADER = "email,firstName\n"
 BIG = "x" * 300
@@ -291,6 +291,7 @@ async def test_complete_file_result_and_merged_failures(
         (c["index"], c["batch_id"], c["status"], c["rows"], c["rows_failed"])
         for c in document["chunks"]
     ] == [(1, 1001, "Complete", 2, 1), (2, 1002, "Complete", 2, 1)]
+    assert [c["submits"] for c in document["chunks"]] == [1, 1]
 
     failures = read_csv(done / "big.csv.failures.csv")
     assert failures[0] == [
@@ -542,13 +543,6 @@ async def test_source_lines_after_a_record_set_aside_inside_a_chunk(
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        'gap: SPEC section 4\'s result.json shows a per-chunk "submits" count; '
-        "results.chunk_summary does not write ChunkRecord.submit_attempts"
-    ),
-)
 async def test_chunk_summaries_count_the_submits(
     settings: Settings, store: Store, files: Files
 ) -> None:

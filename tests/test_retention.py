@@ -150,7 +150,7 @@ async def test_a_v1_database_with_history_is_migrated_with_its_counts(tmp_path: 
         await finished_file(store, 1, at=DAY0)
         await active_file(store, 2, at=DAY0)
     # Take the database back to v1 as an older release left it: no hand-over ids (v2),
-    # no tallies, triggers or finished_at index (v3).
+    # no tallies, triggers or finished_at index (v3), no count of unknown outcomes (v4).
     conn = sqlite3.connect(db)
     for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall():
         conn.execute(f"DROP TRIGGER {name}")
@@ -158,15 +158,19 @@ async def test_a_v1_database_with_history_is_migrated_with_its_counts(tmp_path: 
     conn.execute("DROP INDEX files_by_finished")
     conn.execute("DROP INDEX files_by_job_id")
     conn.execute("ALTER TABLE files DROP COLUMN job_id")
+    conn.execute("ALTER TABLE chunks DROP COLUMN unknown_outcomes")
     conn.execute("PRAGMA user_version = 1")
     conn.commit()
     conn.close()
-    assert len(_MIGRATIONS) >= 3
+    assert len(_MIGRATIONS) >= 4
     async with await Store.open(db) as store:
         assert await tallies_of(store) == counted(db)
         assert (await store.tallies())["files:complete"] == 1
         assert (await store.tallies())["files:claimed"] == 1
         assert all(f.job_id for f in await store.files())  # v2 gave them ids
+        chunks = await store.chunks_of([f.id for f in await store.files()])
+        assert chunks
+        assert all(c.unknown_outcomes == 0 for c in chunks)  # v4
     conn = sqlite3.connect(db)
     try:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == LATEST_VERSION

@@ -141,8 +141,11 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
                 WHERE name = 'rows:processed';
         END""",
     ),
+    # v4: creates whose outcome is unknown (timeout, drop or 5xx after the body went out,
+    # or a kill while SUBMITTING): each may have left a job at Marketo.
+    ("ALTER TABLE chunks ADD COLUMN unknown_outcomes INTEGER NOT NULL DEFAULT 0",),
 )
-# A new migration is appended (the next is v4); a released one is never renumbered.
+# A new migration is appended (the next is v5); a released one is never renumbered.
 LATEST_VERSION = len(_MIGRATIONS)
 
 _RECOVER_HINT = (

@@ -292,6 +292,21 @@ class Store:
             "mark_pending", chunk_id, {ChunkStatus.SUBMITTING}, ChunkStatus.PENDING
         )
 
+    async def mark_unknown_outcome(self, chunk_id: int) -> ChunkRecord:
+        """SUBMITTING -> PENDING after a create whose outcome is unknown; counts it."""
+
+        def body(conn: sqlite3.Connection) -> ChunkRecord:
+            chunk = fetch_chunk(conn, chunk_id)
+            require(chunk, {ChunkStatus.SUBMITTING}, "mark_unknown_outcome")
+            conn.execute(
+                "UPDATE chunks SET status = ?, unknown_outcomes = unknown_outcomes + 1"
+                " WHERE id = ?",
+                (ChunkStatus.PENDING, chunk_id),
+            )
+            return fetch_chunk(conn, chunk_id)
+
+        return await self._run("mark_unknown_outcome", body)
+
     async def update_batch(self, chunk_id: int, batch: BatchStatus) -> ChunkRecord:
         """Record a poll of a SUBMITTED chunk: Marketo's status, counters and message."""
 
@@ -582,11 +597,16 @@ class Store:
 
         def body(conn: sqlite3.Connection) -> Recovery:
             unknown = select_chunks(conn, "c.status = ?", [ChunkStatus.SUBMITTING])
+            # The request may have gone out before the kill: an unknown outcome.
             conn.execute(
-                "UPDATE chunks SET status = ? WHERE status = ?",
+                "UPDATE chunks SET status = ?, unknown_outcomes = unknown_outcomes + 1"
+                " WHERE status = ?",
                 (ChunkStatus.PENDING, ChunkStatus.SUBMITTING),
             )
-            resubmit = [replace(c, status=ChunkStatus.PENDING) for c in unknown]
+            resubmit = [
+                replace(c, status=ChunkStatus.PENDING, unknown_outcomes=c.unknown_outcomes + 1)
+                for c in unknown
+            ]
             open_files = [
                 file_record(row)
                 for row in conn.execute(
