@@ -80,9 +80,10 @@ class LimitSettings:
     concurrent_jobs: int = constants.MAX_IMPORTING_JOBS
     queued_jobs: int = constants.MAX_QUEUED_JOBS
     max_chunk_bytes: int = constants.DEFAULT_MAX_CHUNK_BYTES
-    api_calls_per_window: int = constants.API_CALLS_PER_WINDOW
+    api_calls_per_window: int = constants.DEFAULT_API_CALLS_PER_WINDOW
     api_window_seconds: float = constants.API_WINDOW_SECONDS
-    concurrent_api_calls: int = constants.CONCURRENT_API_CALLS
+    concurrent_api_calls: int = constants.DEFAULT_CONCURRENT_API_CALLS
+    max_resubmits: int = constants.DEFAULT_MAX_RESUBMITS
     daily_api_calls: int = constants.DAILY_API_CALLS
     quota_reset_tz: str = constants.QUOTA_RESET_TZ
 
@@ -481,13 +482,7 @@ def validate(settings: Settings, *, require_credentials: bool) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(key, "must be greater than 0")
-    if lim.queued_jobs < lim.concurrent_jobs:
-        raise ConfigError("limits.queued_jobs", "must be at least limits.concurrent_jobs")
-    if not MIN_CHUNK_BYTES <= lim.max_chunk_bytes <= constants.MAX_FILE_BYTES:
-        raise ConfigError(
-            "limits.max_chunk_bytes",
-            f"must be between {MIN_CHUNK_BYTES} and {constants.MAX_FILE_BYTES}",
-        )
+    validate_limits(lim)
     try:
         ZoneInfo(lim.quota_reset_tz)
     except (ZoneInfoNotFoundError, ValueError):
@@ -538,6 +533,39 @@ def check_ranges(settings: Settings) -> None:
         for name in ROUTE_IDS:
             if getattr(route, name) > MAX_MARKETO_ID:
                 raise ConfigError(f"routes[{i}].{name}", f"must be at most {MAX_MARKETO_ID}")
+
+
+# [limits] keys that Marketo itself bounds, with Marketo's limit and where it comes from.
+MARKETO_CEILINGS: dict[str, tuple[int, str]] = {
+    "concurrent_jobs": (constants.MAX_IMPORTING_JOBS, "Marketo imports 2 jobs at once"),
+    "queued_jobs": (constants.MAX_QUEUED_JOBS, "Marketo queues at most 10 import jobs"),
+    "api_calls_per_window": (
+        constants.API_CALLS_PER_WINDOW,
+        "Marketo allows 100 calls per 20 s for the whole subscription",
+    ),
+    "concurrent_api_calls": (
+        constants.CONCURRENT_API_CALLS,
+        "Marketo allows 10 calls in flight for the whole subscription",
+    ),
+    "max_chunk_bytes": (
+        constants.MAX_CHUNK_BYTES_CAP,
+        "Marketo refuses a request body of 10,000,000 bytes or more, multipart envelope included",
+    ),
+}
+
+
+def validate_limits(lim: LimitSettings) -> None:
+    """[limits] against Marketo's own limits: a value above one is an error naming the key."""
+    for key, (ceiling, why) in MARKETO_CEILINGS.items():
+        value = getattr(lim, key)
+        if value > ceiling:
+            raise ConfigError(f"limits.{key}", f"must be at most {ceiling} ({why}), got {value}")
+    if lim.queued_jobs < lim.concurrent_jobs:
+        raise ConfigError("limits.queued_jobs", "must be at least limits.concurrent_jobs")
+    if lim.max_chunk_bytes < MIN_CHUNK_BYTES:
+        raise ConfigError("limits.max_chunk_bytes", f"must be at least {MIN_CHUNK_BYTES}")
+    if lim.max_resubmits < 0:
+        raise ConfigError("limits.max_resubmits", "must not be negative")
 
 
 def parse_listen(listen: str, key: str) -> tuple[str, int]:

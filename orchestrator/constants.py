@@ -11,23 +11,42 @@ from typing import Final
 MAX_IMPORTING_JOBS: Final = 2
 # Bulk Import "Limits": max queued import jobs, including the importing ones.
 MAX_QUEUED_JOBS: Final = 10
-# Bulk Import "Limits": max import file size, 10 MB. The simulator refuses a
-# file of this size or larger (HTTP 413); our chunks stay under max_chunk_bytes.
+# Bulk Import "Limits": max import file size, 10 MB. Marketo applies it to the
+# request body (the whole multipart request), not to the file part alone: the
+# simulator refuses a request whose Content-Length reaches it (HTTP 413).
 MAX_FILE_BYTES: Final = 10_000_000
-# Our default chunk ceiling: comfortably under MAX_FILE_BYTES, leaving room for
-# the multipart envelope around the file.
+# Room kept for the multipart envelope around the file (boundaries, part
+# headers, file name): max_chunk_bytes may be at most MAX_FILE_BYTES minus this.
+MULTIPART_OVERHEAD_BYTES: Final = 4_096
+MAX_CHUNK_BYTES_CAP: Final = MAX_FILE_BYTES - MULTIPART_OVERHEAD_BYTES
+# Our default chunk ceiling: comfortably under the cap.
 DEFAULT_MAX_CHUNK_BYTES: Final = 9_500_000
 
-# REST API limits (error codes 606 and 615): 100 calls per 20 s, 10 in flight.
+# REST API limits (error codes 606 and 615): 100 calls per 20 s, 10 in flight,
+# for the whole subscription, shared with every other integration.
 API_CALLS_PER_WINDOW: Final = 100
 API_WINDOW_SECONDS: Final = 20.0
 CONCURRENT_API_CALLS: Final = 10
-# Default daily quota of a subscription (error 607); resets at midnight CST.
+# Our defaults leave headroom for the other integrations (Marketo's best practices).
+DEFAULT_API_CALLS_PER_WINDOW: Final = 80
+DEFAULT_CONCURRENT_API_CALLS: Final = 5
+# Default daily quota of a subscription (error 607); "resets daily at 12:00AM CST".
 DAILY_API_CALLS: Final = 50_000
 QUOTA_RESET_TZ: Final = "America/Chicago"
+# The other reading of "12:00AM CST": fixed UTC-6 all year (06:00 UTC).
+QUOTA_RESET_FIXED_OFFSET_HOURS: Final = -6
+# After a 607 at a reset we expected to have passed, probe this often.
+QUOTA_PROBE_SECONDS: Final = 300.0
+
+# Creating an import job is not idempotent: a chunk whose create had an unknown
+# outcome is sent again at most this often (limits.max_resubmits).
+DEFAULT_MAX_RESUBMITS: Final = 2
 
 # Access tokens from the identity service live 3600 s.
 TOKEN_TTL_SECONDS: Final = 3600
+# A token is used for an upload only with at least this much life left (or the
+# upload's expected time, if longer).
+TOKEN_MIN_LIFE_SECONDS: Final = 60.0
 
 # Batch statuses the status endpoints report (Bulk Import, "Polling Job Status").
 STATUS_QUEUED: Final = "Queued"

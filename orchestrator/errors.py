@@ -12,7 +12,8 @@
         │   ├── RateLimitError      606, 615: calls per window / in flight
         │   ├── QueueFullError      1016: too many imports
         │   ├── ImportInProgressError  1019: an import to the same list is running
-        │   └── TransientError      5xx, 604, 608, 611, 614, 713, 719, network, timeout
+        │   ├── TransientError      5xx, 500/502/604/608/611/614/713/719, network, timeout
+        │   └── UnknownOutcomeError a create whose body was sent, then no answer (or a 5xx)
         ├── QuotaExhaustedError     607: daily quota reached, wait for the reset
         └── FatalError              everything else; retrying will not help
             ├── CredentialsError    the identity service refused client id/secret
@@ -93,12 +94,16 @@ class MarketoError(OrchestratorError):
     status, or "network"/"timeout" for transport failures.
     """
 
-    def __init__(self, code: str, message: str, *, operation: str = "") -> None:
+    def __init__(
+        self, code: str, message: str, *, operation: str = "", request_id: str = ""
+    ) -> None:
         self.code = code
         self.message = message
         self.operation = operation
+        self.request_id = request_id  # Marketo's request id, for Adobe support; "" if none
         prefix = f"{operation}: " if operation else ""
-        super().__init__(f"{prefix}Marketo error {code}: {message}")
+        suffix = f" (request id {request_id})" if request_id else ""
+        super().__init__(f"{prefix}Marketo error {code}: {message}{suffix}")
 
 
 class RetryableError(MarketoError):
@@ -125,6 +130,15 @@ class TransientError(RetryableError):
     """Server-side or transport trouble that usually passes."""
 
 
+class UnknownOutcomeError(RetryableError):
+    """A create call whose body was sent but whose answer never came (timeout, dropped
+    connection) or was an HTTP 5xx: Marketo may or may not hold the job.
+
+    Never retried by the client: creating an import job is not idempotent. The
+    scheduler resubmits the chunk at most `limits.max_resubmits` times.
+    """
+
+
 class QuotaExhaustedError(MarketoError):
     """607: the subscription's daily quota is spent until the next reset."""
 
@@ -148,6 +162,8 @@ class ChunkTooLargeError(FatalError):
 # Marketo's error codes (REST API "Error Codes" reference) by the class that
 # handles them. A code that is not here is fatal.
 CODE_TO_ERROR: dict[str, type[MarketoError]] = {
+    "500": TransientError,  # Internal server error inside the envelope: retry
+    "502": TransientError,  # Bad gateway inside the envelope: retry with backoff (error page)
     "601": AuthError,  # Access token invalid
     "602": AuthError,  # Access token expired
     "604": TransientError,  # Request timed out
@@ -164,10 +180,12 @@ CODE_TO_ERROR: dict[str, type[MarketoError]] = {
 }
 
 
-def error_for_code(code: str, message: str, *, operation: str = "") -> MarketoError:
+def error_for_code(
+    code: str, message: str, *, operation: str = "", request_id: str = ""
+) -> MarketoError:
     """Build the error of the right class for Marketo's `errors[].code`."""
     cls = CODE_TO_ERROR.get(code, FatalError)
-    return cls(code, message, operation=operation)
+    return cls(code, message, operation=operation, request_id=request_id)
 
 
 def error_for_http_status(status: int, message: str, *, operation: str = "") -> MarketoError:

@@ -89,6 +89,7 @@ class Pipeline:
         """Feed what a crash left half done back into the hand-offs."""
         self.spool.prepare()
         await self.spool.recover_claims()
+        self.scheduler.recovered(recovery.resubmit)
         for file in recovery.resplit:
             self._split_queue.put_nowait(file.id)
         for file in recovery.finishing:
@@ -203,7 +204,7 @@ class Pipeline:
 
     async def chunk_done(self, chunk: ChunkRecord) -> None:
         """A batch reached Complete or Failed at Marketo: a queue slot is free."""
-        self.scheduler.job_finished()
+        self.scheduler.job_finished(chunk.id)
         await self.maybe_finish(chunk.file_id)
 
     async def chunk_refused(self, chunk: ChunkRecord) -> None:

@@ -19,6 +19,13 @@ A job we saw Queued and then see Importing (or final) tells us a job ahead of
 it left Marketo's queue: `on_started` passes that on to the scheduler's queue
 model. On Complete the failures and warnings files are downloaded when their
 counters are above zero; Failed ends the chunk with Marketo's message.
+
+A batch that is Complete stays complete whatever happens to its files: the rows
+were imported. A download that fails is tried again at the batch's next poll,
+up to `DOWNLOAD_TRIES` times; after that the chunk ends Complete and its message
+says which file could not be fetched. A 404 while the counter says rows failed
+(or warned) is a mismatch: it is logged and asked once more at the next poll
+before it is read as "no file".
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
 BUDGET_SLOWDOWN = 0.9  # share of limits.daily_api_calls after which polling slows
+DOWNLOAD_TRIES = 3  # polls at which a Complete batch's failures/warnings file is asked for
 
 
 class StatusSource(Protocol):
@@ -68,6 +76,7 @@ class Track:
     status: str = constants.STATUS_QUEUED
     behind: bool = False  # waits behind ours that fill the import slots: not polled
     queued_at_finishes: int | None = None  # Poller.finishes when Marketo last said Queued
+    fetch_tries: dict[str, int] = field(default_factory=dict)  # by "failures"/"warnings"
 
 
 @dataclass
@@ -131,7 +140,8 @@ class Poller:
         for rank, chunk in enumerate(chunks):
             # Unknown after a restart: look once it can have changed.
             track = self.tracks.setdefault(chunk.id, Track(-math.inf, polling.interval))
-            if rank >= lim.concurrent_jobs and track.status != constants.STATUS_IMPORTING:
+            moving = (constants.STATUS_IMPORTING, constants.STATUS_COMPLETE)  # Complete: files due
+            if rank >= lim.concurrent_jobs and track.status not in moving:
                 track.behind = True
                 result.append((chunk, math.inf))
                 continue
@@ -179,7 +189,12 @@ class Poller:
             except FatalError as exc:
                 await self.finish(chunk, ChunkStatus.FAILED, f"status unavailable: {exc}", None)
             except MarketoError as exc:
-                log.warning("poll_deferred", code=exc.code, error=str(exc))
+                log.warning(
+                    "poll_deferred",
+                    code=exc.code,
+                    request_id=exc.request_id or None,
+                    error=str(exc),
+                )
         return None
 
     @staticmethod
@@ -196,20 +211,27 @@ class Poller:
         if batch.status != constants.STATUS_QUEUED:
             self.note_start(track)
         if batch.status == constants.STATUS_COMPLETE:
-            failures = warnings = None
             assert chunk.batch_id is not None
-            if batch.rows_failed > 0:
-                dest = Path(chunk.path).with_suffix(".failures")
-                if await self.client.download_failures(route, chunk.batch_id, dest):
-                    failures = str(dest)
-            if batch.rows_with_warning > 0:
-                dest = Path(chunk.path).with_suffix(".warnings")
-                if await self.client.download_warnings(route, chunk.batch_id, dest):
-                    warnings = str(dest)
+            fetched: dict[str, str | None] = {}
+            notes: list[str] = []
+            later = False
+            for kind, count in (
+                ("failures", batch.rows_failed),
+                ("warnings", batch.rows_with_warning),
+            ):
+                path, note, again = await self.fetch(route, chunk, kind, count, track)
+                fetched[kind] = path
+                later = later or again
+                if note:
+                    notes.append(note)
+            if later:
+                track.status = batch.status  # Complete: ask again at the next poll
+                return
             await self.store.set_chunk_files(
-                chunk.id, failures_path=failures, warnings_path=warnings
+                chunk.id, failures_path=fetched["failures"], warnings_path=fetched["warnings"]
             )
-            await self.finish(chunk, ChunkStatus.COMPLETE, batch.message, batch)
+            message = "; ".join([m for m in (batch.message, *notes) if m])
+            await self.finish(chunk, ChunkStatus.COMPLETE, message, batch)
         elif batch.status == constants.STATUS_FAILED:
             await self.finish(chunk, ChunkStatus.FAILED, batch.message or "Import failed", batch)
         else:
@@ -222,6 +244,41 @@ class Poller:
                 track.queued_at_finishes = self.finishes
             if batch.status != chunk.marketo_status or batch.rows_processed != chunk.rows_processed:
                 await self.store.update_batch(chunk.id, batch)
+
+    async def fetch(
+        self, route: Route, chunk: ChunkRecord, kind: str, count: int, track: Track
+    ) -> tuple[str | None, str | None, bool]:
+        """Download a Complete batch's failures or warnings file when `count` says it has one.
+
+        Returns (path or None, a note for the chunk's message or None, ask again later).
+        Never raises Marketo's errors but refused credentials: the rows were imported."""
+        if count <= 0:
+            return None, None, False
+        assert chunk.batch_id is not None
+        dest = Path(chunk.path).with_suffix(f".{kind}")
+        download = (
+            self.client.download_failures if kind == "failures" else self.client.download_warnings
+        )
+        tries = track.fetch_tries[kind] = track.fetch_tries.get(kind, 0) + 1
+        try:
+            found = await download(route, chunk.batch_id, dest)
+        except CredentialsError:
+            raise
+        except MarketoError as exc:
+            if tries < DOWNLOAD_TRIES:
+                log.warning(
+                    "download_deferred", kind=kind, code=exc.code, error=str(exc), attempt=tries
+                )
+                return None, None, True
+            log.error("download_failed", kind=kind, code=exc.code, error=str(exc))
+            return None, f"the {kind} file ({count} rows) could not be fetched: {exc}", False
+        if found:
+            return str(dest), None, False
+        if tries < 2:
+            log.warning("file_missing_despite_counter", kind=kind, rows=count, note="asking again")
+            return None, None, True
+        log.warning("file_missing_despite_counter", kind=kind, rows=count, note="read as none")
+        return None, f"Marketo counted {count} rows in {kind} but had no {kind} file", False
 
     def note_start(self, track: Track) -> None:
         """A job we saw Queued has started: a job ahead of it left Marketo's queue.

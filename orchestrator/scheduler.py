@@ -12,6 +12,17 @@ and keeps it there until a job leaves the queue, when it probes one slot:
 one of ours completes, or one of ours Marketo kept Queued starts importing
 (the poller tells; a job ahead of it, not ours, must have finished).
 
+A create whose outcome is unknown (the body went out, then a timeout, a dropped
+connection or an HTTP 5xx) may have made a job at Marketo that we will never
+hear of: Bulk Import has no way to list or cancel import jobs. The chunk goes
+back to the head of the queue after a backoff and is sent again, at most
+`limits.max_resubmits` times; past that its file fails, naming the chunk and
+saying that Marketo may hold copies of it. Meanwhile each unknown outcome counts
+as another integration's job in the queue model until it would have finished:
+until the chunk's own next job finishes (that job queued behind the lost one
+and carries the same rows), or, for a chunk that is not sent again, until the
+next of our jobs finishes.
+
 On 1016 the chunk keeps the head of the queue and everything waits out an
 exponential, jittered backoff. At most one of our jobs per static list
 (`listId`) is outstanding, since Marketo answers 1019 otherwise; a chunk whose
@@ -39,6 +50,7 @@ from orchestrator.errors import (
     ImportInProgressError,
     MarketoError,
     QueueFullError,
+    UnknownOutcomeError,
 )
 from orchestrator.faults import crashpoint
 from orchestrator.models import BatchStatus, ChunkRecord, ChunkStatus, FileRecord
@@ -66,9 +78,19 @@ class QueueModel:
 
     limit: int  # our own ceiling: limits.queued_jobs, at most Marketo's 10
     foreign: int = 0  # slots we believe other integrations hold
+    # Jobs a create with an unknown outcome may have made, by chunk id; and those of
+    # chunks that will not be sent again (released one per job of ours that finishes).
+    unknown: dict[int, int] = field(default_factory=dict)
+    orphans: int = 0
+
+    @property
+    def phantoms(self) -> int:
+        """Jobs we may have made and cannot see: counted like other integrations' jobs."""
+        return sum(self.unknown.values()) + self.orphans
 
     def capacity(self, outstanding: int) -> int:
-        room = min(self.limit, constants.MAX_QUEUED_JOBS - self.foreign)
+        held = self.foreign + self.phantoms
+        room = min(self.limit, constants.MAX_QUEUED_JOBS - held)
         if outstanding == 0:
             # Nothing of ours will complete to free a slot: probe one (the 1016
             # backoff spaces the probes) rather than wait for an event that never comes.
@@ -83,6 +105,20 @@ class QueueModel:
         """A job left the queue (one of ours finished, or one ahead of ours started
         importing after another integration's finished): probe one slot more."""
         self.foreign = max(0, self.foreign - 1)
+
+    def unknown_outcome(self, chunk_id: int) -> None:
+        """A create of `chunk_id` may have made a job we will never see."""
+        self.unknown[chunk_id] = self.unknown.get(chunk_id, 0) + 1
+
+    def chunk_finished(self, chunk_id: int) -> None:
+        """A job of ours ended: the copies of its chunk queued ahead of it ended too,
+        and so, by FIFO order, did one orphan copy."""
+        self.unknown.pop(chunk_id, None)
+        self.orphans = max(0, self.orphans - 1)
+
+    def abandon(self, chunk_id: int) -> None:
+        """`chunk_id` will not be sent again: its copies leave with our next finishes."""
+        self.orphans += self.unknown.pop(chunk_id, 0)
 
 
 @dataclass
@@ -123,10 +159,17 @@ class Scheduler:
         """A finished file's record need not stay cached."""
         self._files.pop(file_id, None)
 
-    def job_finished(self) -> None:
+    def job_finished(self, chunk_id: int | None = None) -> None:
         """One of our jobs ended at Marketo."""
         self.model.job_left()
+        if chunk_id is not None:
+            self.model.chunk_finished(chunk_id)
         self.wake()
+
+    def recovered(self, chunks: list[ChunkRecord]) -> None:
+        """Chunks a kill left SUBMITTING: their last create may have made a job."""
+        for chunk in chunks:
+            self.model.unknown_outcome(chunk.id)
 
     def foreign_job_left(self) -> None:
         """A job of ours Marketo had kept Queued started: another integration's job left."""
@@ -173,6 +216,8 @@ class Scheduler:
             problem = file.error or (
                 None if route else f"route {file.route!r} is no longer configured"
             )
+            if problem is None and chunk.unknown_outcomes > self.max_resubmits:
+                problem = self.past_cap(chunk)
             if problem or route is None:
                 await self.refuse(chunk, problem or "no route")
                 blocked_files.add(chunk.file_id)
@@ -211,6 +256,8 @@ class Scheduler:
                 await self.store.mark_pending(chunk.id)
                 self.start_wait(self.list_waits.setdefault(route.list_id, Wait()), "1019")
                 return "list-busy"
+            except UnknownOutcomeError as exc:
+                return await self.unknown_outcome(chunk, exc)
             except CredentialsError as exc:
                 # Nothing can go until the configuration changes: wait, fail nothing.
                 await self.store.mark_pending(chunk.id)
@@ -224,7 +271,12 @@ class Scheduler:
                 # Retryable trouble the client already retried: try again later.
                 await self.store.mark_pending(chunk.id)
                 self.start_wait(self.queue_wait, exc.code)
-                log.warning("submit_deferred", code=exc.code, error=str(exc))
+                log.warning(
+                    "submit_deferred",
+                    code=exc.code,
+                    request_id=exc.request_id or None,
+                    error=str(exc),
+                )
                 return "queue-full"
             crashpoint("after_submit")
             record = await self.store.mark_submitted(
@@ -239,6 +291,37 @@ class Scheduler:
             log.info("chunk_submitted", batch_id=batch.batch_id, rows=chunk.rows, bytes=chunk.bytes)
             self.on_submitted(record)
             return "submitted"
+
+    @property
+    def max_resubmits(self) -> int:
+        return self.settings.limits.max_resubmits
+
+    def past_cap(self, chunk: ChunkRecord) -> str:
+        """The file's error once a chunk used up its resubmits."""
+        n = chunk.unknown_outcomes
+        return (
+            f"chunk {chunk.index}: {n} creates of its import job had an unknown outcome "
+            f"(limits.max_resubmits = {self.max_resubmits}); Marketo may hold up to {n} "
+            "copies of it, so it is not sent again"
+        )
+
+    async def unknown_outcome(self, chunk: ChunkRecord, exc: UnknownOutcomeError) -> str:
+        """The create went out and we cannot know whether Marketo made the job."""
+        record = await self.store.mark_unknown_outcome(chunk.id)
+        self.model.unknown_outcome(chunk.id)
+        log.warning(
+            "submit_outcome_unknown",
+            code=exc.code,
+            request_id=exc.request_id or None,
+            unknown_outcomes=record.unknown_outcomes,
+            max_resubmits=self.max_resubmits,
+            phantoms=self.model.phantoms,
+        )
+        if record.unknown_outcomes > self.max_resubmits:
+            await self.refuse(record, self.past_cap(record))
+            return "refused"
+        self.start_wait(self.queue_wait, "unknown-outcome")
+        return "queue-full"
 
     def start_wait(self, wait: Wait, reason: str) -> None:
         wait.attempts += 1
@@ -258,6 +341,7 @@ class Scheduler:
     async def refuse(self, chunk: ChunkRecord, message: str) -> None:
         """A fatal refusal fails this chunk and keeps the file's later chunks from going."""
         log.error("chunk_refused", error=message)
+        self.model.abandon(chunk.id)
         await self.store.set_file_error(chunk.file_id, message)
         self._files.pop(chunk.file_id, None)
         finished = await self.store.finish_chunk(

@@ -146,11 +146,16 @@ class Upkeep:
         return pruned
 
     def token_problem(self) -> str | None:
-        """Why Marketo cannot be called now (readiness), or None."""
-        if self.credentials_refused:
-            return self.credentials_refused
-        if not self.client.has_token:
-            return "no Marketo access token obtained yet"
+        """Why Marketo cannot be called now (readiness), or None.
+
+        Ready means the last identity call succeeded and the credentials were not
+        refused; a token that merely expired while the daemon was idle is no
+        problem (the next call fetches another)."""
+        ok = self.client.identity_ok
+        if ok is None:
+            return self.credentials_refused or "no Marketo access token obtained yet"
+        if not ok:
+            return self.credentials_refused or "the last Marketo identity call failed"
         return None
 
 

@@ -37,8 +37,9 @@ def test_defaults_match_spec() -> None:
     assert s.limits.concurrent_jobs == 2
     assert s.limits.queued_jobs == 10
     assert s.limits.max_chunk_bytes == 9_500_000 < constants.MAX_FILE_BYTES
-    assert (s.limits.api_calls_per_window, s.limits.api_window_seconds) == (100, 20.0)
-    assert s.limits.concurrent_api_calls == 10
+    assert (s.limits.api_calls_per_window, s.limits.api_window_seconds) == (80, 20.0)
+    assert s.limits.concurrent_api_calls == 5
+    assert s.limits.max_resubmits == 2
     assert s.limits.daily_api_calls == 50_000
     assert s.limits.quota_reset_tz == "America/Chicago"
     assert (s.polling.interval, s.polling.max_interval) == (5.0, 30.0)
@@ -119,6 +120,12 @@ def test_missing_secret_file_names_variable(tmp_path: Path) -> None:
         ("[limits]\nqueued_jobs = true\n", "limits.queued_jobs"),
         ("[limits]\nqueued_jobs = 1\nconcurrent_jobs = 2\n", "limits.queued_jobs"),
         ("[limits]\nmax_chunk_bytes = 10000001\n", "limits.max_chunk_bytes"),
+        ("[limits]\nmax_chunk_bytes = 9999000\n", "limits.max_chunk_bytes"),
+        ("[limits]\nconcurrent_jobs = 3\nqueued_jobs = 10\n", "limits.concurrent_jobs"),
+        ("[limits]\nqueued_jobs = 11\n", "limits.queued_jobs"),
+        ("[limits]\napi_calls_per_window = 101\n", "limits.api_calls_per_window"),
+        ("[limits]\nconcurrent_api_calls = 11\n", "limits.concurrent_api_calls"),
+        ("[limits]\nmax_resubmits = -1\n", "limits.max_resubmits"),
         ('[limits]\nquota_reset_tz = "Mars/Olympus"\n', "limits.quota_reset_tz"),
         ("[polling]\ninterval = 0\n", "polling.interval"),
         ("[polling]\ninterval = 10.0\nmax_interval = 5.0\n", "polling.max_interval"),

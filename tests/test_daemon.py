@@ -447,6 +447,44 @@ async def chunk_statuses(cli: CliRunner, config: str) -> list[str] | None:
 # -- status server and status command ---------------------------------------------
 
 
+async def test_idle_daemon_stays_ready_after_its_token_expired(
+    make_simulator: MakeSimulator, cli: CliRunner, tmp_path: Path, data_dir: Path
+) -> None:
+    """Issue 10, item 5: ready means the last identity call succeeded and the
+    credentials were not refused. An idle daemon's token expires (here after 1 s;
+    in production after an hour) and nothing needs another: /readyz stays 200, so
+    Kubernetes keeps the pod in service."""
+    sim = await make_simulator(**SIM_KNOBS, token_ttl=1.0)
+    port = free_port()
+    config = config_file(
+        tmp_path, data_dir, sim.base_url, (LEADS,), http={"listen": f"127.0.0.1:{port}"}
+    )
+    daemon = await start_daemon(cli, config)
+    url = f"http://127.0.0.1:{port}/readyz"
+    async with aiohttp.ClientSession() as session:
+
+        async def ready() -> bool:
+            try:
+                return (await http_get(session, url))[0] == 200
+            except aiohttp.ClientConnectionError:
+                return False  # the server is not listening yet
+
+        await wait_until(ready, "/readyz 200", process=daemon)
+        issued = len(sim.tokens())
+        expired_at = time.monotonic() + 1.5  # the token's life, and some
+
+        def token_expired() -> bool:
+            return time.monotonic() > expired_at
+
+        await wait_until(token_expired, "the idle daemon's token to expire", process=daemon)
+        status, body = await http_get(session, url)
+    assert status == 200, body
+    assert json.loads(body) == {"ready": True}
+    assert len(sim.tokens()) == issued, "nothing asked for a new token meanwhile"
+    daemon.terminate()
+    assert await daemon.wait(10) == 0
+
+
 async def test_status_endpoints_and_status_command_while_running(
     sim: Simulator, cli: CliRunner, tmp_path: Path, data_dir: Path
 ) -> None:

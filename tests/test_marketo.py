@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import socket
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 import structlog
+from aiohttp import web
 
+import orchestrator
 from orchestrator import constants
 from orchestrator.backoff import Backoff
 from orchestrator.config import (
@@ -32,11 +36,13 @@ from orchestrator.errors import (
     ImportInProgressError,
     QueueFullError,
     TransientError,
+    UnknownOutcomeError,
 )
 from orchestrator.marketo import MarketoClient
-from orchestrator.marketo.auth import Grant, TokenSource
+from orchestrator.marketo.auth import Grant, Token, TokenSource
 from orchestrator.models import BatchStatus, ObjectType
-from orchestrator.simulator import Simulator
+from orchestrator.simulator import Simulator, SimulatorConfig
+from tests.support.settings import free_port
 from tests.support.waiting import wait_until
 
 SECRET = "s3cr3t-value-never-shown"
@@ -60,9 +66,9 @@ SAMPLES = {
         "email,firstName\na@example.com,Ann\nnot-an-email,Bob\nc@example.com,__WARN__\n",
     ),
     "cars": ("tsv", "vin\tcolor\nV1\tred\n\tblue\nV3\t__WARN__\n"),
-    "members": (
+    "members": (  # an invalid email only warns for program members: a missing one fails
         "ssv",
-        "email;firstName\nm@example.com;Max\nbad-address;Mo\nn@example.com;__WARN__\n",
+        "email;firstName\nm@example.com;Max\n;Mo\nn@example.com;__WARN__\n",
     ),
 }
 GOOD_LEADS = "email,firstName\nx@example.com,Xena\ny@example.com,Yuri\n"
@@ -121,7 +127,7 @@ def make_settings(
     )
 
 
-CLIENT_KW = {"clock", "wall_clock", "max_attempts", "calls_today", "session"}
+CLIENT_KW = {"clock", "wall_clock", "max_attempts", "calls_today", "session", "socket_factory"}
 
 
 def make_client(sim: Simulator, rec: Recorder | None = None, **kw: Any) -> MarketoClient:
@@ -362,8 +368,9 @@ RETRYABLE = [
     ({"fault_503": 1.0}, "http-503"),
     ({"fault_608": 1.0}, "608"),
     ({"fault_611": 1.0}, "611"),
-    ({"fault_606": 1.0}, "606"),
     ({"fault_615": 1.0}, "615"),
+    ({"fault_envelope_500": 1.0}, "500"),
+    ({"fault_envelope_502": 1.0}, "502"),
     ({"drop_fraction": 1.0}, "network"),
     ({"slow_fraction": 1.0, "slow_seconds": 1.0}, "timeout"),
 ]
@@ -393,14 +400,114 @@ async def test_retryable_errors_back_off_then_succeed(
 
 
 async def test_upload_retried_with_the_file_reopened(make_simulator: Any, tmp_path: Path) -> None:
+    """An error envelope means Marketo did not execute the create: retried here."""
     sim = await make_simulator(**FAST)
-    rec = Recorder(lambda n, _s: sim.set_knobs(fault_503=0.0) if n == 2 else None)
+    rec = Recorder(lambda n, _s: sim.set_knobs(fault_608=0.0) if n == 2 else None)
     async with make_client(sim, rec) as client:
-        sim.set_knobs(fault_503=1.0)
+        sim.set_knobs(fault_608=1.0)
         batch = await client.submit(LEADS, write(tmp_path, "a.csv", GOOD_LEADS), "csv")
         final = await wait_final(client, LEADS, batch.batch_id)
     assert final.rows_processed == 2
     assert client.calls_by_operation["importLeadUsingPOST"] == 3
+    assert len(sim.jobs()) == 1
+
+
+# -- Creating a job is not idempotent (issue 10, item 1) ----------------------------
+
+
+@pytest.mark.parametrize(
+    ("knobs", "code"),
+    [
+        ({"fault_503": 1.0}, "http-503"),
+        ({"fault_500": 1.0}, "http-500"),
+        ({"drop_reply_fraction": 1.0}, "network"),
+        ({"late_reply_fraction": 1.0, "late_reply_seconds": 1.0}, "timeout"),
+    ],
+    ids=["http-503", "http-500", "dropped-reply", "late-reply"],
+)
+async def test_create_with_unknown_outcome_is_not_retried_by_the_client(
+    make_simulator: Any, tmp_path: Path, knobs: dict[str, float], code: str
+) -> None:
+    """Item 1: once the body went out, a 5xx, a drop or a read timeout may hide a job
+    Marketo made; the client raises UnknownOutcomeError after ONE create."""
+    sim = await make_simulator(**FAST)
+    rec = Recorder()
+    async with make_client(sim, rec, timeout=0.3) as client:
+        await client.ensure_token()
+        sim.set_knobs(**knobs)
+        with pytest.raises(UnknownOutcomeError) as caught:
+            await client.submit(LEADS, write(tmp_path, "a.csv", GOOD_LEADS), "csv")
+    assert caught.value.code == code
+    assert "outcome is unknown" in str(caught.value)
+    assert client.calls_by_operation["importLeadUsingPOST"] == 1
+    assert rec.sleeps == []
+
+
+async def test_late_create_answer_made_a_job_the_client_did_not_repeat(
+    make_simulator: Any, tmp_path: Path
+) -> None:
+    """Item 1: the simulator made the job, then answered past the read timeout."""
+    sim = await make_simulator(**FAST, late_reply_fraction=1.0, late_reply_seconds=1.0)
+    async with make_client(sim, timeout=0.3) as client:
+        with pytest.raises(UnknownOutcomeError):
+            await client.submit(LEADS, write(tmp_path, "a.csv", GOOD_LEADS), "csv")
+    assert [j["owner"] for j in sim.jobs()] == [CLIENT_ID]
+
+
+async def test_create_that_never_connected_is_retried(tmp_path: Path) -> None:
+    """Item 1: no connection, no job: the create is retried like any other call."""
+    port = free_port()  # nothing listens there
+    settings = Settings(
+        marketo=MarketoSettings(
+            base_url=f"http://127.0.0.1:{port}",
+            identity_url="",
+            client_id=CLIENT_ID,
+            client_secret=Secret(SECRET),
+            request_timeout=1.0,
+        ),
+        backoff=BACKOFF,
+    )
+    rec = Recorder()
+    client = MarketoClient(settings, observer=rec, sleep=rec.sleep, max_attempts=3)
+    client._tokens._token = Token("t", time.monotonic() + 3600, 1)  # skip identity
+    async with client:
+        with pytest.raises(TransientError) as caught:
+            await client.submit(LEADS, write(tmp_path, "a.csv", GOOD_LEADS), "csv")
+    assert not isinstance(caught.value, UnknownOutcomeError)
+    assert caught.value.code == "network"
+    assert client.calls_by_operation["importLeadUsingPOST"] == 3
+
+
+def small_send_buffer(addr_info: Any) -> socket.socket:
+    """A client socket whose send buffer cannot hide a slow reader (loopback's is 4 MB)."""
+    family, kind, proto, _, _ = addr_info
+    sock = socket.socket(family=family, type=kind, proto=proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65_536)
+    return sock
+
+
+async def test_upload_that_keeps_progressing_is_not_cut_off_by_request_timeout(
+    tmp_path: Path,
+) -> None:
+    """Item 1: request_timeout bounds silence, not the length of an upload. The
+    simulator reads the body at 500 kB/s (a slow uplink; small socket buffers on both
+    ends so the pace is felt at once): 3 MB take about 6 s, twice request_timeout,
+    and the upload is neither cut off nor sent twice. A total timeout (the old
+    client) gives up half way."""
+    sim = Simulator(SimulatorConfig(**FAST, read_bytes_per_second=500_000.0))
+    await sim.start(receive_buffer=65_536)
+    try:
+        rows = "".join(f"slow{i:07d}@example.com\n" for i in range(120_000))
+        big = write(tmp_path, "big.csv", "email\n" + rows)  # about 3 MB
+        async with make_client(sim, timeout=3.0, socket_factory=small_send_buffer) as client:
+            batch = await client.submit(LEADS, big, "csv")
+        assert batch.batch_id > 0
+        create = next(c for c in sim.calls() if c["operation"] == "importLeadUsingPOST")
+        assert create["duration"] > 3.0, "the upload took longer than request_timeout"
+        assert client.calls_by_operation["importLeadUsingPOST"] == 1
+        assert len(sim.jobs()) == 1
+    finally:
+        await sim.stop()
 
 
 async def test_retries_give_up_after_max_attempts(make_simulator: Any, tmp_path: Path) -> None:
@@ -485,7 +592,9 @@ async def test_limiter_holds_window_and_in_flight_cap(make_simulator: Any, tmp_p
     ("now", "to_midnight"),
     [
         (dt.datetime(2026, 11, 23, 20, 0, tzinfo=dt.UTC), 10 * 3600),  # 14:00 CST
-        (dt.datetime(2026, 7, 1, 20, 0, tzinfo=dt.UTC), 9 * 3600),  # 15:00 CDT
+        # 15:00 CDT: Chicago midnight is 05:00 UTC, "12:00AM CST" read as UTC-6 is
+        # 06:00 UTC; the pause ends at the later of the two.
+        (dt.datetime(2026, 7, 1, 20, 0, tzinfo=dt.UTC), 10 * 3600),
     ],
 )
 async def test_quota_607_pauses_until_midnight_in_chicago(
@@ -523,6 +632,148 @@ async def test_own_daily_count_stops_before_marketo_says_607(
     assert rec.backoffs == [("quota", 10 * 3600)]
     assert "607" not in sim.stats()["errors"]
     assert client.calls_today == 1
+
+
+class WallClock:
+    """A wall clock shared by the client and the simulator, moved by the client's sleeps."""
+
+    def __init__(self, now: dt.datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> dt.datetime:
+        return self.now
+
+    def sleep(self, _n: int, seconds: float) -> None:
+        self.now += dt.timedelta(seconds=seconds)
+
+
+@pytest.mark.parametrize(
+    ("reset_utc", "sleeps"),
+    [
+        ("05:00", [10 * 3600]),  # the quota resets at Chicago midnight (CDT)
+        ("06:00", [10 * 3600]),  # the quota resets at midnight UTC-6 ("CST" all year)
+        ("06:10", [10 * 3600, 300, 300]),  # later than both: probe every five minutes
+    ],
+    ids=["chicago-midnight", "fixed-cst", "late-reset-probed"],
+)
+async def test_quota_607_resumes_at_the_later_reading_and_probes_if_607_comes_back(
+    make_simulator: Any, tmp_path: Path, reset_utc: str, sleeps: list[float]
+) -> None:
+    """Item 3: a 607 on a summer afternoon pauses until 06:00 UTC, whichever clock the
+    subscription's quota follows; if 607 comes back, the client probes every few
+    minutes instead of pausing another day."""
+    clock = WallClock(dt.datetime(2026, 7, 1, 20, 0, tzinfo=dt.UTC))  # 15:00 CDT
+    sim = await make_simulator(**FAST, quota_reset_utc=reset_utc)
+    sim.wall_clock = clock
+    rec = Recorder(clock.sleep)
+    async with make_client(sim, rec, wall_clock=clock) as client:
+        batch_id = await submitted(client, sim, tmp_path)
+        sim.set_knobs(daily_quota=len(sim.calls()) - identity_calls(sim))  # spent today
+        batch = await client.status(LEADS, batch_id)
+    assert batch.batch_id == batch_id
+    assert rec.sleeps == sleeps
+    assert rec.errors == ["607"] * len(sleeps)
+
+
+# -- Shared limits (item 4) ----------------------------------------------------------
+
+
+async def test_606_from_another_integration_holds_every_call_for_a_full_window(
+    make_simulator: Any, tmp_path: Path
+) -> None:
+    """Item 4: another integration filled the subscription's window; after the 606
+    nothing is sent until a whole api_window_seconds has passed, not after a backoff
+    of milliseconds that would meet 606 again."""
+    sim = await make_simulator(**FAST, rate_window=2.0)
+    rec = Recorder(lambda _n, _s: sim.set_knobs(foreign_calls_per_window=0))
+    async with make_client(sim, rec, api_window_seconds=2.0) as client:
+        batch_id = await submitted(client, sim, tmp_path)
+        sim.set_knobs(foreign_calls_per_window=sim.config.rate_limit)  # someone else's calls
+        await asyncio.gather(*(client.status(LEADS, batch_id) for _ in range(3)))
+    assert "606" in rec.errors
+    assert rec.sleeps
+    assert all(s >= 1.9 for s in rec.sleeps), rec.sleeps  # the window, less what passed
+    assert [reason for reason, _ in rec.backoffs] == ["606"] * len(rec.backoffs)
+
+
+# -- Tokens for uploads (item 5) -------------------------------------------------------
+
+
+async def test_fresh_start_waits_out_a_token_with_thirty_seconds_left() -> None:
+    """Item 5: a token is used only with at least a minute of life left, also on the
+    first request of a fresh process (no earlier answer to compare with)."""
+    now = [0.0]
+    answers = [Grant("tok-old", 30), Grant("tok-new", 3600)]
+    waits: list[float] = []
+
+    async def fetch() -> Grant:
+        return answers.pop(0)
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        now[0] += seconds
+
+    source = TokenSource(fetch, clock=lambda: now[0], sleep=sleep)
+    token = await source.get()
+    assert token.value == "tok-new"
+    assert len(waits) == 1
+    assert 30 <= waits[0] <= 31
+
+
+async def test_upload_needs_a_token_that_outlives_its_expected_time() -> None:
+    """Item 5: the minimum life is max(60 s, the upload's expected time)."""
+    now = [0.0]
+    answers = [Grant("tok-a", 100), Grant("tok-b", 3600)]
+
+    async def fetch() -> Grant:
+        return answers.pop(0)
+
+    async def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    source = TokenSource(fetch, clock=lambda: now[0], sleep=sleep)
+    assert (await source.get()).value == "tok-a"  # 100 s left: enough for a status call
+    assert (await source.get(min_life=120.0)).value == "tok-b"  # not for a 120 s upload
+
+
+# -- Envelopes and headers (item 2) ------------------------------------------------------
+
+
+async def test_request_id_on_errors_and_user_agent_on_requests(
+    make_simulator: Any, tmp_path: Path
+) -> None:
+    """Item 2: Marketo's requestId travels with every error (Adobe support asks for it);
+    every request says who we are."""
+    sim = await make_simulator(**FAST)
+    seen: list[str] = []
+
+    @web.middleware
+    async def agent(request: web.Request, handler: Any) -> web.StreamResponse:
+        seen.append(request.headers.get("User-Agent", ""))
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    app = sim.make_app()
+    app.middlewares.append(agent)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        settings = replace(
+            make_settings(sim),
+            marketo=replace(make_settings(sim).marketo, base_url=f"http://127.0.0.1:{port}"),
+        )
+        async with MarketoClient(settings, sleep=Recorder().sleep) as client:
+            with pytest.raises(FatalError) as caught:
+                await client.import_leads(write(tmp_path, "a.csv", GOOD_LEADS), "xml")
+    finally:
+        await runner.cleanup()
+    assert caught.value.request_id
+    assert f"request id {caught.value.request_id}" in str(caught.value)
+    assert seen
+    assert set(seen) == {f"marketo-orchestrator/{orchestrator.__version__}"}
 
 
 # -- Secrets -----------------------------------------------------------------------

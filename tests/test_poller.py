@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from orchestrator.config import PollingSettings, Route, Settings
 from orchestrator.errors import (
@@ -44,6 +45,8 @@ class FakeStatusSource:
         self.scripts: dict[int, deque[Answer]] = {}
         self.polls: list[int] = []
         self.downloads: list[tuple[str, int, Path]] = []
+        # Per kind, what the next downloads do: an error to raise, False for a 404.
+        self.download_answers: dict[str, deque[MarketoError | bool]] = {}
         self.calls_today = 0
 
     def script(self, batch_id: int, *answers: str | Answer) -> None:
@@ -67,6 +70,13 @@ class FakeStatusSource:
 
     def _download(self, kind: str, batch_id: int, dest: Path) -> bool:
         self.downloads.append((kind, batch_id, dest))
+        planned = self.download_answers.get(kind)
+        if planned:
+            answer = planned.popleft()
+            if isinstance(answer, MarketoError):
+                raise answer
+            if answer is False:
+                return False
         dest.write_text(f"email,Import {kind} reason\nx@y.z,bad\n", encoding="utf-8")
         return True
 
@@ -372,6 +382,86 @@ async def test_retryable_error_leaves_the_chunk_outstanding(
     harness.clock.advance(INTERVAL)
     assert await harness.poll_round() == [101]
     assert (await harness.chunk(101)).status is ChunkStatus.COMPLETE
+
+
+# -- a Complete batch stays complete whatever happens to its files (item 2) ----------------------
+
+
+COMPLETE_WITH_FAILURES = BatchStatus(
+    101, "Complete", rows_processed=8, rows_failed=2, message="Import completed with errors"
+)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        FatalError("invalid-response", "a JSON body where a file was expected"),
+        TransientError("http-503", "Service Unavailable"),
+    ],
+    ids=["fatal", "transient"],
+)
+async def test_download_error_on_complete_is_retried_and_never_fails_the_chunk(
+    harness: Harness, error: MarketoError
+) -> None:
+    """Item 2: the rows were imported; a failing download is tried again at the next
+    polls, then the chunk ends Complete saying the file could not be fetched."""
+    await harness.submitted_chunks(LEADS, (101, 0))
+    harness.client.script(101, *[COMPLETE_WITH_FAILURES] * 3)
+    harness.client.download_answers["failures"] = deque([error, error, error])
+
+    assert await harness.poll_round() == [101]
+    assert (await harness.chunk(101)).status is ChunkStatus.SUBMITTED
+    harness.clock.advance(INTERVAL)
+    assert await harness.poll_round() == [101]
+    assert (await harness.chunk(101)).status is ChunkStatus.SUBMITTED
+    harness.clock.advance(INTERVAL)
+    assert await harness.poll_round() == [101]
+
+    done = await harness.chunk(101)
+    assert done.status is ChunkStatus.COMPLETE
+    assert done.rows_processed == 8
+    assert "the failures file (2 rows) could not be fetched" in done.message
+    assert done.failures_path is None
+    assert harness.finals == [done]
+
+
+async def test_download_error_then_success_keeps_the_file(harness: Harness) -> None:
+    await harness.submitted_chunks(LEADS, (101, 0))
+    harness.client.script(101, *[COMPLETE_WITH_FAILURES] * 2)
+    harness.client.download_answers["failures"] = deque([TransientError("network", "reset")])
+
+    await harness.poll_round()
+    harness.clock.advance(INTERVAL)
+    await harness.poll_round()
+
+    done = await harness.chunk(101)
+    assert (done.status, done.message) == (ChunkStatus.COMPLETE, "Import completed with errors")
+    assert done.failures_path is not None
+
+
+@pytest.mark.parametrize(("answers", "kept"), [([False, True], True), ([False, False], False)])
+async def test_404_while_rows_failed_is_asked_once_more_before_it_means_no_file(
+    harness: Harness, answers: list[bool], kept: bool
+) -> None:
+    """Item 2: a 404 on failures.json while numOfRowsFailed > 0 is a mismatch: logged,
+    asked again at the next poll, only then read as "no file"."""
+    await harness.submitted_chunks(LEADS, (101, 0))
+    harness.client.script(101, *[COMPLETE_WITH_FAILURES] * 2)
+    harness.client.download_answers["failures"] = deque(answers)
+
+    with capture_logs() as logs:
+        await harness.poll_round()
+        assert (await harness.chunk(101)).status is ChunkStatus.SUBMITTED
+        harness.clock.advance(INTERVAL)
+        await harness.poll_round()
+
+    done = await harness.chunk(101)
+    assert done.status is ChunkStatus.COMPLETE
+    assert [d[0] for d in harness.client.downloads] == ["failures", "failures"]
+    assert (done.failures_path is not None) is kept
+    assert any(e["event"] == "file_missing_despite_counter" for e in logs)
+    if not kept:
+        assert "no failures file" in done.message
 
 
 # -- a start tells the scheduler a foreign job left -------------------------------------------------

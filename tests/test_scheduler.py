@@ -22,6 +22,7 @@ from orchestrator.errors import (
     MarketoError,
     QueueFullError,
     TransientError,
+    UnknownOutcomeError,
 )
 from orchestrator.models import BatchStatus, ChunkRecord, ChunkStatus, FileRecord, ObjectType
 from orchestrator.scheduler import QueueModel, Scheduler
@@ -132,7 +133,7 @@ class Harness:
         await self.store.finish_chunk(
             chunk.id, status=ChunkStatus.COMPLETE, message="", finished_at="2026-11-23T15:00:00Z"
         )
-        self.scheduler.job_finished()
+        self.scheduler.job_finished(chunk.id)
 
 
 def make_settings(tmp_path: Path, **limits: int) -> Settings:
@@ -374,6 +375,75 @@ async def test_retryable_error_puts_the_chunk_back_and_waits(harness: Harness) -
 
     harness.clock.advance(SURELY_OVER)
     assert await harness.submit_ready() == ["a1", "a2"]
+
+
+# -- unknown outcomes of a create (issue 10, item 1) -------------------------------------------------
+
+
+def unknown(code: str = "timeout") -> UnknownOutcomeError:
+    return UnknownOutcomeError(code, "the request was sent but its outcome is unknown")
+
+
+async def test_unknown_outcome_resubmits_after_backoff_and_counts_the_submits(
+    harness: Harness,
+) -> None:
+    """Item 1: the chunk goes back to the head, is sent again after a backoff, and its
+    record counts every create that may have made a job."""
+    await harness.add_file(LEADS, "a.csv", 2)
+    harness.client.refuse("a1", unknown(), unknown("http-503"))
+
+    assert await harness.submit_ready() == []
+    assert [r for r, _ in harness.observer.backoffs] == ["unknown-outcome"]
+    assert (await harness.chunk("a1")).status is ChunkStatus.PENDING
+    assert await harness.submit_ready() == []  # still in the backoff
+    harness.clock.advance(SURELY_OVER)
+    assert await harness.submit_ready() == []
+    harness.clock.advance(2 * SURELY_OVER)
+    assert await harness.submit_ready() == ["a1", "a2"]
+    first = await harness.chunk("a1")
+    assert (first.unknown_outcomes, first.submits) == (2, 3)
+    assert (await harness.chunk("a2")).submits == 1
+    assert harness.client.calls == ["a1", "a1", "a1", "a2"]
+
+
+async def test_past_max_resubmits_the_file_fails_naming_the_chunk(
+    store: Store, tmp_path: Path
+) -> None:
+    """Item 1: at most 1 + max_resubmits creates per chunk, then the file fails with an
+    error that names the chunk and says Marketo may hold copies of it."""
+    harness = make_harness(store, make_settings(tmp_path, max_resubmits=2))
+    file = await harness.add_file(LEADS, "a.csv", 2)
+    harness.client.refuse("a1", *(unknown() for _ in range(10)))
+
+    for _ in range(6):
+        await harness.submit_ready()
+        harness.clock.advance(BACKOFF.max)
+
+    assert harness.client.calls == ["a1", "a1", "a1"]
+    statuses = await harness.statuses()
+    assert statuses == {"a1": ChunkStatus.FAILED, "a2": ChunkStatus.FAILED}
+    error = (await store.get_file(file.id)).error or ""
+    assert "chunk 1" in error
+    assert "Marketo may hold up to 3 copies" in error
+    assert (await harness.chunk("a1")).submits == 3
+
+
+async def test_unknown_outcomes_hold_queue_slots_until_the_chunk_finishes(
+    harness: Harness,
+) -> None:
+    """Item 1: a create with an unknown outcome counts as someone else's job in the
+    queue model (Marketo's 10 slots) until its chunk's next job ends."""
+    await harness.add_file(LEADS, "a.csv", 11)
+    harness.client.refuse("a1", unknown())
+
+    assert await harness.submit_ready() == []
+    assert harness.scheduler.model.phantoms == 1
+    harness.clock.advance(SURELY_OVER)
+    sent = await harness.submit_ready()
+    assert sent == [f"a{i}" for i in range(1, 10)]  # 9 of ours + 1 that may be Marketo's
+    await harness.job_done("a1")  # its lost copy queued ahead of it: gone too
+    assert harness.scheduler.model.phantoms == 0
+    assert await harness.submit_ready() == ["a10", "a11"]
 
 
 # -- the queue model ----------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
+import datetime as dt
 import io
 import json
 import re
@@ -404,10 +405,99 @@ async def test_file_of_ten_megabytes_is_refused_with_413(
     assert simulator.stats()["violations"] == ["oversized_file"]
     assert simulator.jobs() == []
 
-    simulator.set_knobs(max_file_bytes=100)
-    fits = await client.upload(LEADS_PATH, b"email\n" + b"a" * 93, {"format": "csv"})
-    too_big = await client.upload(LEADS_PATH, b"email\n" + b"a" * 94, {"format": "csv"})
+
+async def test_limit_applies_to_the_whole_request_body_not_the_file_part(
+    simulator: Simulator, client: Client
+) -> None:
+    """Item 6: Marketo limits the request (Content-Length), multipart envelope included:
+    a file part under the limit in a request that reaches it is refused."""
+    simulator.set_knobs(max_file_bytes=1000)
+    fits = await client.upload(LEADS_PATH, b"email\n" + b"a" * 500, {"format": "csv"})
+    file_under_request_over = b"email\n" + b"a" * 900  # 906 bytes, the request more than 1000
+    too_big = await client.upload(LEADS_PATH, file_under_request_over, {"format": "csv"})
     assert (fits.status, too_big.status) == (200, 413)
+
+
+async def test_padded_header_fails_every_custom_object_row_as_marketo_does(
+    simulator: Simulator, client: Client
+) -> None:
+    """Item 6: Marketo matches column names exactly; " vin" is not the dedupe field vin
+    (custom-object import page: every row fails with missing.dedupe.fields)."""
+    simulator.set_knobs(dedupe_field="vin")
+    padded = b"color,make,model, vin\nred,bmw,2002,WBA4R7C55HK895912\n"
+    batch_id = await client.batch(CUSTOM_PATH, padded, format="csv")
+    status = await client.wait_final(f"/bulk/v1/customobjects/car_c/import/{batch_id}/status.json")
+    assert (status["numOfObjectsProcessed"], status["numOfRowsFailed"]) == (0, 1)
+    async with client.session.get(
+        f"{client.base}/bulk/v1/customobjects/car_c/import/{batch_id}/failures.json",
+        headers=client.headers(),
+    ) as response:
+        failures = list(csv.reader(io.StringIO(await response.text())))
+    assert failures[1][-1] == "missing.dedupe.fields"
+    clean = b"color,make,model,vin\nred,bmw,2002,WBA4R7C55HK895912\n"
+    batch_id = await client.batch(CUSTOM_PATH, clean, format="csv")
+    status = await client.wait_final(f"/bulk/v1/customobjects/car_c/import/{batch_id}/status.json")
+    assert (status["numOfObjectsProcessed"], status["numOfRowsFailed"]) == (1, 0)
+
+
+async def test_program_member_with_invalid_email_is_a_warning_as_documented(
+    simulator: Simulator, client: Client
+) -> None:
+    """Item 6: the program-member import page shows an invalid email as a warning."""
+    data = b"firstName,email\nAerys,INVALID_EMAIL\nOk,ok@example.com\n"
+    batch_id = await client.batch(
+        MEMBERS_PATH, data, format="CSV", programMemberStatus="Registered"
+    )
+    status = await client.wait_final(f"/bulk/v1/program/members/import/{batch_id}/status.json")
+    assert (status["numOfLeadsProcessed"], status["numOfRowsFailed"]) == (2, 0)
+    assert status["numOfRowsWithWarning"] == 1
+    async with client.session.get(
+        f"{client.base}/bulk/v1/program/members/import/{batch_id}/warnings.json",
+        headers=client.headers(),
+    ) as response:
+        warnings = list(csv.reader(io.StringIO(await response.text())))
+    assert warnings[1] == ["Aerys", "INVALID_EMAIL", "Invalid email address"]
+
+
+async def test_another_integrations_calls_take_their_share_of_both_limits(
+    make_simulator: MakeSimulator, session: aiohttp.ClientSession
+) -> None:
+    """Item 4: Marketo's limits are the subscription's; someone else's calls count."""
+    simulator = await make_simulator(rate_limit=10, foreign_calls_per_window=8)
+    client = Client(session, simulator)
+    await client.token()
+    path = "/bulk/v1/leads/batch/1001.json"
+    codes = [error_code(await client.get(path)) for _ in range(3)]
+    assert codes == ["1003", "1003", "606"]
+    simulator.set_knobs(foreign_calls_per_window=0, rate_limit=100, foreign_in_flight=10)
+    assert error_code(await client.get(path)) == "615"
+
+
+async def test_envelope_error_codes_500_and_502(simulator: Simulator, client: Client) -> None:
+    """Item 2: Marketo can put 500 or 502 in errors[] of an HTTP 200 answer."""
+    path = "/bulk/v1/leads/batch/1001.json"
+    simulator.set_knobs(fault_envelope_502=1.0)
+    assert error_code(await client.get(path)) == "502"
+    simulator.set_knobs(fault_envelope_502=0.0, fault_envelope_500=1.0)
+    assert error_code(await client.get(path)) == "500"
+
+
+async def test_quota_resets_at_the_configured_moment(
+    make_simulator: MakeSimulator, session: aiohttp.ClientSession
+) -> None:
+    """Item 3: the daily quota resets at quota_reset_utc on the simulator's wall clock."""
+    simulator = await make_simulator(daily_quota=1, quota_reset_utc="06:00")
+    now = [dt.datetime(2026, 7, 1, 20, 0, tzinfo=dt.UTC)]
+    simulator.wall_clock = lambda: now[0]
+    client = Client(session, simulator)
+    await client.token()
+    path = "/bulk/v1/leads/batch/1001.json"
+    assert error_code(await client.get(path)) == "1003"
+    assert error_code(await client.get(path)) == "607"
+    now[0] = dt.datetime(2026, 7, 2, 5, 59, tzinfo=dt.UTC)  # Chicago midnight passed
+    assert error_code(await client.get(path)) == "607"
+    now[0] = dt.datetime(2026, 7, 2, 6, 0, tzinfo=dt.UTC)
+    assert error_code(await client.get(path)) == "1003"
 
 
 async def test_rate_limit_606_in_a_scaled_window(

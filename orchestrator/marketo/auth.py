@@ -7,8 +7,13 @@ cache SPEC.md asks for, without global state that tests would have to reset).
 Marketo's identity service answers an early request with the *same* token and
 its remaining life. So when little life is left the source waits out the
 expiry (with the injected sleep) and asks again, rather than carrying a token
-into a request it will not survive. "Little" is under a minute, or under 10 %
-of the longest life seen for short-lived test tokens.
+into a request it will not survive. "Little" is under `min_life`: a minute by
+default, longer for an upload expected to take longer (the client says). The
+threshold does not depend on what earlier answers said, with one exception: a
+token fetched right after the previous one was waited out is freshly minted,
+so its life is all a token of this service ever gets; when that is shorter
+than the threshold (a simulator with short-lived tokens), half of it is used
+instead, since waiting for a longer-lived token would never end.
 
 Every token carries a generation number. A call that meets 601/602 asks for a
 refresh naming the generation it used; once the lock is held, a newer
@@ -27,11 +32,12 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from orchestrator import constants
+
 log = structlog.get_logger(__name__)
 
 # A token with less than this life left is waited out rather than used.
-LOW_LIFE_SECONDS = 60.0
-LOW_LIFE_FRACTION = 0.1
+LOW_LIFE_SECONDS = constants.TOKEN_MIN_LIFE_SECONDS
 # Asking again at most this many times when the answer is still the old token.
 MAX_EARLY_ANSWERS = 3
 
@@ -72,7 +78,7 @@ class TokenSource:
         self._lock = asyncio.Lock()
         self._token: Token | None = None
         self._generation = 0
-        self._longest_life = 0.0
+        self._fresh_life: float | None = None  # life of a token known to be freshly minted
 
     def __repr__(self) -> str:
         state = "none" if self._token is None else f"generation {self._token.generation}"
@@ -87,16 +93,17 @@ class TokenSource:
         """The token string, for scrubbing it out of messages (never log it)."""
         return self._token.value if self._token is not None else None
 
-    async def get(self) -> Token:
-        """A token with enough life left, fetching one if needed."""
+    async def get(self, min_life: float | None = None) -> Token:
+        """A token with at least `min_life` seconds left (default a minute), fetched if needed."""
+        threshold = self._threshold(min_life)
         token = self._token
-        if token is not None and not self._low(token):
+        if token is not None and self._remaining(token) >= threshold:
             return token
         async with self._lock:
             token = self._token
-            if token is not None and not self._low(token):
+            if token is not None and self._remaining(token) >= self._threshold(min_life):
                 return token
-            return await self._obtain()
+            return await self._obtain(min_life)
 
     async def refresh(self, stale_generation: int) -> Token:
         """A new token after Marketo refused generation `stale_generation` (601/602)."""
@@ -110,23 +117,24 @@ class TokenSource:
     def _remaining(self, token: Token) -> float:
         return token.expires_at - self._clock()
 
-    def _low_threshold(self) -> float:
-        return min(LOW_LIFE_SECONDS, LOW_LIFE_FRACTION * self._longest_life)
+    def _threshold(self, min_life: float | None) -> float:
+        wanted = max(LOW_LIFE_SECONDS, min_life or 0.0)
+        if self._fresh_life is not None and self._fresh_life < wanted:
+            return self._fresh_life / 2
+        return wanted
 
-    def _low(self, token: Token) -> bool:
-        return self._remaining(token) < self._low_threshold()
-
-    async def _obtain(self) -> Token:
+    async def _obtain(self, min_life: float | None = None) -> Token:
         """Ask the identity service, waiting out a token that is about to expire."""
         grant = await self._fetch()
         for _ in range(MAX_EARLY_ANSWERS):
-            self._longest_life = max(self._longest_life, grant.expires_in)
-            if grant.expires_in >= self._low_threshold():
+            threshold = self._threshold(min_life)
+            if grant.expires_in >= threshold:
                 break
-            wait = grant.expires_in + min(1.0, self._low_threshold())
+            wait = grant.expires_in + min(1.0, threshold)
             log.debug("token nearly expired, waiting it out", seconds=round(wait, 3))
             await self._sleep(wait)
             grant = await self._fetch()
+            self._fresh_life = grant.expires_in  # the old one expired: this one is new
         self._generation += 1
         self._token = Token(grant.access_token, self._clock() + grant.expires_in, self._generation)
         log.debug("access token obtained", generation=self._generation, expires_in=grant.expires_in)

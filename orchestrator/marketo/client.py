@@ -10,9 +10,22 @@ Every call goes through one retry loop:
     quota gate -> token -> limiter slot -> HTTP -> envelope -> result
          ^                                                    |
          +-- 601/602: refresh once (under the token lock) ----+
-         +-- 606/615/5xx/604/608/611/614/713/719/network/timeout: backoff, retry
-         +-- 607: pause every call until midnight in quota_reset_tz, retry
+         +-- 606: hold every call for a full api_window_seconds, retry
+         +-- 615/5xx/500/502/604/608/611/614/713/719/network/timeout: backoff, retry
+         +-- 607: pause every call until the quota resets (see `marketo.limits`), retry
     1016, 1019 and fatal errors: raised at once (the scheduler owns 1016/1019)
+
+Creating an import job is not idempotent, so a create is retried here only
+when Marketo cannot have executed it: the connection was never established,
+the body was not fully sent (a stalled upload), or Marketo answered with an
+error envelope (6xx, 500/502 in `errors[]`: "not executed" on Marketo's
+error-code page). Once the whole body went out, a timeout, a dropped
+connection, an HTTP 5xx or an unreadable answer is an unknown outcome:
+`UnknownOutcomeError`, raised at once for the scheduler to resubmit (capped).
+
+Timeouts: `request_timeout` bounds connecting, and then the silence after the
+request went out (no byte of the answer for that long); an upload is cut off
+only when it makes no progress for `request_timeout`, never for taking long.
 
 Foreign errors are translated here and only here: aiohttp exceptions become
 `TransientError("network"/"timeout")`, HTTP statuses go through
@@ -30,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import socket
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
@@ -40,7 +54,8 @@ from typing import Any, Final, Protocol, Self, TypeVar
 import aiohttp
 import structlog
 
-from orchestrator import config, logs
+import orchestrator
+from orchestrator import config, constants, logs
 from orchestrator.backoff import Backoff
 from orchestrator.clock import utc_now
 from orchestrator.errors import (
@@ -51,6 +66,7 @@ from orchestrator.errors import (
     QuotaExhaustedError,
     RateLimitError,
     TransientError,
+    UnknownOutcomeError,
 )
 from orchestrator.marketo.auth import Grant, TokenSource
 from orchestrator.marketo.limits import DailyQuota, Limiter
@@ -81,6 +97,9 @@ log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 
+USER_AGENT: Final = f"marketo-orchestrator/{orchestrator.__version__}"
+# An upload's expected time, for the token's minimum life: its size over this rate.
+ASSUMED_UPLOAD_BYTES_PER_SECOND: Final = 250_000
 MAX_REFRESHES: Final = 2  # token refreshes per call after 601/602
 MAX_QUOTA_PAUSES: Final = 3  # 607 pauses per call before giving up
 RETRY_DEADLINE_SECONDS: Final = 600.0  # no call retries for longer than this
@@ -125,6 +144,7 @@ class MarketoClient:
         max_attempts: int = 6,
         calls_today: int = 0,
         session: aiohttp.ClientSession | None = None,
+        socket_factory: Callable[[Any], socket.socket] | None = None,
     ) -> None:
         m, lim = settings.marketo, settings.limits
         self._settings = settings
@@ -135,14 +155,24 @@ class MarketoClient:
         self._clock = clock
         self._max_attempts = max(1, max_attempts)
         self._backoff = Backoff(settings.backoff.initial, settings.backoff.max)
-        self._timeout = aiohttp.ClientTimeout(total=m.request_timeout)
+        self._request_timeout = m.request_timeout
+        # No total: a long upload that keeps going is never cut off (see _upload).
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=m.request_timeout, sock_read=m.request_timeout
+        )
         self._session = session
         self._owns_session = session is None
         self._secret = m.client_secret
         self._old_secrets: list[config.Secret] = []  # rotated out; still scrubbed
+        self._socket_factory = socket_factory  # tests: sockets with small send buffers
         self._tokens = TokenSource(self._fetch_grant, clock=clock, sleep=sleep)
+        self._window = lim.api_window_seconds
         self._limiter = Limiter(
-            lim.api_calls_per_window, lim.api_window_seconds, lim.concurrent_api_calls
+            lim.api_calls_per_window,
+            lim.api_window_seconds,
+            lim.concurrent_api_calls,
+            sleep=sleep,
+            clock=clock,
         )
         self._quota = DailyQuota(
             lim.daily_api_calls,
@@ -152,6 +182,7 @@ class MarketoClient:
             used=calls_today,
         )
         self._calls: Counter[str] = Counter()
+        self._identity_ok: bool | None = None
 
     def __repr__(self) -> str:
         return f"<MarketoClient {self._base} client_id={self._settings.marketo.client_id!r}>"
@@ -177,6 +208,14 @@ class MarketoClient:
     def has_token(self) -> bool:
         """True while the client holds an unexpired access token."""
         return self._tokens.has_token
+
+    @property
+    def identity_ok(self) -> bool | None:
+        """Whether the last identity call succeeded; None before the first one.
+
+        Readiness rests on this, not on `has_token`: a token that expired while the
+        daemon was idle says nothing about whether Marketo can be reached."""
+        return self._identity_ok
 
     async def ensure_token(self) -> None:
         """Fetch a token if there is none; raises `MarketoError` if that fails."""
@@ -318,26 +357,57 @@ class MarketoClient:
     async def _upload(
         self, operation: str, url_path: str, params: dict[str, str], file: Path, fmt: str
     ) -> BatchStatus:
-        """POST the file as the multipart part `file`, reopened for every attempt."""
+        """POST the file as the multipart part `file`, reopened for every attempt.
+
+        An attempt that fails after the whole body went out is an unknown outcome
+        (`UnknownOutcomeError`, not retried here); one that fails before is retried.
+        """
         content_type = CONTENT_TYPES.get(fmt.lower(), "text/plain")
+        size = (await asyncio.to_thread(file.stat)).st_size
+        min_life = max(constants.TOKEN_MIN_LIFE_SECONDS, size / ASSUMED_UPLOAD_BYTES_PER_SECOND)
 
         async def exchange(session: aiohttp.ClientSession, headers: dict[str, str]) -> Any:
             fh = await asyncio.to_thread(file.open, "rb")
+            progress: UploadProgress | None = None
             try:
                 form = aiohttp.FormData()
                 form.add_field("file", fh, filename=file.name, content_type=content_type)
-                async with session.post(
-                    self._base + url_path,
-                    params=params,
-                    data=form,
-                    headers=headers,
-                    timeout=self._timeout,
-                ) as resp:
-                    return await read_result(resp, operation, self._scrub)
+                body = form()
+                async with asyncio.timeout(self._request_timeout) as watchdog:
+                    progress = UploadProgress(body.size, watchdog, self._request_timeout)
+                    async with session.post(
+                        self._base + url_path,
+                        params=params,
+                        data=body,
+                        headers=headers,
+                        timeout=self._timeout,
+                        trace_request_ctx=progress,
+                    ) as resp:
+                        watchdog.reschedule(None)  # the answer is here: sock_read rules
+                        return await read_result(resp, operation, self._scrub)
+            except TransientError as exc:
+                if exc.code.startswith("http-") or exc.code == "invalid-response":
+                    # Not Marketo's envelope: whatever answered may have passed the body on.
+                    raise self._unknown(operation, exc.code, exc.message) from None
+                raise
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                if progress is not None and progress.body_sent:
+                    kind = "timeout" if isinstance(exc, TimeoutError) else "network"
+                    text = self._scrub(f"{type(exc).__name__}: {exc}".rstrip(": "))
+                    raise self._unknown(operation, kind, text) from None
+                raise  # _send: never connected or body not fully sent, safe to retry
             finally:
                 fh.close()  # closing a file opened for reading does not block
 
-        return batch_status(await self._call(operation, exchange), operation)
+        return batch_status(await self._call(operation, exchange, min_life=min_life), operation)
+
+    def _unknown(self, operation: str, code: str, what: str) -> UnknownOutcomeError:
+        return UnknownOutcomeError(
+            code,
+            f"the request was sent but its outcome is unknown ({what}); "
+            "Marketo may or may not have created the import job",
+            operation=operation,
+        )
 
     async def _status(self, operation: str, url_path: str) -> BatchStatus:
         async def exchange(session: aiohttp.ClientSession, headers: dict[str, str]) -> Any:
@@ -375,19 +445,25 @@ class MarketoClient:
         self,
         operation: str,
         exchange: Callable[[aiohttp.ClientSession, dict[str, str]], Awaitable[T]],
+        *,
+        min_life: float | None = None,
     ) -> T:
-        """Run `exchange` with a token and a limiter slot, retrying what is worth it."""
+        """Run `exchange` with a token and a limiter slot, retrying what is worth it.
+
+        `min_life`: seconds the token must still live (uploads); None for the default."""
         started = self._clock()
         failures = refreshes = pauses = 0
         while True:
             generation = None
             try:
                 await self._quota.reserve(self._on_quota_pause)
-                token = await self._tokens.get()
+                token = await self._tokens.get(min_life)
                 generation = token.generation
                 headers = {"Authorization": f"Bearer {token.value}"}
                 async with self._limiter.slot():
-                    return await self._send(operation, exchange, headers)
+                    result = await self._send(operation, exchange, headers)
+                self._quota.succeeded()
+                return result
             except AuthError as exc:
                 self._saw(exc)
                 if generation is None or refreshes >= MAX_REFRESHES:
@@ -401,10 +477,17 @@ class MarketoClient:
                 if pauses > MAX_QUOTA_PAUSES:
                     raise
                 self._quota.exhausted()
+            except UnknownOutcomeError as exc:
+                self._saw(exc)
+                raise
             except (RateLimitError, TransientError) as exc:
                 self._saw(exc)
                 failures += 1
                 delay = self._backoff.delay(failures)
+                if exc.code == "606":
+                    # The window is the subscription's: nothing goes until it has slid.
+                    delay = max(delay, self._window)
+                    self._limiter.hold(delay)
                 elapsed = self._clock() - started
                 if failures >= self._max_attempts or elapsed + delay > RETRY_DEADLINE_SECONDS:
                     raise
@@ -412,11 +495,13 @@ class MarketoClient:
                     "Marketo call failed, retrying",
                     operation=operation,
                     code=exc.code,
+                    request_id=exc.request_id or None,
                     attempt=failures,
                     delay=round(delay, 3),
                 )
                 self._observer.backoff(exc.code, delay)
-                await self._sleep(delay)
+                if exc.code != "606":  # after 606 the limiter holds every call, this one too
+                    await self._sleep(delay)
             except MarketoError as exc:
                 self._saw(exc)
                 raise
@@ -430,6 +515,7 @@ class MarketoClient:
         """One request; aiohttp's exceptions become ours here."""
         self._count(operation)
         started = time.monotonic()
+        headers = {**headers, "User-Agent": USER_AGENT}
         try:
             result = await exchange(self._http(), headers)
         except TimeoutError:
@@ -482,14 +568,32 @@ class MarketoClient:
             async with session.post(self._token_url, data=form, timeout=self._timeout) as resp:
                 return await read_grant(resp, self._scrub)
 
-        async with self._limiter.slot(counted=False):
-            return await self._send(IDENTITY, exchange, {})
+        try:
+            async with self._limiter.slot(counted=False):
+                grant = await self._send(IDENTITY, exchange, {})
+        except MarketoError:
+            self._identity_ok = False
+            raise
+        self._identity_ok = True
+        return grant
 
     # -- Small helpers -----------------------------------------------------
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=self._timeout)
+            trace = aiohttp.TraceConfig()
+            trace.on_request_chunk_sent.append(on_chunk_sent)
+            connector = (
+                aiohttp.TCPConnector(socket_factory=self._socket_factory)
+                if self._socket_factory is not None
+                else None
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=self._timeout,
+                headers={"User-Agent": USER_AGENT},
+                trace_configs=[trace],
+            )
         return self._session
 
     def _count(self, operation: str) -> None:
@@ -510,3 +614,35 @@ class MarketoClient:
             if secret:
                 text = text.replace(secret, "***")
         return text
+
+
+class UploadProgress:
+    """How much of an upload's body went out; keeps its stall watchdog from firing
+    while bytes keep leaving (the request's `trace_request_ctx`)."""
+
+    def __init__(self, total: int | None, watchdog: asyncio.Timeout, stall: float) -> None:
+        self.total = total
+        self.sent = 0
+        self._watchdog = watchdog
+        self._stall = stall
+
+    @property
+    def body_sent(self) -> bool:
+        """The whole body went out: Marketo may have acted on it."""
+        return self.total is None or self.sent >= self.total
+
+    def advance(self, n: int) -> None:
+        self.sent += n
+        loop = asyncio.get_running_loop()
+        self._watchdog.reschedule(None if self.body_sent else loop.time() + self._stall)
+
+
+async def on_chunk_sent(
+    _session: aiohttp.ClientSession,
+    context: Any,
+    params: aiohttp.TraceRequestChunkSentParams,
+) -> None:
+    """aiohttp's trace hook: a block of a request body was written."""
+    progress = context.trace_request_ctx
+    if isinstance(progress, UploadProgress):
+        progress.advance(len(params.chunk))

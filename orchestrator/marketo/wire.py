@@ -80,10 +80,14 @@ def envelope_error(body: Mapping[str, Any], operation: str, scrub: Scrub) -> Mar
     first = errors[0] if isinstance(errors, list) and errors else None
     if not isinstance(first, Mapping) or "code" not in first:
         return FatalError(
-            "invalid-response", "success is false without an error code", operation=operation
+            "invalid-response",
+            "success is false without an error code",
+            operation=operation,
+            request_id=scrub(str(body.get("requestId") or "")),
         )
     message = scrub(str(first.get("message", "")))
-    return error_for_code(str(first["code"]), message, operation=operation)
+    request_id = scrub(str(body.get("requestId") or ""))
+    return error_for_code(str(first["code"]), message, operation=operation, request_id=request_id)
 
 
 async def read_json(resp: aiohttp.ClientResponse, operation: str) -> dict[str, Any]:

@@ -74,9 +74,12 @@ def envelope(
     return web.json_response(body)
 
 
-async def read_upload(request: web.Request, form_keys: list[str], limit: int) -> Upload:
+async def read_upload(
+    request: web.Request, form_keys: list[str], limit: int, pace: float = 0.0
+) -> Upload:
     """Read a create call's multipart body: the `file` part (counted past `limit`, kept
-    below it); the names of all fields are appended to `form_keys`."""
+    below it); the names of all fields are appended to `form_keys`. `pace` > 0 reads
+    at most that many bytes per second (a slow uplink)."""
     if request.content_type != "multipart/form-data":
         return Upload(None, 0)
     data: bytes | None = None
@@ -91,6 +94,8 @@ async def read_upload(request: web.Request, form_keys: list[str], limit: int) ->
                 continue
             buffer = bytearray()
             while chunk := await part.read_chunk(1 << 16):
+                if pace > 0:
+                    await asyncio.sleep(len(chunk) / pace)
                 size += len(chunk)
                 if size < limit:
                     buffer += chunk

@@ -9,6 +9,8 @@ from orchestrator import constants
 
 # Marketo error codes the fault knobs can answer with (`fault_<code>`).
 FAULT_CODES = ("601", "602", "606", "608", "611", "615")
+# Codes 500 and 502 inside an HTTP 200 envelope (`fault_envelope_<code>`); not HTTP statuses.
+ENVELOPE_FAULT_CODES = ("500", "502")
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,9 +23,26 @@ class SimulatorConfig:
     waits `slow_seconds` before answering, `drop_fraction` closes the
     connection without an answer, `drop_reply_fraction` lets the call take effect
     (a create queues its job) and then closes the connection instead of
-    answering, so the client cannot know the outcome. `omit_empty` leaves empty `errors`,
+    answering, so the client cannot know the outcome. `late_reply_fraction` lets the
+    call take effect (a create queues its job) and then holds the answer
+    `late_reply_seconds`, past a client's read timeout; `late_reply_copies` does so
+    for the first N creates of every distinct file (the same chunk sent again).
+    `fault_envelope_500` and
+    `fault_envelope_502` answer HTTP 200 with error code 500 or 502 in `errors[]`.
+    `omit_empty` leaves empty `errors`,
     `warnings` and `result` arrays out of envelopes, as the live service often
     does (the Swagger schema lists them as required, so they are in by default).
+
+    Shared limits: `foreign_calls_per_window` calls of another integration sit in
+    every sliding window and `foreign_in_flight` of its calls are always in flight,
+    so 606 and 615 come sooner, as they do when a subscription has other users.
+    `quota_reset_utc` ("HH:MM", "" never) resets the daily quota at that time of
+    day in UTC on the simulator's wall clock (`Simulator.wall_clock`), e.g. "05:00"
+    for Chicago midnight in summer, "06:00" for a fixed CST. `dedupe_field` names a
+    custom object's dedupe field ("" = the first column's name, trimmed); a file
+    whose header does not name it exactly fails every row (missing.dedupe.fields).
+    `read_bytes_per_second` (0: no limit) reads upload bodies at that pace, as a
+    slow uplink would deliver them.
     """
 
     client_id: str | None = None
@@ -53,6 +72,16 @@ class SimulatorConfig:
     slow_seconds: float = 0.0
     drop_fraction: float = 0.0
     drop_reply_fraction: float = 0.0
+    late_reply_fraction: float = 0.0
+    late_reply_seconds: float = 0.0
+    late_reply_copies: int = 0
+    fault_envelope_500: float = 0.0
+    fault_envelope_502: float = 0.0
+    foreign_calls_per_window: int = 0
+    foreign_in_flight: int = 0
+    quota_reset_utc: str = ""
+    dedupe_field: str = ""
+    read_bytes_per_second: float = 0.0
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -64,6 +93,11 @@ class SimulatorConfig:
                 raise ValueError(f"knob {f.name!r} cannot be negative")
         if self.rows_per_second <= 0:
             raise ValueError("knob 'rows_per_second' must be positive")
+        if self.quota_reset_utc:
+            hour, _, minute = self.quota_reset_utc.partition(":")
+            ok = hour.isdigit() and minute.isdigit() and int(hour) < 24 and int(minute) < 60
+            if not ok:
+                raise ValueError("knob 'quota_reset_utc' must be HH:MM (UTC) or empty")
 
     def with_knobs(self, **changes: Any) -> SimulatorConfig:
         """A copy with `changes` applied; unknown names and wrong types raise ValueError."""

@@ -11,6 +11,7 @@ enter the call log, only the names of the fields that carried them.
 
 from __future__ import annotations
 
+import datetime as dt
 import random
 import secrets
 import uuid
@@ -20,7 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
-from orchestrator.simulator.config import FAULT_CODES, SimulatorConfig
+from orchestrator.simulator.config import ENVELOPE_FAULT_CODES, FAULT_CODES, SimulatorConfig
 from orchestrator.simulator.queue import Refusal
 
 MESSAGES = {
@@ -31,6 +32,8 @@ MESSAGES = {
     "608": "API Temporarily Unavailable",
     "611": "System error",
     "615": "Concurrent access limit reached",
+    "500": "Internal server error",
+    "502": "Bad gateway",
 }
 HTTP_FAULTS = ((500, "500 Internal Server Error"), (503, "503 Service Temporarily Unavailable"))
 
@@ -120,8 +123,20 @@ class Limits:
         """Forget the window, the quota used and the peaks; calls in flight stay counted."""
         self.window: deque[float] = deque()
         self.quota_used = 0
+        self.quota_day: dt.date | None = None  # the quota day (by quota_reset_utc) counted
         self.max_in_flight = 0
         self.max_window = 0
+
+    def roll_quota(self, wall: dt.datetime, config: SimulatorConfig) -> None:
+        """A new quota day began at `quota_reset_utc`: the count starts again."""
+        if not config.quota_reset_utc:
+            return
+        hour, _, minute = config.quota_reset_utc.partition(":")
+        shifted = wall.astimezone(dt.UTC) - dt.timedelta(hours=int(hour), minutes=int(minute))
+        day = shifted.date()
+        if self.quota_day is not None and day > self.quota_day:
+            self.quota_used = 0
+        self.quota_day = day
 
     def enter(self) -> None:
         self.in_flight += 1
@@ -131,12 +146,15 @@ class Limits:
         self.in_flight -= 1
 
     def admit(self, now: float, config: SimulatorConfig) -> None:
-        """Count a call in the window and the quota, or raise Refusal 615, 606 or 607."""
-        if self.in_flight > config.concurrency:
+        """Count a call in the window and the quota, or raise Refusal 615, 606 or 607.
+
+        Another integration's calls (`foreign_in_flight`, `foreign_calls_per_window`)
+        take their share of both limits first."""
+        if self.in_flight + config.foreign_in_flight > config.concurrency:
             raise Refusal("615", MESSAGES["615"])
         while self.window and self.window[0] <= now - config.rate_window:
             self.window.popleft()
-        if len(self.window) >= config.rate_limit:
+        if len(self.window) + config.foreign_calls_per_window >= config.rate_limit:
             raise Refusal("606", message("606", config))
         if self.quota_used >= config.daily_quota:
             raise Refusal("607", MESSAGES["607"])
@@ -169,6 +187,9 @@ class Faults:
         for code in FAULT_CODES:
             if self.chance(getattr(config, f"fault_{code}")):
                 raise Refusal(code, message(code, config))
+        for code in ENVELOPE_FAULT_CODES:
+            if self.chance(getattr(config, f"fault_envelope_{code}")):
+                raise Refusal(code, MESSAGES[code])
 
 
 class CallLog:

@@ -34,7 +34,7 @@ from typing import Any
 from orchestrator import constants
 from orchestrator.models import ObjectType
 from orchestrator.simulator.config import SimulatorConfig
-from orchestrator.simulator.records import Columns, JobSpec, RecordStore
+from orchestrator.simulator.records import Columns, JobSpec, RecordStore, Warned
 
 FOREIGN_OWNER = "foreign"
 FIRST_BATCH_ID = 1001
@@ -77,7 +77,7 @@ def parse_upload(data: bytes, delimiter: str) -> ParsedFile:
         return ParsedFile(error=f"malformed file ({exc})")
     if not records or not any(name.strip() for name in records[0]):
         return ParsedFile(error="file has no header row")
-    header = [name.strip() for name in records[0]]
+    header = list(records[0])  # as sent: Marketo does not trim " vin" to "vin"
     if len(set(header)) != len(header):
         return ParsedFile(error="header row names a column twice")
     return ParsedFile(header=header, rows=records[1:])
@@ -142,7 +142,9 @@ class Job:
         }
 
 
-def run_job(job: Job, store: RecordStore, warn_marker: str) -> tuple[str, Outcome]:
+def run_job(
+    job: Job, store: RecordStore, warn_marker: str, dedupe_field: str = ""
+) -> tuple[str, Outcome]:
     """Import a finished job's rows; returns its final status and outcome."""
     parsed, spec = job.parsed, job.spec
     if spec is None or parsed is None:
@@ -154,7 +156,8 @@ def run_job(job: Job, store: RecordStore, warn_marker: str) -> tuple[str, Outcom
     if spec.object_type is not ObjectType.CUSTOM_OBJECT and not Columns.of(header, key).key:
         message = f"Import failed: field '{key}' is not a column of the file"
         return constants.STATUS_FAILED, Outcome(message=message)
-    store_row = store.importer(spec, header)
+    dedupe = dedupe_field or header[0].strip()
+    store_row = store.importer(spec, header, dedupe)
     failures: list[list[str]] = []
     warnings: list[list[str]] = []
     for row in parsed.rows:
@@ -167,7 +170,9 @@ def run_job(job: Job, store: RecordStore, warn_marker: str) -> tuple[str, Outcom
         for name in ignored:
             del values[name]
         failure = store_row(values)
-        if failure:
+        if isinstance(failure, Warned):
+            warnings.append([*row, str(failure)])
+        elif failure:
             failures.append([*row, failure])
         elif ignored:
             warnings.append([*row, f"1005 Value ignored for field(s): {', '.join(ignored)}"])
@@ -304,6 +309,8 @@ class JobQueue:
 
     def _finish(self, job: Job) -> None:
         self.importing.remove(job)
-        job.status, job.outcome = run_job(job, self.store, self.config.warn_marker)
+        job.status, job.outcome = run_job(
+            job, self.store, self.config.warn_marker, self.config.dedupe_field
+        )
         job.finished_at = job.due_at
         job.parsed = None  # the rows are stored; keep memory flat on long runs

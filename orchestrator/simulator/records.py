@@ -7,6 +7,17 @@ their first column (the dedupe field); program members by email within their
 program. Static lists remember which leads an import added to them. A row that
 cannot be stored says why, as Marketo's failures file would. The queue that
 runs the imports is `simulator.queue`.
+
+Row outcomes follow Marketo's documented examples where there is one, and are
+assumptions where there is none:
+
+- Program members: an invalid email address is a warning ("Invalid email
+  address"), the member is still stored (program-member import page).
+- Custom objects: a file whose header does not name the dedupe field exactly
+  (" vin" is not "vin") fails every row with `missing.dedupe.fields`
+  (custom-object import page). Header names are used exactly as sent.
+- Leads: an invalid email address fails the row ("1003 Invalid email address")
+  and a missing lookup value fails it: assumed, the lead page shows no example.
 """
 
 from __future__ import annotations
@@ -17,6 +28,10 @@ from functools import partial
 from typing import Any
 
 from orchestrator.models import ObjectType
+
+
+class Warned(str):
+    """A row that was stored with a warning: the text is the warning's reason."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,12 +90,15 @@ class RecordStore:
         self._indexes: dict[str, dict[str, int]] = {}  # lookup field -> value -> lead id
         self.next_lead_id = 1
 
-    def importer(self, spec: JobSpec, header: list[str]) -> Callable[[dict[str, str]], str | None]:
-        """The function that stores one row of this job, or says why it fails."""
+    def importer(
+        self, spec: JobSpec, header: list[str], dedupe: str = ""
+    ) -> Callable[[dict[str, str]], str | None]:
+        """The function that stores one row of this job, or says why it fails (a `Warned`
+        answer: stored, with a warning)."""
         if spec.object_type is ObjectType.LEADS:
             return partial(self.import_lead, spec=spec, cols=Columns.of(header, spec.lookup_field))
         if spec.object_type is ObjectType.CUSTOM_OBJECT:
-            return partial(self.import_custom, api_name=spec.api_name, dedupe=header[0])
+            return partial(self.import_custom, api_name=spec.api_name, dedupe=dedupe or header[0])
         return partial(self.import_member, spec=spec, cols=Columns.of(header, "email"))
 
     def import_lead(self, values: dict[str, str], *, spec: JobSpec, cols: Columns) -> str | None:
@@ -109,6 +127,8 @@ class RecordStore:
         return None
 
     def import_custom(self, values: dict[str, str], *, api_name: str, dedupe: str) -> str | None:
+        if dedupe not in values:
+            return "missing.dedupe.fields"
         key = values.get(dedupe, "")
         if not key:
             return f"1003 Value for dedupe field '{dedupe}' is missing"
@@ -119,12 +139,11 @@ class RecordStore:
         email = values.get(cols.key, "")
         if not email:
             return "1003 Value for field 'email' is missing"
-        problem = cols.email_problem(values)
-        if problem:
-            return problem
         member = self.members.setdefault(spec.program_id, {}).setdefault(email.lower(), {})
         member.update(values)
         member["programMemberStatus"] = spec.member_status
+        if cols.email_problem(values):
+            return Warned("Invalid email address")
         return None
 
     def records(

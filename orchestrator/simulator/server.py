@@ -10,16 +10,18 @@ the HTTP face.
 
 Choices where Marketo's documentation is silent (operations: see `simulator.bulk`):
 
-- A file of `max_file_bytes` or more: HTTP 413 with a text body, as the proxy in
-  front of Marketo answers, before auth.
+- A request body (Content-Length, the whole multipart request, not only its
+  file part) of `max_file_bytes` or more: HTTP 413 with a text body, as the
+  proxy in front of Marketo answers, before auth.
 - Every bulk call passes, in order: 615 (calls in flight, counted from arrival),
   606 (calls accepted in the sliding window), 607 (calls accepted since start or
   reset; the simulator's quota does not reset at midnight), the slow delay, a
   dropped connection, injected 500/503, 413, a token in the query string or a
   form field (601, recorded as a violation), the bearer token (601 missing or
   unknown, 602 expired), injected error codes, then the operation (whose answer
-  `drop_reply_fraction` may lose). Refused calls are not counted in the window
-  or the quota.
+  `drop_reply_fraction` may lose and `late_reply_fraction` may hold back past
+  the client's read timeout). Refused calls are not counted in the window or
+  the quota.
 - Identity calls count toward no limit. A client_secret in the query string
   works but is recorded as violation "secret_in_url".
 
@@ -32,7 +34,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
+import hashlib
 import math
+import socket
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -71,6 +76,11 @@ SIM_PREFIX = "/_sim"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+def wall_now() -> dt.datetime:
+    """The real wall clock in UTC (tests replace `Simulator.wall_clock`)."""
+    return dt.datetime.now(dt.UTC)
+
+
 class Simulator:
     """One simulated Marketo subscription, served over HTTP.
 
@@ -88,6 +98,7 @@ class Simulator:
         self.base_url = ""
         self.port = 0
         self._clock = time.monotonic
+        self.wall_clock: Callable[[], dt.datetime] = wall_now  # the quota day's clock
         self._t0 = self._clock()
         self._faults = Faults(self.config.seed)
         self._queue = JobQueue(self.config)
@@ -95,6 +106,7 @@ class Simulator:
         self._tokens = Tokens()
         self._limits = Limits()
         self._log = CallLog()
+        self._copies: Counter[str] = Counter()  # creates per distinct file (late_reply_copies)
         self._operations = BulkOperations(
             self._queue, self._clock, lambda: self.config, on_change=self.save
         )
@@ -115,8 +127,14 @@ class Simulator:
             app.router.add_post(f"{SIM_PREFIX}/{name}", self._sim_post)
         return app
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
-        """Serve on host:port (0: a free port); returns the base URL."""
+    async def start(
+        self, host: str = "127.0.0.1", port: int = 0, *, receive_buffer: int | None = None
+    ) -> str:
+        """Serve on host:port (0: a free port); returns the base URL.
+
+        `receive_buffer` sets SO_RCVBUF on the listening socket (inherited by every
+        connection): a small one makes a slow reader felt by the sender at once,
+        as a slow uplink is, instead of hidden in megabytes of loopback buffers."""
         if self._runner is not None:
             raise RuntimeError("simulator already started")
         if self.state_path is not None:
@@ -126,7 +144,14 @@ class Simulator:
         )
         await runner.setup()
         try:
-            await web.TCPSite(runner, host, port).start()
+            if receive_buffer is None:
+                await web.TCPSite(runner, host, port).start()
+            else:
+                listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+                listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+                listener.bind((host, port))
+                listener.listen()
+                await web.SockSite(runner, listener).start()
         except BaseException:
             await runner.cleanup()
             raise
@@ -284,6 +309,7 @@ class Simulator:
         if "access_token" in request.query:
             info.client_id = self._tokens.owner(request.query["access_token"])
             self._log.violation("token_in_url", info)
+        self._limits.roll_quota(self.wall_clock(), cfg)
         self._limits.admit(self._clock(), cfg)
         if faults.chance(cfg.slow_fraction):
             await asyncio.sleep(cfg.slow_seconds)
@@ -293,7 +319,8 @@ class Simulator:
         fault = faults.http_fault(cfg)
         if fault is not None:
             return web.Response(status=fault[0], text=fault[1])
-        if upload is not None and upload.size >= cfg.max_file_bytes:
+        body_bytes = max(request.content_length or 0, upload.size if upload else 0)
+        if upload is not None and body_bytes >= cfg.max_file_bytes:
             self._log.violation("oversized_file", info)
             return web.Response(status=413, text="413 Request Entity Too Large")
         if "access_token" in request.query or "access_token" in info.form_keys:
@@ -304,7 +331,19 @@ class Simulator:
         response = await handler(Call(request, info, info.client_id, upload))
         if faults.chance(self.config.drop_reply_fraction):
             return self._drop(request, info)
+        if faults.chance(self.config.late_reply_fraction) or self._late_copy(upload, info):
+            await asyncio.sleep(self.config.late_reply_seconds)  # the job exists already
         return response
+
+    def _late_copy(self, upload: Upload | None, info: CallInfo) -> bool:
+        """Whether this create is among the first `late_reply_copies` of its file."""
+        if not self.config.late_reply_copies or upload is None or upload.data is None:
+            return False
+        if info.batch_id is None:
+            return False
+        key = hashlib.sha256(upload.data).hexdigest()
+        self._copies[key] += 1
+        return self._copies[key] <= self.config.late_reply_copies
 
     @staticmethod
     def _drop(request: web.Request, info: CallInfo) -> web.StreamResponse:
@@ -316,7 +355,10 @@ class Simulator:
 
     async def _read_upload(self, request: web.Request, info: CallInfo) -> Upload:
         """The upload of a create call; a token among the form fields is a violation."""
-        upload = await read_upload(request, info.form_keys, self.config.max_file_bytes)
+        cfg = self.config
+        upload = await read_upload(
+            request, info.form_keys, cfg.max_file_bytes, cfg.read_bytes_per_second
+        )
         if "access_token" in info.form_keys:
             info.client_id = info.client_id or self._tokens.owner(bearer(request))
             self._log.violation("token_in_form", info)
