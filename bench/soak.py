@@ -317,7 +317,9 @@ async def foreign_all(bench: Bench, args: argparse.Namespace) -> Outcome:
 async def flood(bench: Bench, args: argparse.Namespace) -> Outcome:
     sim = await bench.simulator(**{**SIM_KNOBS, "job_overhead": 0.002, "rate_limit": 1_000_000})
     data = bench.root / "flood" / "data"
-    settings = fast_settings(sim.base_url, data, (LEADS,), api_calls_per_window=1_000_000)
+    settings = fast_settings(
+        sim.base_url, data, (LEADS,), api_calls_per_window=100, api_window_seconds=0.001
+    )
     settings = replace(settings, polling=PollingSettings(interval=0.01, max_interval=0.05))
     runner = bench.runner("flood", settings)
     life = await runner.daemon()

@@ -14,6 +14,7 @@ import os
 import pty
 import signal
 import socket
+import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime

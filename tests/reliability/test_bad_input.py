@@ -135,7 +135,9 @@ async def test_a_thousand_tiny_files_all_processed_memory_flat(
 ) -> None:
     sim = await make_simulator(**{**SIM_KNOBS, "job_overhead": 0.002, "rate_limit": 100_000})
     data = tmp_path / "data"
-    settings = fast_settings(sim.base_url, data, (LEADS,), api_calls_per_window=100_000)
+    settings = fast_settings(
+        sim.base_url, data, (LEADS,), api_calls_per_window=100, api_window_seconds=0.002
+    )
     settings = replace(settings, polling=PollingSettings(interval=0.01, max_interval=0.05))
     runner = daemons(settings)
     life = await runner.daemon()
@@ -191,7 +193,9 @@ async def test_memory_held_per_finished_file_is_released(
     make_simulator: MakeSimulator, tmp_path: Path, figures: Record
 ) -> None:
     sim = await make_simulator(**{**SIM_KNOBS, "job_overhead": 0.002, "rate_limit": 100_000})
-    settings = fast_settings(sim.base_url, tmp_path, (LEADS,), api_calls_per_window=100_000)
+    settings = fast_settings(
+        sim.base_url, tmp_path, (LEADS,), api_calls_per_window=100, api_window_seconds=0.002
+    )
     settings = replace(settings, polling=PollingSettings(interval=0.01, max_interval=0.05))
     daemon = Daemon(settings, once=False)
     running = asyncio.ensure_future(daemon.run())

@@ -19,6 +19,7 @@ many jobs each chunk made; `test_delayed_creates_...` keeps the default cap.
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from tests.support.settings import CARS, CLIENT_ID, LEADS, MEMBERS, SIM_KNOBS, f
 from tests.support.simulators import MakeSimulator
 
 ROWS = {"leads": 150, "cars": 120, "members": 120}
-MANY_RESUBMITS = 12
+MANY_RESUBMITS = 20
 
 
 def drop_three_routes(data_dir: Path) -> None:
@@ -126,6 +127,9 @@ async def test_every_fault_at_ten_percent_still_lands_every_row(
         max_resubmits=MANY_RESUBMITS,
         jobs_per_chunk=round(len(jobs) / chunks, 2),
         most_submits_of_a_chunk=max(c["submits"] for d in docs for c in d["chunks"]),
+        chunks_by_submits=dict(
+            sorted(Counter(c["submits"] for d in docs for c in d["chunks"]).items())
+        ),
         # aiohttp re-sends an idempotent GET once, unseen, when a reused connection drops.
         drops_the_client_never_saw=causes["dropped connection"] - int(seen.get("network", 0)),
     )
