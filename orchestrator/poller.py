@@ -274,7 +274,8 @@ class Poller:
             return None, f"the {kind} file ({count} rows) could not be fetched: {exc}", False
         if found:
             return str(dest), None, False
-        if tries < 2:
+        missing = track.fetch_tries[f"{kind}-404"] = track.fetch_tries.get(f"{kind}-404", 0) + 1
+        if missing < 2:
             log.warning("file_missing_despite_counter", kind=kind, rows=count, note="asking again")
             return None, None, True
         log.warning("file_missing_despite_counter", kind=kind, rows=count, note="read as none")

@@ -99,7 +99,8 @@ class QueueModel:
 
     def queue_full(self, outstanding: int) -> None:
         """1016 with `outstanding` of ours at Marketo: the rest is someone else's."""
-        self.foreign = max(self.foreign, constants.MAX_QUEUED_JOBS - outstanding)
+        others = constants.MAX_QUEUED_JOBS - outstanding - self.phantoms  # phantoms counted apart
+        self.foreign = max(self.foreign, others)
 
     def job_left(self) -> None:
         """A job left the queue (one of ours finished, or one ahead of ours started
