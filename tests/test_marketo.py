@@ -510,6 +510,30 @@ async def test_upload_that_keeps_progressing_is_not_cut_off_by_request_timeout(
         await sim.stop()
 
 
+async def test_stalled_upload_is_cut_off_and_retried_as_not_executed(tmp_path: Path) -> None:
+    """Item 1: an upload that makes no progress for request_timeout is cut off; its body
+    never got through, so Marketo cannot have made the job: a plain retry, no unknown
+    outcome, no job."""
+    sim = Simulator(SimulatorConfig(**FAST, read_bytes_per_second=1.0))  # reads all but stop
+    await sim.start(receive_buffer=65_536)
+    try:
+        rows = "".join(f"stall{i:07d}@example.com\n" for i in range(120_000))
+        big = write(tmp_path, "big.csv", "email\n" + rows)  # about 3 MB: far more than buffers
+        rec = Recorder()
+        async with make_client(
+            sim, rec, timeout=0.5, max_attempts=2, socket_factory=small_send_buffer
+        ) as client:
+            with pytest.raises(TransientError) as caught:
+                await client.submit(LEADS, big, "csv")
+        assert not isinstance(caught.value, UnknownOutcomeError)
+        assert caught.value.code == "timeout"
+        assert client.calls_by_operation["importLeadUsingPOST"] == 2
+        assert len(rec.sleeps) == 1
+        assert sim.jobs() == []
+    finally:
+        await sim.stop()
+
+
 async def test_retries_give_up_after_max_attempts(make_simulator: Any, tmp_path: Path) -> None:
     sim = await make_simulator(**FAST)
     rec = Recorder()
