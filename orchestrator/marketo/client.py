@@ -383,7 +383,7 @@ class MarketoClient:
                         timeout=self._timeout,
                         trace_request_ctx=progress,
                     ) as resp:
-                        watchdog.reschedule(None)  # the answer is here: sock_read rules
+                        progress.settle()  # the answer is here: sock_read rules
                         return await read_result(resp, operation, self._scrub)
             except TransientError as exc:
                 if exc.code.startswith("http-") or exc.code == "invalid-response":
@@ -633,8 +633,15 @@ class UploadProgress:
 
     def advance(self, n: int) -> None:
         self.sent += n
-        loop = asyncio.get_running_loop()
-        self._watchdog.reschedule(None if self.body_sent else loop.time() + self._stall)
+        if self.body_sent:
+            self.settle()
+        elif not self._watchdog.expired():
+            self._watchdog.reschedule(asyncio.get_running_loop().time() + self._stall)
+
+    def settle(self) -> None:
+        """No more stall watch: the body is out (the read timeout takes over)."""
+        if not self._watchdog.expired():  # an expiring watchdog cannot be changed
+            self._watchdog.reschedule(None)
 
 
 async def on_chunk_sent(
