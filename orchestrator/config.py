@@ -215,8 +215,8 @@ def load_settings(
         secret = read_secret(m.client_secret_file, "marketo.client_secret_file")
         settings = with_marketo(settings, client_secret=Secret(secret))
     try:
-        validate(settings, require_credentials=require_credentials)
         check_ranges(settings)
+        validate(settings, require_credentials=require_credentials)
     except ConfigError as exc:
         var = env_source(raw, exc.key)
         if var is None:
@@ -456,7 +456,8 @@ def validate_route(where: str, route: Route) -> None:
 
 
 def validate(settings: Settings, *, require_credentials: bool) -> None:
-    """Range and consistency checks across keys."""
+    """Checks beyond one number's range (`check_ranges`, run first): URLs, credentials,
+    relations between keys, names from a fixed set."""
     m, lim = settings.marketo, settings.limits
     for key in ("base_url", "identity_url"):
         url = getattr(m, key)
@@ -467,22 +468,8 @@ def validate(settings: Settings, *, require_credentials: bool) -> None:
             if not getattr(m, key):
                 env = "MARKETO_" + key.upper()
                 raise ConfigError(f"marketo.{key}", f"is required (set it or {env})")
-    positive = {
-        "marketo.request_timeout": m.request_timeout,
-        "limits.concurrent_jobs": lim.concurrent_jobs,
-        "limits.queued_jobs": lim.queued_jobs,
-        "limits.api_calls_per_window": lim.api_calls_per_window,
-        "limits.api_window_seconds": lim.api_window_seconds,
-        "limits.concurrent_api_calls": lim.concurrent_api_calls,
-        "limits.daily_api_calls": lim.daily_api_calls,
-        "polling.interval": settings.polling.interval,
-        "backoff.initial": settings.backoff.initial,
-        "retention.interval": settings.retention.interval,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(key, "must be greater than 0")
-    validate_limits(lim)
+    if lim.queued_jobs < lim.concurrent_jobs:
+        raise ConfigError("limits.queued_jobs", "must be at least limits.concurrent_jobs")
     try:
         ZoneInfo(lim.quota_reset_tz)
     except (ZoneInfoNotFoundError, ValueError):
@@ -491,10 +478,6 @@ def validate(settings: Settings, *, require_credentials: bool) -> None:
         raise ConfigError("polling.max_interval", "must be at least polling.interval")
     if settings.backoff.max < settings.backoff.initial:
         raise ConfigError("backoff.max", "must be at least backoff.initial")
-    if settings.retention.keep_days < 0:
-        raise ConfigError("retention.keep_days", "must not be negative (0 keeps every file)")
-    if settings.watch.settle_seconds < 0:
-        raise ConfigError("watch.settle_seconds", "must not be negative")
     if settings.logging.format not in ("json", "console", "auto"):
         raise ConfigError("logging.format", "must be json, console or auto")
     if settings.logging.level.lower() not in ("debug", "info", "warning", "error"):
@@ -503,69 +486,99 @@ def validate(settings: Settings, *, require_credentials: bool) -> None:
         parse_listen(settings.http.listen, "http.listen")
 
 
-# Numeric keys outside [limits]: (lowest, highest, lowest allowed itself). Marketo sets no
-# limit on these; the bounds catch unit mistakes (milliseconds for seconds, say).
-RANGES: dict[str, tuple[float, float, bool]] = {
-    "marketo.request_timeout": (0.0, 600.0, False),  # seconds per HTTP request
-    "polling.interval": (0.0, 3600.0, False),
-    "polling.max_interval": (0.0, 3600.0, False),
-    "backoff.initial": (0.0, 3600.0, False),
-    "backoff.max": (0.0, 86400.0, False),
-    "watch.settle_seconds": (0.0, 3600.0, True),
+@dataclass(frozen=True, slots=True)
+class Range:
+    """The values a numeric key accepts: from `low` (itself allowed if `low_ok`) to `high`."""
+
+    low: float
+    high: float = math.inf
+    low_ok: bool = False
+    unit: str = ""  # said after each bound: "seconds", "bytes"
+    why: str = ""  # said after the upper bound: where it comes from
+    note: str = ""  # said after the lower bound
+
+    def problem(self, value: float) -> str | None:
+        """What is wrong with `value`, or None."""
+        if not math.isfinite(value):
+            return f"must be a finite number, not {value}"
+        if value < self.low or (value == self.low and not self.low_ok):
+            bound = "at least" if self.low_ok else "greater than"
+            return said(f"must be {bound} {self.amount(self.low)}, not {number(value)}", self.note)
+        if value > self.high:
+            return said(f"must be at most {self.amount(self.high)}, not {number(value)}", self.why)
+        return None
+
+    def amount(self, bound: float) -> str:
+        return f"{number(bound)} {self.unit}" if self.unit else number(bound)
+
+
+def said(message: str, aside: str) -> str:
+    return f"{message} ({aside})" if aside else message
+
+
+def number(value: float) -> str:
+    """A bound or value as written in a config file: 9995904, 0.5."""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+# Every numeric key of every section. [limits] keys that Marketo itself bounds are capped
+# at Marketo's limit (saying where it comes from); the other bounds catch unit mistakes
+# (milliseconds for seconds, say). Relations between keys are checked in `validate`.
+SECONDS, DAY = "seconds", 86400.0
+RANGES: dict[str, Range] = {
+    "marketo.request_timeout": Range(0.0, 600.0, unit=SECONDS),  # per HTTP request
+    "limits.concurrent_jobs": Range(
+        0, constants.MAX_IMPORTING_JOBS, why="Marketo imports 2 jobs at once"
+    ),
+    "limits.queued_jobs": Range(
+        0, constants.MAX_QUEUED_JOBS, why="Marketo queues at most 10 import jobs"
+    ),
+    "limits.max_chunk_bytes": Range(
+        MIN_CHUNK_BYTES,
+        constants.MAX_CHUNK_BYTES_CAP,
+        low_ok=True,
+        unit="bytes",
+        why="Marketo refuses a request body of 10,000,000 bytes or more, "
+        "multipart envelope included",
+    ),
+    "limits.api_calls_per_window": Range(
+        0,
+        constants.API_CALLS_PER_WINDOW,
+        why="Marketo allows 100 calls per 20 s for the whole subscription",
+    ),
+    "limits.api_window_seconds": Range(0.0, 3600.0, unit=SECONDS),
+    "limits.concurrent_api_calls": Range(
+        0,
+        constants.CONCURRENT_API_CALLS,
+        why="Marketo allows 10 calls in flight for the whole subscription",
+    ),
+    "limits.max_resubmits": Range(
+        0, low_ok=True, note="0 fails a file at its first unknown outcome"
+    ),
+    "limits.daily_api_calls": Range(0),  # a subscription may buy more than 50,000
+    "polling.interval": Range(0.0, 3600.0, unit=SECONDS),
+    "polling.max_interval": Range(0.0, 3600.0, unit=SECONDS),
+    "backoff.initial": Range(0.0, 3600.0, unit=SECONDS),
+    "backoff.max": Range(0.0, DAY, unit=SECONDS),
+    "watch.settle_seconds": Range(0.0, 3600.0, low_ok=True, unit=SECONDS),
+    "retention.keep_days": Range(0.0, low_ok=True, unit="days", note="0 keeps every file"),
+    "retention.interval": Range(0.0, DAY, unit=SECONDS),
 }
 ROUTE_IDS = ("list_id", "program_id")
 MAX_MARKETO_ID = 2**31 - 1  # Marketo's ids are 32-bit integers
 
 
 def check_ranges(settings: Settings) -> None:
-    """Every numeric key outside [limits] within its range; ConfigError naming the key."""
-    for key, (low, high, low_ok) in RANGES.items():
+    """Every numeric key within its range; ConfigError naming the key."""
+    for key, allowed in RANGES.items():
         section, _, name = key.partition(".")
-        value = getattr(getattr(settings, section), name)
-        if not math.isfinite(value):
-            raise ConfigError(key, f"must be a finite number, not {value}")
-        if value < low or (value == low and not low_ok):
-            bound = "at least" if low_ok else "greater than"
-            raise ConfigError(key, f"must be {bound} {low:g}, not {value:g}")
-        if value > high:
-            raise ConfigError(key, f"must be at most {high:g} seconds, not {value:g}")
+        problem = allowed.problem(getattr(getattr(settings, section), name))
+        if problem is not None:
+            raise ConfigError(key, problem)
     for i, route in enumerate(settings.routes):
         for name in ROUTE_IDS:
             if getattr(route, name) > MAX_MARKETO_ID:
                 raise ConfigError(f"routes[{i}].{name}", f"must be at most {MAX_MARKETO_ID}")
-
-
-# [limits] keys that Marketo itself bounds, with Marketo's limit and where it comes from.
-MARKETO_CEILINGS: dict[str, tuple[int, str]] = {
-    "concurrent_jobs": (constants.MAX_IMPORTING_JOBS, "Marketo imports 2 jobs at once"),
-    "queued_jobs": (constants.MAX_QUEUED_JOBS, "Marketo queues at most 10 import jobs"),
-    "api_calls_per_window": (
-        constants.API_CALLS_PER_WINDOW,
-        "Marketo allows 100 calls per 20 s for the whole subscription",
-    ),
-    "concurrent_api_calls": (
-        constants.CONCURRENT_API_CALLS,
-        "Marketo allows 10 calls in flight for the whole subscription",
-    ),
-    "max_chunk_bytes": (
-        constants.MAX_CHUNK_BYTES_CAP,
-        "Marketo refuses a request body of 10,000,000 bytes or more, multipart envelope included",
-    ),
-}
-
-
-def validate_limits(lim: LimitSettings) -> None:
-    """[limits] against Marketo's own limits: a value above one is an error naming the key."""
-    for key, (ceiling, why) in MARKETO_CEILINGS.items():
-        value = getattr(lim, key)
-        if value > ceiling:
-            raise ConfigError(f"limits.{key}", f"must be at most {ceiling} ({why}), got {value}")
-    if lim.queued_jobs < lim.concurrent_jobs:
-        raise ConfigError("limits.queued_jobs", "must be at least limits.concurrent_jobs")
-    if lim.max_chunk_bytes < MIN_CHUNK_BYTES:
-        raise ConfigError("limits.max_chunk_bytes", f"must be at least {MIN_CHUNK_BYTES}")
-    if lim.max_resubmits < 0:
-        raise ConfigError("limits.max_resubmits", "must not be negative")
 
 
 def parse_listen(listen: str, key: str) -> tuple[str, int]:

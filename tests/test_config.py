@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
 from orchestrator import constants
-from orchestrator.config import Secret, Settings, env_warnings, load_settings, resolve_config_path
+from orchestrator.config import (
+    RANGES,
+    SECTIONS,
+    Secret,
+    Settings,
+    env_warnings,
+    load_settings,
+    resolve_config_path,
+)
 from orchestrator.errors import ConfigError
 from orchestrator.models import ObjectType
 
@@ -220,16 +229,41 @@ def test_config_path_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         ("[watch]\nsettle_seconds = -1\n", "watch.settle_seconds"),
         ("[watch]\nsettle_seconds = 7200\n", "watch.settle_seconds"),
         ("[polling]\ninterval = inf\nmax_interval = inf\n", "polling.interval"),
+        ("[limits]\napi_window_seconds = 0\n", "limits.api_window_seconds"),
+        ("[limits]\ndaily_api_calls = 0\n", "limits.daily_api_calls"),
+        ("[limits]\nmax_chunk_bytes = 255\n", "limits.max_chunk_bytes"),
+        ("[retention]\nkeep_days = -1\n", "retention.keep_days"),
+        ("[retention]\ninterval = 0\n", "retention.interval"),
         (
             '[[routes]]\ndir = "l"\nobject = "leads"\nlist_id = 99999999999\n',
             "routes[0].list_id",
         ),
     ],
 )
-def test_every_numeric_key_outside_limits_is_range_checked(
-    tmp_path: Path, text: str, key: str
-) -> None:
+def test_numeric_keys_out_of_range_are_named(tmp_path: Path, text: str, key: str) -> None:
     assert error_key(tmp_path, text) == key
+
+
+def test_every_numeric_key_has_a_range() -> None:
+    numeric = {
+        f"{section}.{f.name}"
+        for section, cls in SECTIONS.items()
+        for f in fields(cls)
+        if str(f.type) in ("int", "float")
+    }
+    assert numeric == set(RANGES)
+
+
+def test_limit_above_marketos_says_so_and_names_the_variable(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write(tmp_path, "[limits]\napi_calls_per_window = 120\n"), CREDS)
+    assert caught.value.key == "limits.api_calls_per_window"
+    assert "at most 100" in caught.value.problem
+    assert "100 calls per 20 s" in caught.value.problem
+    with pytest.raises(ConfigError) as caught:
+        load_settings(None, {**CREDS, "ORCHESTRATOR_LIMITS_MAX_CHUNK_BYTES": "10000000"})
+    assert caught.value.key == ("ORCHESTRATOR_LIMITS_MAX_CHUNK_BYTES (sets limits.max_chunk_bytes)")
+    assert "at most 9995904 bytes" in caught.value.problem
 
 
 def test_range_error_from_the_environment_names_the_variable(tmp_path: Path) -> None:
