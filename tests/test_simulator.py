@@ -26,7 +26,7 @@ from orchestrator.simulator import (
     config_from_args,
     serve,
 )
-from orchestrator.simulator.queue import JobQueue, ParsedFile
+from orchestrator.simulator.queue import JobQueue, ParsedFile, parse_upload
 from orchestrator.simulator.records import JobSpec
 from orchestrator.simulator.state import restore, snapshot
 from tests.support.simulators import FAST_KNOBS, MakeSimulator
@@ -895,3 +895,38 @@ async def test_an_unusable_state_file_is_moved_aside(tmp_path: Path) -> None:
         await sim.stop()
     assert (tmp_path / "simulator.json.bad").read_text(encoding="utf-8") == "{not json"
     assert json.loads(path.read_text(encoding="utf-8"))["version"] == 1  # saved at stop
+
+
+async def test_a_restart_keeps_headers_as_sent_and_warned_members(tmp_path: Path) -> None:
+    """Issue 10's simulator behaviour survives run --simulate's restart: an outstanding
+    job keeps its header exactly as sent (" vin" still fails every row under the
+    dedupe_field knob, which the restarted process sets again: knobs are not state), and
+    a finished program-member job keeps its warnings file and the warned member."""
+    config = SimulatorConfig(job_overhead=10.0, max_importing=1, dedupe_field="vin")
+    queue = JobQueue(config)
+    members = JobSpec(ObjectType.PROGRAM_MEMBERS, "csv", program_id="1001", member_status="x")
+    warned = queue.submit(
+        members, ParsedFile(["email"], [["INVALID_EMAIL"], ["ok@example.com"]]), "c", now=0.0
+    )
+    cars = JobSpec(ObjectType.CUSTOM_OBJECT, "csv", api_name="car_c")
+    padded = parse_upload(b"make, vin\nbmw,WBA4R7C55HK895912\n", ",")
+    assert padded.header == ["make", " vin"]
+    waiting = queue.submit(cars, padded, "c", now=0.0)
+    queue.advance(10.5)
+    assert (warned.status, waiting.status) == ("Complete", "Importing")
+    data = json.loads(json.dumps(snapshot(queue, now=11.0, wall=1000.0)))
+
+    fresh = JobQueue(config)
+    restore(fresh, data, now=100.0, wall=1000.0)
+    assert fresh.jobs[warned.batch_id].outcome == warned.outcome
+    assert fresh.jobs[warned.batch_id].outcome.warned == 1
+    assert len(fresh.store.records("programmembers", program_id="1001")) == 2
+    fresh.advance(100.0 + 10.0)
+    car_job = fresh.jobs[waiting.batch_id]
+    assert (car_job.status, car_job.outcome.processed, car_job.outcome.failed) == (
+        "Complete",
+        0,
+        1,
+    )
+    assert car_job.outcome.failures is not None
+    assert b"missing.dedupe.fields" in car_job.outcome.failures

@@ -6,7 +6,10 @@ simulator when it is given a state file (the CLI gives data_dir/simulator.json).
 outcomes and failures/warnings files once finished, the next batch id, peaks) and
 the stored records into JSON-ready data; `restore` builds them again. Tokens, the
 call log and the call limits are not kept: a restarted client gets a new token, as
-it would after a token expired.
+it would after a token expired. Nor are the knobs (`SimulatorConfig`, with the
+counts `late_reply_copies` keeps): they belong to the process that sets them, and
+`run --simulate` sets them again at every start. Uploaded rows keep their header
+exactly as sent (Marketo does not trim " vin"), warnings files and all.
 
 Times in the queue are readings of the simulator's monotonic clock, which means
 nothing in another process. The snapshot stores each as an age (seconds before
