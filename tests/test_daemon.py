@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import csv
 import json
-import os
-import pty
 import signal
 import socket
 import time
@@ -37,7 +35,7 @@ from tests.support.data import (
     write_csv,
 )
 from tests.support.http import RecordingProxy, contains_any, http_get, metric_samples
-from tests.support.processes import COMMAND, CliProcess, CliRunner, clean_env
+from tests.support.processes import COMMAND, CliProcess, CliRunner, clean_env, on_terminal
 from tests.support.settings import (
     CARS,
     CLIENT_ID,
@@ -796,34 +794,11 @@ async def test_run_once_on_a_terminal_shows_progress_and_the_summary_table(
 ) -> None:
     config = config_file(tmp_path, data_dir, sim.base_url, (LEADS,))
     drop_leads(data_dir, "tty.csv", 50)
-    master, slave = pty.openpty()
-    try:
-        with (tmp_path / "tty.stdout").open("wb") as stdout:
-            process = await asyncio.create_subprocess_exec(
-                *COMMAND,
-                "run",
-                "--config",
-                config,
-                "--once",
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=stdout,
-                stderr=slave,
-                env=clean_env(**SECRET_ENV),
-            )
-        os.close(slave)
-        slave = -1
-        reader = asyncio.create_task(asyncio.to_thread(read_terminal, master))
-        try:
-            assert await asyncio.wait_for(process.wait(), 30) == 0
-        finally:
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
-        screen = await asyncio.wait_for(reader, 10)
-    finally:
-        for fd in (master, slave):
-            if fd >= 0:
-                os.close(fd)
+    screen = await on_terminal(
+        [*COMMAND, "run", "--config", config, "--once"],
+        clean_env(**SECRET_ENV),
+        stdout=tmp_path / "tty.stdout",
+    )
     assert "\r\x1b[2Kfiles " in screen, "a live progress line"
     assert "files 1/1  chunks 1/1  rows 50" in screen, "drawn once more at the end"
     lines = screen.replace("\r", "\n").splitlines()
@@ -831,20 +806,6 @@ async def test_run_once_on_a_terminal_shows_progress_and_the_summary_table(
     assert any(line.split()[:3] == ["leads", "tty.csv", "complete"] for line in lines)
     assert "files: 1 complete" in screen
     assert "Traceback" not in screen
-
-
-def read_terminal(fd: int) -> str:
-    """Everything written to a pty until the last writer closed it (blocking)."""
-    out = bytearray()
-    while True:
-        try:
-            data = os.read(fd, 4096)
-        except OSError:  # EIO: the child closed its side
-            break
-        if not data:
-            break
-        out += data
-    return out.decode("utf-8", "replace")
 
 
 def files_under(directory: Path) -> dict[str, bytes]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import pty
 import re
 import subprocess
 from pathlib import Path
@@ -26,7 +25,7 @@ from orchestrator.simulator import Simulator
 from orchestrator.store import Store
 from tests.support.data import LEAD_HEADER, drop_leads, lead_rows, result, write_csv
 from tests.support.http import http_get
-from tests.support.processes import COMMAND, CliProcess, CliRunner, clean_env
+from tests.support.processes import COMMAND, CliProcess, CliRunner, clean_env, on_terminal
 from tests.support.settings import (
     CLIENT_ID,
     CLIENT_SECRET,
@@ -501,42 +500,6 @@ async def test_run_once_on_a_terminal_never_puts_a_log_line_beside_the_progress_
     assert any(line.startswith("files 1/1  chunks 1/1  rows 50") for line in lines)
     for line in lines:
         assert not ("files " in line and ("[info" in line or "[warn" in line)), line
-
-
-async def on_terminal(argv: list[str], env: dict[str, str]) -> str:
-    """Run `argv` with stdout and stderr on one pseudo-terminal; everything it drew."""
-    master, slave = pty.openpty()
-    try:
-        process = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=slave, stderr=slave, env=env
-        )
-        os.close(slave)
-        slave = -1
-        reader = asyncio.create_task(asyncio.to_thread(read_all, master))
-        try:
-            assert await asyncio.wait_for(process.wait(), 60) == 0
-        finally:
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
-        return await asyncio.wait_for(reader, 10)
-    finally:
-        for fd in (master, slave):
-            if fd >= 0:
-                os.close(fd)
-
-
-def read_all(fd: int) -> str:
-    out = bytearray()
-    while True:
-        try:
-            data = os.read(fd, 4096)
-        except OSError:  # EIO: the child closed its side
-            break
-        if not data:
-            break
-        out += data
-    return out.decode("utf-8", "replace")
 
 
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")

@@ -19,9 +19,10 @@ import asyncio
 import contextlib
 import json
 import os
+import pty
 import signal
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -220,3 +221,45 @@ class CliRunner:
 
 # The `daemons` fixture (tests/conftest.py): `daemons(settings)` is a runner for them.
 MakeRunner = Callable[[Settings], CliRunner]
+
+
+async def on_terminal(
+    argv: Sequence[str], env: Mapping[str, str], *, stdout: Path | None = None
+) -> str:
+    """Run `argv` with stderr (and stdout, unless a file is given) on one pseudo-terminal,
+    as a person runs it; everything it drew there. Fails unless it exits 0."""
+    master, slave = pty.openpty()
+    try:
+        with contextlib.ExitStack() as files:
+            out = files.enter_context(stdout.open("wb")) if stdout is not None else slave
+            process = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=slave, env=dict(env)
+            )
+        os.close(slave)
+        slave = -1
+        reader = asyncio.create_task(asyncio.to_thread(read_terminal, master))
+        try:
+            assert await asyncio.wait_for(process.wait(), WITHIN) == 0
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+        return await asyncio.wait_for(reader, WITHIN)
+    finally:
+        for fd in (master, slave):
+            if fd >= 0:
+                os.close(fd)
+
+
+def read_terminal(fd: int) -> str:
+    """Everything written to a pty until the last writer closed it (blocking)."""
+    out = bytearray()
+    while True:
+        try:
+            data = os.read(fd, 4096)
+        except OSError:  # EIO: the child closed its side
+            break
+        if not data:
+            break
+        out += data
+    return out.decode("utf-8", "replace")
