@@ -75,7 +75,7 @@ async def test_every_fault_at_ten_percent_still_lands_every_row(
         sim.base_url,
         tmp_path,
         (LEADS, CARS, MEMBERS),
-        max_chunk_bytes=400,
+        max_chunk_bytes=600,
         max_resubmits=FAULT_MAX_RESUBMITS,
     )
     settings = replace(settings, marketo=replace(settings.marketo, request_timeout=REQUEST_TIMEOUT))
@@ -88,7 +88,7 @@ async def test_every_fault_at_ten_percent_still_lands_every_row(
     docs = result_docs(tmp_path)
     assert len(docs) == 3
     chunks = sum(len(doc["chunks"]) for doc in docs)
-    assert chunks >= 30
+    assert chunks >= 20
     for doc in docs:
         assert doc["status"] == "complete", doc["error"]
         assert doc["rows"] == doc["rows_processed"] == ROWS[doc["route"]]
@@ -159,7 +159,7 @@ async def test_delayed_creates_make_at_most_one_plus_max_resubmits_jobs_per_chun
     the chunk and the copies Marketo may hold. (The client before this fix retried a
     timed-out create up to six times in one call, and the scheduler without bound.)"""
     sim = await make_simulator(**SIM_KNOBS, late_reply_copies=late_copies, late_reply_seconds=0.6)
-    settings = fast_settings(sim.base_url, tmp_path, (LEADS, CARS, MEMBERS), max_chunk_bytes=400)
+    settings = fast_settings(sim.base_url, tmp_path, (LEADS, CARS, MEMBERS), max_chunk_bytes=1000)
     settings = replace(settings, marketo=replace(settings.marketo, request_timeout=0.3))
     cap = settings.limits.max_resubmits
     assert cap == 2
