@@ -106,6 +106,16 @@ class ChunkRecord:
     submitted_at: str | None = None
     finished_at: str | None = None
     unknown_outcomes: int = 0  # creates that may or may not have made a job at Marketo
+    # Packing: a chunk may hold the records of several small files (a shared chunk).
+    # Read for one file (`Store.chunks(file_id=...)`, `chunks_of`), a record is that
+    # file's view: file_id, rows, bytes, first_line and the row counters are the file's
+    # share, and job_rows, job_bytes and files describe the whole chunk.
+    files: int = 1  # source files with records in the chunk; above 1 it is shared
+    sealed: bool = True  # False while a pack still takes files; only a sealed chunk is sent
+    first_row: int = 0  # the file's first record, counted from 0 among the chunk's records
+    job_rows: int = 0  # records of the whole chunk
+    job_bytes: int = 0  # bytes of the whole chunk file, header included
+    attributed: bool = False  # failed and warned rows matched back to each file's share
 
     @property
     def submits(self) -> int:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,8 @@ class Pipeline:
         """Feed what a crash left half done back into the hand-offs."""
         self.spool.prepare()
         await self.spool.recover_claims()
+        for pack in recovery.open_packs:
+            await self.seal_recovered_pack(pack)
         self.scheduler.recovered(recovery.resubmit)
         for file in recovery.resplit:
             self._split_queue.put_nowait(file.id)
@@ -97,6 +100,17 @@ class Pipeline:
         for file in await self.store.files([FileStatus.SPLIT]):
             await self.maybe_finish(file.id)
         await self.sweep_chunk_dirs()
+
+    async def seal_recovered_pack(self, pack: ChunkRecord) -> None:
+        """A pack left open by a stop or a kill goes out as it is: bytes a kill left past
+        its recorded size (an append whose piece was never committed) are cut off first;
+        that file was not recorded as split, so it is split and packed again."""
+        path = Path(pack.path)
+        size = await asyncio.to_thread(lambda: path.stat().st_size)
+        if size > pack.job_bytes:
+            log.warning("pack_truncated", chunk=pack.id, bytes=size, kept=pack.job_bytes)
+            await asyncio.to_thread(os.truncate, path, pack.job_bytes)
+        await self.store.seal_pack(pack.id)
 
     async def sweep_chunk_dirs(self) -> None:
         """Remove chunk directories of finished files: a crash between finishing a file

@@ -150,7 +150,7 @@ async def test_a_v1_database_with_history_is_migrated_with_its_counts(tmp_path: 
         await finished_file(store, 1, at=DAY0)
         await active_file(store, 2, at=DAY0)
     # Take the database back to v1 as an older release left it: no hand-over ids (v2),
-    # no tallies, triggers or finished_at index (v3), no count of unknown outcomes (v4).
+    # no tallies, triggers or finished_at index (v3), no count of unknown outcomes (v4)...
     conn = sqlite3.connect(db)
     for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall():
         conn.execute(f"DROP TRIGGER {name}")
@@ -159,6 +159,10 @@ async def test_a_v1_database_with_history_is_migrated_with_its_counts(tmp_path: 
     conn.execute("DROP INDEX files_by_job_id")
     conn.execute("ALTER TABLE files DROP COLUMN job_id")
     conn.execute("ALTER TABLE chunks DROP COLUMN unknown_outcomes")
+    # ...and no pieces, packs or shares (v5).
+    conn.execute("DROP TABLE pieces")
+    for column in ("files", "sealed", "attributed"):
+        conn.execute(f"ALTER TABLE chunks DROP COLUMN {column}")
     conn.execute("PRAGMA user_version = 1")
     conn.commit()
     conn.close()
@@ -171,6 +175,7 @@ async def test_a_v1_database_with_history_is_migrated_with_its_counts(tmp_path: 
         chunks = await store.chunks_of([f.id for f in await store.files()])
         assert chunks
         assert all(c.unknown_outcomes == 0 for c in chunks)  # v4
+        assert all(c.files == 1 and c.sealed and c.job_rows == c.rows for c in chunks)  # v5
     conn = sqlite3.connect(db)
     try:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == LATEST_VERSION

@@ -107,7 +107,7 @@ async def test_open_creates_schema_with_wal_full_sync_and_foreign_keys(store: St
     assert await on_store_connection("journal_mode") == "wal"
     assert await on_store_connection("synchronous") == 2  # FULL
     assert await on_store_connection("foreign_keys") == 1
-    assert pragma(store.path, "user_version") == LATEST_VERSION == 4
+    assert pragma(store.path, "user_version") == LATEST_VERSION == 5
     assert await store.integrity_check() == "ok"
 
 
@@ -119,7 +119,7 @@ async def test_empty_v0_file_is_migrated_to_the_latest(db_path: Path) -> None:
     with sqlite3.connect(db_path) as conn:
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     conn.close()
-    assert tables == {"files", "chunks", "rejects", "api_calls", "tallies"}
+    assert tables == {"files", "chunks", "pieces", "rejects", "api_calls", "tallies"}
     async with await Store.open(db_path) as store:
         assert await store.get_file(file.id) == file
 

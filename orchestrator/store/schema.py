@@ -144,8 +144,33 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # v4: creates whose outcome is unknown (timeout, drop or 5xx after the body went out,
     # or a kill while SUBMITTING): each may have left a job at Marketo.
     ("ALTER TABLE chunks ADD COLUMN unknown_outcomes INTEGER NOT NULL DEFAULT 0",),
+    # v5, packing: a chunk holds the records of one or more files. `pieces` says which
+    # (seq 1 is the chunk's owner, its oldest file, whose id chunks.file_id keeps), with
+    # each file's share of the counters once failures are matched back (`attributed`).
+    # A pack still taking files is a PENDING chunk with sealed = 0, never submitted.
+    (
+        """CREATE TABLE pieces (
+            chunk_id INTEGER NOT NULL REFERENCES chunks (id),
+            file_id INTEGER NOT NULL REFERENCES files (id),
+            seq INTEGER NOT NULL,
+            rows INTEGER NOT NULL,
+            bytes INTEGER NOT NULL,
+            first_row INTEGER NOT NULL,
+            first_line INTEGER NOT NULL,
+            rows_processed INTEGER NOT NULL DEFAULT 0,
+            rows_failed INTEGER NOT NULL DEFAULT 0,
+            rows_with_warning INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (chunk_id, seq),
+            UNIQUE (file_id, chunk_id)
+        )""",
+        "ALTER TABLE chunks ADD COLUMN files INTEGER NOT NULL DEFAULT 1",
+        "ALTER TABLE chunks ADD COLUMN sealed INTEGER NOT NULL DEFAULT 1",
+        "ALTER TABLE chunks ADD COLUMN attributed INTEGER NOT NULL DEFAULT 0",
+        """INSERT INTO pieces (chunk_id, file_id, seq, rows, bytes, first_row, first_line)
+            SELECT id, file_id, 1, rows, bytes, 0, first_line FROM chunks""",
+    ),
 )
-# A new migration is appended (the next is v5); a released one is never renumbered.
+# A new migration is appended (the next is v6); a released one is never renumbered.
 LATEST_VERSION = len(_MIGRATIONS)
 
 _RECOVER_HINT = (
@@ -292,7 +317,26 @@ def chunk_record(row: sqlite3.Row) -> ChunkRecord:
     values = dict(zip(row.keys(), row, strict=True))
     values["status"] = ChunkStatus(values["status"])
     values["index"] = values.pop("idx")  # INDEX is an SQL keyword
+    values["sealed"] = bool(values["sealed"])
+    values["attributed"] = bool(values["attributed"])
     return ChunkRecord(**values)
+
+
+# A chunk as the job it is: every column, the whole chunk's size again as job_*.
+_JOB_COLUMNS = "c.*, 0 AS first_row, c.rows AS job_rows, c.bytes AS job_bytes"
+
+# A chunk as one file sees it (over chunks `c` and that file's piece `p`): the file's
+# share of rows, bytes and counters, the whole chunk as job_*. A chunk of one file is
+# its own share: its counters are Marketo's, live while it imports.
+_VIEW_COLUMNS = """c.id, p.file_id, c.idx, c.path, p.rows, p.bytes, p.first_line, c.status,
+    c.batch_id, c.submit_attempts, c.marketo_status,
+    CASE WHEN c.files > 1 THEN p.rows_processed ELSE c.rows_processed END AS rows_processed,
+    CASE WHEN c.files > 1 THEN p.rows_failed ELSE c.rows_failed END AS rows_failed,
+    CASE WHEN c.files > 1 THEN p.rows_with_warning ELSE c.rows_with_warning END
+        AS rows_with_warning,
+    c.message, c.failures_path, c.warnings_path, c.submitted_at, c.finished_at,
+    c.unknown_outcomes, c.files, c.sealed, p.first_row, c.rows AS job_rows,
+    c.bytes AS job_bytes, c.attributed"""
 
 
 def fetch_file(conn: sqlite3.Connection, file_id: int) -> FileRecord:
@@ -303,19 +347,74 @@ def fetch_file(conn: sqlite3.Connection, file_id: int) -> FileRecord:
 
 
 def fetch_chunk(conn: sqlite3.Connection, chunk_id: int) -> ChunkRecord:
-    row = conn.execute("SELECT * FROM chunks WHERE id = ?", (chunk_id,)).fetchone()
-    if row is None:
+    row = conn.execute(f"SELECT {_JOB_COLUMNS} FROM chunks AS c WHERE id = ?", (chunk_id,))
+    found = row.fetchone()
+    if found is None:
         raise LookupError(f"no chunk with id {chunk_id} in the state store")
-    return chunk_record(row)
+    return chunk_record(found)
 
 
 def select_chunks(conn: sqlite3.Connection, where: str, params: list[Any]) -> list[ChunkRecord]:
-    """Chunks matching `where` (over chunks `c`), in their file's claim order, then by index."""
+    """Chunks matching `where` (over chunks `c`), as jobs, in their owner's claim order
+    (a shared chunk goes in the place of its oldest file), then by index."""
     sql = (
-        "SELECT c.* FROM chunks AS c JOIN files AS f ON f.id = c.file_id"
+        f"SELECT {_JOB_COLUMNS} FROM chunks AS c JOIN files AS f ON f.id = c.file_id"
         f" WHERE {where} ORDER BY f.claimed_at, f.id, c.idx"
     )
     return [chunk_record(row) for row in conn.execute(sql, params)]
+
+
+def select_views(conn: sqlite3.Connection, where: str, params: list[Any]) -> list[ChunkRecord]:
+    """Chunks as files see them (see `_VIEW_COLUMNS`), `where` over chunks `c` and
+    pieces `p`: by file, then index."""
+    sql = (
+        f"SELECT {_VIEW_COLUMNS} FROM pieces AS p JOIN chunks AS c ON c.id = p.chunk_id"
+        f" WHERE {where} ORDER BY p.file_id, c.idx"
+    )
+    return [chunk_record(row) for row in conn.execute(sql, params)]
+
+
+def insert_chunk(
+    conn: sqlite3.Connection,
+    file_id: int,
+    *,
+    index: int,
+    path: str,
+    rows: int,
+    bytes: int,
+    first_line: int,
+    sealed: bool,
+) -> ChunkRecord:
+    """A PENDING chunk of `file_id` alone, with its one piece; if (file_id, index) exists,
+    that chunk unchanged, as the file sees it."""
+    conn.execute(
+        "INSERT INTO chunks (file_id, idx, path, rows, bytes, first_line, status, sealed)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (file_id, idx) DO NOTHING",
+        (file_id, index, path, rows, bytes, first_line, ChunkStatus.PENDING, int(sealed)),
+    )
+    (chunk_id,) = conn.execute(
+        "SELECT id FROM chunks WHERE file_id = ? AND idx = ?", (file_id, index)
+    ).fetchone()
+    conn.execute(
+        "INSERT INTO pieces (chunk_id, file_id, seq, rows, bytes, first_row, first_line)"
+        " VALUES (?, ?, 1, ?, ?, 0, ?) ON CONFLICT DO NOTHING",
+        (chunk_id, file_id, rows, bytes, first_line),
+    )
+    (view,) = select_views(conn, "p.chunk_id = ? AND p.file_id = ?", [chunk_id, file_id])
+    return view
+
+
+def mark_split(conn: sqlite3.Connection, file_id: int, *, rows: int, chunks_total: int) -> None:
+    """A SPLITTING file -> SPLIT; `chunks_total` must equal the chunks it has records in."""
+    (known,) = conn.execute("SELECT count(*) FROM pieces WHERE file_id = ?", (file_id,)).fetchone()
+    if known != chunks_total:
+        raise ValueError(
+            f"finish_split: file {file_id} has {known} chunks recorded, not {chunks_total}"
+        )
+    conn.execute(
+        "UPDATE files SET status = ?, rows = ?, chunks_total = ? WHERE id = ?",
+        (FileStatus.SPLIT, rows, chunks_total, file_id),
+    )
 
 
 def require(record: FileRecord | ChunkRecord, allowed: set[Any], operation: str) -> None:
@@ -354,7 +453,9 @@ def check_finish(
 ) -> None:
     """The invariants of a finished file (see `Store.finish_file`)."""
     rows = conn.execute(
-        "SELECT status, count(*) FROM chunks WHERE file_id = ? GROUP BY status", (file.id,)
+        "SELECT c.status, count(*) FROM pieces AS p JOIN chunks AS c ON c.id = p.chunk_id"
+        " WHERE p.file_id = ? GROUP BY c.status",
+        (file.id,),
     )
     counts: dict[str, int] = {row[0]: row[1] for row in rows}
     unfinished = sum(n for s, n in counts.items() if ChunkStatus(s) not in FINAL_CHUNK_STATUSES)

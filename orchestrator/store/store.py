@@ -48,15 +48,17 @@ from orchestrator.store.schema import (
     LATEST_VERSION,
     check_batch,
     check_finish,
-    chunk_record,
     close_if_connected,
     connect,
     fetch_chunk,
     fetch_file,
     file_record,
+    insert_chunk,
+    mark_split,
     require,
     runtime_error,
     select_chunks,
+    select_views,
     status_filter,
     write_batch,
 )
@@ -72,6 +74,7 @@ class Recovery:
     """What a crash left half done, as `Store.recover` finds it at startup."""
 
     resubmit: list[ChunkRecord]  # were SUBMITTING (outcome unknown), now PENDING again
+    open_packs: list[ChunkRecord]  # packs not sealed: bytes past their size may be on disk
     claiming: list[FileRecord]  # recorded, rename maybe not done
     resplit: list[FileRecord]  # CLAIMED or SPLITTING: split (again), reusing known chunks
     finishing: list[FileRecord]  # result name reserved, result maybe not written
@@ -203,17 +206,126 @@ class Store:
 
         def body(conn: sqlite3.Connection) -> ChunkRecord:
             require(fetch_file(conn, file_id), {FileStatus.SPLITTING}, "add_chunk")
-            conn.execute(
-                "INSERT INTO chunks (file_id, idx, path, rows, bytes, first_line, status)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (file_id, idx) DO NOTHING",
-                (file_id, index, path, rows, bytes, first_line, ChunkStatus.PENDING),
+            return insert_chunk(
+                conn,
+                file_id,
+                index=index,
+                path=path,
+                rows=rows,
+                bytes=bytes,
+                first_line=first_line,
+                sealed=True,
             )
-            row = conn.execute(
-                "SELECT * FROM chunks WHERE file_id = ? AND idx = ?", (file_id, index)
-            ).fetchone()
-            return chunk_record(row)
 
         return await self._run("add_chunk", body)
+
+    # -- packing (small files sharing a chunk) -----------------------------------------------
+
+    async def open_pack(
+        self, file_id: int, *, path: str, rows: int, bytes: int, first_line: int, file_rows: int
+    ) -> ChunkRecord:
+        """A SPLITTING file's one chunk becomes a pack that later small files may join:
+        an unsealed PENDING chunk it owns, and the file SPLIT (`file_rows` its records).
+        Again for a file already SPLIT with its chunk returns that chunk."""
+
+        def body(conn: sqlite3.Connection) -> ChunkRecord:
+            file = fetch_file(conn, file_id)
+            if file.status is FileStatus.SPLIT:
+                (found,) = select_views(conn, "p.file_id = ?", [file_id])
+                return fetch_chunk(conn, found.id)
+            require(file, {FileStatus.SPLITTING}, "open_pack")
+            chunk = insert_chunk(
+                conn,
+                file_id,
+                index=1,
+                path=path,
+                rows=rows,
+                bytes=bytes,
+                first_line=first_line,
+                sealed=False,
+            )
+            mark_split(conn, file_id, rows=file_rows, chunks_total=1)
+            return chunk
+
+        return await self._run("open_pack", body)
+
+    async def join_pack(
+        self,
+        chunk_id: int,
+        file_id: int,
+        *,
+        rows: int,
+        bytes: int,
+        first_line: int,
+        file_rows: int,
+    ) -> ChunkRecord:
+        """A SPLITTING file's records were appended to an open pack (`bytes` of them,
+        a separating line ending included): record it as the pack's next piece, and the
+        file SPLIT. Committed after the append, so a kill between the two leaves bytes
+        past the pack's recorded size, which recovery cuts off."""
+
+        def body(conn: sqlite3.Connection) -> ChunkRecord:
+            chunk = fetch_chunk(conn, chunk_id)
+            require(chunk, {ChunkStatus.PENDING}, "join_pack")
+            if chunk.sealed:
+                raise ValueError(f"join_pack: chunk {chunk_id} is sealed")
+            require(fetch_file(conn, file_id), {FileStatus.SPLITTING}, "join_pack")
+            conn.execute(
+                "INSERT INTO pieces (chunk_id, file_id, seq, rows, bytes, first_row, first_line)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (chunk_id, file_id, chunk.files + 1, rows, bytes, chunk.rows, first_line),
+            )
+            conn.execute(
+                "UPDATE chunks SET rows = rows + ?, bytes = bytes + ?, files = files + 1"
+                " WHERE id = ?",
+                (rows, bytes, chunk_id),
+            )
+            mark_split(conn, file_id, rows=file_rows, chunks_total=1)
+            return fetch_chunk(conn, chunk_id)
+
+        return await self._run("join_pack", body)
+
+    async def seal_pack(self, chunk_id: int) -> ChunkRecord:
+        """An open pack takes no more files: the scheduler may send it. Again is a no-op."""
+
+        def body(conn: sqlite3.Connection) -> ChunkRecord:
+            conn.execute("UPDATE chunks SET sealed = 1 WHERE id = ?", (chunk_id,))
+            return fetch_chunk(conn, chunk_id)
+
+        return await self._run("seal_pack", body)
+
+    async def open_packs(self) -> list[ChunkRecord]:
+        """Packs not yet sealed, as jobs, oldest first."""
+
+        def body(conn: sqlite3.Connection) -> list[ChunkRecord]:
+            return select_chunks(conn, "c.sealed = 0", [])
+
+        return await self._run("open_packs", body, write=False)
+
+    async def members(self, chunk_id: int) -> list[ChunkRecord]:
+        """The chunk as each of its files sees it, in the order their records are in it."""
+
+        def body(conn: sqlite3.Connection) -> list[ChunkRecord]:
+            views = select_views(conn, "p.chunk_id = ?", [chunk_id])
+            return sorted(views, key=lambda v: v.first_row)
+
+        return await self._run("members", body, write=False)
+
+    async def set_shares(self, chunk_id: int, shares: dict[int, tuple[int, int, int]]) -> None:
+        """Each file's (processed, failed, warned) rows of a final chunk, by file id, once
+        its failures and warnings are matched back; the chunk is then `attributed`."""
+
+        def body(conn: sqlite3.Connection) -> None:
+            chunk = fetch_chunk(conn, chunk_id)
+            require(chunk, set(FINAL_CHUNK_STATUSES), "set_shares")
+            conn.executemany(
+                "UPDATE pieces SET rows_processed = ?, rows_failed = ?, rows_with_warning = ?"
+                " WHERE chunk_id = ? AND file_id = ?",
+                [(*counts, chunk_id, file_id) for file_id, counts in shares.items()],
+            )
+            conn.execute("UPDATE chunks SET attributed = 1 WHERE id = ?", (chunk_id,))
+
+        await self._run("set_shares", body)
 
     async def add_reject(
         self, file_id: int, *, line: int, offset: int, size: int, reason: str
@@ -235,17 +347,7 @@ class Store:
 
         def body(conn: sqlite3.Connection) -> FileRecord:
             require(fetch_file(conn, file_id), {FileStatus.SPLITTING}, "finish_split")
-            (known,) = conn.execute(
-                "SELECT count(*) FROM chunks WHERE file_id = ?", (file_id,)
-            ).fetchone()
-            if known != chunks_total:
-                raise ValueError(
-                    f"finish_split: file {file_id} has {known} chunks recorded, not {chunks_total}"
-                )
-            conn.execute(
-                "UPDATE files SET status = ?, rows = ?, chunks_total = ? WHERE id = ?",
-                (FileStatus.SPLIT, rows, chunks_total, file_id),
-            )
+            mark_split(conn, file_id, rows=rows, chunks_total=chunks_total)
             return fetch_file(conn, file_id)
 
         return await self._run("finish_split", body)
@@ -256,6 +358,8 @@ class Store:
         def body(conn: sqlite3.Connection) -> ChunkRecord:
             chunk = fetch_chunk(conn, chunk_id)
             require(chunk, {ChunkStatus.PENDING}, "mark_submitting")
+            if not chunk.sealed:
+                raise ValueError(f"mark_submitting: chunk {chunk_id} is a pack not yet sealed")
             file = fetch_file(conn, chunk.file_id)
             if file.status in FINAL_FILE_STATUSES or file.status is FileStatus.FINISHING:
                 raise ValueError(f"mark_submitting: chunk {chunk_id} belongs to {file.status} file")
@@ -459,14 +563,22 @@ class Store:
     async def chunks(
         self, *, file_id: int | None = None, statuses: Iterable[ChunkStatus] | None = None
     ) -> list[ChunkRecord]:
-        """Chunks in their file's claim order, then by index; optionally filtered."""
+        """Chunks, optionally filtered by status.
+
+        With `file_id`: that file's chunks as it sees them (its share of a shared one,
+        see `ChunkRecord`), open packs included, by index. Without: every chunk as the
+        job it is, in its owner's claim order then by index, open packs left out (they
+        are not jobs yet; `open_packs` lists them)."""
         where, params = status_filter("c.status", statuses)
         if file_id is not None:
-            where += " AND c.file_id = ?"
-            params.append(file_id)
+
+            def views(conn: sqlite3.Connection) -> list[ChunkRecord]:
+                return select_views(conn, f"{where} AND p.file_id = ?", [*params, file_id])
+
+            return await self._run("chunks", views, write=False)
 
         def body(conn: sqlite3.Connection) -> list[ChunkRecord]:
-            return select_chunks(conn, where, params)
+            return select_chunks(conn, f"{where} AND c.sealed = 1", params)
 
         return await self._run("chunks", body, write=False)
 
@@ -534,16 +646,15 @@ class Store:
         return await self._run("listing", body, write=False)
 
     async def chunks_of(self, file_ids: Iterable[int]) -> list[ChunkRecord]:
-        """The chunks of the given files, by file then index."""
+        """The chunks of the given files as each sees them (see `chunks`), by file then
+        index: a shared chunk once per file in it."""
         ids = sorted(set(file_ids))
 
         def body(conn: sqlite3.Connection) -> list[ChunkRecord]:
             found: list[ChunkRecord] = []
             for start in range(0, len(ids), 500):  # SQLite caps bound parameters
                 part = ids[start : start + 500]
-                marks = ", ".join("?" * len(part))
-                sql = f"SELECT * FROM chunks WHERE file_id IN ({marks}) ORDER BY file_id, idx"
-                found += [chunk_record(r) for r in conn.execute(sql, part)]
+                found += select_views(conn, f"p.file_id IN ({', '.join('?' * len(part))})", part)
             return found
 
         return await self._run("chunks_of", body, write=False)
@@ -562,9 +673,27 @@ class Store:
                 " AND status IN (?, ?) ORDER BY finished_at LIMIT ?",
                 (before, FileStatus.COMPLETE, FileStatus.FAILED, limit),
             ).fetchall()
-            ids = [(int(row[0]),) for row in rows]
+            going = {int(row[0]) for row in rows}
+            # A shared chunk goes with all of its files, or waits until it can.
+            chunk_ids: set[int] = set()
+            for file_id in sorted(going):
+                if file_id not in going:
+                    continue
+                mates = conn.execute(
+                    "SELECT q.chunk_id, q.file_id, f.status FROM pieces AS p"
+                    " JOIN pieces AS q ON q.chunk_id = p.chunk_id"
+                    " JOIN files AS f ON f.id = q.file_id WHERE p.file_id = ?",
+                    (file_id,),
+                ).fetchall()
+                if any(FileStatus(m[2]) not in FINAL_FILE_STATUSES for m in mates):
+                    going.discard(file_id)
+                    continue
+                going.update(int(m[1]) for m in mates)
+                chunk_ids.update(int(m[0]) for m in mates)
+            ids = [(i,) for i in sorted(going)]
             conn.executemany("DELETE FROM rejects WHERE file_id = ?", ids)
-            conn.executemany("DELETE FROM chunks WHERE file_id = ?", ids)
+            conn.executemany("DELETE FROM pieces WHERE chunk_id = ?", [(c,) for c in chunk_ids])
+            conn.executemany("DELETE FROM chunks WHERE id = ?", [(c,) for c in chunk_ids])
             conn.executemany("DELETE FROM files WHERE id = ?", ids)
             return len(ids)
 
@@ -625,6 +754,7 @@ class Store:
 
             return Recovery(
                 resubmit=resubmit,
+                open_packs=select_chunks(conn, "c.sealed = 0", []),
                 claiming=having(FileStatus.CLAIMING),
                 resplit=having(FileStatus.CLAIMED, FileStatus.SPLITTING),
                 finishing=having(FileStatus.FINISHING),
