@@ -674,3 +674,120 @@ async def test_kill_9_mid_transactions_leaves_a_sound_database(db_path: Path) ->
         found = await store.recover()
         assert {c.file_id for c in found.resubmit} >= set(reported)
         assert all(c.submit_attempts == 1 for c in found.resubmit)
+
+
+# -- packing: several files in one chunk ---------------------------------------------------------
+
+
+async def packed(store: Store, names: list[str]) -> tuple[list[FileRecord], int]:
+    """Files of 10 records each packed into one (unsealed) chunk, oldest first."""
+    files = [await claim(store, name, T0) for name in names]
+    for file in files:
+        await store.start_split(file.id)
+    owner = files[0]
+    pack = await store.open_pack(
+        owner.id, path="/data/work/pack.csv", rows=10, bytes=300, first_line=2, file_rows=10
+    )
+    for file in files[1:]:
+        pack = await store.join_pack(
+            pack.id, file.id, rows=10, bytes=250, first_line=2, file_rows=11
+        )
+    return [await store.get_file(f.id) for f in files], pack.id
+
+
+async def test_a_pack_is_one_chunk_that_each_of_its_files_sees_as_its_share(store: Store) -> None:
+    (a, b, c), chunk_id = await packed(store, ["a.csv", "b.csv", "c.csv"])
+    assert [(f.status, f.chunks_total, f.rows) for f in (a, b, c)] == [
+        (FileStatus.SPLIT, 1, 10),
+        (FileStatus.SPLIT, 1, 11),
+        (FileStatus.SPLIT, 1, 11),
+    ]
+    (job,) = await store.open_packs()
+    assert (job.id, job.file_id, job.files, job.sealed) == (chunk_id, a.id, 3, False)
+    assert (job.rows, job.bytes, job.job_rows, job.job_bytes) == (30, 800, 30, 800)
+    views = await store.members(chunk_id)
+    assert [(v.file_id, v.rows, v.bytes, v.first_row) for v in views] == [
+        (a.id, 10, 300, 0),
+        (b.id, 10, 250, 10),
+        (c.id, 10, 250, 20),
+    ]
+    assert all((v.job_rows, v.job_bytes, v.files) == (30, 800, 3) for v in views)
+    assert await store.chunks(file_id=b.id) == [views[1]]
+    assert await store.chunks_of([c.id, a.id]) == [views[0], views[2]]
+    # An open pack is no job yet: not listed, not sent.
+    assert await store.chunks() == []
+    with pytest.raises(ValueError, match="not yet sealed"):
+        await store.mark_submitting(chunk_id)
+    sealed = await store.seal_pack(chunk_id)
+    assert sealed.sealed
+    assert await store.open_packs() == []
+    assert [c.id for c in await store.chunks(statuses=[ChunkStatus.PENDING])] == [chunk_id]
+    late = await claim(store, "late.csv", T1)
+    await store.start_split(late.id)
+    with pytest.raises(ValueError, match="sealed"):
+        await store.join_pack(chunk_id, late.id, rows=1, bytes=1, first_line=2, file_rows=1)
+
+
+async def test_shares_of_a_finished_pack_are_each_files_own(store: Store) -> None:
+    (a, b), chunk_id = await packed(store, ["a.csv", "b.csv"])
+    await store.seal_pack(chunk_id)
+    await store.mark_submitting(chunk_id)
+    await store.mark_submitted(chunk_id, batch_id=5, marketo_status="Queued", submitted_at=T1)
+    batch = BatchStatus(5, "Complete", rows_processed=17, rows_failed=3, rows_with_warning=1)
+    with pytest.raises(ValueError, match="set_shares"):
+        await store.set_shares(chunk_id, {a.id: (8, 2, 0), b.id: (9, 1, 1)})
+    await store.finish_chunk(
+        chunk_id, status=ChunkStatus.COMPLETE, message="", finished_at=T2, batch=batch
+    )
+    # Before the failures are matched back, a file's share is not known: none is claimed.
+    assert [(v.rows_failed, v.attributed) for v in await store.members(chunk_id)] == [
+        (0, False),
+        (0, False),
+    ]
+    await store.set_shares(chunk_id, {a.id: (8, 2, 0), b.id: (9, 1, 1)})
+    views = await store.members(chunk_id)
+    assert [(v.rows_processed, v.rows_failed, v.rows_with_warning) for v in views] == [
+        (8, 2, 0),
+        (9, 1, 1),
+    ]
+    assert all(v.attributed and v.batch_id == 5 for v in views)
+    (job,) = await store.chunks()
+    assert (job.rows_processed, job.rows_failed, job.rows_with_warning) == (17, 3, 1)
+    assert (await store.tallies())["rows:processed"] == 17  # Marketo's count, once
+    for file in (a, b):
+        await store.reserve_result(file.id, result_path=f"/done/{file.name}.result.json")
+        await store.finish_file(file.id, status=FileStatus.COMPLETE, error=None, finished_at=T2)
+
+
+async def test_a_pack_left_open_is_found_by_recovery(store: Store) -> None:
+    (a, _b), chunk_id = await packed(store, ["a.csv", "b.csv"])
+    joining = await claim(store, "c.csv", T1)
+    await store.start_split(joining.id)  # appended, then killed before join_pack
+    store = await reopen(store)
+    try:
+        found = await store.recover()
+        assert [(p.id, p.job_bytes, p.sealed) for p in found.open_packs] == [(chunk_id, 550, False)]
+        assert [f.id for f in found.resplit] == [joining.id]
+        assert (await store.get_file(a.id)).status is FileStatus.SPLIT
+    finally:
+        await store.close()
+
+
+async def test_retention_prunes_a_shared_chunk_with_all_of_its_files(store: Store) -> None:
+    (a, b), chunk_id = await packed(store, ["a.csv", "b.csv"])
+    await store.seal_pack(chunk_id)
+    await store.mark_submitting(chunk_id)
+    await store.mark_submitted(chunk_id, batch_id=5, marketo_status="Queued", submitted_at=T1)
+    await store.finish_chunk(chunk_id, status=ChunkStatus.FAILED, message="x", finished_at=T1)
+    await store.reserve_result(a.id, result_path="/done/a.csv.result.json")
+    await store.finish_file(a.id, status=FileStatus.FAILED, error="x", finished_at=T1)
+    # b still finishing: the chunk cannot go, so neither does a.
+    await store.reserve_result(b.id, result_path="/done/b.csv.result.json")
+    assert await store.prune_finished(before=T2, limit=10) == 0
+    assert [f.id for f in await store.files()] == [a.id, b.id]
+    await store.finish_file(b.id, status=FileStatus.FAILED, error="x", finished_at="2026-12-01")
+    # b finished later than the cut-off, but goes with a: the chunk is theirs together.
+    assert await store.prune_finished(before=T2, limit=1) == 2
+    assert await store.files() == []
+    assert await store.chunks() == []
+    assert await store.integrity_check() == "ok"
