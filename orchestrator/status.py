@@ -116,9 +116,10 @@ def matches(entry: dict[str, Any], query: Query) -> bool:
 def live_state(file: FileRecord, chunks: list[ChunkRecord]) -> str:
     """What a file waits for now, in a word.
 
-    claimed, splitting; then, while its chunks are at Marketo: importing (one of
-    them is), queued (submitted, waiting in Marketo's queue), waiting (for a slot
-    in our queue or a backoff); finishing; complete or failed."""
+    claimed, splitting; packing (its records are in a pack that waits for more small
+    files); then, while its chunks are at Marketo: importing (one of them is), queued
+    (submitted, waiting in Marketo's queue), waiting (for a slot in our queue or a
+    backoff); finishing; complete or failed."""
     if file.status in (FileStatus.CLAIMING, FileStatus.CLAIMED):
         return "claimed"
     if file.status in (FileStatus.FINISHING, *FINAL_FILE_STATUSES):
@@ -131,6 +132,8 @@ def live_state(file: FileRecord, chunks: list[ChunkRecord]) -> str:
         c.status not in FINAL_CHUNK_STATUSES for c in chunks
     ):
         return "splitting"
+    if any(not c.sealed for c in chunks):
+        return "packing"
     return "waiting"
 
 
@@ -139,6 +142,7 @@ WAITING_FOR: Final = {
     "inbox": "a daemon to claim it",
     "claimed": "the splitter",
     "splitting": "the splitter",
+    "packing": "more small files to share a job (limits.pack_wait_seconds)",
     "waiting": "a queue slot",
     "queued": "Marketo's queue",
     "importing": "Marketo's import",
@@ -191,7 +195,16 @@ def chunk_entry(chunk: ChunkRecord) -> dict[str, Any]:
         "rows_with_warning": chunk.rows_with_warning,
         "message": chunk.message,
         "submit_attempts": chunk.submit_attempts,
+        "shared": shared_entry(chunk),
     }
+
+
+def shared_entry(chunk: ChunkRecord) -> dict[str, int] | None:
+    """For a chunk several small files share (a pack), the whole job: how many files,
+    rows and bytes (the chunk's own rows, bytes and counters are this file's share)."""
+    if chunk.files == 1:
+        return None
+    return {"files": chunk.files, "rows": chunk.job_rows, "bytes": chunk.job_bytes}
 
 
 def totals(files: list[FileRecord], chunks: list[ChunkRecord]) -> dict[str, Any]:
@@ -217,6 +230,7 @@ def totals_from_tallies(tallies: Mapping[str, int]) -> dict[str, Any]:
 LIVE_STATES: Final = {
     "claimed": frozenset({FileStatus.CLAIMING, FileStatus.CLAIMED}),
     "splitting": frozenset({FileStatus.SPLITTING}),
+    "packing": frozenset({FileStatus.SPLIT}),
     "waiting": frozenset({FileStatus.SPLITTING, FileStatus.SPLIT}),
     "queued": frozenset({FileStatus.SPLITTING, FileStatus.SPLIT}),
     "importing": frozenset({FileStatus.SPLITTING, FileStatus.SPLIT}),
@@ -581,7 +595,9 @@ class StatusServer:
 
 JOBS_LIMIT: Final = 100  # GET /jobs without ?limit=
 JOBS_LIMIT_MAX: Final = 1000
-STATES: Final = frozenset({str(s) for s in FileStatus} | {"waiting", "queued", "importing"})
+STATES: Final = frozenset(
+    {str(s) for s in FileStatus} | {"packing", "waiting", "queued", "importing"}
+)
 
 
 def jobs_query(statuses: list[str], limit: str | None) -> Query:

@@ -193,7 +193,15 @@ async def progress_line(store: Store, backoff: float, elapsed: float) -> str:
     if backoff:
         return line + f"  waiting for: a backoff ({backoff:.0f}s)"
     states = [f["state"] for f in snap["files"]]
-    for state in ("importing", "queued", "waiting", "splitting", "claimed", "finishing"):
+    for state in (
+        "importing",
+        "queued",
+        "waiting",
+        "packing",
+        "splitting",
+        "claimed",
+        "finishing",
+    ):
         if state in states:
             return line + f"  waiting for: {WAITING_FOR[state]}"
     return line

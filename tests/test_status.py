@@ -540,3 +540,38 @@ def test_default_listen_address_is_loopback() -> None:
     host, port = host_port
     assert ipaddress.ip_address(host).is_loopback
     assert port == 9400
+
+
+async def test_files_sharing_a_pack_show_packing_then_their_share(store: Store) -> None:
+    files = []
+    for name in ("a.csv", "b.csv"):
+        claimed = await store.begin_claim(
+            route="leads",
+            name=name,
+            source_path=f"/in/{name}",
+            work_path=f"/work/{name}",
+            max_chunk_bytes=1000,
+            claimed_at=NOW,
+            job_id=f"id-{name}",
+        )
+        await store.finish_claim(claimed.id)
+        files.append(await store.start_split(claimed.id))
+    a, b = files
+    pack = await store.open_pack(a.id, path="/p", rows=3, bytes=40, first_line=2, file_rows=3)
+    await store.join_pack(pack.id, b.id, rows=2, bytes=20, first_line=2, file_rows=2)
+    snapshot = await load_snapshot(store)
+    assert [(f["file"], f["state"]) for f in snapshot["files"]] == [
+        ("a.csv", "packing"),
+        ("b.csv", "packing"),
+    ]
+    assert await load_snapshot(store, Query(statuses=frozenset({"packing"}))) == snapshot
+    await store.seal_pack(pack.id)
+    snapshot = await load_snapshot(store)
+    assert [f["state"] for f in snapshot["files"]] == ["waiting", "waiting"]
+    chunks = [f["chunks"] for f in snapshot["files"]]
+    assert [[(c["index"], c["rows"], c["bytes"]) for c in cs] for cs in chunks] == [
+        [(1, 3, 40)],
+        [(1, 2, 20)],
+    ]
+    whole = {"files": 2, "rows": 5, "bytes": 60}
+    assert [cs[0]["shared"] for cs in chunks] == [whole, whole]
