@@ -181,8 +181,12 @@ def error_line(stderr: str, data: Path) -> str:
 async def fill_while_running(
     sim: Simulator, daemons: MakeRunner, volume: MakeVolume
 ) -> tuple[CliRunner, int, str, Path, Path]:
-    """A 3 MB tmpfs with 250 kB left when the daemon starts on a 600 kB file."""
-    vol = volume(size="3m")
+    """A 6 MB tmpfs with 250 kB left when the daemon starts on a 600 kB file.
+
+    Once the ballast goes, the restart needs room for the source, its chunks and
+    SQLite's write-ahead log, which grows to about 4 MB (1,000 pages) before its
+    first automatic checkpoint."""
+    vol = volume(size="6m")
     runner = runner_for(daemons, sim, vol.path, max_chunk_bytes=20_000)
     drop_leads(vol.path, "big.csv", 15_000, prefix="x")
     ballast = vol.fill(leave_bytes=250_000)
