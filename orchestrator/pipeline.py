@@ -219,11 +219,26 @@ class Pipeline:
     async def chunk_done(self, chunk: ChunkRecord) -> None:
         """A batch reached Complete or Failed at Marketo: a queue slot is free."""
         self.scheduler.job_finished(chunk.id)
-        await self.maybe_finish(chunk.file_id)
+        await self.chunk_final(chunk)
 
     async def chunk_refused(self, chunk: ChunkRecord) -> None:
         """A chunk failed before it went to Marketo: no slot was taken."""
-        await self.maybe_finish(chunk.file_id)
+        await self.chunk_final(chunk)
+
+    async def chunk_final(self, chunk: ChunkRecord) -> None:
+        """Match the chunk's failed and warned rows back to its files now, while its files
+        (Marketo's, and a pack's) are all there; then every file in it may be finished.
+
+        Under the finish lock: a file finishing removes its chunk directory, which holds
+        the chunk files of the chunks it owns. Should matching fail here (a full disk, say),
+        finishing the file tries again."""
+        async with self._finish_lock:
+            try:
+                await results.attribute_chunk(self.settings, self.store, chunk.id)
+            except OSError as exc:
+                log.error("attribution_deferred", chunk=chunk.index, error=str(exc))
+        for member in await self.store.members(chunk.id):
+            await self.maybe_finish(member.file_id)
 
     async def maybe_finish(self, file_id: int) -> None:
         """Write the file's result once it is split and every chunk is final."""

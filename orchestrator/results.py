@@ -20,17 +20,20 @@ import itertools
 import json
 import os
 import shutil
-from collections import defaultdict, deque
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Final
 
-from orchestrator import constants, splitter
+import structlog
+
+from orchestrator import attribution, constants
 from orchestrator.clock import stamp
 from orchestrator.config import Settings
 from orchestrator.faults import crashpoint
 from orchestrator.models import (
+    FINAL_CHUNK_STATUSES,
     ChunkRecord,
     ChunkStatus,
     FileRecord,
@@ -39,7 +42,10 @@ from orchestrator.models import (
 )
 from orchestrator.store import Store
 
+log = structlog.get_logger(__name__)
+
 RESULT_SUFFIX = ".result.json"
+COPY_BLOCK: Final = 1 << 16  # bytes per read, where part files cannot be copied in the kernel
 
 # A set-aside record can be as large as any field Marketo accepts: well over
 # the csv module's 128 KiB default. Raised once, for the process.
@@ -58,9 +64,13 @@ def outcome(file: FileRecord, chunks: list[ChunkRecord]) -> Outcome:
         return Outcome(FileStatus.FAILED, file.error)
     for chunk in chunks:
         if chunk.status is not ChunkStatus.COMPLETE:
-            batch = f" (batch {chunk.batch_id})" if chunk.batch_id else ""
+            notes = [f"batch {chunk.batch_id}"] if chunk.batch_id else []
+            if chunk.files > 1:  # a shared job fails every file in it: say so in each
+                others = chunk.files - 1
+                notes.append(f"shared with {others} other file{'' if others == 1 else 's'}")
+            detail = f" ({', '.join(notes)})" if notes else ""
             why = chunk.message or "import failed"
-            return Outcome(FileStatus.FAILED, f"chunk {chunk.index}{batch} failed: {why}")
+            return Outcome(FileStatus.FAILED, f"chunk {chunk.index}{detail} failed: {why}")
     return Outcome(FileStatus.COMPLETE, None)
 
 
@@ -76,10 +86,77 @@ async def choose_name(store: Store, directory: Path, name: str) -> Path:
     raise AssertionError("unreachable: itertools.count never ends")
 
 
+async def attribute_chunk(settings: Settings, store: Store, chunk_id: int) -> bool:
+    """Match a final chunk's failed and warned rows back to each of its files: each file's
+    rows with their source lines go to a part file in its own chunk directory, then the
+    store records each file's share and the chunk as attributed. False when there was
+    nothing to do (not final, or attributed already). Idempotent: a crash before the
+    shares are recorded is repaired by running it again."""
+    members = await store.members(chunk_id)
+    if not members or members[0].attributed or members[0].status not in FINAL_CHUNK_STATUSES:
+        return False
+    job = members[0]  # the owner's view: its records come first
+    owner = await store.get_file(job.file_id)
+    route = settings.route(owner.route)
+    fmt = route.format_for(owner.name) if route else "csv"
+    pieces: list[attribution.Piece] = []
+    for member in members:
+        file = await store.get_file(member.file_id)
+        rejects = await store.rejects(member.file_id)
+        gaps = await asyncio.to_thread(reject_gaps, Path(file.work_path), rejects)
+        pieces.append(
+            attribution.Piece(
+                file_id=member.file_id,
+                first_row=member.first_row,
+                first_line=member.first_line,
+                out_dir=settings.layout.chunk_dir(member.file_id),
+                gaps=tuple(gaps),
+            )
+        )
+    marketo = {
+        "failures": Path(job.failures_path) if job.failures_path else None,
+        "warnings": Path(job.warnings_path) if job.warnings_path else None,
+    }
+    started = time.monotonic()
+    tallies = await asyncio.to_thread(
+        attribution.attribute, chunk_id, Path(job.path), fmt, pieces, marketo
+    )
+    failed, warned = tallies["failures"].rows, tallies["warnings"].rows
+    shares: dict[int, tuple[int, int, int]] = {}
+    for member in members:
+        if member.files == 1:  # a chunk of its own: Marketo's counters, exactly
+            shares[member.file_id] = (
+                member.rows_processed,
+                member.rows_failed,
+                member.rows_with_warning,
+            )
+            continue
+        its_failed = failed.get(member.file_id, 0)
+        processed = member.rows - its_failed if member.status is ChunkStatus.COMPLETE else 0
+        shares[member.file_id] = (processed, its_failed, warned.get(member.file_id, 0))
+    await store.set_shares(chunk_id, shares)
+    unmatched = tallies["failures"].unmatched + tallies["warnings"].unmatched
+    (log.warning if unmatched else log.info)(
+        "chunk_attributed",
+        chunk=job.index,
+        batch_id=job.batch_id,
+        files=len(members),
+        rows_failed=sum(failed.values()),
+        rows_with_warning=sum(warned.values()),
+        unmatched=unmatched,
+        seconds=round(time.monotonic() - started, 3),
+    )
+    return True
+
+
 async def finish_file(
     settings: Settings, store: Store, file: FileRecord
 ) -> tuple[FileRecord, dict[str, Any]]:
     """Write everything a finished file leaves behind; the final record and result document."""
+    started = time.monotonic()
+    for chunk in await store.chunks(file_id=file.id):
+        if chunk.status in FINAL_CHUNK_STATUSES and not chunk.attributed:
+            await attribute_chunk(settings, store, chunk.id)  # not done when it went final
     chunks = await store.chunks(file_id=file.id)
     rejects = await store.rejects(file.id)
     result = outcome(file, chunks)
@@ -94,14 +171,16 @@ async def finish_file(
     route = settings.route(file.route)
     fmt = route.format_for(file.name) if route else "csv"
     object_type = str(route.object) if route else ""
+    parts = settings.layout.chunk_dir(file.id)
     document = await asyncio.to_thread(
-        write_outputs, file, chunks, rejects, result, fmt, finished_at, object_type
+        write_outputs, file, chunks, rejects, result, fmt, finished_at, object_type, parts
     )
     record = await store.finish_file(
         file.id, status=result.status, error=result.error, finished_at=document["finished_at"]
     )
     crashpoint("file_finished")
     await asyncio.to_thread(shutil.rmtree, settings.layout.chunk_dir(file.id), True)
+    log.info("results_written", seconds=round(time.monotonic() - started, 3))
     return record, document
 
 
@@ -113,24 +192,27 @@ def write_outputs(
     fmt: str,
     finished_at: str,
     object_type: str,
+    parts: Path,
 ) -> dict[str, Any]:
-    """Blocking: failures, warnings, the source move, then result.json."""
+    """Blocking: failures, warnings (each file's parts of its chunks, then the records the
+    splitter set aside), the source move, then result.json."""
     assert file.result_path is not None
     result_path = Path(file.result_path)
     target = result_path.with_name(result_path.name.removesuffix(RESULT_SUFFIX))
     delimiter = constants.DELIMITERS[fmt]
     work = Path(file.work_path)
     source = work if os.path.lexists(work) else target  # moved already by an earlier run
-    gaps = reject_gaps(source, rejects)
-    failures = merge_rows(
-        chunks, "failures_path", fmt, gaps, reject_rows(source, rejects, delimiter)
+    failures_name = write_merged(
+        target.with_name(target.name + ".failures.csv"),
+        [attribution.part_path(parts, c.id, "failures") for c in chunks],
+        reject_rows(source, rejects, delimiter),
+        delimiter,
     )
-    warnings = merge_rows(chunks, "warnings_path", fmt, gaps, iter(()))
-    failures_name = write_table(
-        target.with_name(target.name + ".failures.csv"), failures, delimiter
-    )
-    warnings_name = write_table(
-        target.with_name(target.name + ".warnings.csv"), warnings, delimiter
+    warnings_name = write_merged(
+        target.with_name(target.name + ".warnings.csv"),
+        [attribution.part_path(parts, c.id, "warnings") for c in chunks],
+        iter(()),
+        delimiter,
     )
     crashpoint("results_written")
     if os.path.lexists(work):
@@ -161,10 +243,15 @@ def write_outputs(
 
 
 def chunk_summary(chunk: ChunkRecord) -> dict[str, Any]:
+    """One batch as the file sees it: its share; `shared` describes the whole job when
+    other files' records were in it too (None for a chunk of its own)."""
     if chunk.marketo_status:
         status = chunk.marketo_status
     else:
         status = "NotSubmitted" if chunk.batch_id is None else str(chunk.status)
+    shared = None
+    if chunk.files > 1:
+        shared = {"files": chunk.files, "rows": chunk.job_rows, "bytes": chunk.job_bytes}
     return {
         "index": chunk.index,
         "rows": chunk.rows,
@@ -176,80 +263,93 @@ def chunk_summary(chunk: ChunkRecord) -> dict[str, Any]:
         "rows_with_warning": chunk.rows_with_warning,
         "submits": chunk.submits,
         "message": chunk.message,
+        "shared": shared,
     }
 
 
-@dataclass
-class Table:
-    """Rows to write under one header; empty header means nothing to write."""
-
-    header: list[str]
-    rows: list[list[str]]
-
-
-def merge_rows(
-    chunks: list[ChunkRecord],
-    attr: str,
-    fmt: str,
-    gaps: list[tuple[int, int]],
+def write_merged(
+    path: Path,
+    parts: list[Path],
     extra: Iterator[tuple[list[str], list[str]]],
-) -> Table:
-    """Marketo's per-chunk files as one table, each row with its source line when known.
+    delimiter: str,
+) -> str | None:
+    """Concatenate part files (their header once), then `extra`'s (header, row) pairs,
+    streaming, into a temp file renamed to `path`; the file name, or None when no row.
 
-    `gaps` are the records the splitter set aside (see `reject_gaps`); `extra`
-    yields (header, row) pairs from the daemon's own rejections.
-    """
-    delimiter = constants.DELIMITERS[fmt]
-    table = Table([], [])
-    for chunk in chunks:
-        path = getattr(chunk, attr)
-        if not path or not os.path.exists(path):
-            continue
-        lines = source_lines(chunk, fmt, gaps)
-        with open(path, encoding="utf-8-sig", newline="") as fh:
-            reader = csv.reader(fh, delimiter=delimiter)
-            header = next(reader, None)
-            if header is None:
+    Each part starts with the same header line (Marketo's columns and the source line);
+    `extra`'s rows are fitted to it: data columns padded or cut, reason and line last."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    header: list[str] | None = None
+    rows = False
+    with open(tmp, "wb") as out:
+        for part in parts:
+            if not part.exists():
                 continue
-            if not table.header:
-                table.header = [*header, constants.SOURCE_LINE_COLUMN]
-            for row in reader:
-                queue = lines.get(tuple(row[:-1]))
-                line = str(queue.popleft()) if queue else ""
-                table.rows.append([*row, line])
-    for header, row in extra:
-        if not table.header:
-            table.header = header
-        width = len(table.header) - 2  # data columns before the reason and the line
-        fields = (row[:-2] + [""] * width)[:width]
-        table.rows.append([*fields, *row[-2:]])
-    return table
+            columns, head = part_header(part, delimiter)
+            with open(part, "rb") as fh:
+                if fh.read(len(head)) != head:
+                    fh.seek(0)  # not our header line: keep every byte rather than lose a row
+                elif header is not None:
+                    pass  # the header once, at the top
+                else:
+                    out.write(head)
+                if header is None:
+                    header = columns
+                rows = copy_rest(fh, out) > 0 or rows
+        text = io.TextIOWrapper(out, encoding="utf-8", newline="", write_through=True)
+        writer = csv.writer(text, delimiter=delimiter, lineterminator="\n")
+        for columns, row in extra:
+            if header is None:
+                header = columns
+                writer.writerow(header)
+            width = len(header) - 2  # data columns before the reason and the line
+            fields = (row[:-2] + [""] * width)[:width]
+            writer.writerow([*fields, *row[-2:]])
+            rows = True
+        text.flush()
+        text.detach()
+        out.flush()
+        os.fsync(out.fileno())
+    if not rows:
+        tmp.unlink()
+        return None
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+    return path.name
 
 
-def source_lines(
-    chunk: ChunkRecord, fmt: str, gaps: list[tuple[int, int]]
-) -> dict[tuple[str, ...], deque[int]]:
-    """Each record of a chunk (as parsed fields) to the source line it starts on.
+def copy_rest(source: BinaryIO, out: BinaryIO) -> int:
+    """Copy `source` from where it is to its end onto `out`; the bytes copied. In the
+    kernel (sendfile) where it can, so no block of it passes through Python."""
+    out.flush()
+    offset, end = source.tell(), os.fstat(source.fileno()).st_size
+    copied = 0
+    try:
+        while offset + copied < end:
+            sent = os.sendfile(
+                out.fileno(), source.fileno(), offset + copied, end - offset - copied
+            )
+            if sent == 0:
+                break
+            copied += sent
+    except OSError:
+        if copied:
+            raise  # part of it went: do not copy that part twice
+        source.seek(offset)
+        before = out.tell()
+        shutil.copyfileobj(source, out, COPY_BLOCK)
+        return out.tell() - before
+    out.seek(0, os.SEEK_END)
+    return copied
 
-    A chunk's records are consecutive in the source but for records the splitter
-    set aside between them: each gap (line, lines it spans) at or before a record
-    moves that record and the ones after it down by its span."""
-    delimiter = constants.DELIMITERS[fmt]
-    found: dict[tuple[str, ...], deque[int]] = defaultdict(deque)
-    if not os.path.exists(chunk.path):
-        return found
-    pending = deque(g for g in gaps if g[0] >= chunk.first_line)
-    shift = 0
-    for line, raw in splitter.iter_records(Path(chunk.path), fmt):
-        source_line = chunk.first_line + line - 2 + shift
-        while pending and pending[0][0] <= source_line:
-            shift += pending[0][1]
-            source_line += pending.popleft()[1]
-        fields = next(
-            csv.reader(io.StringIO(raw.decode("utf-8"), newline=""), delimiter=delimiter), []
-        )
-        found[tuple(fields)].append(source_line)
-    return found
+
+def part_header(part: Path, delimiter: str) -> tuple[list[str], bytes]:
+    """A part file's header record, and its bytes as `attribution` wrote them."""
+    with open(part, encoding="utf-8", newline="") as fh:
+        columns = next(csv.reader(fh, delimiter=delimiter), [])
+    buffer = io.StringIO(newline="")
+    csv.writer(buffer, delimiter=delimiter, lineterminator="\n").writerow(columns)
+    return columns, buffer.getvalue().encode("utf-8")
 
 
 def reject_gaps(source: Path, rejects: Iterable[RejectRecord]) -> list[tuple[int, int]]:
@@ -289,18 +389,6 @@ def reject_rows(
             yield header, [*fields, reject.reason, str(reject.line)]
 
 
-def write_table(path: Path, table: Table, delimiter: str) -> str | None:
-    """Write `table` atomically at `path`; returns the file name, or None when empty."""
-    if not table.rows:
-        return None
-    buffer = io.StringIO(newline="")
-    writer = csv.writer(buffer, delimiter=delimiter, lineterminator="\n")
-    writer.writerow(table.header)
-    writer.writerows(table.rows)
-    write_atomic(path, buffer.getvalue().encode("utf-8"))
-    return path.name
-
-
 def write_atomic(path: Path, data: bytes) -> None:
     """Temp file in the same directory, fsync, rename, fsync the directory."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -309,7 +397,11 @@ def write_atomic(path: Path, data: bytes) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:

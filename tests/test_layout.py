@@ -9,7 +9,7 @@ Every import of our own package points down this picture, never up or sideways:
           scheduler poller results upkeep client . 4   simulator: a program of its
             spool  status ........................ 3   own, it uses constants,
               store  marketo  metrics ............ 2   models, errors and
-          config logs splitter handover dirlock .. 1   nothing else of ours
+   config logs splitter handover dirlock attribution 1   nothing else of ours
                   constants errors models clock
                   backoff faults layout orchestrator . 0
 
@@ -41,7 +41,7 @@ RANKS: dict[str, int] = {
     for rank, units in enumerate(
         [
             "orchestrator constants errors models clock backoff faults layout",  # leaves
-            "config logs splitter handover dirlock",
+            "config logs splitter handover dirlock attribution",
             "store marketo metrics",
             "spool status",
             "scheduler poller results upkeep client",  # the stages, housekeeping, the hand-over API

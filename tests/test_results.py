@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import tracemalloc
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from orchestrator import constants, results, splitter
+from orchestrator import attribution, constants, results, splitter
 from orchestrator.config import Settings
 from orchestrator.models import (
     BatchStatus,
@@ -37,7 +38,7 @@ RESULT_KEYS = {
 }  # fmt: skip
 CHUNK_KEYS = {
     "index", "rows", "bytes", "batch_id", "status", "rows_processed", "rows_failed",
-    "rows_with_warning", "submits", "message",
+    "rows_with_warning", "submits", "message", "shared",
 }  # fmt: skip
 HEADER = "email,firstName\n"
 BIG = "x" * 300
@@ -129,7 +130,7 @@ class Files:
         batch = BatchStatus(
             batch_id,
             "Complete",
-            rows_processed=chunk.rows - len(failures),
+            rows_processed=chunk.job_rows - len(failures),
             rows_failed=len(failures),
             rows_with_warning=len(warnings),
         )
@@ -292,6 +293,7 @@ async def test_complete_file_result_and_merged_failures(
         for c in document["chunks"]
     ] == [(1, 1001, "Complete", 2, 1), (2, 1002, "Complete", 2, 1)]
     assert [c["submits"] for c in document["chunks"]] == [1, 1]
+    assert [c["shared"] for c in document["chunks"]] == [None, None]  # chunks of its own
 
     failures = read_csv(done / "big.csv.failures.csv")
     assert failures[0] == [
@@ -551,3 +553,330 @@ async def test_chunk_summaries_count_the_submits(
     _, document = await finish_file(settings, store, file)
 
     assert [c.get("submits") for c in document["chunks"]] == [1, 1]
+
+
+# -- shared chunks: each file's share of a pack ---------------------------------------------------
+
+# Four small files packed into one chunk, in this order. Source line numbers on the left.
+PACKED = {
+    "a.csv": [
+        HEADER,  # 1
+        "a1@x.com,Ann\n",  # 2
+        'a2@x.com,"Al\nLine"\n',  # 3-4
+        f"a3@x.com,{BIG}\n",  # 5: set aside by the splitter
+        "bad-a4,Ada\n",  # 6: fails
+        "a5@x.com,Abe\n",  # 7: warned
+    ],
+    "b.csv": [
+        HEADER,  # 1
+        'b1@x.com,"Bo\nB"\n',  # 2-3: fails
+        "b2@x.com,Bea\n",  # 4
+        "bad-b3,Ben\n",  # 5: fails
+    ],
+    "c.csv": [HEADER, "c1@x.com,Cy\n", "c2@x.com,Cat\n"],  # c1 (line 2) warned
+    "d.csv": [HEADER, "d1@x.com,Di\n"],
+}
+PACK_FAILURES = [
+    (["bad-a4", "Ada"], "1003 Invalid email address"),
+    (["b1@x.com", "Bo\nB"], "Duplicate lead"),
+    (["bad-b3", "Ben"], "1003 Invalid email address"),
+]
+PACK_WARNINGS = [(["a5@x.com", "Abe"], "Field truncated"), (["c1@x.com", "Cy"], "Field truncated")]
+A_REJECT_OFFSET = len("".join(PACKED["a.csv"][:3]).encode())
+A_REJECT_SIZE = len(PACKED["a.csv"][3].encode())
+
+
+@dataclass
+class Pack:
+    chunk: ChunkRecord  # the job, as its owner sees it
+    files: dict[str, FileRecord]
+    text: str  # the pack file
+
+
+async def make_pack(files: Files) -> Pack:
+    """PACKED's files claimed, split and packed into one sealed chunk as the packer does:
+    the owner's chunk file, the later files' records appended, each piece recorded."""
+    store, claimed = files.store, {}
+    for name, lines in PACKED.items():
+        claimed[name] = await files.claim(name, "".join(lines))
+    a = claimed["a.csv"]
+    await store.add_reject(
+        a.id, line=5, offset=A_REJECT_OFFSET, size=A_REJECT_SIZE, reason=REJECT_REASON
+    )
+    directory = files.settings.layout.chunk_dir(a.id)
+    directory.mkdir(parents=True)
+    path = directory / "chunk-00001.csv"
+    kept = [line for line in PACKED["a.csv"][1:] if not line.startswith("a3@")]
+    text = HEADER + "".join(kept)
+    path.write_text(text, encoding="utf-8", newline="")
+    chunk = await store.open_pack(
+        a.id, path=str(path), rows=4, bytes=len(text.encode()), first_line=2, file_rows=5
+    )
+    for name in ("b.csv", "c.csv", "d.csv"):
+        records = "".join(PACKED[name][1:])
+        with path.open("a", encoding="utf-8", newline="") as fh:
+            fh.write(records)
+        text += records
+        await store.join_pack(
+            chunk.id,
+            claimed[name].id,
+            rows=len(PACKED[name]) - 1,
+            bytes=len(records.encode()),
+            first_line=2,
+            file_rows=len(PACKED[name]) - 1,
+        )
+    await store.seal_pack(chunk.id)
+    (chunk,) = await store.chunks(file_id=a.id)
+    return Pack(chunk, claimed, text)
+
+
+async def finish_all(
+    settings: Settings,
+    store: Store,
+    pack: Pack,
+    order: Sequence[str] = ("d.csv", "a.csv", "b.csv", "c.csv"),
+) -> dict[str, dict[str, Any]]:
+    """Finish the packed files (a member before the owner, by default); their documents."""
+    documents = {}
+    for name in order:
+        _, documents[name] = await finish_file(
+            settings, store, await store.get_file(pack.files[name].id)
+        )
+    return documents
+
+
+def outputs(settings: Settings) -> dict[str, bytes]:
+    """Every result file but result.json (timestamps), complete or failed."""
+    found = {}
+    for directory in (settings.layout.done("leads"), settings.layout.failed("leads")):
+        if directory.is_dir():
+            found |= {p.name: p.read_bytes() for p in directory.iterdir() if p.suffix != ".json"}
+    return found
+
+
+async def test_a_shared_chunk_gives_each_file_its_own_counts_and_source_lines(
+    settings: Settings, store: Store, files: Files
+) -> None:
+    pack = await make_pack(files)
+    job = await files.complete(pack.chunk, 3001, failures=PACK_FAILURES, warnings=PACK_WARNINGS)
+    assert (job.job_rows, job.files, job.rows_processed, job.rows_failed) == (10, 4, 7, 3)
+
+    documents = await finish_all(settings, store, pack)
+
+    counts = {
+        name: (
+            d["status"],
+            d["rows"],
+            d["rows_processed"],
+            d["rows_failed"],
+            d["rows_with_warning"],
+        )
+        for name, d in documents.items()
+    }
+    assert counts == {
+        "a.csv": ("complete", 5, 3, 2, 1),  # 4 in the pack, 1 failed; 1 set aside
+        "b.csv": ("complete", 3, 1, 2, 0),
+        "c.csv": ("complete", 2, 2, 0, 1),
+        "d.csv": ("complete", 1, 1, 0, 0),
+    }
+    shared = {"files": 4, "rows": 10, "bytes": len(pack.text.encode())}
+    for name, document in documents.items():
+        (chunk,) = document["chunks"]
+        lines = PACKED[name][1:]
+        rows = len(lines) - (name == "a.csv")
+        assert (chunk["batch_id"], chunk["status"], chunk["rows"]) == (3001, "Complete", rows)
+        assert chunk["shared"] == shared
+        assert (chunk["rows_processed"], chunk["rows_failed"], chunk["rows_with_warning"]) == {
+            "a.csv": (3, 1, 1),  # its set-aside record is not in the chunk
+            "b.csv": (1, 2, 0),
+            "c.csv": (2, 0, 1),
+            "d.csv": (1, 0, 0),
+        }[name]
+    assert documents["b.csv"]["chunks"][0]["bytes"] == len("".join(PACKED["b.csv"][1:]).encode())
+    done = settings.layout.done("leads")
+    reason, line = constants.FAILURE_REASON_COLUMN, constants.SOURCE_LINE_COLUMN
+    assert read_csv(done / "a.csv.failures.csv") == [
+        ["email", "firstName", reason, line],
+        ["bad-a4", "Ada", "1003 Invalid email address", "6"],  # after a set-aside record
+        ["a3@x.com", BIG, REJECT_REASON, "5"],
+    ]
+    assert read_csv(done / "b.csv.failures.csv") == [
+        ["email", "firstName", reason, line],
+        ["b1@x.com", "Bo\nB", "Duplicate lead", "2"],
+        ["bad-b3", "Ben", "1003 Invalid email address", "5"],  # after a record of two lines
+    ]
+    warned = [["email", "firstName", constants.WARNING_REASON_COLUMN, line]]
+    assert read_csv(done / "a.csv.warnings.csv") == [
+        *warned,
+        ["a5@x.com", "Abe", "Field truncated", "7"],
+    ]
+    assert read_csv(done / "c.csv.warnings.csv") == [
+        *warned,
+        ["c1@x.com", "Cy", "Field truncated", "2"],
+    ]
+    assert sorted(outputs(settings)) == [
+        "a.csv", "a.csv.failures.csv", "a.csv.warnings.csv", "b.csv", "b.csv.failures.csv",
+        "c.csv", "c.csv.warnings.csv", "d.csv",
+    ]  # fmt: skip
+    assert [documents[n]["failures_file"] for n in PACKED] == [
+        "a.csv.failures.csv", "b.csv.failures.csv", None, None
+    ]  # fmt: skip
+    for file in pack.files.values():
+        assert not settings.layout.chunk_dir(file.id).exists()
+
+
+async def test_a_failed_shared_job_fails_every_file_in_it_saying_so(
+    settings: Settings, store: Store, files: Files
+) -> None:
+    pack = await make_pack(files)
+    await files.fail(pack.chunk, 3001, MARKETO_FAILED)
+
+    documents = await finish_all(settings, store, pack, order=("b.csv", "a.csv", "c.csv", "d.csv"))
+
+    why = f"chunk 1 (batch 3001, shared with 3 other files) failed: {MARKETO_FAILED}"
+    for name, document in documents.items():
+        assert (document["status"], document["error"]) == ("failed", why), name
+        assert document["rows_processed"] == 0
+        assert document["chunks"][0]["status"] == "Failed"
+        record = await store.get_file(pack.files[name].id)
+        assert (record.status, record.error) == (FileStatus.FAILED, why)
+        assert (settings.layout.failed("leads") / f"{name}.result.json").exists()
+    assert documents["a.csv"]["rows_failed"] == 1  # its set-aside record
+    assert read_csv(settings.layout.failed("leads") / "a.csv.failures.csv")[1:] == [
+        ["a3@x.com", BIG, REJECT_REASON, "5"]
+    ]
+
+
+async def test_matching_a_shared_chunk_again_after_a_crash_gives_the_same_results(
+    settings: Settings,
+    store: Store,
+    files: Files,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # What a run without a crash leaves behind.
+    clean = make_settings(tmp_path / "clean")
+    async with await Store.open(tmp_path / "clean" / "state.db") as clean_store:
+        clean_files = Files(clean, clean_store)
+        clean_pack = await make_pack(clean_files)
+        await clean_files.complete(
+            clean_pack.chunk, 3001, failures=PACK_FAILURES, warnings=PACK_WARNINGS
+        )
+        expected = await finish_all(clean, clean_store, clean_pack)
+
+    pack = await make_pack(files)
+    await files.complete(pack.chunk, 3001, failures=PACK_FAILURES, warnings=PACK_WARNINGS)
+    # Killed after a's part is in place, while b's is being written.
+    closing = attribution.Parts.close
+    closed = 0
+
+    def crash_at_second_part(parts: attribution.Parts) -> None:
+        nonlocal closed
+        if parts._fh is not None:
+            closed += 1
+            if closed == 2:
+                raise Crash("while writing b's part")
+        closing(parts)
+
+    monkeypatch.setattr(attribution.Parts, "close", crash_at_second_part)
+    with pytest.raises(Crash):
+        await results.attribute_chunk(settings, store, pack.chunk.id)
+    monkeypatch.undo()
+    a_dir = settings.layout.chunk_dir(pack.files["a.csv"].id)
+    b_dir = settings.layout.chunk_dir(pack.files["b.csv"].id)
+    assert attribution.part_path(a_dir, pack.chunk.id, "failures").exists()
+    assert not attribution.part_path(b_dir, pack.chunk.id, "failures").exists()
+    assert not list(b_dir.glob(".*.tmp"))  # the part being written was dropped
+    assert not (await store.chunks(file_id=pack.files["a.csv"].id))[0].attributed
+
+    # Killed after every part is in place, before the shares were recorded.
+    async def crash(*args: object) -> None:
+        raise Crash("before the shares were recorded")
+
+    monkeypatch.setattr(store, "set_shares", crash)
+    with pytest.raises(Crash):
+        await results.attribute_chunk(settings, store, pack.chunk.id)
+    monkeypatch.undo()
+
+    assert await results.attribute_chunk(settings, store, pack.chunk.id)
+    assert not await results.attribute_chunk(settings, store, pack.chunk.id)  # done: a no-op
+    documents = await finish_all(settings, store, pack)
+
+    assert outputs(settings) == outputs(clean)
+    for name, document in documents.items():
+        assert without_times(document) == without_times(expected[name])
+
+
+def without_times(document: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in document.items() if k not in ("id", "claimed_at", "finished_at")}
+
+
+async def test_a_row_matching_no_record_is_kept_and_looking_for_it_stays_linear(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every 5th record of two files' pieces failed, each followed in Marketo's file by a
+    row that is in no record: those keep their place (the piece the walk is in, a blank
+    line), the others their lines, and the records read stay a few times the chunk's, not
+    rows times records (about 400,000 here)."""
+    monkeypatch.setattr(attribution, "KEEP_RECORDS", 20)
+    chunk = tmp_path / "chunk.csv"
+    records = [[f"e{i}@x.com", f"N{i}"] for i in range(2000)]
+    write_csv(chunk, [["email", "firstName"], *records])
+    marketo: list[list[str]] = [["email", "firstName", constants.FAILURE_REASON_COLUMN]]
+    for i in range(0, 2000, 5):
+        marketo += [[*records[i], "Invalid"], [f"ghost{i}", "G", "Invalid"]]
+    write_csv(tmp_path / "failures.csv", marketo)
+    pieces = [
+        attribution.Piece(file_id=1, first_row=0, first_line=2, out_dir=tmp_path / "1"),
+        attribution.Piece(file_id=2, first_row=1000, first_line=2, out_dir=tmp_path / "2"),
+    ]
+
+    tallies = attribution.attribute(
+        9, chunk, "csv", pieces, {"failures": tmp_path / "failures.csv", "warnings": None}
+    )
+
+    found = tallies["failures"]
+    assert (found.rows, found.unmatched) == ({1: 400, 2: 400}, 400)
+    assert found.reads < 40_000
+    for piece in pieces:
+        rows = read_csv(attribution.part_path(piece.out_dir, 9, "failures"))[1:]
+        first = piece.first_row
+        assert rows[0::2] == [
+            [*records[i], "Invalid", str(i - first + 2)] for i in range(first, first + 1000, 5)
+        ]
+        assert rows[1::2] == [
+            [f"ghost{i}", "G", "Invalid", ""] for i in range(first, first + 1000, 5)
+        ]
+
+
+async def finishing_peak(tmp_path: Path, rows: int) -> int:
+    """Peak bytes Python allocated while finishing a file of one chunk of `rows` records,
+    every one of them failed."""
+    settings = make_settings(tmp_path)
+    async with await Store.open(tmp_path / "state.db") as store:
+        files = Files(settings, store)
+        lines = [f"e{i}@x.com,Name number {i}\n" for i in range(rows)]
+        file = await files.claim("all.csv", HEADER + "".join(lines))
+        chunk = await files.chunk(file, 1, lines, first_line=2)
+        await store.finish_split(file.id, rows=rows, chunks_total=1)
+        failures = [([f"e{i}@x.com", f"Name number {i}"], "Invalid") for i in range(rows)]
+        await files.complete(chunk, 1001, failures=failures)
+        del lines, failures
+        file = await store.get_file(file.id)
+        tracemalloc.start()
+        try:
+            _, document = await finish_file(settings, store, file)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert (document["rows_failed"], document["rows_processed"]) == (rows, 0)
+    failed = read_csv(settings.layout.done("leads") / "all.csv.failures.csv")
+    assert failed[-1] == [f"e{rows - 1}@x.com", f"Name number {rows - 1}", "Invalid", str(rows + 1)]
+    return peak
+
+
+async def test_finishing_memory_does_not_grow_with_the_failed_rows(tmp_path: Path) -> None:
+    small = await finishing_peak(tmp_path / "small", 2_000)
+    large = await finishing_peak(tmp_path / "large", 20_000)  # ten times the rows, 0.7 MB
+
+    assert large < small + 256 * 1024, (small, large)

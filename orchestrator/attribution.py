@@ -1,0 +1,328 @@
+"""Matching Marketo's failed and warned rows back to the files and lines they came from.
+
+A chunk is one Marketo job; it may hold the records of several source files (a
+pack), each file's records one run of them (a piece). Marketo's failures and
+warnings files repeat each row it failed or warned, all columns as sent plus a
+reason, in the order of the import file. So one forward walk over the chunk's
+records, side by side with Marketo's rows, finds the record each row came from:
+its piece names the file, and its physical line in the chunk gives the line in
+that file's source (the piece's first line, plus the lines since the piece's first
+record, plus the lines of records the splitter set aside before it).
+
+Memory: one record and one of Marketo's rows at a time, plus at most `KEEP_RECORDS`
+records (and `KEEP_CHARS` characters) kept while looking ahead; nothing grows with
+the chunk, the file or the share of failed rows. Each file's annotated rows go
+straight to a part file in that file's own directory, written whole or not at all.
+
+A row that matches no record is not lost: it goes to the piece the walk is in,
+with a blank source line. Looking for it read ahead to the end of the chunk, so
+the walk steps back to where it was. To keep that from making the cost rows times
+records, a chunk's walk may read at most `REREAD_FACTOR` times its records again;
+past that a row is looked for only among the next `KEEP_RECORDS` records (or
+`KEEP_CHARS` characters), so each such row costs a bounded amount.
+
+Blocking: run it in a thread.
+"""
+
+from __future__ import annotations
+
+import bisect
+import csv
+import io
+import os
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Final
+
+if TYPE_CHECKING:
+    from _csv import Writer
+
+from orchestrator import constants
+
+KINDS: Final = ("failures", "warnings")
+KEEP_RECORDS: Final = 1000  # records kept while looking ahead, to step back without rereading
+KEEP_CHARS: Final = 1 << 20  # ... and at most this many characters of them
+REREAD_FACTOR: Final = 3  # records a chunk's walk may read again, times the chunk's records
+
+# Records as large as any field Marketo accepts: well over the csv module's default.
+csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
+
+
+@dataclass(frozen=True, slots=True)
+class Piece:
+    """One file's records in a chunk, and where its part files go."""
+
+    file_id: int
+    first_row: int  # its first record among the chunk's records, from 0
+    first_line: int  # source line (in its own file) of that record
+    out_dir: Path  # the file's own chunk directory
+    gaps: tuple[tuple[int, int], ...] = ()  # (line, lines spanned) of records set aside
+
+
+@dataclass(slots=True)
+class Tally:
+    """What one walk found: rows per file, and the rows no record matched."""
+
+    rows: dict[int, int] = field(default_factory=dict)
+    unmatched: int = 0
+    reads: int = 0  # records read (or read again) to match them
+
+
+def part_path(out_dir: Path, chunk_id: int, kind: str) -> Path:
+    """Where a file's share of a chunk's failures or warnings goes."""
+    return out_dir / f"part-{chunk_id}.{kind}.csv"
+
+
+def attribute(
+    chunk_id: int,
+    chunk_path: Path,
+    fmt: str,
+    pieces: list[Piece],
+    marketo: dict[str, Path | None],
+) -> dict[str, Tally]:
+    """Write each piece's part files for every kind Marketo sent a file of; per kind, the
+    rows each file got. A part file of a piece that got no rows is removed."""
+    delimiter = constants.DELIMITERS[fmt]
+    ordered = sorted(pieces, key=lambda p: p.first_row)
+    tallies: dict[str, Tally] = {}
+    for kind in KINDS:
+        source = marketo.get(kind)
+        found = Tally()
+        if source is not None and source.exists():
+            found = walk(chunk_id, chunk_path, delimiter, ordered, source, kind)
+        for piece in ordered:
+            if piece.file_id not in found.rows:
+                part_path(piece.out_dir, chunk_id, kind).unlink(missing_ok=True)
+        tallies[kind] = found
+    return tallies
+
+
+def walk(
+    chunk_id: int,
+    chunk_path: Path,
+    delimiter: str,
+    pieces: list[Piece],
+    source: Path,
+    kind: str,
+) -> Tally:
+    """One kind: Marketo's rows matched in order against the chunk's records."""
+    tally = Tally()
+    starts = [p.first_row for p in pieces]
+    lines = Lines(pieces)
+    parts = Parts(chunk_id, kind, delimiter)
+    with (
+        Records(chunk_path, delimiter, starts) as records,
+        open(source, encoding="utf-8-sig", newline="") as fh,
+    ):
+        rows = csv.reader(fh, delimiter=delimiter)
+        header = next(rows, None)
+        if header is None:
+            return tally
+        try:
+            for row in rows:
+                if not row:
+                    continue  # a blank line in Marketo's file is no row
+                wanted = row[:-1]
+                at = records.index
+                found = records.search(wanted)
+                if found is None:
+                    number = piece_at(starts, at)
+                    line = ""
+                    tally.unmatched += 1
+                else:
+                    index, chunk_line = found
+                    number = piece_at(starts, index)
+                    line = str(lines.source_line(number, chunk_line, records.base_lines))
+                piece = pieces[number]
+                parts.write(piece, header, [*row, line])
+                tally.rows[piece.file_id] = tally.rows.get(piece.file_id, 0) + 1
+            parts.close()
+        finally:
+            parts.abort()
+        tally.reads = records.read
+    return tally
+
+
+def piece_at(starts: list[int], index: int) -> int:
+    """The position in `starts` (first rows, ascending) of the piece holding record `index`."""
+    return max(0, bisect.bisect_right(starts, index) - 1)
+
+
+class Lines:
+    """Source lines of a chunk's records, per piece: lines since the piece's first record
+    plus the records the splitter set aside before (asked in ascending order per piece)."""
+
+    def __init__(self, pieces: list[Piece]) -> None:
+        self.pieces = pieces
+        self.pending = [deque(g for g in p.gaps if g[0] >= p.first_line) for p in pieces]
+        self.shift = [0] * len(pieces)
+
+    def source_line(self, number: int, chunk_line: int, base_lines: dict[int, int]) -> int:
+        piece = self.pieces[number]
+        line = piece.first_line + chunk_line - base_lines[number] + self.shift[number]
+        pending = self.pending[number]
+        while pending and pending[0][0] <= line:
+            span = pending.popleft()[1]
+            self.shift[number] += span
+            line += span
+        return line
+
+
+class Records:
+    """A chunk's data records in order, as (index, physical line in the chunk, fields),
+    that can step back to an earlier record: from the records it kept, else by reading
+    the file again from the top. Notes the line of each piece's first record."""
+
+    def __init__(self, path: Path, delimiter: str, starts: list[int]) -> None:
+        self.path = path
+        self.delimiter = delimiter
+        self.starts = {row: n for n, row in enumerate(starts)}
+        self.base_lines: dict[int, int] = {}  # piece number -> chunk line of its first record
+        self.index = 0  # the next record's index
+        self.read = 0  # records read or replayed, the first reading included
+        self.first_pass = 0  # records in the chunk, as far as the first reading went
+        self._replay: deque[tuple[int, int, list[str]]] = deque()
+        self._fh: IO[str] | None = None
+        self._open()
+
+    def __enter__(self) -> Records:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fh is not None:
+            self._fh.close()
+
+    def _open(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+        # Kept open across calls and reopened to step back; closed by __exit__.
+        if self.path.exists():
+            self._fh = open(self.path, encoding="utf-8-sig", newline="")  # noqa: SIM115
+        else:  # gone (it never should be before its rows are matched): no record matches
+            self._fh = io.StringIO("")
+        self._reader = csv.reader(self._fh, delimiter=self.delimiter)
+        next(self._reader, None)  # the header
+        self._line = self._reader.line_num
+        self._next_index = 0
+
+    def _from_file(self) -> tuple[int, int, list[str]] | None:
+        fields = next(self._reader, None)
+        if fields is None:
+            return None
+        record = (self._next_index, self._line + 1, fields)
+        self._line = self._reader.line_num
+        self._next_index += 1
+        self.first_pass = max(self.first_pass, self._next_index)
+        number = self.starts.get(record[0])
+        if number is not None:
+            self.base_lines.setdefault(number, record[1])
+        return record
+
+    def next(self) -> tuple[int, int, list[str]] | None:
+        record = self._replay.popleft() if self._replay else self._from_file()
+        if record is not None:
+            self.index = record[0] + 1
+            self.read += 1
+        return record
+
+    def search(self, wanted: list[str]) -> tuple[int, int] | None:
+        """The next record equal to `wanted` (index, chunk line), the walk then past it; or
+        None, the walk back where it was."""
+        start = self.index
+        kept: list[tuple[int, int, list[str]]] | None = []
+        chars = 0
+        # To the end of the chunk while the allowance for reading again lasts, else only
+        # as far as the records it can keep.
+        whole = self.read <= REREAD_FACTOR * max(self.first_pass, 1)
+        while (record := self.next()) is not None:
+            if same(record[2], wanted):
+                return record[0], record[1]
+            if kept is not None:
+                kept.append(record)
+                chars += sum(map(len, record[2]))
+                if len(kept) >= KEEP_RECORDS or chars >= KEEP_CHARS:
+                    if not whole:
+                        break
+                    kept = None
+        self.back_to(start, kept)
+        return None
+
+    def back_to(self, index: int, kept: list[tuple[int, int, list[str]]] | None) -> None:
+        """Step back to record `index`: `kept` holds every record read since, or is None."""
+        if kept is not None:
+            self._replay.extendleft(reversed(kept))
+        else:
+            self._replay.clear()
+            self._open()
+            while self._next_index < index and self._from_file() is not None:
+                self.read += 1
+        self.index = index
+
+
+def same(fields: list[str], wanted: list[str]) -> bool:
+    """A record is the row Marketo sent back; a short record counts as padded with empty
+    fields (Marketo pads a short row so its reason lands in its column)."""
+    if fields == wanted:
+        return True
+    n = len(fields)
+    return n < len(wanted) and fields == wanted[:n] and not any(wanted[n:])
+
+
+class Parts:
+    """One piece's part file open at a time (Marketo's rows come in piece order): written
+    to a temp file, then fsynced and renamed into place whole when the next piece starts
+    or the walk ends."""
+
+    def __init__(self, chunk_id: int, kind: str, delimiter: str) -> None:
+        self.chunk_id = chunk_id
+        self.kind = kind
+        self.delimiter = delimiter
+        self._piece: Piece | None = None
+        self._fh: IO[str] | None = None
+        self._tmp: Path | None = None
+        self._csv: Writer | None = None
+
+    def write(self, piece: Piece, header: list[str], row: list[str]) -> None:
+        if piece is not self._piece:
+            self.close()
+            self._piece = piece
+            target = part_path(piece.out_dir, self.chunk_id, self.kind)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self._tmp = target.with_name(f".{target.name}.tmp")
+            # Open until the next piece starts: closed by close() or abort().
+            self._fh = open(self._tmp, "w", encoding="utf-8", newline="")  # noqa: SIM115
+            self._csv = csv.writer(self._fh, delimiter=self.delimiter, lineterminator="\n")
+            self._csv.writerow([*header, constants.SOURCE_LINE_COLUMN])
+        assert self._csv is not None
+        self._csv.writerow(row)
+
+    def close(self) -> None:
+        """The open part, if any, into place."""
+        if self._fh is None or self._piece is None or self._tmp is None:
+            return
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+        self._fh = None
+        target = part_path(self._piece.out_dir, self.chunk_id, self.kind)
+        os.replace(self._tmp, target)
+        fsync_dir(target.parent)
+        self._tmp = None
+
+    def abort(self) -> None:
+        """A walk that failed leaves no temp file behind."""
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        if self._tmp is not None:
+            self._tmp.unlink(missing_ok=True)
+            self._tmp = None
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
