@@ -585,6 +585,20 @@ async def test_failed_and_warned_rows_go_to_files_with_reason_columns(
     assert "firstName" not in stored["warn@example.com"]  # the warned value was ignored
 
 
+async def test_without_keeping_records_rows_are_still_checked(
+    simulator: Simulator, client: Client
+) -> None:
+    simulator.set_knobs(keep_records=False)
+    csv_data = b"email,firstName\nok@example.com,Ok\nbob-at-example.com,Bad\n"
+    batch_id = await client.batch(LEADS_PATH, csv_data, format="csv")
+    base = f"/bulk/v1/leads/batch/{batch_id}"
+
+    status = await client.wait_final(f"{base}.json")
+
+    assert (status["numOfLeadsProcessed"], status["numOfRowsFailed"]) == (1, 1)
+    assert simulator.records("leads") == []  # checked, then forgotten
+
+
 async def test_no_failures_or_warnings_file_is_404(simulator: Simulator, client: Client) -> None:
     ssv = b"vin;color\nV1;red\n"
     batch_id = await client.batch(CUSTOM_PATH, ssv, format="ssv")

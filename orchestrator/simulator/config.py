@@ -42,7 +42,9 @@ class SimulatorConfig:
     custom object's dedupe field ("" = the first column's name, trimmed); a file
     whose header does not name it exactly fails every row (missing.dedupe.fields).
     `read_bytes_per_second` (0: no limit) reads upload bodies at that pace, as a
-    slow uplink would deliver them.
+    slow uplink would deliver them. `keep_records` False checks every row as usual
+    (failures and warnings files alike) but forgets the records once their job is
+    done, so a benchmark can send gigabytes without the simulator holding them.
     """
 
     client_id: str | None = None
@@ -82,6 +84,7 @@ class SimulatorConfig:
     quota_reset_utc: str = ""
     dedupe_field: str = ""
     read_bytes_per_second: float = 0.0
+    keep_records: bool = True
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -309,8 +309,10 @@ class JobQueue:
 
     def _finish(self, job: Job) -> None:
         self.importing.remove(job)
+        # Not keeping records: the job's rows are checked against a store of their own.
+        store = self.store if self.config.keep_records else RecordStore()
         job.status, job.outcome = run_job(
-            job, self.store, self.config.warn_marker, self.config.dedupe_field
+            job, store, self.config.warn_marker, self.config.dedupe_field
         )
         job.finished_at = job.due_at
         job.parsed = None  # the rows are stored; keep memory flat on long runs
