@@ -29,6 +29,7 @@ from __future__ import annotations
 import bisect
 import csv
 import io
+import itertools
 import os
 from collections import deque
 from dataclasses import dataclass, field
@@ -172,12 +173,16 @@ class Lines:
 class Records:
     """A chunk's data records in order, as (index, physical line in the chunk, fields),
     that can step back to an earlier record: from the records it kept, else by reading
-    the file again from the top. Notes the line of each piece's first record."""
+    the file again from the top. Notes the line of each piece's first record.
+
+    The common case, every row found ahead, runs in `_find`: a loop over the csv
+    reader doing little more than comparing lists."""
 
     def __init__(self, path: Path, delimiter: str, starts: list[int]) -> None:
         self.path = path
         self.delimiter = delimiter
         self.starts = {row: n for n, row in enumerate(starts)}
+        self.ordered_starts = sorted(self.starts)
         self.base_lines: dict[int, int] = {}  # piece number -> chunk line of its first record
         self.index = 0  # the next record's index
         self.read = 0  # records read or replayed, the first reading included
@@ -196,45 +201,62 @@ class Records:
     def _open(self) -> None:
         if self._fh is not None:
             self._fh.close()
-        # Kept open across calls and reopened to step back; closed by __exit__.
         if self.path.exists():
-            self._fh = open(self.path, encoding="utf-8-sig", newline="")  # noqa: SIM115
+            # Kept open across calls and reopened to step back; closed by __exit__.
+            self._fh = open(self.path, encoding="utf-8", newline="")  # noqa: SIM115
         else:  # gone (it never should be before its rows are matched): no record matches
             self._fh = io.StringIO("")
         self._reader = csv.reader(self._fh, delimiter=self.delimiter)
         next(self._reader, None)  # the header
-        self._line = self._reader.line_num
-        self._next_index = 0
+        self._next_index = 0  # the index of the record the reader gives next
+
+    def _advanced(self, count: int) -> None:
+        self._next_index += count
+        self.read += count
+        self.first_pass = max(self.first_pass, self._next_index)
+
+    def _note_start(self) -> None:
+        """The reader is before a record: note its line if it is a piece's first."""
+        number = self.starts.get(self._next_index)
+        if number is not None:
+            self.base_lines.setdefault(number, self._reader.line_num + 1)
 
     def _from_file(self) -> tuple[int, int, list[str]] | None:
+        self._note_start()
+        line = self._reader.line_num + 1
         fields = next(self._reader, None)
         if fields is None:
             return None
-        record = (self._next_index, self._line + 1, fields)
-        self._line = self._reader.line_num
-        self._next_index += 1
-        self.first_pass = max(self.first_pass, self._next_index)
-        number = self.starts.get(record[0])
-        if number is not None:
-            self.base_lines.setdefault(number, record[1])
+        record = (self._next_index, line, fields)
+        self._advanced(1)
         return record
 
     def next(self) -> tuple[int, int, list[str]] | None:
-        record = self._replay.popleft() if self._replay else self._from_file()
+        if self._replay:
+            record: tuple[int, int, list[str]] | None = self._replay.popleft()
+            self.read += 1
+        else:
+            record = self._from_file()
         if record is not None:
             self.index = record[0] + 1
-            self.read += 1
         return record
 
     def search(self, wanted: list[str]) -> tuple[int, int] | None:
         """The next record equal to `wanted` (index, chunk line), the walk then past it; or
         None, the walk back where it was."""
         start = self.index
-        kept: list[tuple[int, int, list[str]]] | None = []
-        chars = 0
         # To the end of the chunk while the allowance for reading again lasts, else only
         # as far as the records it can keep.
         whole = self.read <= REREAD_FACTOR * max(self.first_pass, 1)
+        if whole and not self._replay:
+            found = self._find(wanted)
+            if found is not None:
+                self.index = found[0] + 1
+                return found
+            self._reopen_at(start)
+            return None
+        kept: list[tuple[int, int, list[str]]] | None = []
+        chars = 0
         while (record := self.next()) is not None:
             if same(record[2], wanted):
                 return record[0], record[1]
@@ -245,18 +267,44 @@ class Records:
                     if not whole:
                         break
                     kept = None
-        self.back_to(start, kept)
-        return None
-
-    def back_to(self, index: int, kept: list[tuple[int, int, list[str]]] | None) -> None:
-        """Step back to record `index`: `kept` holds every record read since, or is None."""
         if kept is not None:
             self._replay.extendleft(reversed(kept))
+            self.index = start
         else:
-            self._replay.clear()
-            self._open()
-            while self._next_index < index and self._from_file() is not None:
-                self.read += 1
+            self._reopen_at(start)
+        return None
+
+    def _find(self, wanted: list[str]) -> tuple[int, int] | None:
+        """Read on from the file to the first record equal to `wanted`: (index, line)."""
+        reader = self._reader
+        padded = bool(wanted) and wanted[-1] == ""  # only then can a shorter record match
+        at = bisect.bisect_left(self.ordered_starts, self._next_index)
+        while True:
+            self._note_start()
+            if at < len(self.ordered_starts) and self.ordered_starts[at] <= self._next_index:
+                at += 1
+            # Up to the next piece's first record, whose line is noted on the way round.
+            upto = self.ordered_starts[at] if at < len(self.ordered_starts) else None
+            count = None if upto is None else upto - self._next_index
+            line = reader.line_num
+            seen = 0
+            for fields in itertools.islice(reader, count):
+                if fields == wanted or (padded and same(fields, wanted)):
+                    index = self._next_index + seen
+                    self._advanced(seen + 1)
+                    return index, line + 1
+                seen += 1
+                line = reader.line_num
+            self._advanced(seen)
+            if count is None or seen < count:
+                return None  # the end of the chunk
+
+    def _reopen_at(self, index: int) -> None:
+        """Step back to record `index` by reading the file again from the top."""
+        self._replay.clear()
+        self._open()
+        deque(itertools.islice(self._reader, index), maxlen=0)
+        self._advanced(index)
         self.index = index
 
 
