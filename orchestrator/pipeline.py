@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import csv
 import os
 import shutil
 from pathlib import Path
@@ -235,7 +236,7 @@ class Pipeline:
         async with self._finish_lock:
             try:
                 await results.attribute_chunk(self.settings, self.store, chunk.id)
-            except OSError as exc:
+            except (OSError, csv.Error) as exc:
                 log.error("attribution_deferred", chunk=chunk.index, error=str(exc))
         for member in await self.store.members(chunk.id):
             await self.maybe_finish(member.file_id)

@@ -17,9 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from orchestrator import attribution, constants, results, splitter
 from orchestrator.config import Settings
+from orchestrator.marketo import MarketoClient
+from orchestrator.metrics import Metrics
 from orchestrator.models import (
     BatchStatus,
     ChunkRecord,
@@ -27,6 +30,7 @@ from orchestrator.models import (
     FileRecord,
     FileStatus,
 )
+from orchestrator.pipeline import Pipeline
 from orchestrator.results import Outcome, finish_file, outcome
 from orchestrator.store import Store
 from tests.support.settings import CARS, LEADS, fast_settings
@@ -880,3 +884,25 @@ async def test_finishing_memory_does_not_grow_with_the_failed_rows(tmp_path: Pat
     large = await finishing_peak(tmp_path / "large", 20_000)  # ten times the rows, 0.7 MB
 
     assert large < small + 256 * 1024, (small, large)
+
+
+async def test_a_shared_chunk_going_final_finishes_every_file_in_it(
+    settings: Settings, store: Store, files: Files
+) -> None:
+    """The pipeline's hand-off: rows matched back while the pack is there, then each
+    member finished, not only the owner. Marketo is never called (no URL answers)."""
+    pack = await make_pack(files)
+    job = await files.complete(pack.chunk, 3001, failures=PACK_FAILURES, warnings=PACK_WARNINGS)
+    async with MarketoClient(settings) as client:
+        pipeline = Pipeline(settings, store, client, Metrics(CollectorRegistry()))
+        await pipeline.chunk_done(job)
+
+    assert pipeline.finished_total == 4
+    for name, file in pack.files.items():
+        assert (await store.get_file(file.id)).status is FileStatus.COMPLETE
+        document = json.loads(
+            (settings.layout.done("leads") / f"{name}.result.json").read_text(encoding="utf-8")
+        )
+        assert document["chunks"][0]["shared"]["files"] == 4
+    failed = read_csv(settings.layout.done("leads") / "b.csv.failures.csv")
+    assert [row[-1] for row in failed[1:]] == ["2", "5"]
