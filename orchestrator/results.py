@@ -45,6 +45,8 @@ from orchestrator.store import Store
 log = structlog.get_logger(__name__)
 
 RESULT_SUFFIX = ".result.json"
+# A set-aside record larger than this goes to the failures file copied, not parsed.
+RAW_REJECT_BYTES: Final = 1 << 20
 COPY_BLOCK: Final = 1 << 16  # bytes per read, where part files cannot be copied in the kernel
 
 # A set-aside record can be as large as any field Marketo accepts: well over
@@ -270,14 +272,15 @@ def chunk_summary(chunk: ChunkRecord) -> dict[str, Any]:
 def write_merged(
     path: Path,
     parts: list[Path],
-    extra: Iterator[tuple[list[str], list[str]]],
+    extra: Iterator[tuple[list[str], list[str] | RawRecord]],
     delimiter: str,
 ) -> str | None:
     """Concatenate part files (their header once), then `extra`'s (header, row) pairs,
     streaming, into a temp file renamed to `path`; the file name, or None when no row.
 
     Each part starts with the same header line (Marketo's columns and the source line);
-    `extra`'s rows are fitted to it: data columns padded or cut, reason and line last."""
+    `extra`'s rows are fitted to it: data columns padded or cut, reason and line last
+    (a `RawRecord` is copied with its own fields, neither padded nor cut)."""
     tmp = path.with_name(f".{path.name}.tmp")
     header: list[str] | None = None
     rows = False
@@ -302,10 +305,18 @@ def write_merged(
             if header is None:
                 header = columns
                 writer.writerow(header)
+            rows = True
+            if isinstance(row, RawRecord):  # its own fields, as they are, then ours
+                text.flush()
+                with open(row.source, "rb") as fh:
+                    fh.seek(row.offset)
+                    copy_rest(fh, out, row.size)
+                out.write(delimiter.encode())
+                writer.writerow([row.reason, str(row.line)])
+                continue
             width = len(header) - 2  # data columns before the reason and the line
             fields = (row[:-2] + [""] * width)[:width]
             writer.writerow([*fields, *row[-2:]])
-            rows = True
         text.flush()
         text.detach()
         out.flush()
@@ -318,11 +329,15 @@ def write_merged(
     return path.name
 
 
-def copy_rest(source: BinaryIO, out: BinaryIO) -> int:
-    """Copy `source` from where it is to its end onto `out`; the bytes copied. In the
-    kernel (sendfile) where it can, so no block of it passes through Python."""
+def copy_rest(source: BinaryIO, out: BinaryIO, size: int | None = None) -> int:
+    """Copy `source` from where it is, to its end or `size` bytes, onto `out`; the bytes
+    copied. In the kernel (sendfile) where it can, so no block of it passes through
+    Python."""
     out.flush()
-    offset, end = source.tell(), os.fstat(source.fileno()).st_size
+    offset = source.tell()
+    end = os.fstat(source.fileno()).st_size
+    if size is not None:
+        end = min(end, offset + size)
     copied = 0
     try:
         while offset + copied < end:
@@ -336,9 +351,13 @@ def copy_rest(source: BinaryIO, out: BinaryIO) -> int:
         if copied:
             raise  # part of it went: do not copy that part twice
         source.seek(offset)
-        before = out.tell()
-        shutil.copyfileobj(source, out, COPY_BLOCK)
-        return out.tell() - before
+        while copied < end - offset:
+            block = source.read(min(COPY_BLOCK, end - offset - copied))
+            if not block:
+                break
+            out.write(block)
+            copied += len(block)
+        return copied
     out.seek(0, os.SEEK_END)
     return copied
 
@@ -362,7 +381,7 @@ def reject_gaps(source: Path, rejects: Iterable[RejectRecord]) -> list[tuple[int
             raw.seek(reject.offset)
             newlines, left = 0, reject.size
             while left > 0:
-                block = raw.read(min(left, 1 << 20))
+                block = raw.read(min(left, COPY_BLOCK))
                 if not block:
                     break
                 newlines += block.count(b"\n")
@@ -371,10 +390,23 @@ def reject_gaps(source: Path, rejects: Iterable[RejectRecord]) -> list[tuple[int
     return gaps
 
 
+@dataclass(frozen=True, slots=True)
+class RawRecord:
+    """A set-aside record too large to parse in memory: its bytes are copied as they are."""
+
+    source: Path
+    offset: int
+    size: int  # its line ending excluded
+    reason: str
+    line: int
+
+
 def reject_rows(
     source: Path, rejects: Iterable[RejectRecord], delimiter: str
-) -> Iterator[tuple[list[str], list[str]]]:
-    """(header, row) for each record the splitter set aside, read back from the source."""
+) -> Iterator[tuple[list[str], list[str] | RawRecord]]:
+    """(header, row) for each record the splitter set aside, read back from the source;
+    one above RAW_REJECT_BYTES as a `RawRecord` (a set-aside record is at least a chunk's
+    size, so parsing it could take several times that in memory)."""
     rejects = list(rejects)
     if not rejects or not source.is_file():
         return
@@ -383,6 +415,15 @@ def reject_rows(
     header = [*columns, constants.FAILURE_REASON_COLUMN, constants.SOURCE_LINE_COLUMN]
     with open(source, "rb") as raw:
         for reject in rejects:
+            if reject.size > RAW_REJECT_BYTES:
+                raw.seek(max(reject.offset, reject.offset + reject.size - 2))
+                ending = raw.read(2)
+                cut = 2 if ending == b"\r\n" else 1 if ending.endswith(b"\n") else 0
+                yield (
+                    header,
+                    RawRecord(source, reject.offset, reject.size - cut, reject.reason, reject.line),
+                )
+                continue
             raw.seek(reject.offset)
             text = raw.read(reject.size).decode("utf-8", "replace")
             fields = next(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter), [])

@@ -906,3 +906,50 @@ async def test_a_shared_chunk_going_final_finishes_every_file_in_it(
         assert document["chunks"][0]["shared"]["files"] == 4
     failed = read_csv(settings.layout.done("leads") / "b.csv.failures.csv")
     assert [row[-1] for row in failed[1:]] == ["2", "5"]
+
+
+async def test_a_large_set_aside_record_is_copied_not_read_into_memory(
+    settings: Settings, store: Store, files: Files
+) -> None:
+    """A record the splitter set aside is at least a chunk's size (9.5 MB by default):
+    finishing copies it into the failures file instead of parsing it."""
+    huge = "x" * (3 * results.RAW_REJECT_BYTES)
+    text = f'{HEADER}a@x.com,Ann\nbig@x.com,"{huge}"\r\n'
+    file = await files.claim("huge.csv", text)
+    chunk = await files.chunk(file, 1, ["a@x.com,Ann\n"], first_line=2)
+    offset = len(f"{HEADER}a@x.com,Ann\n")
+    await store.add_reject(
+        file.id, line=3, offset=offset, size=len(text) - offset, reason="record too large"
+    )
+    await store.finish_split(file.id, rows=2, chunks_total=1)
+    await files.complete(chunk, 1001)
+    file = await store.get_file(file.id)
+
+    tracemalloc.start()
+    try:
+        _, document = await finish_file(settings, store, file)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    assert peak < results.RAW_REJECT_BYTES, peak
+    assert document["rows_failed"] == 1
+    failures = settings.layout.done("leads") / "huge.csv.failures.csv"
+    assert read_csv(failures)[1:] == [["big@x.com", huge, "record too large", "3"]]
+
+
+async def test_set_aside_records_copied_or_parsed_give_the_same_failures_file(
+    settings: Settings,
+    store: Store,
+    files: Files,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(results, "RAW_REJECT_BYTES", 10)  # BIG's record is copied
+    file = await files.big_csv()
+
+    await finish_file(settings, store, file)
+
+    done = settings.layout.done("leads")
+    outputs = {p.name: p.read_bytes() for p in done.iterdir() if not p.name.endswith(".json")}
+    assert outputs == await expected_outputs(tmp_path)
