@@ -81,9 +81,11 @@ def attribute(
     fmt: str,
     pieces: list[Piece],
     marketo: dict[str, Path | None],
+    rows: int | None = None,
 ) -> dict[str, Tally]:
     """Write each piece's part files for every kind Marketo sent a file of; per kind, the
-    rows each file got. A part file of a piece that got no rows is removed."""
+    rows each file got. A part file of a piece that got no rows is removed. `rows`, the
+    chunk's records, lets the common case run in C (see `Records._find`)."""
     delimiter = constants.DELIMITERS[fmt]
     ordered = sorted(pieces, key=lambda p: p.first_row)
     tallies: dict[str, Tally] = {}
@@ -91,7 +93,7 @@ def attribute(
         source = marketo.get(kind)
         found = Tally()
         if source is not None and source.exists():
-            found = walk(chunk_id, chunk_path, delimiter, ordered, source, kind)
+            found = walk(chunk_id, chunk_path, delimiter, ordered, source, kind, rows)
         for piece in ordered:
             if piece.file_id not in found.rows:
                 part_path(piece.out_dir, chunk_id, kind).unlink(missing_ok=True)
@@ -106,6 +108,7 @@ def walk(
     pieces: list[Piece],
     source: Path,
     kind: str,
+    rows: int | None = None,
 ) -> Tally:
     """One kind: Marketo's rows matched in order against the chunk's records."""
     tally = Tally()
@@ -113,15 +116,15 @@ def walk(
     lines = Lines(pieces)
     parts = Parts(chunk_id, kind, delimiter)
     with (
-        Records(chunk_path, delimiter, starts) as records,
+        Records(chunk_path, delimiter, starts, rows) as records,
         open(source, encoding="utf-8-sig", newline="") as fh,
     ):
-        rows = csv.reader(fh, delimiter=delimiter)
-        header = next(rows, None)
+        marketo = csv.reader(fh, delimiter=delimiter)
+        header = next(marketo, None)
         if header is None:
             return tally
         try:
-            for row in rows:
+            for row in marketo:
                 if not row:
                     continue  # a blank line in Marketo's file is no row
                 wanted = row[:-1]
@@ -178,8 +181,11 @@ class Records:
     The common case, every row found ahead, runs in `_find`: a loop over the csv
     reader doing little more than comparing lists."""
 
-    def __init__(self, path: Path, delimiter: str, starts: list[int]) -> None:
+    def __init__(
+        self, path: Path, delimiter: str, starts: list[int], total: int | None = None
+    ) -> None:
         self.path = path
+        self.total = total  # records in the chunk, if known
         self.delimiter = delimiter
         self.starts = {row: n for n, row in enumerate(starts)}
         self.ordered_starts = sorted(self.starts)
@@ -275,9 +281,38 @@ class Records:
         return None
 
     def _find(self, wanted: list[str]) -> tuple[int, int] | None:
-        """Read on from the file to the first record equal to `wanted`: (index, line)."""
+        """Read on from the file to the first record equal to `wanted`: (index, line).
+
+        Between two pieces' first records (whose lines are noted on the way) the records
+        are compared in C: compress(count(), map(wanted.__eq__, records)) gives the index
+        of the first equal one, and its line is the reader's last line less the line
+        breaks inside its fields. A row ending in an empty field may match a shorter
+        record, and without the chunk's record count the end cannot be placed: both go
+        record by record in `_find_slowly`."""
+        if (wanted and wanted[-1] == "") or self.total is None:
+            return self._find_slowly(wanted)
         reader = self._reader
-        padded = bool(wanted) and wanted[-1] == ""  # only then can a shorter record match
+        at = bisect.bisect_left(self.ordered_starts, self._next_index)
+        while True:
+            self._note_start()
+            if at < len(self.ordered_starts) and self.ordered_starts[at] <= self._next_index:
+                at += 1
+            upto = self.ordered_starts[at] if at < len(self.ordered_starts) else None
+            count = None if upto is None else upto - self._next_index
+            start = self._next_index
+            equal = map(wanted.__eq__, itertools.islice(reader, count))
+            index = next(itertools.compress(itertools.count(start), equal), None)
+            if index is not None:
+                self._advanced(index - start + 1)
+                return index, reader.line_num - line_breaks(wanted)
+            if count is None:
+                self._advanced(max(0, self.total - start))
+                return None  # the end of the chunk
+            self._advanced(count)
+
+    def _find_slowly(self, wanted: list[str]) -> tuple[int, int] | None:
+        """`_find`, one record at a time."""
+        reader = self._reader
         at = bisect.bisect_left(self.ordered_starts, self._next_index)
         while True:
             self._note_start()
@@ -289,7 +324,7 @@ class Records:
             line = reader.line_num
             seen = 0
             for fields in itertools.islice(reader, count):
-                if fields == wanted or (padded and same(fields, wanted)):
+                if same(fields, wanted):
                     index = self._next_index + seen
                     self._advanced(seen + 1)
                     return index, line + 1
@@ -306,6 +341,13 @@ class Records:
         deque(itertools.islice(self._reader, index), maxlen=0)
         self._advanced(index)
         self.index = index
+
+
+def line_breaks(fields: list[str]) -> int:
+    """Line breaks inside a record's fields, as the csv reader counts lines (LF, CRLF
+    and a lone CR each end one)."""
+    text = "\0".join(fields)  # NUL (refused by the splitter) keeps a CR | LF from pairing
+    return text.count("\n") + text.count("\r") - text.count("\r\n")
 
 
 def same(fields: list[str], wanted: list[str]) -> bool:

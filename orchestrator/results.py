@@ -121,7 +121,7 @@ async def attribute_chunk(settings: Settings, store: Store, chunk_id: int) -> bo
     }
     started = time.monotonic()
     tallies = await asyncio.to_thread(
-        attribution.attribute, chunk_id, Path(job.path), fmt, pieces, marketo
+        attribution.attribute, chunk_id, Path(job.path), fmt, pieces, marketo, job.job_rows
     )
     failed, warned = tallies["failures"].rows, tallies["warnings"].rows
     shares: dict[int, tuple[int, int, int]] = {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import random
 import tracemalloc
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -953,3 +954,51 @@ async def test_set_aside_records_copied_or_parsed_give_the_same_failures_file(
     done = settings.layout.done("leads")
     outputs = {p.name: p.read_bytes() for p in done.iterdir() if not p.name.endswith(".json")}
     assert outputs == await expected_outputs(tmp_path)
+
+
+def test_matching_in_c_gives_what_matching_record_by_record_gives(tmp_path: Path) -> None:
+    """Records with line breaks of every kind inside quotes, short and blank records,
+    three pieces (one with set-aside records), padded and unmatched rows: the part files
+    and counts are the same whether the chunk's record count is known (compared in C) or
+    not (record by record)."""
+    rng = random.Random(13)
+    values = ["a", "b,c", "x\ny", "p\r\nq", "r\rs", "", '"q"', "t\n\nu", "plain"]
+    records: list[list[str]] = []
+    for _ in range(400):
+        if rng.random() < 0.03:
+            records.append([])  # a blank line
+        else:
+            records.append([rng.choice(values) for _ in range(rng.choice((2, 3, 3, 3)))])
+    chunk = tmp_path / "chunk.csv"
+
+    def write_quoted(path: Path, rows: list[list[str]]) -> None:
+        """Every field quoted: csv.writer leaves a lone CR unquoted otherwise."""
+        with path.open("w", encoding="utf-8", newline="") as fh:
+            csv.writer(fh, lineterminator="\n", quoting=csv.QUOTE_ALL).writerows(rows)
+
+    write_quoted(chunk, [["k", "v", "w"], *records])
+    marketo: list[list[str]] = [["k", "v", "w", constants.FAILURE_REASON_COLUMN]]
+    for i, record in enumerate(records):
+        if record and rng.random() < 0.2:
+            marketo.append([*record, *[""] * (3 - len(record)), f"reason {i}"])
+        if rng.random() < 0.02:
+            marketo.append(["ghost", str(i), "", "no such record"])
+    write_quoted(tmp_path / "failures.csv", marketo)
+
+    def run(name: str, rows: int | None) -> tuple[dict[int, int], int, list[bytes]]:
+        pieces = [
+            attribution.Piece(1, 0, 2, tmp_path / name / "1"),
+            attribution.Piece(2, 150, 10, tmp_path / name / "2", gaps=((12, 3), (40, 1))),
+            attribution.Piece(3, 320, 5, tmp_path / name / "3"),
+        ]
+        marketo_files: dict[str, Path | None] = {"failures": tmp_path / "failures.csv"}
+        found = attribution.attribute(7, chunk, "csv", pieces, marketo_files, rows)["failures"]
+        parts = [attribution.part_path(p.out_dir, 7, "failures") for p in pieces]
+        return found.rows, found.unmatched, [p.read_bytes() for p in parts if p.exists()]
+
+    in_c = run("c", len(records))
+    one_by_one = run("slow", None)
+
+    assert in_c == one_by_one
+    assert sum(in_c[0].values()) == len(marketo) - 1
+    assert in_c[1] == sum(1 for row in marketo if row[0] == "ghost")
