@@ -86,6 +86,10 @@ class LimitSettings:
     max_resubmits: int = constants.DEFAULT_MAX_RESUBMITS
     daily_api_calls: int = constants.DAILY_API_CALLS
     quota_reset_tz: str = constants.QUOTA_RESET_TZ
+    # Small files of one route, format and header share a chunk (a pack); an open pack
+    # is sealed once this long passes without a new file joining it (0: as soon as no
+    # claimed file waits to be split).
+    pack_wait_seconds: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +145,7 @@ class Route:
     api_name: str = ""
     program_id: int = 0
     program_member_status: str = ""
+    pack: bool = True  # small files share chunks (jobs); false: every file its own chunks
 
     def format_for(self, filename: str) -> str:
         """The route's format, else the one the file's extension names (csv by default)."""
@@ -398,7 +403,7 @@ def build_routes(raw: Any) -> tuple[Route, ...]:
         for key, value in table.items():
             if key not in types:
                 raise ConfigError(f"{where}.{key}", "unknown key")
-            typ = int if str(types[key]) == "int" else str
+            typ = {"int": int, "bool": bool}.get(str(types[key]), str)
             values[key] = coerce(f"{where}.{key}", value, typ)
         for required in ("dir", "object"):
             if not values.get(required):
@@ -556,6 +561,13 @@ RANGES: dict[str, Range] = {
         0, low_ok=True, note="0 fails a file at its first unknown outcome"
     ),
     "limits.daily_api_calls": Range(0),  # a subscription may buy more than 50,000
+    "limits.pack_wait_seconds": Range(
+        0.0,
+        3600.0,
+        low_ok=True,
+        unit=SECONDS,
+        note="0 seals a pack as soon as no claimed file waits to be split",
+    ),
     "polling.interval": Range(0.0, 3600.0, unit=SECONDS),
     "polling.max_interval": Range(0.0, 3600.0, unit=SECONDS),
     "backoff.initial": Range(0.0, 3600.0, unit=SECONDS),

@@ -51,6 +51,7 @@ def test_defaults_match_spec() -> None:
     assert s.limits.max_resubmits == 2
     assert s.limits.daily_api_calls == 50_000
     assert s.limits.quota_reset_tz == "America/Chicago"
+    assert s.limits.pack_wait_seconds == 5.0
     assert (s.polling.interval, s.polling.max_interval) == (5.0, 30.0)
     assert (s.backoff.initial, s.backoff.max) == (2.0, 300.0)
     assert (s.watch.settle_seconds, s.watch.force_polling) == (2.0, False)
@@ -66,6 +67,7 @@ def test_example_config_loads_with_one_route_per_object_type() -> None:
     cars = s.route("cars")
     assert cars is not None
     assert cars.api_name == "car_c"
+    assert all(r.pack for r in s.routes), "packing is on unless a route turns it off"
 
 
 def test_environment_overrides_file(tmp_path: Path) -> None:
@@ -163,6 +165,8 @@ def test_missing_secret_file_names_variable(tmp_path: Path) -> None:
         ('[[routes]]\ndir = "a"\nobject = "leads"\nformat = "xls"\n', "routes[0].format"),
         ('[[routes]]\ndir = "a/b"\nobject = "leads"\n', "routes[0].dir"),
         ('[[routes]]\ndir = "a"\nobject = "leads"\ncolour = 1\n', "routes[0].colour"),
+        ('[[routes]]\ndir = "a"\nobject = "leads"\npack = "no"\n', "routes[0].pack"),
+        ('[[routes]]\ndir = "a"\nobject = "leads"\npack = 0\n', "routes[0].pack"),
         (
             '[[routes]]\ndir = "a"\nobject = "leads"\n[[routes]]\ndir = "a"\nobject = "leads"\n',
             "routes[1].dir",
@@ -234,6 +238,8 @@ def test_config_path_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         ("[limits]\nmax_chunk_bytes = 255\n", "limits.max_chunk_bytes"),
         ("[retention]\nkeep_days = -1\n", "retention.keep_days"),
         ("[retention]\ninterval = 0\n", "retention.interval"),
+        ("[limits]\npack_wait_seconds = -0.5\n", "limits.pack_wait_seconds"),
+        ("[limits]\npack_wait_seconds = 7200\n", "limits.pack_wait_seconds"),
         (
             '[[routes]]\ndir = "l"\nobject = "leads"\nlist_id = 99999999999\n',
             "routes[0].list_id",
@@ -294,3 +300,20 @@ def test_misspelt_variables_are_named_and_injected_ones_are_not() -> None:
         "ORCHESTRATOR_LIMIT_QUEUED_JOBS is not a known variable and is ignored: "
         "did you mean ORCHESTRATOR_LIMITS_QUEUED_JOBS?",
     ]
+
+
+def test_packing_keys(tmp_path: Path) -> None:
+    text = (
+        "[limits]\npack_wait_seconds = 0\n"
+        '[[routes]]\ndir = "a"\nobject = "leads"\npack = false\n'
+        '[[routes]]\ndir = "b"\nobject = "leads"\n'
+    )
+    s = load_settings(write(tmp_path, text), CREDS)
+    assert s.limits.pack_wait_seconds == 0.0, "0 is allowed: seal when nothing waits"
+    assert [r.pack for r in s.routes] == [False, True]
+    env = {**CREDS, "ORCHESTRATOR_LIMITS_PACK_WAIT_SECONDS": "0.25"}
+    assert load_settings(write(tmp_path, text), env).limits.pack_wait_seconds == 0.25
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write(tmp_path, ""), {**CREDS, "ORCHESTRATOR_LIMITS_PACK_WAIT_SECONDS": "-1"})
+    assert caught.value.key.startswith("ORCHESTRATOR_LIMITS_PACK_WAIT_SECONDS")
+    assert "at least 0 seconds" in str(caught.value)

@@ -109,7 +109,7 @@ def settings_toml(settings: Settings, **sections: Mapping[str, Any]) -> str:
         lines.extend(
             f"{f.name} = {toml_value(getattr(route, f.name))}"
             for f in fields(route)
-            if getattr(route, f.name)
+            if getattr(route, f.name) != f.default  # dir and object have none: always written
         )
     return "\n".join(lines) + "\n"
 
