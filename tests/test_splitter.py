@@ -142,6 +142,7 @@ def check_chunks(
         data = chunk.path.read_bytes()
         assert len(data) == chunk.bytes < max_bytes
         assert data.startswith(head)
+        assert chunk.header_bytes == len(head), "packing appends the records after it"
         body = data[len(head) :]
         assert chunk.rows > 0
         assert body == b"".join(kept[at : at + chunk.rows])
@@ -259,6 +260,7 @@ def test_padded_header_names_are_trimmed_in_every_chunk_with_a_warning(tmp_path:
     assert len(chunks) == 2
     for chunk in chunks:
         assert chunk.path.read_bytes().startswith(b"color\tvin\tmodel\r\n")
+        assert chunk.header_bytes == len(b"color\tvin\tmodel\r\n"), "the header as written"
     warned = [e for e in logs if e["event"] == "header_names_trimmed"]
     assert [w["columns"] for w in warned] == [[" vin "]]
     assert warned[0]["log_level"] == "warning"

@@ -70,6 +70,9 @@ class Chunk:
     rows: int  # data records, header excluded
     bytes: int  # file size, header included
     first_line: int  # source line of its first record
+    # Bytes of its header line (as written: trimmed names, line ending included); the
+    # records are the rest, so packing appends `path` from this offset to another chunk.
+    header_bytes: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,7 +154,8 @@ class _ChunkWriter:
         self._tmp = None
         if self._fsync:
             _fsync_dir(self._out_dir)
-        chunk = Chunk(self._index, path, self._rows, len(self.header) + self.fill, self._first_line)
+        size = len(self.header) + self.fill
+        chunk = Chunk(self._index, path, self._rows, size, self._first_line, len(self.header))
         self.fill = 0
         return chunk
 
