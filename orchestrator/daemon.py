@@ -177,6 +177,7 @@ class Daemon:
                 workers.append(group.create_task(coro, name=name))
 
             start(pipeline.split_worker(stop), "splitter")
+            start(pipeline.packer.run(stop), "packer")
             start(pipeline.scheduler.run(stop), "scheduler")
             start(pipeline.poller.run(stop), "poller")
             start(upkeep.token_keeper(stop, once=self.once), "token")
@@ -205,6 +206,7 @@ class Daemon:
         if self.stop.is_set() or self.upkeep.credentials_refused:
             return
         await self.pipeline.spool.drain()
+        self.pipeline.inbox_drained()
         await self.pipeline.wait_idle(self.stop)
         self.stop.set()
 

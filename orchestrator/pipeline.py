@@ -1,14 +1,20 @@
 """The hand-offs between the stages: what happens after each step, in one place.
 
     spool ──claimed──▶ split worker ──chunk──▶ scheduler ──submitted──▶ poller
-                                                  │ refused                │ final
-                                                  ▼                        ▼
-                                        results.finish_file ◀── every chunk final
+                           │ small      ▲ sealed  │ refused                │ final
+                           ▼            │         ▼                        ▼
+                         packer ────────┘  results.finish_file ◀── every chunk final
 
 - claimed: the spool recorded a claim; the file joins the split queue, split
   one at a time in claim order.
 - chunk: the split worker recorded a chunk (or a set-aside record) in the
-  store; the scheduler wakes and may submit it before the split ends.
+  store; the scheduler wakes and may submit it before the split ends. On a
+  route that packs, a file's first chunk is held until a second one is cut:
+  a file whose split ends with one chunk is small.
+- small: the packer puts the file's records into the open pack of its route,
+  format and header (or opens one); a sealed pack wakes the scheduler. After
+  `run --once` claimed everything, the worker seals every pack once the files
+  before it are split; with pack_wait_seconds = 0, whenever nothing waits.
 - submitted: the scheduler recorded a batch id; the poller starts tracking it.
 - final: a chunk reached Complete or Failed (poller), or was refused before it
   went (scheduler): its file is finished once split and every chunk is final.
@@ -46,6 +52,7 @@ from orchestrator.models import (
     FileRecord,
     FileStatus,
 )
+from orchestrator.packer import Packer
 from orchestrator.poller import Poller
 from orchestrator.scheduler import Scheduler
 from orchestrator.spool import Spool
@@ -79,9 +86,11 @@ class Pipeline:
             on_chunk_final=self.chunk_done,
             on_started=self.scheduler.foreign_job_left,
         )
+        self.packer = Packer(settings, store, on_sealed=lambda _: self.scheduler.wake())
         self.finished_total = 0
         self.finished_failed = 0
-        self._split_queue: asyncio.Queue[int] = asyncio.Queue()
+        # File ids to split in claim order; None: run --once claimed everything.
+        self._split_queue: asyncio.Queue[int | None] = asyncio.Queue()
         self._finish_lock = asyncio.Lock()
         self._file_finished = asyncio.Event()
 
@@ -130,6 +139,11 @@ class Pipeline:
     async def file_claimed(self, file: FileRecord) -> None:
         self._split_queue.put_nowait(file.id)
 
+    def inbox_drained(self) -> None:
+        """run --once claimed all it will: once the files before this are split, every
+        open pack is sealed (nothing more can join, so nothing waits pack_wait_seconds)."""
+        self._split_queue.put_nowait(None)
+
     async def split_worker(self, stop: asyncio.Event) -> None:
         """Split claimed files one at a time, in claim order; chunks go out as they appear."""
         while not stop.is_set():
@@ -140,13 +154,20 @@ class Pipeline:
             if not getter.done():
                 getter.cancel()
                 return
-            file = await self.store.get_file(getter.result())
+            file_id = getter.result()
+            if file_id is None:
+                await self.packer.seal_all("drained")
+                continue
+            file = await self.store.get_file(file_id)
             with structlog.contextvars.bound_contextvars(route=file.route, file=file.name):
                 await self.split(file)
             await self.maybe_finish(file.id)
+            if self._split_queue.empty():
+                await self.packer.caught_up()
 
     async def split(self, file: FileRecord) -> None:
         route = self.settings.route(file.route)
+        again = file.status is FileStatus.SPLITTING  # after a crash or a stop
         if file.status is FileStatus.CLAIMED:
             file = await self.store.start_split(file.id)
         if file.status is not FileStatus.SPLITTING:
@@ -158,16 +179,27 @@ class Pipeline:
             return
         out = self.settings.layout.chunk_dir(file.id)
         out.mkdir(parents=True, exist_ok=True)
+        fmt = route.format_for(file.name)
+        # A split again whose chunks were recorded before keeps them (they may be sent).
+        pack = route.pack and not (again and await self.store.chunks(file_id=file.id))
         events = splitter.split_file_async(
-            Path(file.work_path),
-            out,
-            max_bytes=file.max_chunk_bytes,
-            fmt=route.format_for(file.name),
-            fsync=True,
+            Path(file.work_path), out, max_bytes=file.max_chunk_bytes, fmt=fmt, fsync=True
         )
+        held: splitter.Chunk | None = None  # a first chunk, until it is known not the only one
         try:
             async with contextlib.aclosing(events):
                 async for event in events:
+                    if pack and isinstance(event, splitter.Chunk):
+                        if held is None and event.index == 1:
+                            held = event
+                            continue
+                        if held is not None:
+                            await self.record_split_event(file.id, held)
+                            held = None
+                    elif held is not None and isinstance(event, splitter.SplitDone):
+                        await self.packer.add(file, held, event, fmt)
+                        log.info("file_split", rows=event.rows, chunks=1, packed=True)
+                        return
                     await self.record_split_event(file.id, event)
         except InputError as exc:
             message = describe(exc, file.name)

@@ -2,7 +2,8 @@
 the same settings as a TOML file for the daemon in a subprocess, and a free port.
 
 - `fast_settings`: Marketo's limits, polling and backoff in tens of milliseconds (the
-  simulator's `rate_window` must match `limits.api_window_seconds`: see SIM_KNOBS).
+  simulator's `rate_window` must match `limits.api_window_seconds`: see SIM_KNOBS), and
+  packs sealed as soon as nothing waits to be split (`limits.pack_wait_seconds` 0).
 - `with_sections`: a copy with keys changed per section, `limits={"queued_jobs": 3}`.
 - `settings_toml` / `write_settings`: every key of a Settings as TOML for
   `marketo-orchestrator run --config`, but the client secret: that travels only in
@@ -61,7 +62,16 @@ def fast_settings(
             client_secret=Secret(CLIENT_SECRET),
             request_timeout=10.0,
         ),
-        limits=LimitSettings(**{"max_chunk_bytes": 2_000, "api_window_seconds": 2.0, **limits}),
+        # pack_wait_seconds 0: a pack goes as soon as no claimed file waits to be split,
+        # so no test waits out a pack's idle time unless it asks for one.
+        limits=LimitSettings(
+            **{
+                "max_chunk_bytes": 2_000,
+                "api_window_seconds": 2.0,
+                "pack_wait_seconds": 0.0,
+                **limits,
+            }
+        ),
         polling=PollingSettings(interval=0.05, max_interval=0.2),
         backoff=BackoffSettings(initial=0.05, max=0.4),
         watch=WatchSettings(settle_seconds=0.0),

@@ -1,0 +1,238 @@
+"""Packing: small files of one route, format and header share a chunk, one Marketo job.
+
+Every Marketo job costs a place in the subscription's import queue, a fixed time at
+Marketo and at least three API calls; a pipeline dropping thousands of files of a
+few KB would otherwise make thousands of jobs. A file is small when its split cut
+exactly one chunk; it is split (so validated) first, so a bad file never reaches a
+pack. Small files are packed in the order they were split (claim order):
+
+- Per key (route, format, header column names as Marketo reads them: BOM removed,
+  padding trimmed) at most one pack is open. The first small file opens it: its own
+  chunk file becomes the pack (no copy) and the file owns the chunk (it is the
+  oldest, so the scheduler sends the pack in its place in the FIFO).
+- A later small file joins while the pack plus its records (plus a line ending when
+  the pack does not end with one) stays strictly under max_chunk_bytes: its records,
+  without its header, are appended and fsynced, and only then is the join committed.
+  A kill between the two leaves bytes past the pack's recorded size; the next start
+  cuts them off and seals the pack, and the file, not recorded as split, is split
+  and packed again. A file that does not fit seals the pack and opens the next.
+- An open pack is sealed (and only a sealed pack is ever sent) when it is full, when
+  `limits.pack_wait_seconds` pass without a file joining it, when `run --once` has
+  split everything it claimed (`seal_all`), or, with pack_wait_seconds = 0, as soon as
+  no claimed file waits to be split (`caught_up`). A stop leaves a pack open; the
+  next start seals it.
+
+Cost per small file: one append of its records, one fsync, one transaction; the pack
+is never read back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+from orchestrator import splitter
+from orchestrator.clock import wait_for_any
+from orchestrator.config import Settings
+from orchestrator.faults import crashpoint
+from orchestrator.models import ChunkRecord, FileRecord
+from orchestrator.store import Store
+
+log = structlog.get_logger(__name__)
+
+LF = b"\n"
+COPY_BUFFER = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class PackKey:
+    """What files must share to share a chunk."""
+
+    route: str
+    fmt: str
+    header: tuple[str, ...]  # column names as Marketo matches them (trimmed)
+
+
+@dataclass(slots=True)
+class OpenPack:
+    """An unsealed pack as the packer tracks it (the store holds the truth)."""
+
+    chunk_id: int
+    path: Path
+    bytes: int  # the pack file's recorded size: where the next records go
+    limit: int  # every chunk stays strictly under this (its files' max_chunk_bytes)
+    ends_with_lf: bool  # else a joiner's records start with a line ending of their own
+    files: int
+    last_join: float  # monotonic time the last file joined (or opened it)
+
+
+def pack_key(route: str, fmt: str, header: tuple[str, ...]) -> PackKey:
+    return PackKey(route, fmt, tuple(name.strip() for name in header))
+
+
+@dataclass
+class Packer:
+    settings: Settings
+    store: Store
+    on_sealed: Callable[[ChunkRecord], None]  # a pack may be sent now
+    clock: Callable[[], float] = time.monotonic
+    packs: dict[PackKey, OpenPack] = field(default_factory=dict)
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def wait(self) -> float:
+        return self.settings.limits.pack_wait_seconds
+
+    async def add(
+        self, file: FileRecord, chunk: splitter.Chunk, done: splitter.SplitDone, fmt: str
+    ) -> ChunkRecord:
+        """A SPLITTING file whose split cut one chunk (`chunk`): into the open pack of its
+        key, or a new pack of its own. The file is SPLIT once this returns; the chunk
+        returned is the pack, as a job."""
+        key = pack_key(file.route, fmt, done.header)
+        async with self._lock:
+            pack = self.packs.get(key)
+            if pack is not None:
+                size = chunk.bytes - chunk.header_bytes + (0 if pack.ends_with_lf else len(LF))
+                if pack.bytes + size < min(pack.limit, file.max_chunk_bytes):
+                    return await self._join(pack, file, chunk, done)
+                await self._seal(key, "full")
+            return await self._open(key, file, chunk, done)
+
+    async def _open(
+        self, key: PackKey, file: FileRecord, chunk: splitter.Chunk, done: splitter.SplitDone
+    ) -> ChunkRecord:
+        record = await self.store.open_pack(
+            file.id,
+            path=str(chunk.path),
+            rows=chunk.rows,
+            bytes=chunk.bytes,
+            first_line=chunk.first_line,
+            file_rows=done.rows,
+        )
+        crashpoint("pack_opened")
+        ends_with_lf = await asyncio.to_thread(last_byte_is_lf, chunk.path)
+        self.packs[key] = OpenPack(
+            chunk_id=record.id,
+            path=chunk.path,
+            bytes=record.bytes,
+            limit=file.max_chunk_bytes,
+            ends_with_lf=ends_with_lf,
+            files=record.files,
+            last_join=self.clock(),
+        )
+        self._changed.set()
+        log.info("pack_opened", chunk_id=record.id, bytes=record.bytes)
+        return record
+
+    async def _join(
+        self, pack: OpenPack, file: FileRecord, chunk: splitter.Chunk, done: splitter.SplitDone
+    ) -> ChunkRecord:
+        separator = b"" if pack.ends_with_lf else LF
+        ends_with_lf = await asyncio.to_thread(
+            append_records, pack.path, pack.bytes, separator, chunk.path, chunk.header_bytes
+        )
+        crashpoint("pack_appended")
+        record = await self.store.join_pack(
+            pack.chunk_id,
+            file.id,
+            rows=chunk.rows,
+            bytes=chunk.bytes - chunk.header_bytes + len(separator),
+            first_line=chunk.first_line,
+            file_rows=done.rows,
+        )
+        crashpoint("pack_joined")
+        pack.bytes, pack.files, pack.ends_with_lf = record.bytes, record.files, ends_with_lf
+        pack.limit = min(pack.limit, file.max_chunk_bytes)
+        pack.last_join = self.clock()
+        self._changed.set()
+        # Its records live in the pack now; the chunk directory goes when the file finishes.
+        await asyncio.to_thread(chunk.path.unlink, True)
+        log.info("pack_joined", chunk_id=record.id, files=record.files, bytes=record.bytes)
+        return record
+
+    async def _seal(self, key: PackKey, reason: str) -> None:
+        pack = self.packs.pop(key)
+        record = await self.store.seal_pack(pack.chunk_id)
+        log.info(
+            "pack_sealed",
+            chunk_id=record.id,
+            files=record.files,
+            rows=record.rows,
+            bytes=record.bytes,
+            reason=reason,
+        )
+        self.on_sealed(record)
+
+    async def seal_all(self, reason: str) -> None:
+        """Seal every open pack (run --once: everything claimed is split)."""
+        async with self._lock:
+            for key in list(self.packs):
+                await self._seal(key, reason)
+
+    async def caught_up(self) -> None:
+        """No claimed file waits to be split: with pack_wait_seconds = 0, seal them all."""
+        if self.wait == 0 and self.packs:
+            await self.seal_all("caught-up")
+
+    async def seal_idle(self) -> None:
+        """Seal the packs no file joined for pack_wait_seconds."""
+        if self.wait == 0:
+            return
+        async with self._lock:
+            now = self.clock()
+            for key, pack in list(self.packs.items()):
+                if now - pack.last_join >= self.wait:
+                    await self._seal(key, "idle")
+
+    def next_deadline(self) -> float | None:
+        """Seconds until the next pack is idle long enough, or None (no timer runs)."""
+        if self.wait == 0 or not self.packs:
+            return None
+        due = min(pack.last_join for pack in self.packs.values()) + self.wait
+        return max(0.0, due - self.clock())
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Seal idle packs, until `stop` is set (which leaves open packs open)."""
+        while not stop.is_set():
+            self._changed.clear()
+            await self.seal_idle()
+            await wait_for_any(self._changed, stop, within=self.next_deadline())
+
+
+# -- blocking file work (in a worker thread) --------------------------------------------
+
+
+def last_byte_is_lf(path: Path) -> bool:
+    with path.open("rb") as fh:
+        fh.seek(-1, os.SEEK_END)
+        return fh.read(1) == LF
+
+
+def append_records(pack: Path, at: int, separator: bytes, source: Path, skip: int) -> bool:
+    """Write `separator` and `source` from byte `skip` on into `pack` at its recorded size
+    `at` (over anything an earlier, unrecorded append left there), fsynced; whether the
+    pack now ends with LF. An OSError names the pack."""
+    try:
+        with source.open("rb") as src, pack.open("r+b") as out:
+            out.seek(at)
+            out.write(separator)
+            src.seek(skip)
+            shutil.copyfileobj(src, out, COPY_BUFFER)
+            out.truncate()
+            out.flush()
+            os.fsync(out.fileno())
+            src.seek(-1, os.SEEK_END)
+            return src.read(1) == LF
+    except OSError as exc:
+        if exc.filename is not None:
+            raise
+        raise OSError(exc.errno, exc.strerror or str(exc), str(pack)) from exc

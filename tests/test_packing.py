@@ -1,0 +1,333 @@
+"""Packing small files into shared chunks (issue 13): which files share a chunk, what the
+pack file holds, when a pack is sealed, and the daemon end to end against the simulator.
+
+The split-level tests drive the real Pipeline's split hand-off over a real store and
+real files (nothing is sent); the end-to-end ones run the daemon in-process against
+the simulator on loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+
+from orchestrator.config import Settings
+from orchestrator.daemon import Daemon
+from orchestrator.marketo import MarketoClient
+from orchestrator.metrics import Metrics
+from orchestrator.models import ChunkRecord, ChunkStatus, FileRecord, FileStatus
+from orchestrator.pipeline import Pipeline
+from orchestrator.simulator import Simulator
+from orchestrator.store import Store
+from tests.support.data import LEAD_HEADER, drop_leads, lead_rows, result, result_docs, write_csv
+from tests.support.settings import CARS, LEADS, SIM_KNOBS, fast_settings
+from tests.support.simulators import MakeSimulator, imports
+from tests.support.stages import FakeClock, claimed_file
+from tests.support.waiting import wait_until
+
+UNPACKED = replace(LEADS, dir="solo", pack=False)
+NEVER = 3600.0  # pack_wait_seconds that no test waits out
+
+
+# -- the split hand-off over a real store ------------------------------------------------------
+
+
+@dataclass
+class Splits:
+    """A Pipeline whose split worker is driven by hand: claim, split, look at the store."""
+
+    pipeline: Pipeline
+    store: Store
+    src: Path
+    claims: int = 0
+
+    async def split(
+        self, route: str, name: str, text: str | bytes, *, max_chunk_bytes: int | None = None
+    ) -> FileRecord:
+        """Claim `text` as `name` of `route` (after every earlier claim) and split it."""
+        self.claims += 1
+        path = self.src / f"{self.claims}-{name}"
+        path.write_bytes(text.encode() if isinstance(text, str) else text)
+        limit = max_chunk_bytes or self.pipeline.settings.limits.max_chunk_bytes
+        file = await claimed_file(
+            self.store,
+            route,
+            name,
+            number=self.claims,
+            work_path=str(path),
+            max_chunk_bytes=limit,
+        )
+        await self.pipeline.split(file)
+        return await self.store.get_file(file.id)
+
+    async def chunk_ids(self, file: FileRecord) -> list[int]:
+        return [c.id for c in await self.store.chunks(file_id=file.id)]
+
+    async def job(self, file: FileRecord) -> ChunkRecord:
+        """The one chunk of a small file, as the job it is."""
+        (view,) = await self.store.chunks(file_id=file.id)
+        jobs = [*await self.store.open_packs(), *await self.store.chunks()]
+        return next(c for c in jobs if c.id == view.id)
+
+
+def make_splits(settings: Settings, store: Store, tmp_path: Path) -> Splits:
+    pipeline = Pipeline(settings, store, MarketoClient(settings), Metrics())
+    (tmp_path / "src").mkdir()
+    return Splits(pipeline, store, tmp_path / "src")
+
+
+@pytest.fixture
+async def splits(store: Store, tmp_path: Path) -> Splits:
+    settings = fast_settings(
+        "http://marketo.invalid",
+        tmp_path / "data",
+        (LEADS, CARS, UNPACKED),
+        max_chunk_bytes=600,
+        pack_wait_seconds=NEVER,
+    )
+    return make_splits(settings, store, tmp_path)
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]], delimiter: str = ",") -> str:
+    out = io.StringIO(newline="")
+    csv.writer(out, delimiter=delimiter, lineterminator="\n").writerows([header, *rows])
+    return out.getvalue()
+
+
+def read(path: str) -> bytes:
+    return Path(path).read_bytes()
+
+
+def leads(n: int, prefix: str) -> str:
+    return table(LEAD_HEADER, lead_rows(n, prefix=prefix))
+
+
+async def test_small_files_share_by_route_format_and_header_bad_and_big_files_apart(
+    splits: Splits,
+) -> None:
+    a = await splits.split("leads", "a.csv", leads(2, "a"))
+    big = await splits.split("leads", "big.csv", leads(30, "big"))
+    bad = await splits.split("leads", "bad.csv", 'email,firstName,note\nx@y,"open,quote\n')
+    b = await splits.split("leads", "b.csv", "\ufeff" + leads(2, "b").replace("note", " note "))
+    other_header = await splits.split(
+        "leads", "c.csv", table(["email", "lastName"], [["c@x", "C"]])
+    )
+    tsv = await splits.split("leads", "d.tsv", table(LEAD_HEADER, [["d@x", "D", "n"]], "\t"))
+    car1 = await splits.split("cars", "e.csv", table(["vin"], [["V1"]]))
+    car2 = await splits.split("cars", "f.csv", table(["vin"], [["V2"]]))
+    solo1 = await splits.split("solo", "g.csv", leads(1, "g"))
+    solo2 = await splits.split("solo", "h.csv", leads(1, "h"))
+    z = await splits.split("leads", "z.csv", leads(1, "z"))
+
+    assert bad.status is FileStatus.SPLIT
+    assert "unterminated" in (bad.error or "")
+    assert await splits.chunk_ids(bad) == [], "a bad file never touches a pack"
+    assert len(await splits.chunk_ids(big)) >= 2, "a big file keeps its own chunks"
+    (shared,) = set(await splits.chunk_ids(a))
+    assert await splits.chunk_ids(b) == await splits.chunk_ids(z) == [shared], (
+        "BOM and padded names do not keep files of one header apart"
+    )
+    (cars,) = set(await splits.chunk_ids(car1))
+    assert await splits.chunk_ids(car2) == [cars]
+    alone = [other_header, tsv, solo1, solo2]
+    ids = [shared, cars] + [i for f in alone for i in await splits.chunk_ids(f)]
+    assert len(ids) == len(set(ids)) == 6, "other header, format, route or pack = false: apart"
+    members = await splits.store.members(shared)
+    assert [m.file_id for m in members] == [a.id, b.id, z.id], "in claim order, a the owner"
+    assert [m.first_row for m in members] == [0, 2, 4]
+    assert all(f.status is FileStatus.SPLIT for f in (a, b, z, car1, tsv, solo1))
+
+    # Open packs are not jobs yet: only the others wait for a queue slot.
+    pending = await splits.store.chunks(statuses=[ChunkStatus.PENDING])
+    assert {shared, cars}.isdisjoint(c.id for c in pending)
+    packs = [shared, *await splits.chunk_ids(other_header), *await splits.chunk_ids(tsv), cars]
+    assert [p.id for p in await splits.store.open_packs()] == packs, "one per key, by owner"
+    assert [c.id for c in pending if not c.sealed] == []
+    # pack = false: small files never wait, their chunk is sealed as split.
+    solos = [
+        *await splits.store.chunks(file_id=solo1.id),
+        *await splits.store.chunks(file_id=solo2.id),
+    ]
+    assert [c.sealed for c in solos] == [True, True]
+
+    await splits.pipeline.packer.seal_all("drained")
+    pending = await splits.store.chunks(statuses=[ChunkStatus.PENDING])
+    owners = [c.file_id for c in pending]
+    assert (owners[0], pending[0].id) == (a.id, shared), (
+        "sealed late, the pack still goes out in the place of its oldest file: before big.csv"
+    )
+    assert owners.index(big.id) < owners.index(car1.id)
+    assert (pending[0].files, pending[0].rows) == (3, 5)
+
+
+async def test_a_pack_holds_the_header_once_then_each_files_records_byte_for_byte(
+    splits: Splits,
+) -> None:
+    texts = [
+        leads(2, "a"),
+        leads(1, "b").rstrip("\n"),  # no line ending after its last record
+        "email,firstName,note\r\nc@x,C,n\r\n",  # CRLF, same columns
+    ]
+    files = [await splits.split("leads", f"{n}.csv", t) for n, t in zip("abc", texts, strict=True)]
+    job = await splits.job(files[0])
+    data = read(job.path)
+    body = [t.encode().split(b"\n", 1)[1] for t in texts]
+    assert data == texts[0].encode() + body[1] + b"\n" + body[2], (
+        "a line ending is added after a record that had none, and only then"
+    )
+    assert (job.bytes, job.rows, job.files) == (len(data), 4, 3)
+    members = await splits.store.members(job.id)
+    assert sum(m.bytes for m in members) == len(data)
+    assert [m.bytes for m in members] == [len(texts[0]), len(body[1]), 1 + len(body[2])]
+    assert [(m.first_row, m.first_line) for m in members] == [(0, 2), (2, 2), (3, 2)]
+    assert not (splits.pipeline.settings.layout.chunk_dir(files[1].id) / "chunk-00001.csv").exists()
+
+
+async def test_a_full_pack_is_sealed_and_the_next_file_opens_another(splits: Splits) -> None:
+    text = leads(3, "p")  # 3 records: 4 such files do not fit under 600 bytes
+    size, header = len(text), len(text.split("\n", 1)[0]) + 1
+    fit = 1 + (600 - 1 - size) // (size - header)  # files whose records fit in one pack
+    files = [await splits.split("leads", f"p{i}.csv", text) for i in range(fit + 2)]
+    chunk_ids = [(await splits.chunk_ids(f))[0] for f in files]
+    first, second = chunk_ids[0], chunk_ids[fit]
+    assert chunk_ids == [first] * fit + [second] * 2
+    sealed = [c for c in await splits.store.chunks() if c.id == first]
+    assert [c.files for c in sealed] == [fit]
+    assert sealed[0].bytes < 600 <= sealed[0].bytes + size - header, "full: the next did not fit"
+    assert [p.id for p in await splits.store.open_packs()] == [second]
+
+
+async def test_a_smaller_max_chunk_bytes_of_a_later_file_is_kept(splits: Splits) -> None:
+    a = await splits.split("leads", "a.csv", leads(2, "a"))
+    b = await splits.split("leads", "b.csv", leads(2, "b"), max_chunk_bytes=150)
+    assert await splits.chunk_ids(a) != await splits.chunk_ids(b), (
+        "a pack stays under the max_chunk_bytes of every file in it"
+    )
+
+
+async def test_pack_wait_seals_a_pack_no_file_joined_for_that_long(
+    store: Store, tmp_path: Path
+) -> None:
+    settings = fast_settings(
+        "http://marketo.invalid", tmp_path / "data", (LEADS,), pack_wait_seconds=5.0
+    )
+    splits = make_splits(settings, store, tmp_path)
+    clock = FakeClock()
+    splits.pipeline.packer.clock = clock
+    sealed: list[ChunkRecord] = []
+    splits.pipeline.packer.on_sealed = sealed.append
+
+    a = await splits.split("leads", "a.csv", leads(1, "a"))
+    assert splits.pipeline.packer.next_deadline() == 5.0
+    clock.advance(4.0)
+    await splits.split("leads", "b.csv", leads(1, "b"))  # joining starts the wait again
+    clock.advance(4.0)
+    await splits.pipeline.packer.seal_idle()
+    assert sealed == []
+    assert splits.pipeline.packer.next_deadline() == 1.0
+    clock.advance(1.0)
+    await splits.pipeline.packer.seal_idle()
+    assert [(c.file_id, c.files, c.sealed) for c in sealed] == [(a.id, 2, True)]
+    assert await store.open_packs() == []
+    assert splits.pipeline.packer.next_deadline() is None
+
+
+async def test_pack_wait_zero_seals_once_no_claimed_file_waits(
+    store: Store, tmp_path: Path
+) -> None:
+    settings = fast_settings(
+        "http://marketo.invalid", tmp_path / "data", (LEADS,), pack_wait_seconds=0.0
+    )
+    splits = make_splits(settings, store, tmp_path)
+    await splits.split("leads", "a.csv", leads(1, "a"))
+    await splits.split("leads", "b.csv", leads(1, "b"))
+    packer = splits.pipeline.packer
+    assert packer.next_deadline() is None, "no timer: 0 does not mean 'seal at once'"
+    await packer.seal_idle()
+    assert len(await store.open_packs()) == 1
+    await packer.caught_up()
+    assert await store.open_packs() == []
+    (job,) = await store.chunks()
+    assert job.files == 2
+
+
+# -- the daemon end to end -----------------------------------------------------------------------
+
+
+async def run_once(daemon: Daemon) -> int:
+    async with asyncio.timeout(60):
+        return await daemon.run()
+
+
+@pytest.fixture
+async def sim(make_simulator: MakeSimulator) -> Simulator:
+    return await make_simulator(**SIM_KNOBS)
+
+
+async def test_run_once_packs_small_files_and_seals_when_drained_without_waiting(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    """pack_wait_seconds is an hour: run --once must seal once everything is split."""
+    settings = fast_settings(
+        sim.base_url, tmp_path, (LEADS, CARS, UNPACKED), pack_wait_seconds=NEVER
+    )
+    for i in range(5):
+        drop_leads(tmp_path, f"l{i}.csv", 3, prefix=f"l{i}-")
+    drop_leads(tmp_path, "big.csv", 100, prefix="big")
+    for i in range(2):
+        write_csv(
+            tmp_path / "inbox" / "cars" / f"c{i}.csv", ["vin"], [[f"V{i}{j}"] for j in range(3)]
+        )
+        drop_leads(tmp_path, f"s{i}.csv", 2, prefix=f"s{i}-", route="solo")
+    (tmp_path / "inbox" / "leads" / "bad.csv").write_text('email,firstName,note\nx@y,"oops\n')
+    daemon = Daemon(settings, once=True)
+    with capture_logs() as logs:
+        assert await run_once(daemon) == 1, "bad.csv failed; everything else complete"
+
+    seals = [e for e in logs if e["event"] == "pack_sealed"]
+    assert sorted(e["files"] for e in seals) == [2, 5]
+    assert {e["reason"] for e in seals} == {"drained"}, "no pack waited out pack_wait_seconds"
+    docs = {d["file"]: d for d in result_docs(tmp_path)}
+    assert len(docs) == 11
+    assert docs.pop("bad.csv")["status"] == "failed"
+    assert {d["status"] for d in docs.values()} == {"complete"}
+    assert all(d["rows"] == sum(c["rows"] for c in d["chunks"]) for d in docs.values())
+    batch = {name: [c["batch_id"] for c in d["chunks"]] for name, d in docs.items()}
+    assert len({tuple(batch[f"l{i}.csv"]) for i in range(5)}) == 1
+    assert batch["c0.csv"] == batch["c1.csv"]
+    assert batch["s0.csv"] != batch["s1.csv"], "pack = false"
+    assert len(batch["big.csv"]) >= 2
+    jobs = {b for bs in batch.values() for b in bs}
+    assert len(imports(sim)) == len(jobs) == 1 + 1 + 2 + len(batch["big.csv"])
+    emails = {r["email"] for r in sim.records("leads")}
+    assert emails == {f"l{i}-{j}@example.com" for i in range(5) for j in range(3)} | {
+        f"big{j}@example.com" for j in range(100)
+    } | {f"s{i}-{j}@example.com" for i in range(2) for j in range(2)}
+    assert len(sim.records("customobject", api_name="car_c")) == 6
+
+
+async def test_pack_wait_seals_a_lone_file_in_a_running_daemon(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    """No other file, no stop, no --once: the pack goes once pack_wait_seconds passed."""
+    settings = fast_settings(sim.base_url, tmp_path, (LEADS,), pack_wait_seconds=0.2)
+    daemon = Daemon(settings, once=False)
+    running = asyncio.ensure_future(daemon.run())
+    try:
+        drop_leads(tmp_path, "alone.csv", 3, prefix="alone")
+        path = tmp_path / "done" / "leads" / "alone.csv.result.json"
+        await wait_until(lambda: path.exists() or running.done(), "alone.csv's result")
+        assert result(tmp_path, "done", "leads", "alone.csv")["status"] == "complete"
+        assert {r["email"] for r in sim.records("leads")} == {
+            f"alone{i}@example.com" for i in range(3)
+        }
+    finally:
+        daemon.stop.set()
+        assert await asyncio.wait_for(running, 30) == 0
