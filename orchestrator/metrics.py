@@ -1,7 +1,7 @@
 """Prometheus metrics of one orchestrator, in a registry of its own.
 
 `Metrics` is the observer the Marketo client and the scheduler report to
-(`api_call`, `marketo_error`, `backoff`), plus a few setters for gauges the
+(`api_call`, `marketo_error`, `backoff`, `job_created`), plus a few setters for gauges the
 daemon owns. File and chunk counts come from the state store's tallies at
 scrape time (`refresh_from_store`): counts its triggers keep in the same
 transaction as every change, so they never drift from the truth, and a scrape
@@ -26,6 +26,7 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
+    Histogram,
     generate_latest,
 )
 
@@ -35,6 +36,8 @@ from orchestrator.models import ChunkRecord, ChunkStatus, FileRecord, FileStatus
 PREFIX: Final = "marketo_orchestrator"
 ROW_OUTCOMES: Final = ("processed", "failed", "warned", "rejected")
 OTHER: Final = "other"
+# Files per job: 1 is a file of its own; packs of a few KB files reach the hundreds.
+FILES_PER_JOB_BUCKETS: Final = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 TRANSPORT_CODES: Final = frozenset({"network", "timeout", "http-413"})
 # Operation ids and reason names: letters, digits, '_' and '-'. No dots, so no file names.
 _IDENTIFIER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]{0,63}")
@@ -124,6 +127,17 @@ class Metrics:
             registry=reg,
         )
         self._rows = Counter(f"{PREFIX}_rows_total", "Rows by outcome.", ["outcome"], registry=reg)
+        self._jobs_created = Counter(
+            f"{PREFIX}_jobs_created_total",
+            "Import jobs Marketo created for us (a create answered with a batch id).",
+            registry=reg,
+        )
+        self._files_per_job = Histogram(
+            f"{PREFIX}_files_per_job",
+            "Source files whose records each import job created carries (above 1: packed).",
+            buckets=FILES_PER_JOB_BUCKETS,
+            registry=reg,
+        )
         self._backoff_seconds = Counter(
             f"{PREFIX}_backoff_seconds_total",
             "Seconds spent waiting in backoff, by reason.",
@@ -157,6 +171,11 @@ class Metrics:
         label = reason_label(reason)
         self._backoff_waits.labels(reason=label).inc()
         self._backoff_seconds.labels(reason=label).inc(max(seconds, 0.0))
+
+    def job_created(self, files: int) -> None:
+        """Marketo gave a batch id for a chunk holding the records of `files` source files."""
+        self._jobs_created.inc()
+        self._files_per_job.observe(files)
 
     # Setters for what the daemon owns.
 

@@ -67,9 +67,12 @@ class Submitter(Protocol):
     async def submit(self, route: Route, path: Path, fmt: str) -> BatchStatus: ...
 
 
-class BackoffObserver(Protocol):
+class Observer(Protocol):
+    """What the scheduler reports (orchestrator.metrics.Metrics)."""
+
     def backoff(self, reason: str, seconds: float) -> None: ...
     def set_backoff_current(self, seconds: float) -> None: ...
+    def job_created(self, files: int) -> None: ...
 
 
 @dataclass
@@ -138,7 +141,7 @@ class Scheduler:
     client: Submitter
     on_submitted: Callable[[ChunkRecord], None]
     on_chunk_final: Callable[[ChunkRecord], Awaitable[None]]
-    observer: BackoffObserver | None = None
+    observer: Observer | None = None
     clock: Callable[[], float] = time.monotonic
     model: QueueModel = field(init=False)
     backoff: Backoff = field(init=False)
@@ -286,10 +289,18 @@ class Scheduler:
                 marketo_status=batch.status,
                 submitted_at=stamp(),
             )
+            if self.observer:
+                self.observer.job_created(record.files)
             self.queue_wait = Wait()
             self.list_waits.pop(route.list_id, None)
             self.report_backoff()
-            log.info("chunk_submitted", batch_id=batch.batch_id, rows=chunk.rows, bytes=chunk.bytes)
+            log.info(
+                "chunk_submitted",
+                batch_id=batch.batch_id,
+                rows=chunk.rows,
+                bytes=chunk.bytes,
+                files=chunk.files,
+            )
             self.on_submitted(record)
             return "submitted"
 

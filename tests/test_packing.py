@@ -312,6 +312,15 @@ async def test_run_once_packs_small_files_and_seals_when_drained_without_waiting
     } | {f"s{i}-{j}@example.com" for i in range(2) for j in range(2)}
     assert len(sim.records("customobject", api_name="car_c")) == 6
 
+    # /metrics: every job created counted, with the files each carried (big.csv is in
+    # each of its own jobs).
+    text = daemon.metrics.render().decode()
+    carried = len(docs) - 1 + len(batch["big.csv"])
+    assert f"marketo_orchestrator_jobs_created_total {float(len(jobs))}" in text
+    assert f"marketo_orchestrator_files_per_job_count {float(len(jobs))}" in text
+    assert f"marketo_orchestrator_files_per_job_sum {float(carried)}" in text
+    assert 'marketo_orchestrator_files_per_job_bucket{le="1.0"} ' + f"{len(jobs) - 2.0}" in text
+
 
 async def test_pack_wait_seals_a_lone_file_in_a_running_daemon(
     sim: Simulator, tmp_path: Path

@@ -72,6 +72,10 @@ class FakeSubmitter:
 class FakeObserver:
     backoffs: list[tuple[str, float]] = field(default_factory=list)
     current: list[float] = field(default_factory=list)
+    jobs: list[int] = field(default_factory=list)  # files in each job created
+
+    def job_created(self, files: int) -> None:
+        self.jobs.append(files)
 
     def backoff(self, reason: str, seconds: float) -> None:
         self.backoffs.append((reason, seconds))
@@ -110,6 +114,30 @@ class Harness:
                 first_line=2 + 10 * (index - 1),
             )
         return await self.store.finish_split(began.id, rows=10 * chunks, chunks_total=chunks)
+
+    async def add_pack(self, route: Route, names: Sequence[str], *, seal: bool = True) -> int:
+        """Small files packed into one chunk (labelled by the first's stem + "p"), each
+        claimed after every earlier one; the chunk's id."""
+        files = []
+        for name in names:
+            self._claims += 1
+            files.append(await claimed_file(self.store, route.dir, name, number=self._claims))
+        owner, stem = files[0], names[0].removesuffix(".csv")
+        pack = await self.store.open_pack(
+            owner.id,
+            path=f"/data/work/chunks/{owner.id}/{stem}p.csv",
+            rows=2,
+            bytes=60,
+            first_line=2,
+            file_rows=2,
+        )
+        for joiner in files[1:]:
+            await self.store.join_pack(
+                pack.id, joiner.id, rows=2, bytes=40, first_line=2, file_rows=2
+            )
+        if seal:
+            await self.store.seal_pack(pack.id)
+        return pack.id
 
     async def submit_ready(self) -> list[str]:
         """One scheduling pass; the chunks it submitted, in order."""
@@ -344,6 +372,33 @@ async def test_fatal_error_refuses_the_chunk_and_fails_the_rest_of_its_file(
     assert (await harness.store.get_file(a.id)).error == str(refused)
     assert [(Path(c.path).stem, c.status) for c in harness.finals] == [("a1", ChunkStatus.FAILED)]
     assert harness.observer.backoffs == []  # a refusal is not a reason to wait
+
+
+async def test_a_pack_goes_in_its_oldest_files_place_once_sealed_and_counts_its_files(
+    harness: Harness,
+) -> None:
+    pack = await harness.add_pack(LEADS, ["a.csv", "b.csv", "c.csv"], seal=False)
+    await harness.add_file(CARS, "d.csv", 1)
+    assert await harness.submit_ready() == ["d1"], "an open pack is not a job yet"
+    await harness.store.seal_pack(pack)
+    await harness.add_file(LEADS, "e.csv", 1)
+    assert await harness.submit_ready() == ["ap", "e1"], "the pack before later files"
+    assert harness.observer.jobs == [1, 3, 1]
+
+
+async def test_a_refused_shared_chunk_fails_for_every_file_in_it(harness: Harness) -> None:
+    """The scheduler sets the error on the owner and fails the chunk; every member reads
+    the chunk as failed (the pipeline finishes each of them on the one hand-off)."""
+    refused = FatalError("1003", "Invalid file format", operation="import")
+    pack = await harness.add_pack(LEADS, ["a.csv", "b.csv"])
+    await harness.add_file(LEADS, "c.csv", 1)
+    harness.client.refuse("ap", refused)
+
+    assert await harness.submit_ready() == ["c1"]
+    assert [c.id for c in harness.finals] == [pack]
+    members = await harness.store.members(pack)
+    assert [(m.status, m.message) for m in members] == [(ChunkStatus.FAILED, str(refused))] * 2
+    assert harness.observer.jobs == [1]
 
 
 async def test_credentials_error_waits_and_fails_nothing(harness: Harness) -> None:
