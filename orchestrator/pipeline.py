@@ -264,13 +264,14 @@ class Pipeline:
 
         Under the finish lock: a file finishing removes its chunk directory, which holds
         the chunk files of the chunks it owns. Should matching fail here (a full disk, say),
-        finishing the file tries again."""
+        finishing the file tries again: members go before the owner, whose chunk directory
+        holds the pack and the files Marketo gave for it."""
         async with self._finish_lock:
             try:
                 await results.attribute_chunk(self.settings, self.store, chunk.id)
             except (OSError, csv.Error) as exc:
                 log.error("attribution_deferred", chunk=chunk.index, error=str(exc))
-        for member in await self.store.members(chunk.id):
+        for member in reversed(await self.store.members(chunk.id)):
             await self.maybe_finish(member.file_id)
 
     async def maybe_finish(self, file_id: int) -> None:

@@ -340,3 +340,35 @@ async def test_pack_wait_seals_a_lone_file_in_a_running_daemon(
     finally:
         daemon.stop.set()
         assert await asyncio.wait_for(running, 30) == 0
+
+
+async def test_a_stop_leaves_a_pack_open_and_the_next_start_seals_and_sends_it(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    settings = fast_settings(sim.base_url, tmp_path, (LEADS,), pack_wait_seconds=NEVER)
+    daemon = Daemon(settings, once=False)
+    running = asyncio.ensure_future(daemon.run())
+    try:
+        for name in ("a.csv", "b.csv"):
+            drop_leads(tmp_path, name, 2, prefix=name[0])
+
+        async def both_packed() -> bool:
+            async with await Store.open(settings.layout.state_db, check=False) as store:
+                return [p.files for p in await store.open_packs()] == [2]
+
+        await wait_until(both_packed, "a.csv and b.csv in one open pack")
+    finally:
+        daemon.stop.set()  # what SIGTERM does
+        assert await asyncio.wait_for(running, 30) == 0
+    assert imports(sim) == [], "an open pack is never sent, also not at a stop"
+
+    assert await run_once(Daemon(settings, once=True)) == 0
+    assert len(imports(sim)) == 1
+    async with await Store.open(settings.layout.state_db) as store:
+        assert await store.open_packs() == []
+        assert [(c.files, c.status) for c in await store.chunks()] == [(2, ChunkStatus.COMPLETE)]
+    assert {r["email"] for r in sim.records("leads")} == {"a0@example.com", "a1@example.com"} | {
+        "b0@example.com",
+        "b1@example.com",
+    }
+    assert {d["status"] for d in result_docs(tmp_path)} == {"complete"}
