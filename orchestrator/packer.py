@@ -21,6 +21,9 @@ pack. Small files are packed in the order they were split (claim order):
   split everything it claimed (`seal_all`), or, with pack_wait_seconds = 0, as soon as
   no claimed file waits to be split (`caught_up`). A stop leaves a pack open; the
   next start seals it.
+- However often small files trickle in, a pack is sealed at the latest
+  MAX_AGE_FACTOR x pack_wait_seconds after it opened (a minute at the default 5 s):
+  its first file does not wait hours for the pack to fill.
 
 Cost per small file: one append of its records, one fsync, one transaction; the pack
 is never read back.
@@ -49,6 +52,7 @@ log = structlog.get_logger(__name__)
 
 LF = b"\n"
 COPY_BUFFER = 1 << 20
+MAX_AGE_FACTOR = 12  # an open pack goes at the latest this many pack_wait_seconds after it opened
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +74,12 @@ class OpenPack:
     limit: int  # every chunk stays strictly under this (its files' max_chunk_bytes)
     ends_with_lf: bool  # else a joiner's records start with a line ending of their own
     files: int
+    opened: float  # monotonic time its first file opened it
     last_join: float  # monotonic time the last file joined (or opened it)
+
+    def due(self, wait: float) -> float:
+        """When it is sealed unless a file joins (monotonic)."""
+        return min(self.last_join + wait, self.opened + wait * MAX_AGE_FACTOR)
 
 
 def pack_key(route: str, fmt: str, header: tuple[str, ...]) -> PackKey:
@@ -127,6 +136,7 @@ class Packer:
             limit=file.max_chunk_bytes,
             ends_with_lf=ends_with_lf,
             files=record.files,
+            opened=self.clock(),
             last_join=self.clock(),
         )
         self._changed.set()
@@ -184,20 +194,22 @@ class Packer:
             await self.seal_all("caught-up")
 
     async def seal_idle(self) -> None:
-        """Seal the packs no file joined for pack_wait_seconds."""
+        """Seal the packs no file joined for pack_wait_seconds, and those open for
+        MAX_AGE_FACTOR times that."""
         if self.wait == 0:
             return
         async with self._lock:
             now = self.clock()
             for key, pack in list(self.packs.items()):
-                if now - pack.last_join >= self.wait:
-                    await self._seal(key, "idle")
+                if now >= pack.due(self.wait):
+                    idle = now - pack.last_join >= self.wait
+                    await self._seal(key, "idle" if idle else "age")
 
     def next_deadline(self) -> float | None:
-        """Seconds until the next pack is idle long enough, or None (no timer runs)."""
+        """Seconds until the next pack is due (`seal_idle`), or None (no timer runs)."""
         if self.wait == 0 or not self.packs:
             return None
-        due = min(pack.last_join for pack in self.packs.values()) + self.wait
+        due = min(pack.due(self.wait) for pack in self.packs.values())
         return max(0.0, due - self.clock())
 
     async def run(self, stop: asyncio.Event) -> None:

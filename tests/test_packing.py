@@ -239,6 +239,31 @@ async def test_pack_wait_seals_a_pack_no_file_joined_for_that_long(
     assert splits.pipeline.packer.next_deadline() is None
 
 
+async def test_a_pack_that_files_keep_joining_goes_at_the_latest_twelve_waits_after_it_opened(
+    store: Store, tmp_path: Path
+) -> None:
+    """A trickle (a file every 4 s, pack_wait 5 s) never lets the pack idle: it still goes
+    60 s after its first file came, not when it is full hours later."""
+    settings = fast_settings(
+        "http://marketo.invalid", tmp_path / "data", (LEADS,), pack_wait_seconds=5.0
+    )
+    splits = make_splits(settings, store, tmp_path)
+    clock = FakeClock()
+    splits.pipeline.packer.clock = clock
+    sealed: list[ChunkRecord] = []
+    splits.pipeline.packer.on_sealed = sealed.append
+    for i in range(15):  # joins at 0, 4, ... 56 s; the next at 60 s would be late
+        await splits.split("leads", f"t{i}.csv", leads(1, f"t{i}"))
+        await splits.pipeline.packer.seal_idle()
+        clock.advance(4.0)
+    assert sealed == []
+    assert splits.pipeline.packer.next_deadline() == 0.0
+    with capture_logs() as logs:
+        await splits.pipeline.packer.seal_idle()
+    assert [c.files for c in sealed] == [15]
+    assert [e["reason"] for e in logs if e["event"] == "pack_sealed"] == ["age"]
+
+
 async def test_pack_wait_zero_seals_once_no_claimed_file_waits(
     store: Store, tmp_path: Path
 ) -> None:
