@@ -157,6 +157,7 @@ class Pipeline:
             file_id = getter.result()
             if file_id is None:
                 await self.packer.seal_all("drained")
+                self._file_finished.set()  # wait_idle looks again: the queue may be empty now
                 continue
             file = await self.store.get_file(file_id)
             with structlog.contextvars.bound_contextvars(route=file.route, file=file.name):

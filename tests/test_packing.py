@@ -283,6 +283,25 @@ async def test_pack_wait_zero_seals_once_no_claimed_file_waits(
     assert job.files == 2
 
 
+async def test_run_once_with_nothing_claimed_is_idle_once_the_drain_marker_is_handled(
+    splits: Splits,
+) -> None:
+    """The marker run --once queues after its claims is not a file: once the split worker
+    took it, wait_idle must see the pipeline idle without any file finishing."""
+    pipeline, stop = splits.pipeline, asyncio.Event()
+    pipeline.inbox_drained()
+    waiting = asyncio.ensure_future(pipeline.wait_idle(stop))
+    # wait_idle looks first, so a lost wake-up would hang (with it, passes either way)
+    await asyncio.sleep(0.05)
+    worker = asyncio.ensure_future(pipeline.split_worker(stop))
+    try:
+        async with asyncio.timeout(30):
+            await waiting
+    finally:
+        stop.set()
+        await worker
+
+
 # -- the daemon end to end -----------------------------------------------------------------------
 
 
