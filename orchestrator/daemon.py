@@ -134,13 +134,15 @@ class Daemon:
         await self.start_status_server(stack)
         await holdpoint("recovery")
         recovery = await self.store.recover()
-        if recovery.resubmit or recovery.resplit or recovery.finishing or recovery.claiming:
+        found = (recovery.resubmit, recovery.resplit, recovery.finishing, recovery.claiming)
+        if any(found) or recovery.open_packs:
             log.info(
                 "recovering",
                 resubmit=len(recovery.resubmit),
                 resplit=len(recovery.resplit),
                 finishing=len(recovery.finishing),
                 claiming=len(recovery.claiming),
+                open_packs=len(recovery.open_packs),
             )
         logs.register_secret(settings.marketo.client_secret.reveal())
         calls = await self.store.api_calls(quota_day(settings))
