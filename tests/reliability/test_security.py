@@ -62,7 +62,10 @@ def listening_addresses(pid: int) -> set[str]:
     """Local addresses of the TCP sockets `pid` listens on, from /proc."""
     inodes = set()
     for fd in Path(f"/proc/{pid}/fd").iterdir():
-        target = os.readlink(fd)
+        try:
+            target = os.readlink(fd)
+        except FileNotFoundError:  # closed since the listing (the daemon works meanwhile)
+            continue
         if target.startswith("socket:["):
             inodes.add(target[8:-1])
     found = set()
