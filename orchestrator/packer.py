@@ -23,7 +23,9 @@ pack. Small files are packed in the order they were split (claim order):
   next start seals it.
 - However often small files trickle in, a pack is sealed at the latest
   MAX_AGE_FACTOR x pack_wait_seconds after it opened (a minute at the default 5 s):
-  its first file does not wait hours for the pack to fill.
+  its first file does not wait hours for the pack to fill. Not while claimed files
+  wait to be split (`backlog`): then the pack fills as fast as files are split, and
+  sealing it early would only make more jobs.
 
 Cost per small file: one append of its records, one fsync, one transaction; the pack
 is never read back.
@@ -77,9 +79,10 @@ class OpenPack:
     opened: float  # monotonic time its first file opened it
     last_join: float  # monotonic time the last file joined (or opened it)
 
-    def due(self, wait: float) -> float:
+    def due(self, wait: float, *, backlog: bool) -> float:
         """When it is sealed unless a file joins (monotonic)."""
-        return min(self.last_join + wait, self.opened + wait * MAX_AGE_FACTOR)
+        idle = self.last_join + wait
+        return idle if backlog else min(idle, self.opened + wait * MAX_AGE_FACTOR)
 
 
 def pack_key(route: str, fmt: str, header: tuple[str, ...]) -> PackKey:
@@ -91,6 +94,7 @@ class Packer:
     settings: Settings
     store: Store
     on_sealed: Callable[[ChunkRecord], None]  # a pack may be sent now
+    backlog: Callable[[], bool] = lambda: False  # claimed files wait to be split
     clock: Callable[[], float] = time.monotonic
     packs: dict[PackKey, OpenPack] = field(default_factory=dict)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -189,9 +193,11 @@ class Packer:
                 await self._seal(key, reason)
 
     async def caught_up(self) -> None:
-        """No claimed file waits to be split: with pack_wait_seconds = 0, seal them all."""
+        """No claimed file waits to be split: with pack_wait_seconds = 0, seal them all;
+        else the timer looks again (a backlog may have held a pack past its age)."""
         if self.wait == 0 and self.packs:
             await self.seal_all("caught-up")
+        self._changed.set()
 
     async def seal_idle(self) -> None:
         """Seal the packs no file joined for pack_wait_seconds, and those open for
@@ -199,9 +205,9 @@ class Packer:
         if self.wait == 0:
             return
         async with self._lock:
-            now = self.clock()
+            now, backlog = self.clock(), self.backlog()
             for key, pack in list(self.packs.items()):
-                if now >= pack.due(self.wait):
+                if now >= pack.due(self.wait, backlog=backlog):
                     idle = now - pack.last_join >= self.wait
                     await self._seal(key, "idle" if idle else "age")
 
@@ -209,7 +215,8 @@ class Packer:
         """Seconds until the next pack is due (`seal_idle`), or None (no timer runs)."""
         if self.wait == 0 or not self.packs:
             return None
-        due = min(pack.due(self.wait) for pack in self.packs.values())
+        backlog = self.backlog()
+        due = min(pack.due(self.wait, backlog=backlog) for pack in self.packs.values())
         return max(0.0, due - self.clock())
 
     async def run(self, stop: asyncio.Event) -> None:

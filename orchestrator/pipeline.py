@@ -86,7 +86,12 @@ class Pipeline:
             on_chunk_final=self.chunk_done,
             on_started=self.scheduler.foreign_job_left,
         )
-        self.packer = Packer(settings, store, on_sealed=lambda _: self.scheduler.wake())
+        self.packer = Packer(
+            settings,
+            store,
+            on_sealed=lambda _: self.scheduler.wake(),
+            backlog=lambda: not self._split_queue.empty(),
+        )
         self.finished_total = 0
         self.finished_failed = 0
         # File ids to split in claim order; None: run --once claimed everything.
