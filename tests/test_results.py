@@ -882,7 +882,7 @@ async def finishing_peak(tmp_path: Path, rows: int) -> int:
 
 async def test_finishing_memory_does_not_grow_with_the_failed_rows(tmp_path: Path) -> None:
     small = await finishing_peak(tmp_path / "small", 2_000)
-    large = await finishing_peak(tmp_path / "large", 20_000)  # ten times the rows, 0.7 MB
+    large = await finishing_peak(tmp_path / "large", 12_000)  # six times the rows, 0.4 MB
 
     assert large < small + 256 * 1024, (small, large)
 
