@@ -31,6 +31,7 @@ import csv
 import io
 import itertools
 import os
+import shutil
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -372,6 +373,7 @@ class Parts:
         self._fh: IO[str] | None = None
         self._tmp: Path | None = None
         self._csv: Writer | None = None
+        self._done: set[int] = set()  # files whose part is in place
 
     def write(self, piece: Piece, header: list[str], row: list[str]) -> None:
         if piece is not self._piece:
@@ -380,10 +382,14 @@ class Parts:
             target = part_path(piece.out_dir, self.chunk_id, self.kind)
             target.parent.mkdir(parents=True, exist_ok=True)
             self._tmp = target.with_name(f".{target.name}.tmp")
+            again = piece.file_id in self._done  # never expected: rows come in piece order
+            if again:  # but should a piece come back, its rows so far are kept
+                shutil.copyfile(target, self._tmp)
             # Open until the next piece starts: closed by close() or abort().
-            self._fh = open(self._tmp, "w", encoding="utf-8", newline="")  # noqa: SIM115
+            self._fh = open(self._tmp, "a" if again else "w", encoding="utf-8", newline="")  # noqa: SIM115
             self._csv = csv.writer(self._fh, delimiter=self.delimiter, lineterminator="\n")
-            self._csv.writerow([*header, constants.SOURCE_LINE_COLUMN])
+            if not again:
+                self._csv.writerow([*header, constants.SOURCE_LINE_COLUMN])
         assert self._csv is not None
         self._csv.writerow(row)
 
@@ -399,6 +405,7 @@ class Parts:
         os.replace(self._tmp, target)
         fsync_dir(target.parent)
         self._tmp = None
+        self._done.add(self._piece.file_id)
 
     def abort(self) -> None:
         """A walk that failed leaves no temp file behind."""

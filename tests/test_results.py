@@ -1002,3 +1002,22 @@ def test_matching_in_c_gives_what_matching_record_by_record_gives(tmp_path: Path
     assert in_c == one_by_one
     assert sum(in_c[0].values()) == len(marketo) - 1
     assert in_c[1] == sum(1 for row in marketo if row[0] == "ghost")
+
+
+def test_a_piece_that_comes_back_keeps_its_rows(tmp_path: Path) -> None:
+    """Rows come in piece order; should one piece's rows resume after another's, its part
+    keeps what it had (one header) rather than starting again."""
+    a = attribution.Piece(1, 0, 2, tmp_path / "1")
+    b = attribution.Piece(2, 5, 2, tmp_path / "2")
+    parts = attribution.Parts(4, "failures", ",")
+    header = ["email", constants.FAILURE_REASON_COLUMN]
+    for piece, row in ((a, ["a1", "r", "2"]), (b, ["b1", "r", "3"]), (a, ["a2", "r", ""])):
+        parts.write(piece, header, row)
+    parts.close()
+
+    assert read_csv(attribution.part_path(a.out_dir, 4, "failures")) == [
+        [*header, constants.SOURCE_LINE_COLUMN],
+        ["a1", "r", "2"],
+        ["a2", "r", ""],
+    ]
+    assert len(read_csv(attribution.part_path(b.out_dir, 4, "failures"))) == 2
