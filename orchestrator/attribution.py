@@ -391,7 +391,8 @@ class Parts:
             if not again:
                 self._csv.writerow([*header, constants.SOURCE_LINE_COLUMN])
         assert self._csv is not None
-        self._csv.writerow(row)
+        assert self._fh is not None
+        write_row(self._csv, self._fh, row, self.delimiter)
 
     def close(self) -> None:
         """The open part, if any, into place."""
@@ -415,6 +416,17 @@ class Parts:
         if self._tmp is not None:
             self._tmp.unlink(missing_ok=True)
             self._tmp = None
+
+
+def write_row(writer: Writer, fh: IO[str], row: list[str], delimiter: str) -> None:
+    """One row; with every field quoted when one holds a lone CR, which csv.writer leaves
+    unquoted under an LF line ending (a reader would end the line there)."""
+    if "\r" in "\0".join(row):
+        csv.writer(fh, delimiter=delimiter, lineterminator="\n", quoting=csv.QUOTE_ALL).writerow(
+            row
+        )
+    else:
+        writer.writerow(row)
 
 
 def fsync_dir(path: Path) -> None:

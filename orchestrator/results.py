@@ -316,7 +316,7 @@ def write_merged(
                 continue
             width = len(header) - 2  # data columns before the reason and the line
             fields = (row[:-2] + [""] * width)[:width]
-            writer.writerow([*fields, *row[-2:]])
+            attribution.write_row(writer, text, [*fields, *row[-2:]], delimiter)
         text.flush()
         text.detach()
         out.flush()

@@ -1001,6 +1001,8 @@ def test_matching_in_c_gives_what_matching_record_by_record_gives(tmp_path: Path
 
     assert in_c == one_by_one
     assert sum(in_c[0].values()) == len(marketo) - 1
+    read_back = [read_csv(p)[1:] for p in sorted((tmp_path / "c").glob("*/part-7.failures.csv"))]
+    assert [row[:-1] for part in read_back for row in part] == marketo[1:]  # a lone CR quoted
     assert in_c[1] == sum(1 for row in marketo if row[0] == "ghost")
 
 
