@@ -424,3 +424,53 @@ async def test_a_stop_leaves_a_pack_open_and_the_next_start_seals_and_sends_it(
         "b1@example.com",
     }
     assert {d["status"] for d in result_docs(tmp_path)} == {"complete"}
+
+
+def source_line_of(rows: list[list[str]], index: int) -> int:
+    """The source line data row `index` starts on (header on line 1; quoted notes may span
+    lines)."""
+    return 2 + sum(row[2].count("\n") + 1 for row in rows[:index])
+
+
+async def test_failed_and_warned_rows_of_a_pack_go_back_to_their_own_files_and_lines(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    """Three small files share one job; Marketo fails and warns rows in two of them. Each
+    file's result counts only its own rows, and its failures and warnings files hold only
+    its own rows, each with the line it has in that file."""
+    settings = fast_settings(sim.base_url, tmp_path, (LEADS,), pack_wait_seconds=NEVER)
+    plan = {  # file: (rows, failing rows, warned rows)
+        "a.csv": (9, (), ()),
+        "b.csv": (12, (0, 7, 11), (3,)),
+        "c.csv": (8, (6,), (1, 7)),
+    }
+    sources = {}
+    for name, (n, bad, warn) in plan.items():
+        rows = lead_rows(n, prefix=name[0], bad=bad, warn=warn)
+        write_csv(tmp_path / "inbox" / "leads" / name, LEAD_HEADER, rows)
+        sources[name] = rows
+    assert await run_once(Daemon(settings, once=True)) == 0
+
+    assert len(imports(sim)) == 1, "one job for the three files"
+    for name, (n, bad, warn) in plan.items():
+        doc = result(tmp_path, "done", "leads", name)
+        (chunk,) = doc["chunks"]
+        assert chunk["shared"] == {"files": 3, "rows": 29, "bytes": chunk["shared"]["bytes"]}
+        assert (doc["rows"], chunk["rows"]) == (n, n)
+        assert (doc["rows_processed"], doc["rows_failed"], doc["rows_with_warning"]) == (
+            n - len(bad),
+            len(bad),
+            len(warn),
+        )
+        for kind, wanted in (("failures", bad), ("warnings", warn)):
+            written = doc[f"{kind}_file"]
+            if not wanted:
+                assert written is None
+                continue
+            text = (tmp_path / "done" / "leads" / written).read_text(encoding="utf-8")
+            header, *rows = list(csv.reader(io.StringIO(text, newline="")))
+            assert header[-1] == "Source Line"
+            rows_of = sources[name]
+            assert [(r[0], int(r[-1])) for r in rows] == [
+                (rows_of[i][0], source_line_of(rows_of, i)) for i in wanted
+            ]
