@@ -16,7 +16,9 @@ import structlog
 from orchestrator.config import Route, Settings, WatchSettings
 from orchestrator.errors import ConfigError
 from orchestrator.models import FileRecord, FileStatus, ObjectType
-from orchestrator.spool import Spool
+from orchestrator.spool import Spool, fs
+from orchestrator.spool import inbox as inbox_module
+from orchestrator.spool.inbox import CLAIM_BATCH
 from orchestrator.store import Store
 from tests.support.waiting import wait_until
 
@@ -211,6 +213,55 @@ async def test_files_present_at_start_are_claimed_in_mtime_order(
     assert (await store.files()) == claims.records
     assert list(inbox(data_dir, "leads").iterdir()) == []
     assert await spool.scan() == 0
+
+
+async def test_many_files_are_claimed_in_batches_in_mtime_order(
+    make_spool: SpoolFactory, data_dir: Path, store: Store
+) -> None:
+    spool, claims = make_spool()
+    count = 2 * CLAIM_BATCH + 7
+    for n in range(count):
+        path = drop(inbox(data_dir, ("leads", "cars")[n % 2]), f"f{n:04d}.csv", b"email\n")
+        os.utime(path, ns=(10**9 * (count - n), 10**9 * (count - n)))  # the last is oldest
+
+    assert await spool.scan() == count
+
+    names = [r.name for r in claims.records]
+    assert names == [f"f{n:04d}.csv" for n in reversed(range(count))]
+    stamps = [r.claimed_at for r in claims.records]
+    assert stamps == sorted(stamps)
+    assert len(set(stamps)) == count
+    assert await store.files() == claims.records
+    assert all(on_disk(r.work_path)[0] == "file" for r in claims.records)
+
+
+async def test_a_crash_between_a_batch_of_intents_and_their_renames_claims_each_once(
+    make_spool: SpoolFactory,
+    data_dir: Path,
+    store: Store,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    spool, claims = make_spool()
+    for n in range(5):
+        drop(inbox(data_dir), f"f{n}.csv", f"email\n{n}@example.com\n".encode())
+
+    def killed_after_two(moves: list[Any]) -> list[Any]:
+        fs.move_entries(moves[:2])
+        raise KeyboardInterrupt  # stands for the kill: three intents left unmoved
+
+    monkeypatch.setattr(inbox_module, "move_entries", killed_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        await spool.scan()
+    assert claims.records == []
+    assert {f.status for f in await store.files()} == {FileStatus.CLAIMING}
+    monkeypatch.undo()
+
+    after, claims = make_spool()
+    await after.recover_claims()
+    assert await after.scan() == 0
+    assert sorted(r.name for r in claims.records) == [f"f{n}.csv" for n in range(5)]
+    assert [f.status for f in await store.files()] == [FileStatus.CLAIMED] * 5
+    assert list(inbox(data_dir).iterdir()) == []
 
 
 async def test_ignored_names_wait_until_renamed(make_spool: SpoolFactory, data_dir: Path) -> None:

@@ -16,7 +16,7 @@ import pytest
 
 from orchestrator.errors import StoreError
 from orchestrator.models import BatchStatus, ChunkStatus, FileRecord, FileStatus, RejectRecord
-from orchestrator.store import LATEST_VERSION, Recovery, Store
+from orchestrator.store import LATEST_VERSION, Claim, Recovery, Store
 from orchestrator.store.schema import _MIGRATIONS
 
 T0 = "2026-11-23T14:00:00Z"
@@ -292,6 +292,30 @@ async def test_claim_transitions_persist(store: Store) -> None:
             await store.drop_claim(began.id)
     finally:
         await store.close()
+
+
+async def test_claims_begin_and_finish_in_one_transaction_each(store: Store) -> None:
+    claims = [
+        Claim("leads", f"{n}.csv", f"/in/{n}.csv", f"/work/{n}-{n}.csv", 1000, T0, job_id=job)
+        for n, job in ((1, "given-1"), (2, ""), (3, ""))
+    ]
+    began = await store.begin_claims(claims)
+    assert [(f.name, f.status) for f in began] == [
+        (f"{n}.csv", FileStatus.CLAIMING) for n in (1, 2, 3)
+    ]
+    assert began[0].job_id == "given-1"
+    assert began[1].job_id
+    assert began[1].job_id != began[2].job_id
+    ids = [f.id for f in began]
+    claimed = await store.finish_claims(ids[:2])
+    assert claimed == [await store.get_file(i) for i in ids[:2]]
+    assert all(f.status is FileStatus.CLAIMED for f in claimed)
+    assert await store.finish_claims(ids[:2]) == claimed  # again after a crash: no-op
+    await store.start_split(ids[0])
+    with pytest.raises(ValueError, match="finish_claims"):
+        await store.finish_claims([ids[2], ids[0]])  # one illegal transition: none happen
+    assert (await store.get_file(ids[2])).status is FileStatus.CLAIMING
+    assert await store.finish_claims([]) == []
 
 
 async def test_drop_claim_forgets_the_file(store: Store) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from orchestrator.errors import ConfigError
+from orchestrator.handover import drop_ticket, read_ticket
 from orchestrator.models import FileRecord
 
 IGNORED_SUFFIXES = (".part", ".tmp")
@@ -162,6 +163,29 @@ def move_entry(entry: Entry, work: Path) -> Move:
         return Move.MOVED
     put_back(work, entry.path)
     return Move.CHANGED
+
+
+def move_entries(moves: list[tuple[Entry, Path]]) -> list[Move | OSError]:
+    """`move_entry` for each (entry, work path) in turn: how each ended, or the OSError
+    that kept it in place (blocking; one trip to a worker thread for a batch of claims)."""
+    outcomes: list[Move | OSError] = []
+    for entry, work in moves:
+        try:
+            outcomes.append(move_entry(entry, work))
+        except OSError as exc:
+            outcomes.append(exc)
+    return outcomes
+
+
+def read_tickets(entries: list[Path]) -> list[tuple[str, str] | None]:
+    """The hand-over ticket beside each entry, or None (blocking)."""
+    return [read_ticket(entry) for entry in entries]
+
+
+def drop_tickets(entries: list[Path]) -> None:
+    """Delete the tickets beside these entries, their claims done (blocking)."""
+    for entry in entries:
+        drop_ticket(entry)
 
 
 def put_back(work: Path, source: Path) -> None:

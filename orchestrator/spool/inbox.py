@@ -49,25 +49,29 @@ from watchfiles import Change, awatch
 from orchestrator.clock import stamp_ns
 from orchestrator.config import Settings
 from orchestrator.errors import ConfigError
-from orchestrator.handover import drop_ticket, new_id, read_ticket
+from orchestrator.handover import drop_ticket, new_id
 from orchestrator.layout import Layout
 from orchestrator.models import FileRecord, FileStatus
 from orchestrator.spool.fs import (
     Entry,
     Move,
     Signature,
+    drop_tickets,
     list_routes,
     list_top,
     make_dir,
-    move_entry,
+    move_entries,
+    read_tickets,
     resume_move,
     work_name,
 )
-from orchestrator.store import Store
+from orchestrator.store import Claim, Store
 
 log = structlog.get_logger(__name__)
 
 WATCH_DEBOUNCE_MS = 1000  # most a burst of events is held back before it wakes a scan
+# Entries claimed together: one transaction records their intents, one their claims.
+CLAIM_BATCH = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,9 +178,10 @@ class Spool:
             listing, problems = await asyncio.to_thread(list_routes, self._inbox, routes)
             self._note_problems(routes, problems)
             ready = self._update(listing, self._clock())
+            ready.sort(key=lambda e: (e.signature.mtime_ns, e.name))
             claimed = 0
-            for entry in sorted(ready, key=lambda e: (e.signature.mtime_ns, e.name)):
-                claimed += await self._claim(entry)
+            for start in range(0, len(ready), CLAIM_BATCH):
+                claimed += await self._claim_batch(ready[start : start + CLAIM_BATCH])
             return claimed
 
     def _note_problems(self, routes: list[str], problems: dict[str, str]) -> None:
@@ -216,61 +221,81 @@ class Spool:
 
     # -- claiming ----------------------------------------------------------
 
-    async def _claim(self, entry: Entry) -> int:
-        """Claim one settled entry; 1 if it was claimed, else 0."""
-        try:
-            entry.name.encode("utf-8")
-        except UnicodeEncodeError:
-            self._cannot_move(entry, "file name is not valid UTF-8; rename it")
+    async def _claim_batch(self, entries: list[Entry]) -> int:
+        """Claim settled entries (in this order); how many were claimed."""
+        takeable = []
+        for entry in entries:
+            try:
+                entry.name.encode("utf-8")
+            except UnicodeEncodeError:
+                self._cannot_move(entry, "file name is not valid UTF-8; rename it")
+                continue
+            takeable.append(entry)
+        if not takeable:
             return 0
         try:
-            record = await self._take(entry)
+            taken = await self._take(takeable)
         except BaseException:
-            self._recovered = False  # it may be left CLAIMING: the next scan finishes it
+            self._recovered = False  # some may be left CLAIMING: the next scan finishes them
             raise
-        if record is None:
-            return 0
-        if record.error:
-            log.warning("refused_entry", route=record.route, file=record.name, reason=record.error)
-        size = entry.signature.size if record.error is None else None
-        log.info(
-            "file_claimed", route=record.route, file=record.name, file_id=record.id, bytes=size
-        )
-        await self._on_claimed(record)
-        return 1
+        for entry, record in taken:
+            if record.error:
+                log.warning(
+                    "refused_entry", route=record.route, file=record.name, reason=record.error
+                )
+            size = entry.signature.size if record.error is None else None
+            log.info(
+                "file_claimed", route=record.route, file=record.name, file_id=record.id, bytes=size
+            )
+            await self._on_claimed(record)
+        return len(taken)
 
-    async def _take(self, entry: Entry) -> FileRecord | None:
-        """Intent, rename, done: the CLAIMED record, or None if the entry stays or vanished."""
-        ns = self._next_ns()
-        ticket = await asyncio.to_thread(read_ticket, entry.path)
-        job_id, name = ticket if ticket else (new_id(), entry.name)
-        work = self._incoming / work_name(ns, entry.name)
-        record = await self._store.begin_claim(
-            route=entry.route,
-            name=name,
-            source_path=str(entry.path),
-            work_path=str(work),
-            max_chunk_bytes=self._settings.limits.max_chunk_bytes,
-            claimed_at=stamp_ns(ns),
-            job_id=job_id,
-            error=entry.signature.kind.refusal,
+    async def _take(self, entries: list[Entry]) -> list[tuple[Entry, FileRecord]]:
+        """Intents, renames, done, for a batch: one transaction records every intent
+        before any rename, and one more marks the moved files CLAIMED. Returns the
+        CLAIMED records; an entry that stays (cannot move) or vanished has none."""
+        tickets = await asyncio.to_thread(read_tickets, [e.path for e in entries])
+        claims = []
+        for entry, ticket in zip(entries, tickets, strict=True):
+            ns = self._next_ns()
+            job_id, name = ticket if ticket else (new_id(), entry.name)
+            claims.append(
+                Claim(
+                    route=entry.route,
+                    name=name,
+                    source_path=str(entry.path),
+                    work_path=str(self._incoming / work_name(ns, entry.name)),
+                    max_chunk_bytes=self._settings.limits.max_chunk_bytes,
+                    claimed_at=stamp_ns(ns),
+                    job_id=job_id,
+                    error=entry.signature.kind.refusal,
+                )
+            )
+        records = await self._store.begin_claims(claims)
+        moves = await asyncio.to_thread(
+            move_entries, [(e, Path(r.work_path)) for e, r in zip(entries, records, strict=True)]
         )
-        try:
-            moved = await asyncio.to_thread(move_entry, entry, work)
-        except OSError as exc:
-            await self._store.drop_claim(record.id)
-            self._cannot_move(entry, f"cannot move it into work/: {exc.strerror or exc}")
-            return None
-        self._seen.pop(entry.path, None)
-        self._unmovable.pop(entry.path, None)
-        if moved is not Move.MOVED:
-            await self._store.drop_claim(record.id)
-            log.info("claim_abandoned", route=entry.route, file=entry.name, why=moved.value)
-            return None
-        done = await self._store.finish_claim(record.id)
-        if ticket:
-            await asyncio.to_thread(drop_ticket, entry.path)
-        return done
+        moved: list[tuple[Entry, FileRecord]] = []
+        for entry, record, outcome in zip(entries, records, moves, strict=True):
+            if isinstance(outcome, OSError):
+                await self._store.drop_claim(record.id)
+                self._cannot_move(
+                    entry, f"cannot move it into work/: {outcome.strerror or outcome}"
+                )
+                continue
+            self._seen.pop(entry.path, None)
+            self._unmovable.pop(entry.path, None)
+            if outcome is not Move.MOVED:
+                await self._store.drop_claim(record.id)
+                log.info("claim_abandoned", route=entry.route, file=entry.name, why=outcome.value)
+                continue
+            moved.append((entry, record))
+        done = await self._store.finish_claims([record.id for _, record in moved])
+        with_ticket = {e.path for e, ticket in zip(entries, tickets, strict=True) if ticket}
+        ticketed = [entry.path for entry, _ in moved if entry.path in with_ticket]
+        if ticketed:
+            await asyncio.to_thread(drop_tickets, ticketed)
+        return [(entry, record) for (entry, _), record in zip(moved, done, strict=True)]
 
     def _cannot_move(self, entry: Entry, reason: str) -> None:
         """Leave an entry in place, warning once per entry (it is retried on later scans)."""

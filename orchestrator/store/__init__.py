@@ -4,6 +4,6 @@
 tables, migrations and the mapping of rows to records.
 """
 
-from orchestrator.store.store import LATEST_VERSION, Recovery, Store
+from orchestrator.store.store import LATEST_VERSION, Claim, Recovery, Store
 
-__all__ = ["LATEST_VERSION", "Recovery", "Store"]
+__all__ = ["LATEST_VERSION", "Claim", "Recovery", "Store"]

@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import functools
 import sqlite3
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -63,10 +63,25 @@ from orchestrator.store.schema import (
     write_batch,
 )
 
-__all__ = ["LATEST_VERSION", "Recovery", "Store"]
+__all__ = ["LATEST_VERSION", "Claim", "Recovery", "Store"]
 
 T = TypeVar("T")
 Body = Callable[[sqlite3.Connection], T]
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A file the spool means to claim: what `Store.begin_claims` records (`job_id` ""
+    gets a fresh hand-over id; `error` is set for an entry that is refused unread)."""
+
+    route: str
+    name: str
+    source_path: str
+    work_path: str
+    max_chunk_bytes: int
+    claimed_at: str
+    job_id: str = ""
+    error: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,34 +168,69 @@ class Store:
         """Record the intent to claim a file (CLAIMING), before the rename into work/.
 
         `job_id` is its hand-over id; a fresh one is made when none is given."""
-        job_id = job_id or new_id()
+        claim = Claim(
+            route, name, source_path, work_path, max_chunk_bytes, claimed_at, job_id, error
+        )
+        (record,) = await self.begin_claims([claim])
+        return record
 
-        def body(conn: sqlite3.Connection) -> FileRecord:
-            cur = conn.execute(
-                "INSERT INTO files (route, name, source_path, work_path, status, max_chunk_bytes,"
-                " claimed_at, job_id, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    route,
-                    name,
-                    source_path,
-                    work_path,
-                    FileStatus.CLAIMING,
-                    max_chunk_bytes,
-                    claimed_at,
-                    job_id,
-                    error,
-                ),
+    async def begin_claims(self, claims: Sequence[Claim]) -> list[FileRecord]:
+        """`begin_claim` for several files in one transaction (one commit, one fsync):
+        the CLAIMING records in the order given."""
+        rows = [
+            (
+                c.route,
+                c.name,
+                c.source_path,
+                c.work_path,
+                FileStatus.CLAIMING,
+                c.max_chunk_bytes,
+                c.claimed_at,
+                c.job_id or new_id(),
+                c.error,
             )
-            assert cur.lastrowid is not None  # an INSERT into a rowid table always has one
-            return fetch_file(conn, cur.lastrowid)
+            for c in claims
+        ]
 
-        return await self._run("begin_claim", body)
+        def body(conn: sqlite3.Connection) -> list[FileRecord]:
+            records = []
+            for row in rows:
+                cur = conn.execute(
+                    "INSERT INTO files (route, name, source_path, work_path, status,"
+                    " max_chunk_bytes, claimed_at, job_id, error)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    row,
+                )
+                assert cur.lastrowid is not None  # an INSERT into a rowid table always has one
+                records.append(fetch_file(conn, cur.lastrowid))
+            return records
+
+        return await self._run("begin_claims", body)
 
     async def finish_claim(self, file_id: int) -> FileRecord:
         """CLAIMING -> CLAIMED, once the file is in work/. Again on CLAIMED is a no-op."""
         return await self._move_file(
             "finish_claim", file_id, {FileStatus.CLAIMING}, FileStatus.CLAIMED
         )
+
+    async def finish_claims(self, file_ids: Sequence[int]) -> list[FileRecord]:
+        """`finish_claim` for several files in one transaction; the records in that order.
+        One illegal transition (or unknown id) rolls back all of them."""
+
+        def body(conn: sqlite3.Connection) -> list[FileRecord]:
+            records = []
+            for file_id in file_ids:
+                file = fetch_file(conn, file_id)
+                if file.status is not FileStatus.CLAIMED:
+                    require(file, {FileStatus.CLAIMING}, "finish_claims")
+                    conn.execute(
+                        "UPDATE files SET status = ? WHERE id = ?", (FileStatus.CLAIMED, file_id)
+                    )
+                    file = replace(file, status=FileStatus.CLAIMED)
+                records.append(file)
+            return records
+
+        return await self._run("finish_claims", body)
 
     async def drop_claim(self, file_id: int) -> None:
         """Forget a CLAIMING file whose source vanished before the rename."""
