@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import json
 import math
 import random
@@ -195,6 +196,7 @@ class Outcome:
     results_ok: int = 0
     wrong: list[str] = field(default_factory=list)
     seals: Counter[str] = field(default_factory=Counter)
+    stages: dict[str, float] = field(default_factory=dict)  # last event of a kind, s after start
     slots_busy: float = 0.0  # import-slot seconds our jobs used at Marketo
     queued: float = 0.0  # mean seconds a job waited in Marketo's queue
 
@@ -281,11 +283,12 @@ async def run_mode(
         runner.config.write_text(config_text(settings, pack=mode == "on"), encoding="utf-8")
         drop(sources, folder, settings.data_dir)
         profile = args.profile / f"{mode}.prof" if args.profile else None
-        started = time.monotonic()
+        wall, started = time.time(), time.monotonic()
         daemon = await start_daemon(runner, profile)
         outcome.exit_code = await daemon.wait(within=args.timeout)
         outcome.makespan = time.monotonic() - started
         await measure(outcome, url, settings, sources, daemon)
+        outcome.stages = stages(daemon, wall)
     finally:
         if runner is not None:
             await runner.close()
@@ -322,6 +325,25 @@ async def measure(
         name = str(event.get("event", ""))
         if "seal" in name:
             outcome.seals[str(event.get("reason") or event.get("why") or name)] += 1
+
+
+STAGES = {
+    "file_claimed": "last claim",
+    "file_split": "last split",
+    "chunk_submitted": "last submit",
+    "file_finished": "last result",
+}
+
+
+def stages(daemon: CliProcess, wall: float) -> dict[str, float]:
+    """Seconds from the start to the last log line of each stage (the JSON log's times)."""
+    found: dict[str, float] = {}
+    for event in daemon.events():
+        name = str(event.get("event"))
+        if name in STAGES and "timestamp" in event:
+            at = dt.datetime.fromisoformat(str(event["timestamp"]).replace("Z", "+00:00"))
+            found[STAGES[name]] = at.timestamp() - wall
+    return found
 
 
 def result_problem(data_dir: Path, source: Source) -> str | None:
@@ -375,6 +397,8 @@ def report(outcomes: dict[str, Outcome], sources: list[Source], args: argparse.N
     failed = False
     for o in outcomes.values():
         print(f"\npacking {o.mode}: calls by operation {dict(sorted(o.calls_by_op.items()))}")
+        where = ", ".join(f"{k} {v:.1f} s" for k, v in o.stages.items())
+        print(f"packing {o.mode}: after the start: {where}")
         if o.seals:
             print(f"packing {o.mode}: seals logged {dict(o.seals)}")
         for line in o.wrong[:10]:
