@@ -323,9 +323,15 @@ class Pipeline:
     # -- run --once ----------------------------------------------------------------
 
     async def is_idle(self) -> bool:
-        """Every claimed file has its result and nothing waits to be split."""
-        unfinished = await self.store.files(set(FileStatus) - FINAL_FILE_STATUSES)
-        return not unfinished and self._split_queue.empty()
+        """Every claimed file has its result and nothing waits to be split.
+
+        Asked after every finished file, so it reads the store's tallies (a few rows)
+        rather than the unfinished files: with thousands of small files claimed at once,
+        listing them each time kept the store's one thread busy for most of a run."""
+        if not self._split_queue.empty():
+            return False
+        tallies = await self.store.tallies()
+        return not any(tallies.get(f"files:{s}", 0) for s in UNFINISHED_FILE_STATUSES)
 
     async def wait_idle(self, stop: asyncio.Event) -> None:
         """Return once idle (checked after every finished file), or when `stop` is set."""
@@ -334,6 +340,9 @@ class Pipeline:
             if await self.is_idle():
                 return
             await wait_for_any(self._file_finished, stop, within=None)
+
+
+UNFINISHED_FILE_STATUSES = frozenset(set(FileStatus) - FINAL_FILE_STATUSES)
 
 
 def describe(exc: InputError, name: str) -> str:
