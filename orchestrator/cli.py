@@ -52,6 +52,7 @@ from orchestrator.errors import (
     OrchestratorError,
     UsageError,
 )
+from orchestrator.faults import hold
 from orchestrator.models import ExitCode, ObjectType
 
 log = structlog.get_logger(__name__)
@@ -422,10 +423,17 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def hand_over(args: argparse.Namespace, settings: Settings, lock: DataDirLock | None) -> int:
     """submit's hand-over and, with --wait or --once (holding `lock`), its answer."""
+    # From the hand-over on, SIGTERM or SIGINT must end in "interrupted" (exit 4), not in
+    # death by signal before the wait's own handlers are in place: note it until then.
+    signals = deferred_signals()
     handle = client.submit(args.file, args.route, data_dir=settings.data_dir, id=args.id)
+    hold("handed_over")
     if not (args.wait or args.once):
         print(handle.id)
         return ExitCode.COMPLETE
+    if signals:
+        print(f"{PROG}: interrupted: {handle.where(None, None)}", file=sys.stderr)
+        return ExitCode.OUTSTANDING
     if sys.stderr.isatty():
         where = handle.layout.inbox_route(handle.route) / handle.inbox_name
         print(f"{PROG}: handed over {handle.name} as id {handle.id} ({where})", file=sys.stderr)
@@ -437,7 +445,7 @@ def hand_over(args: argparse.Namespace, settings: Settings, lock: DataDirLock | 
             return code
         outcome = asyncio.run(wait_for_result(handle, 0.0, args.poll))
     else:
-        outcome = asyncio.run(wait_for_result(handle, args.timeout, args.poll))
+        outcome = asyncio.run(wait_for_result(handle, args.timeout, args.poll, signals))
     if isinstance(outcome, int):
         return outcome
     print(json.dumps(outcome.document, indent=2) if args.json else outcome.summary())
@@ -452,10 +460,20 @@ def make_route_inbox(settings: Settings, route: str) -> None:
         raise UsageError("data_dir", f"cannot create {path}: {exc.strerror or exc}") from None
 
 
+def deferred_signals() -> list[int]:
+    """SIGINT and SIGTERM from now on are noted in the returned list instead of ending the
+    process, until an event loop's handlers replace these."""
+    noted: list[int] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda number, _frame: noted.append(number))
+    return noted
+
+
 async def wait_for_result(
     handle: client.Handle,
     timeout: float | None,  # noqa: ASYNC109 (TimedOut says where the file waits)
     poll: float,
+    noted: list[int] | None = None,
 ) -> client.Result | int:
     """The file's result, or exit code 4 (timed out or interrupted, with where it waits).
 
@@ -474,6 +492,8 @@ async def wait_for_result(
     assert task is not None  # asyncio.run runs us as a task
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, task.cancel)
+    if noted:  # a signal came before these handlers: as if it came now
+        task.cancel()
     try:
         return await handle.result(timeout, poll=poll, on_progress=show)
     except client.TimedOut as exc:

@@ -47,6 +47,13 @@ async def holdpoint(name: str) -> None:
         await asyncio.to_thread(_read_until_closed, fifo)
 
 
+def hold(name: str) -> None:
+    """`holdpoint` for code outside the event loop: block here until released."""
+    fifo = _holds.pop(name, None)
+    if fifo is not None:
+        _read_until_closed(fifo)
+
+
 def _read_until_closed(fifo: str) -> None:
     # Opening a FIFO for reading blocks until a writer opens it; reading ends when it closes.
     with open(fifo, "rb") as pipe:

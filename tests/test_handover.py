@@ -24,6 +24,7 @@ from orchestrator.errors import UsageError
 from orchestrator.simulator import Simulator
 from orchestrator.store import Store
 from tests.support.data import LEAD_HEADER, drop_leads, lead_rows, result, write_csv
+from tests.support.faults import release
 from tests.support.http import http_get
 from tests.support.processes import COMMAND, CliProcess, CliRunner, clean_env, on_terminal
 from tests.support.settings import (
@@ -240,6 +241,34 @@ async def test_submit_wait_interrupted_exits_4(
         process=proc,
     )
     proc.terminate()
+    assert await proc.wait() == 4
+    assert "interrupted" in one_line(proc)
+
+
+async def test_submit_wait_interrupted_right_after_the_hand_over_exits_4(
+    daemons: Any, settings: Settings, tmp_path: Path
+) -> None:
+    """A signal between the hand-over and the wait's own signal handlers is still
+    "interrupted" (exit 4), not a death by the signal."""
+    runner = daemons(settings)
+    (settings.data_dir / "inbox" / "leads").mkdir(parents=True)
+    export = source(tmp_path, "cut.csv", 5)
+    fifo = tmp_path / "hold"
+    os.mkfifo(fifo)
+    proc = await runner.start(
+        "submit",
+        "--config",
+        str(runner.config),
+        str(export),
+        "--route",
+        "leads",
+        "--wait",
+        env={"ORCHESTRATOR_HOLD_AT": f"handed_over:{fifo}"},
+    )
+    inbox = settings.data_dir / "inbox" / "leads"
+    await wait_until(lambda: list(inbox.glob("*-cut.csv")), "the hand-over", process=proc)
+    proc.terminate()  # it cannot pass the hold point before the release below
+    await wait_until(lambda: release(fifo), "the release", process=proc)
     assert await proc.wait() == 4
     assert "interrupted" in one_line(proc)
 

@@ -25,6 +25,7 @@ from orchestrator import logs
 from orchestrator.config import Secret, Settings, with_marketo
 from orchestrator.simulator import Simulator
 from tests.support.data import drop_leads, result_path
+from tests.support.faults import release
 from tests.support.http import http_get
 from tests.support.processes import CliProcess, MakeRunner
 from tests.support.settings import (
@@ -148,17 +149,6 @@ async def test_run_simulate_takes_the_lock_before_it_starts_its_simulator(
 
 
 # -- health before recovery ------------------------------------------------------------------
-
-
-def release(fifo: Path) -> bool:
-    """Open the hold point's pipe for writing and close it at once: the daemon goes on.
-    False while the daemon has not reached the hold point (no reader yet)."""
-    try:
-        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-    except OSError:  # ENXIO: nobody reads the pipe yet
-        return False
-    os.close(fd)
-    return True
 
 
 async def test_health_and_readiness_answer_while_recovery_runs(

@@ -7,15 +7,19 @@
   (every fourth life) arms one of its own crash points (ORCHESTRATOR_CRASH_AT).
 - Foreign load: `hold_foreign` keeps other integrations' jobs in the import queue;
   `retries_after_1016` measures how our creates spaced out after each 1016 answer.
+- Hold points (ORCHESTRATOR_HOLD_AT="<point>:<fifo>"): `release` lets a process held at
+  one go on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import random
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 from orchestrator.simulator import Simulator
@@ -132,3 +136,17 @@ def retries_after_1016(sim: Simulator) -> list[tuple[int, float]]:
         answered = float(call["t"]) + float(call["duration"])
         found.append((streak, round(float(after["t"]) - answered, 4)))
     return found
+
+
+# -- hold points -------------------------------------------------------------------------------
+
+
+def release(fifo: Path) -> bool:
+    """Open the hold point's pipe for writing and close it at once: the process goes on.
+    False while it has not reached the hold point (no reader yet)."""
+    try:
+        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError:  # ENXIO: nobody reads the pipe yet
+        return False
+    os.close(fd)
+    return True
