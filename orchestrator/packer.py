@@ -123,6 +123,9 @@ class Packer:
     async def _open(
         self, key: PackKey, file: FileRecord, chunk: splitter.Chunk, done: splitter.SplitDone
     ) -> ChunkRecord:
+        # A small file is split without fsync (most join a pack and their chunk goes):
+        # the one that becomes a pack is made durable before the store says it is one.
+        ends_with_lf = await asyncio.to_thread(make_durable, chunk.path)
         record = await self.store.open_pack(
             file.id,
             path=str(chunk.path),
@@ -132,7 +135,6 @@ class Packer:
             file_rows=done.rows,
         )
         crashpoint("pack_opened")
-        ends_with_lf = await asyncio.to_thread(last_byte_is_lf, chunk.path)
         self.packs[key] = OpenPack(
             chunk_id=record.id,
             path=chunk.path,
@@ -230,10 +232,18 @@ class Packer:
 # -- blocking file work (in a worker thread) --------------------------------------------
 
 
-def last_byte_is_lf(path: Path) -> bool:
+def make_durable(path: Path) -> bool:
+    """fsync a chunk file and its directory; whether it ends with LF."""
     with path.open("rb") as fh:
+        os.fsync(fh.fileno())
         fh.seek(-1, os.SEEK_END)
-        return fh.read(1) == LF
+        ends_with_lf = fh.read(1) == LF
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return ends_with_lf
 
 
 def append_records(pack: Path, at: int, separator: bytes, source: Path, skip: int) -> bool:

@@ -188,8 +188,12 @@ class Pipeline:
         fmt = route.format_for(file.name)
         # A split again whose chunks were recorded before keeps them (they may be sent).
         pack = route.pack and not (again and await self.store.chunks(file_id=file.id))
+        # A file smaller than a chunk's limit makes one chunk at most, and packs: its chunk
+        # file is written without fsync, which the packer does when it opens a pack with it
+        # (a joiner's records are fsynced in the pack, and its own chunk file goes).
+        small = pack and await asyncio.to_thread(smaller_than, file.work_path, file.max_chunk_bytes)
         events = splitter.split_file_async(
-            Path(file.work_path), out, max_bytes=file.max_chunk_bytes, fmt=fmt, fsync=True
+            Path(file.work_path), out, max_bytes=file.max_chunk_bytes, fmt=fmt, fsync=not small
         )
         held: splitter.Chunk | None = None  # a first chunk, until it is known not the only one
         try:
@@ -340,6 +344,15 @@ class Pipeline:
             if await self.is_idle():
                 return
             await wait_for_any(self._file_finished, stop, within=None)
+
+
+def smaller_than(path: str, limit: int) -> bool:
+    """Whether the file at `path` is under `limit` bytes (False if it cannot be read: the
+    splitter says why)."""
+    try:
+        return os.stat(path).st_size < limit
+    except OSError:
+        return False
 
 
 UNFINISHED_FILE_STATUSES = frozenset(set(FileStatus) - FINAL_FILE_STATUSES)

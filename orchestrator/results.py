@@ -281,13 +281,16 @@ def write_merged(
     Each part starts with the same header line (Marketo's columns and the source line);
     `extra`'s rows are fitted to it: data columns padded or cut, reason and line last
     (a `RawRecord` is copied with its own fields, neither padded nor cut)."""
+    parts = [part for part in parts if part.exists()]
+    first = next(extra, None)
+    if not parts and first is None:
+        return None  # most files: nothing failed or warned; no temp file made and removed
+    extra = itertools.chain([] if first is None else [first], extra)
     tmp = path.with_name(f".{path.name}.tmp")
     header: list[str] | None = None
     rows = False
     with open(tmp, "wb") as out:
         for part in parts:
-            if not part.exists():
-                continue
             columns, head = part_header(part, delimiter)
             with open(part, "rb") as fh:
                 if fh.read(len(head)) != head:
