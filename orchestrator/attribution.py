@@ -33,6 +33,7 @@ import itertools
 import os
 import shutil
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Final
@@ -293,13 +294,7 @@ class Records:
         if (wanted and wanted[-1] == "") or self.total is None:
             return self._find_slowly(wanted)
         reader = self._reader
-        at = bisect.bisect_left(self.ordered_starts, self._next_index)
-        while True:
-            self._note_start()
-            if at < len(self.ordered_starts) and self.ordered_starts[at] <= self._next_index:
-                at += 1
-            upto = self.ordered_starts[at] if at < len(self.ordered_starts) else None
-            count = None if upto is None else upto - self._next_index
+        for count in self._runs():
             start = self._next_index
             equal = map(wanted.__eq__, itertools.islice(reader, count))
             index = next(itertools.compress(itertools.count(start), equal), None)
@@ -310,18 +305,24 @@ class Records:
                 self._advanced(max(0, self.total - start))
                 return None  # the end of the chunk
             self._advanced(count)
+        raise AssertionError("unreachable: _runs never ends")
 
-    def _find_slowly(self, wanted: list[str]) -> tuple[int, int] | None:
-        """`_find`, one record at a time."""
-        reader = self._reader
+    def _runs(self) -> Iterator[int | None]:
+        """The records from here on, as runs up to the next piece's first record: before
+        each run, that record's line is noted and the run's length given (None: the last
+        run, to the end of the chunk). The caller reads the run before asking again."""
         at = bisect.bisect_left(self.ordered_starts, self._next_index)
         while True:
             self._note_start()
             if at < len(self.ordered_starts) and self.ordered_starts[at] <= self._next_index:
                 at += 1
-            # Up to the next piece's first record, whose line is noted on the way round.
             upto = self.ordered_starts[at] if at < len(self.ordered_starts) else None
-            count = None if upto is None else upto - self._next_index
+            yield None if upto is None else upto - self._next_index
+
+    def _find_slowly(self, wanted: list[str]) -> tuple[int, int] | None:
+        """`_find`, one record at a time."""
+        reader = self._reader
+        for count in self._runs():
             line = reader.line_num
             seen = 0
             for fields in itertools.islice(reader, count):
@@ -334,6 +335,7 @@ class Records:
             self._advanced(seen)
             if count is None or seen < count:
                 return None  # the end of the chunk
+        raise AssertionError("unreachable: _runs never ends")
 
     def _reopen_at(self, index: int) -> None:
         """Step back to record `index` by reading the file again from the top."""

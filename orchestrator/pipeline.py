@@ -130,7 +130,7 @@ class Pipeline:
     async def sweep_chunk_dirs(self) -> None:
         """Remove chunk directories of finished files: a crash between finishing a file
         and cleaning up after it leaves one behind."""
-        unfinished = await self.store.files(set(FileStatus) - FINAL_FILE_STATUSES)
+        unfinished = await self.store.files(UNFINISHED_FILE_STATUSES)
         keep = {str(f.id) for f in unfinished}
         root = self.settings.layout.chunks
         if root.is_dir():
