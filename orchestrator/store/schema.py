@@ -212,7 +212,11 @@ def _prepare(conn: sqlite3.Connection, path: Path, *, check: bool) -> None:
             raise _corrupt(path, "; ".join(problems[:3]).replace("\n", " "))
         (version,) = conn.execute("PRAGMA user_version").fetchone()
         _check_version(path, version)
-        (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
+        # Setting the mode takes a lock SQLite does not wait for: set it only when it is not
+        # WAL yet, so a reader opening beside a writing daemon does not fail on it.
+        (mode,) = conn.execute("PRAGMA journal_mode").fetchone()
+        if str(mode).lower() != "wal":
+            (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
         if str(mode).lower() != "wal":
             raise StoreError(
                 path, f"cannot use WAL journaling here (got {mode!r}): use a local disk"
