@@ -53,7 +53,7 @@ def seed(db: Path, first: int, last: int) -> None:
             conn.executemany(
                 "INSERT INTO files (id, route, name, source_path, work_path, status,"
                 " max_chunk_bytes, claimed_at, rows, chunks_total, result_path, finished_at,"
-                " job_id) VALUES (?, 'leads', ?, ?, ?, 'complete', 9500000, ?, 20000, 2, ?, ?, ?)",
+                " ticket) VALUES (?, 'leads', ?, ?, ?, 'complete', 9500000, ?, 20000, 2, ?, ?, ?)",
                 (
                     (
                         n,
@@ -90,7 +90,7 @@ def seed_active(db: Path, first_id: int) -> None:
         with conn:
             conn.executemany(
                 "INSERT INTO files (id, route, name, source_path, work_path, status,"
-                " max_chunk_bytes, claimed_at, job_id)"
+                " max_chunk_bytes, claimed_at, ticket)"
                 " VALUES (?, 'leads', ?, ?, ?, 'claimed', 9500000, ?, ?)",
                 (
                     (

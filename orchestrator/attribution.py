@@ -41,15 +41,14 @@ from typing import IO, TYPE_CHECKING, Final
 if TYPE_CHECKING:
     from _csv import Writer
 
-from orchestrator import constants
+from orchestrator import constants, delimited
+from orchestrator.delimited import write_row
+from orchestrator.durable import fsync_dir
 
 KINDS: Final = ("failures", "warnings")
 KEEP_RECORDS: Final = 1000  # records kept while looking ahead, to step back without rereading
 KEEP_CHARS: Final = 1 << 20  # ... and at most this many characters of them
 REREAD_FACTOR: Final = 3  # records a chunk's walk may read again, times the chunk's records
-
-# Records as large as any field Marketo accepts: well over the csv module's default.
-csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +87,7 @@ def attribute(
     """Write each piece's part files for every kind Marketo sent a file of; per kind, the
     rows each file got. A part file of a piece that got no rows is removed. `rows`, the
     chunk's records, lets the common case run in C (see `Records._find`)."""
-    delimiter = constants.DELIMITERS[fmt]
+    delimiter = delimited.DELIMITERS[fmt]
     ordered = sorted(pieces, key=lambda p: p.first_row)
     tallies: dict[str, Tally] = {}
     for kind in KINDS:
@@ -418,22 +417,3 @@ class Parts:
         if self._tmp is not None:
             self._tmp.unlink(missing_ok=True)
             self._tmp = None
-
-
-def write_row(writer: Writer, fh: IO[str], row: list[str], delimiter: str) -> None:
-    """One row; with every field quoted when one holds a lone CR, which csv.writer leaves
-    unquoted under an LF line ending (a reader would end the line there)."""
-    if "\r" in "\0".join(row):
-        csv.writer(fh, delimiter=delimiter, lineterminator="\n", quoting=csv.QUOTE_ALL).writerow(
-            row
-        )
-    else:
-        writer.writerow(row)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

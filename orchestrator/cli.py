@@ -32,7 +32,6 @@ import structlog
 
 from orchestrator import __version__, client, dirlock, logs
 from orchestrator.config import (
-    FORMATS,
     MIN_CHUNK_BYTES,
     Route,
     Secret,
@@ -44,6 +43,8 @@ from orchestrator.config import (
     with_marketo,
 )
 from orchestrator.constants import DEFAULT_MAX_CHUNK_BYTES, MAX_FILE_BYTES
+from orchestrator.crashpoints import hold
+from orchestrator.delimited import FORMATS, format_of
 from orchestrator.dirlock import DataDirLock
 from orchestrator.errors import (
     ConfigError,
@@ -52,7 +53,6 @@ from orchestrator.errors import (
     OrchestratorError,
     UsageError,
 )
-from orchestrator.faults import hold
 from orchestrator.models import ExitCode, ObjectType
 
 log = structlog.get_logger(__name__)
@@ -328,7 +328,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from orchestrator import status
 
     settings = load(args, require_credentials=False)
-    query = status.Query(job_id=args.id, name=args.file, active=args.active, limit=args.limit)
+    query = status.Query(ticket=args.id, name=args.file, active=args.active, limit=args.limit)
     db = settings.layout.state_db
     if not db.is_file():
         raise UsageError(
@@ -353,7 +353,7 @@ def cmd_split(args: argparse.Namespace) -> int:
 
     source, out = args.file, args.out
     client.check_source(source)
-    fmt = args.format or Route(dir="-", object=ObjectType.LEADS).format_for(source.name)
+    fmt = format_of(source.name, args.format or "")
     max_bytes = DEFAULT_MAX_CHUNK_BYTES if args.max_bytes is None else args.max_bytes
     if not MIN_CHUNK_BYTES <= max_bytes <= MAX_FILE_BYTES:
         raise UsageError(

@@ -10,7 +10,7 @@
 another container sharing the volume, or start later). It hard-links the file
 into `inbox/<route>/` (copying when a link is impossible, e.g. across
 filesystems) under a hidden `.part` name, writes the ticket that carries its
-id (`orchestrator.handover`), then renames it to `<id>-<name>`: the daemon
+id (`orchestrator.tickets`), then renames it to `<id>-<name>`: the daemon
 never sees half a file, and two hand-overs of one name never meet. The result
 keeps the name the caller gave.
 
@@ -34,7 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from orchestrator import handover
+from orchestrator import tickets
+from orchestrator.durable import fsync_dir, write_atomic
 from orchestrator.errors import OrchestratorError, UsageError
 from orchestrator.layout import Layout
 from orchestrator.models import ExitCode, FileStatus
@@ -221,7 +222,7 @@ def submit(
     source = Path(path)
     layout = Layout(Path(data_dir))
     check_source(source)
-    file_id = handover.check_id(id) if id is not None else handover.new_id()
+    file_id = tickets.check_id(id) if id is not None else tickets.new_id()
     inbox = layout.inbox_route(route)
     if not inbox.is_dir():
         raise UsageError(
@@ -233,8 +234,8 @@ def submit(
     inbox_name = f"{file_id}-{source.name}"
     target = inbox / inbox_name
     part = inbox / f".{inbox_name}.part"
-    ticket = handover.ticket_path(target)
-    write_small(ticket, handover.ticket_text(file_id, source.name))
+    ticket = tickets.ticket_path(target)
+    write_atomic(ticket, tickets.ticket_text(file_id, source.name).encode())
     try:
         place(source, part)
         os.rename(part, target)
@@ -263,8 +264,8 @@ def check_source(source: Path) -> None:
 
 def refuse_used_id(layout: Layout, route: str, file_id: str) -> None:
     """An id names one file: refuse one the store or a waiting ticket already holds."""
-    tickets = [t.name for t in layout.inbox.glob(f"*/.{file_id}-*{handover.TICKET_SUFFIX}")]
-    if tickets:
+    waiting = [t.name for t in layout.inbox.glob(f"*/.{file_id}-*{tickets.TICKET_SUFFIX}")]
+    if waiting:
         raise UsageError("--id", f"{file_id!r} is already used by a file waiting in the inbox")
     db = layout.state_db
     if not db.is_file():
@@ -292,23 +293,6 @@ def place(source: Path, part: Path) -> None:
         shutil.copyfileobj(src, dst, 1 << 20)
         dst.flush()
         os.fsync(dst.fileno())
-
-
-def write_small(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def run_sync(make: Callable[[], Coroutine[Any, Any, T]]) -> T:

@@ -28,12 +28,12 @@ from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from orchestrator import constants
+from orchestrator.delimited import FORMATS, format_of
 from orchestrator.errors import ConfigError
 from orchestrator.layout import Layout
 from orchestrator.models import ObjectType
 
 DEFAULT_CONFIG_PATH = Path("config/orchestrator.toml")
-FORMATS = ("csv", "tsv", "ssv")
 MIN_CHUNK_BYTES = 256  # smallest chunk limit accepted (a header and a few records)
 
 
@@ -149,10 +149,7 @@ class Route:
 
     def format_for(self, filename: str) -> str:
         """The route's format, else the one the file's extension names (csv by default)."""
-        if self.format:
-            return self.format
-        suffix = Path(filename).suffix.lower().lstrip(".")
-        return suffix if suffix in ("tsv", "ssv") else "csv"
+        return format_of(filename, self.format)
 
 
 @dataclass(frozen=True, slots=True)

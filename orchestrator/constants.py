@@ -60,6 +60,3 @@ FAILURE_REASON_COLUMN: Final = "Import Failure Reason"
 WARNING_REASON_COLUMN: Final = "Import Warning Reason"
 # Column we add where a row can be matched back to its source line.
 SOURCE_LINE_COLUMN: Final = "Source Line"
-
-# Delimiters of the three formats Bulk Import accepts.
-DELIMITERS: Final = {"csv": ",", "tsv": "\t", "ssv": ";"}

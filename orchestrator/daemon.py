@@ -30,11 +30,11 @@ import structlog
 from orchestrator import dirlock, logs
 from orchestrator.clock import wait_for_any
 from orchestrator.config import Settings
+from orchestrator.crashpoints import holdpoint
 from orchestrator.errors import OrchestratorError, StoreError
-from orchestrator.faults import holdpoint
 from orchestrator.marketo import MarketoClient
 from orchestrator.metrics import Metrics
-from orchestrator.models import FINAL_FILE_STATUSES, ExitCode, FileStatus
+from orchestrator.models import UNFINISHED_FILE_STATUSES, ExitCode
 from orchestrator.pipeline import Pipeline
 from orchestrator.spool import make_dir
 from orchestrator.status import StatusServer, format_status_table, load_snapshot
@@ -115,7 +115,7 @@ class Daemon:
 
     async def outstanding(self) -> int:
         """Files without a result: unfinished in the store, or seen in the inbox unclaimed."""
-        unfinished = await self.store.files(set(FileStatus) - FINAL_FILE_STATUSES)
+        unfinished = await self.store.files(UNFINISHED_FILE_STATUSES)
         return len(unfinished) + self.pipeline.spool.pending()
 
     async def startup(self, stack: contextlib.AsyncExitStack) -> None:

@@ -53,7 +53,7 @@ class StoreReader(Protocol):
         *,
         limit: int | None,
         statuses: Iterable[FileStatus] | None = None,
-        job_id: str | None = None,
+        ticket: str | None = None,
         name_glob: str | None = None,
     ) -> list[FileRecord]: ...
 

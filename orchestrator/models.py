@@ -47,6 +47,7 @@ class ExitCode(IntEnum):
 
 
 FINAL_FILE_STATUSES = frozenset({FileStatus.COMPLETE, FileStatus.FAILED})
+UNFINISHED_FILE_STATUSES = frozenset(set(FileStatus) - FINAL_FILE_STATUSES)
 FINAL_CHUNK_STATUSES = frozenset({ChunkStatus.COMPLETE, ChunkStatus.FAILED})
 
 
@@ -74,7 +75,7 @@ class FileRecord:
     status: FileStatus
     max_chunk_bytes: int  # the limit it was (or will be) split with
     claimed_at: str  # ISO 8601 UTC
-    job_id: str = ""  # the hand-over id (orchestrator.handover), in result.json as "id"
+    ticket: str = ""  # the hand-over id (orchestrator.tickets), in result.json as "id"
     rows: int | None = None
     chunks_total: int | None = None
     error: str | None = None

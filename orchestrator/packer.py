@@ -46,7 +46,8 @@ import structlog
 from orchestrator import splitter
 from orchestrator.clock import wait_for_any
 from orchestrator.config import Settings
-from orchestrator.faults import crashpoint
+from orchestrator.crashpoints import crashpoint
+from orchestrator.durable import fsync_dir
 from orchestrator.models import ChunkRecord, FileRecord
 from orchestrator.store import Store
 
@@ -238,11 +239,7 @@ def make_durable(path: Path) -> bool:
         os.fsync(fh.fileno())
         fh.seek(-1, os.SEEK_END)
         ends_with_lf = fh.read(1) == LF
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(path.parent)
     return ends_with_lf
 
 

@@ -41,13 +41,13 @@ import structlog
 from orchestrator import results, splitter
 from orchestrator.clock import wait_for_any
 from orchestrator.config import Settings
+from orchestrator.crashpoints import crashpoint
 from orchestrator.errors import InputError
-from orchestrator.faults import crashpoint
 from orchestrator.marketo import MarketoClient
 from orchestrator.metrics import Metrics
 from orchestrator.models import (
     FINAL_CHUNK_STATUSES,
-    FINAL_FILE_STATUSES,
+    UNFINISHED_FILE_STATUSES,
     ChunkRecord,
     FileRecord,
     FileStatus,
@@ -353,9 +353,6 @@ def smaller_than(path: str, limit: int) -> bool:
         return os.stat(path).st_size < limit
     except OSError:
         return False
-
-
-UNFINISHED_FILE_STATUSES = frozenset(set(FileStatus) - FINAL_FILE_STATUSES)
 
 
 def describe(exc: InputError, name: str) -> str:

@@ -44,8 +44,8 @@ import structlog
 from orchestrator import constants
 from orchestrator.clock import stamp, wait_for_any
 from orchestrator.config import Route, Settings
+from orchestrator.crashpoints import crashpoint
 from orchestrator.errors import CredentialsError, FatalError, MarketoError
-from orchestrator.faults import crashpoint
 from orchestrator.models import BatchStatus, ChunkRecord, ChunkStatus, FileRecord
 from orchestrator.store import Store
 

@@ -28,10 +28,12 @@ from typing import Any, BinaryIO, Final
 
 import structlog
 
-from orchestrator import attribution, constants
+from orchestrator import attribution, constants, delimited
 from orchestrator.clock import stamp
 from orchestrator.config import Settings
-from orchestrator.faults import crashpoint
+from orchestrator.crashpoints import crashpoint
+from orchestrator.delimited import format_of, write_row
+from orchestrator.durable import fsync_dir, write_atomic
 from orchestrator.models import (
     FINAL_CHUNK_STATUSES,
     ChunkRecord,
@@ -48,10 +50,6 @@ RESULT_SUFFIX = ".result.json"
 # A set-aside record larger than this goes to the failures file copied, not parsed.
 RAW_REJECT_BYTES: Final = 1 << 20
 COPY_BLOCK: Final = 1 << 16  # bytes per read, where part files cannot be copied in the kernel
-
-# A set-aside record can be as large as any field Marketo accepts: well over
-# the csv module's 128 KiB default. Raised once, for the process.
-csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +98,7 @@ async def attribute_chunk(settings: Settings, store: Store, chunk_id: int) -> bo
     job = members[0]  # the owner's view: its records come first
     owner = await store.get_file(job.file_id)
     route = settings.route(owner.route)
-    fmt = route.format_for(owner.name) if route else "csv"
+    fmt = format_of(owner.name, route.format if route else "")
     pieces: list[attribution.Piece] = []
     for member in members:
         file = await store.get_file(member.file_id)
@@ -171,7 +169,7 @@ async def finish_file(
     assert file.result_path is not None
     finished_at = stamp()
     route = settings.route(file.route)
-    fmt = route.format_for(file.name) if route else "csv"
+    fmt = format_of(file.name, route.format if route else "")
     object_type = str(route.object) if route else ""
     parts = settings.layout.chunk_dir(file.id)
     document = await asyncio.to_thread(
@@ -201,7 +199,7 @@ def write_outputs(
     assert file.result_path is not None
     result_path = Path(file.result_path)
     target = result_path.with_name(result_path.name.removesuffix(RESULT_SUFFIX))
-    delimiter = constants.DELIMITERS[fmt]
+    delimiter = delimited.DELIMITERS[fmt]
     work = Path(file.work_path)
     source = work if os.path.lexists(work) else target  # moved already by an earlier run
     failures_name = write_merged(
@@ -224,7 +222,7 @@ def write_outputs(
         existing: dict[str, Any] = json.loads(result_path.read_text(encoding="utf-8"))
         return existing
     document = {
-        "id": file.job_id,
+        "id": file.ticket,
         "file": file.name,
         "route": file.route,
         "object": object_type,
@@ -319,7 +317,7 @@ def write_merged(
                 continue
             width = len(header) - 2  # data columns before the reason and the line
             fields = (row[:-2] + [""] * width)[:width]
-            attribution.write_row(writer, text, [*fields, *row[-2:]], delimiter)
+            write_row(writer, text, [*fields, *row[-2:]], delimiter)
         text.flush()
         text.detach()
         out.flush()
@@ -431,22 +429,3 @@ def reject_rows(
             text = raw.read(reject.size).decode("utf-8", "replace")
             fields = next(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter), [])
             yield header, [*fields, reject.reason, str(reject.line)]
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Temp file in the same directory, fsync, rename, fsync the directory."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

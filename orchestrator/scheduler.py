@@ -44,6 +44,7 @@ from orchestrator import constants
 from orchestrator.backoff import Backoff
 from orchestrator.clock import stamp, wait_for_any
 from orchestrator.config import Route, Settings
+from orchestrator.crashpoints import crashpoint
 from orchestrator.errors import (
     CredentialsError,
     FatalError,
@@ -52,7 +53,6 @@ from orchestrator.errors import (
     QueueFullError,
     UnknownOutcomeError,
 )
-from orchestrator.faults import crashpoint
 from orchestrator.models import BatchStatus, ChunkRecord, ChunkStatus, FileRecord
 from orchestrator.store import Store
 

@@ -60,7 +60,7 @@ Readiness = Callable[[], str | None]
 class Query:
     """Which files a snapshot shows (the totals always count every file)."""
 
-    job_id: str | None = None  # exactly this hand-over id
+    ticket: str | None = None  # exactly this hand-over id
     name: str | None = None  # the file name, or a shell pattern (`nightly-*.csv`)
     active: bool = False  # only files without a result yet
     statuses: frozenset[str] | None = None  # file statuses or live states
@@ -103,7 +103,7 @@ FINAL: Final = frozenset(str(s) for s in FINAL_FILE_STATUSES)
 
 
 def matches(entry: dict[str, Any], query: Query) -> bool:
-    if query.job_id is not None and entry["id"] != query.job_id:
+    if query.ticket is not None and entry["id"] != query.ticket:
         return False
     if query.name is not None and not fnmatch.fnmatchcase(entry["file"], query.name):
         return False
@@ -153,7 +153,7 @@ WAITING_FOR: Final = {
 def file_entry(file: FileRecord, chunks: list[ChunkRecord]) -> dict[str, Any]:
     final = file.status in FINAL_FILE_STATUSES
     return {
-        "id": file.job_id,
+        "id": file.ticket,
         "file_id": file.id,
         "route": file.route,
         "file": file.name,
@@ -279,7 +279,7 @@ async def load_snapshot(store: StoreReader, query: Query | None = None) -> dict[
     files = await store.listing(
         limit=None if live else limit + 1,
         statuses=statuses,
-        job_id=query.job_id,
+        ticket=query.ticket,
         name_glob=None if query.name is None else glob_of(query.name),
     )
     chunks = await store.chunks_of(f.id for f in files)
@@ -577,12 +577,12 @@ class StatusServer:
         return web.json_response(snapshot)
 
     async def _job(self, request: web.Request) -> web.Response:
-        job_id = request.match_info["id"]
-        snapshot = await self._snapshot(Query(job_id=job_id, limit=1))
+        ticket = request.match_info["id"]
+        snapshot = await self._snapshot(Query(ticket=ticket, limit=1))
         if snapshot is None:
             return web.json_response({"error": "state store unreadable"}, status=503)
         if not snapshot["files"]:
-            return web.json_response({"error": f"no file with id {job_id!r}"}, status=404)
+            return web.json_response({"error": f"no file with id {ticket!r}"}, status=404)
         return web.json_response(snapshot["files"][0])
 
     async def _snapshot(self, query: Query) -> dict[str, Any] | None:

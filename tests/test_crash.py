@@ -1,7 +1,7 @@
 """kill -9 of a real daemon process at the worst moments, then a restart: nothing lost,
 nothing finished resubmitted, every result written exactly once.
 
-The crash points (orchestrator/faults.py) sit between an external effect and the
+The crash points (orchestrator/crashpoints.py) sit between an external effect and the
 state change that records it; the process SIGKILLs itself there, which is the
 same as an operator's kill -9 at that instant. Three small files of one header are
 packed into a shared chunk beside the big files' own chunks, so every point meets a

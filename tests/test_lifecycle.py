@@ -3,7 +3,7 @@ recovery, a rotated client secret, and one log format for every line.
 
 Real processes (`marketo-orchestrator run` in subprocesses) against the simulator on
 loopback; kill -9 is a real SIGKILL; recovery is held open through the hold point in
-orchestrator.faults (a named pipe the test writes to when it has seen enough).
+orchestrator.crashpoints (a named pipe the test writes to when it has seen enough).
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ import structlog
 from aiohttp import web
 
 import orchestrator
-from orchestrator import constants
+from orchestrator import constants, delimited
 from orchestrator.backoff import Backoff
 from orchestrator.config import (
     BackoffSettings,
@@ -198,7 +198,7 @@ async def test_round_trip_for_each_object_type(
         failures, warnings = tmp_path / "failures.out", tmp_path / "warnings.out"
         assert await client.download_failures(route, created.batch_id, failures)
         assert await client.download_warnings(route, created.batch_id, warnings)
-        delimiter = constants.DELIMITERS[fmt]
+        delimiter = delimited.DELIMITERS[fmt]
         failed_lines = failures.read_text(encoding="utf-8").splitlines()
         assert failed_lines[0].endswith(delimiter + constants.FAILURE_REASON_COLUMN)
         assert len(failed_lines) == 2

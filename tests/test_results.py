@@ -277,7 +277,7 @@ async def test_complete_file_result_and_merged_failures(
     assert json.loads(result_path.read_text(encoding="utf-8")) == document
     assert set(document) == RESULT_KEYS
     assert {k: v for k, v in document.items() if k not in ("chunks", "finished_at")} == {
-        "id": file.job_id,
+        "id": file.ticket,
         "file": "big.csv",
         "route": "leads",
         "object": "leads",

@@ -156,8 +156,8 @@ async def test_a_v1_database_with_history_is_migrated_with_its_counts(tmp_path: 
         conn.execute(f"DROP TRIGGER {name}")
     conn.execute("DROP TABLE tallies")
     conn.execute("DROP INDEX files_by_finished")
-    conn.execute("DROP INDEX files_by_job_id")
-    conn.execute("ALTER TABLE files DROP COLUMN job_id")
+    conn.execute("DROP INDEX files_by_ticket")
+    conn.execute("ALTER TABLE files DROP COLUMN ticket")
     conn.execute("ALTER TABLE chunks DROP COLUMN unknown_outcomes")
     # ...and no pieces, packs or shares (v5).
     conn.execute("DROP TABLE pieces")
@@ -171,7 +171,7 @@ async def test_a_v1_database_with_history_is_migrated_with_its_counts(tmp_path: 
         assert await tallies_of(store) == counted(db)
         assert (await store.tallies())["files:complete"] == 1
         assert (await store.tallies())["files:claimed"] == 1
-        assert all(f.job_id for f in await store.files())  # v2 gave them ids
+        assert all(f.ticket for f in await store.files())  # v2 gave them ids
         chunks = await store.chunks_of([f.id for f in await store.files()])
         assert chunks
         assert all(c.unknown_outcomes == 0 for c in chunks)  # v4

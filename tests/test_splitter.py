@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from orchestrator.constants import DELIMITERS
+from orchestrator.delimited import DELIMITERS
 from orchestrator.errors import InputError
 from orchestrator.splitter import (
     Chunk,

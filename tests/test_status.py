@@ -54,7 +54,7 @@ async def populate(store: Store, tmp_path: Path) -> Populated:
         work_path=str(work / "1-big.csv"),
         max_chunk_bytes=1000,
         claimed_at=NOW,
-        job_id="big-1",
+        ticket="big-1",
     )
     await store.finish_claim(big.id)
     await store.start_split(big.id)
@@ -89,7 +89,7 @@ async def populate(store: Store, tmp_path: Path) -> Populated:
         work_path=str(work / "2-cars.tsv"),
         max_chunk_bytes=1000,
         claimed_at=LATER,
-        job_id="cars-1",
+        ticket="cars-1",
     )
     cars = await store.finish_claim(cars.id)
     return Populated(big=big, cars=cars, chunks=chunks)
@@ -307,7 +307,7 @@ async def test_store_trouble_is_a_503_not_a_crash(
             *,
             limit: int | None,
             statuses: Iterable[FileStatus] | None = None,
-            job_id: str | None = None,
+            ticket: str | None = None,
             name_glob: str | None = None,
         ) -> list[FileRecord]:
             raise StoreError("state.db", "database is locked")
@@ -380,7 +380,7 @@ def long_file() -> tuple[FileRecord, list[ChunkRecord]]:
         status=FileStatus.SPLIT,
         max_chunk_bytes=1000,
         claimed_at=NOW,
-        job_id="20261123T140311Z-8f3a",
+        ticket="20261123T140311Z-8f3a",
         chunks_total=29,
         error="Marketo said Failed for chunk 3:\nthe file\tcould not be parsed " + "x" * 200,
     )
@@ -424,15 +424,15 @@ async def test_snapshot_queries_by_id_name_activity_status_and_limit(
         return [f["id"] for f in jobs_snapshot(files, chunks, Query(**query))["files"]]
 
     assert shown() == ["big-1", "cars-1"]
-    assert shown(job_id="cars-1") == ["cars-1"]
-    assert shown(job_id="nope") == []
+    assert shown(ticket="cars-1") == ["cars-1"]
+    assert shown(ticket="nope") == []
     assert shown(name="*.tsv") == ["cars-1"]
     assert shown(name="big.csv") == ["big-1"]
     assert shown(statuses=frozenset({"queued"})) == ["big-1"]  # a live state
     assert shown(statuses=frozenset({"claimed"})) == ["cars-1"]
     assert shown(limit=1) == ["big-1"]
     assert shown(active=True) == ["big-1", "cars-1"]
-    totals = jobs_snapshot(files, chunks, Query(job_id="nope"))["totals"]
+    totals = jobs_snapshot(files, chunks, Query(ticket="nope"))["totals"]
     assert totals["files"]["split"] == 1  # totals count every file
 
 
@@ -444,8 +444,8 @@ async def test_the_store_answers_every_query_as_the_snapshot_does(
     files, chunks = await store.files(), await store.chunks()
     queries: list[dict[str, Any]] = [
         {},
-        {"job_id": "cars-1"},
-        {"job_id": "nope"},
+        {"ticket": "cars-1"},
+        {"ticket": "nope"},
         {"name": "*.tsv"},
         {"name": "b[!x]g.csv"},
         {"statuses": frozenset({"queued"})},
@@ -552,7 +552,7 @@ async def test_files_sharing_a_pack_show_packing_then_their_share(store: Store) 
             work_path=f"/work/{name}",
             max_chunk_bytes=1000,
             claimed_at=NOW,
-            job_id=f"id-{name}",
+            ticket=f"id-{name}",
         )
         await store.finish_claim(claimed.id)
         files.append(await store.start_split(claimed.id))

@@ -107,7 +107,7 @@ async def test_open_creates_schema_with_wal_full_sync_and_foreign_keys(store: St
     assert await on_store_connection("journal_mode") == "wal"
     assert await on_store_connection("synchronous") == 2  # FULL
     assert await on_store_connection("foreign_keys") == 1
-    assert pragma(store.path, "user_version") == LATEST_VERSION == 5
+    assert pragma(store.path, "user_version") == LATEST_VERSION == 6
     assert await store.integrity_check() == "ok"
 
 
@@ -142,11 +142,11 @@ async def test_v1_files_get_an_id_from_their_claim_second_when_migrated(db_path:
     conn.close()
     async with await Store.open(db_path) as store:
         files = await store.files()
-        assert [f.job_id for f in files] == ["20261123T140311Z-0001", "20261123T140311Z-0002"]
+        assert [f.ticket for f in files] == ["20261123T140311Z-0001", "20261123T140311Z-0002"]
         assert await store.find_file("20261123T140311Z-0002") == files[1]
         fresh = await claim(store, "new.csv")
     assert pragma(db_path, "user_version") == LATEST_VERSION
-    assert re.fullmatch(r"\d{8}T\d{6}Z-[0-9a-f]{4}", fresh.job_id)
+    assert re.fullmatch(r"\d{8}T\d{6}Z-[0-9a-f]{4}", fresh.ticket)
 
 
 async def test_schema_from_the_future_is_refused_untouched(db_path: Path) -> None:
@@ -267,7 +267,7 @@ async def test_claim_transitions_persist(store: Store) -> None:
         work_path="/work/1-big.csv",
         max_chunk_bytes=9_500_000,
         claimed_at=T0,
-        job_id="nightly-42",
+        ticket="nightly-42",
     )
     assert began == FileRecord(
         id=began.id,
@@ -278,7 +278,7 @@ async def test_claim_transitions_persist(store: Store) -> None:
         status=FileStatus.CLAIMING,
         max_chunk_bytes=9_500_000,
         claimed_at=T0,
-        job_id="nightly-42",
+        ticket="nightly-42",
     )
     assert await store.find_file("nightly-42") == began
     assert await store.find_file("nightly-43") is None
@@ -296,16 +296,16 @@ async def test_claim_transitions_persist(store: Store) -> None:
 
 async def test_claims_begin_and_finish_in_one_transaction_each(store: Store) -> None:
     claims = [
-        Claim("leads", f"{n}.csv", f"/in/{n}.csv", f"/work/{n}-{n}.csv", 1000, T0, job_id=job)
+        Claim("leads", f"{n}.csv", f"/in/{n}.csv", f"/work/{n}-{n}.csv", 1000, T0, ticket=job)
         for n, job in ((1, "given-1"), (2, ""), (3, ""))
     ]
     began = await store.begin_claims(claims)
     assert [(f.name, f.status) for f in began] == [
         (f"{n}.csv", FileStatus.CLAIMING) for n in (1, 2, 3)
     ]
-    assert began[0].job_id == "given-1"
-    assert began[1].job_id
-    assert began[1].job_id != began[2].job_id
+    assert began[0].ticket == "given-1"
+    assert began[1].ticket
+    assert began[1].ticket != began[2].ticket
     ids = [f.id for f in began]
     claimed = await store.finish_claims(ids[:2])
     assert claimed == [await store.get_file(i) for i in ids[:2]]

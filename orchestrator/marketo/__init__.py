@@ -5,6 +5,6 @@
 the reading of envelopes and files.
 """
 
-from orchestrator.marketo.client import ClientObserver, MarketoClient
+from orchestrator.marketo.bulk import ClientObserver, MarketoClient
 
 __all__ = ["ClientObserver", "MarketoClient"]

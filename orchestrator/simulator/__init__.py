@@ -7,7 +7,7 @@ Import operations; `gate` tokens, call limits, faults and the call log;
 its knobs.
 """
 
-from orchestrator.simulator.config import SimulatorConfig
+from orchestrator.simulator.knobs import SimulatorConfig
 from orchestrator.simulator.server import Simulator, add_arguments, config_from_args, serve
 
 __all__ = ["Simulator", "SimulatorConfig", "add_arguments", "config_from_args", "serve"]

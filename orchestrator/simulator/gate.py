@@ -21,7 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
-from orchestrator.simulator.config import ENVELOPE_FAULT_CODES, FAULT_CODES, SimulatorConfig
+from orchestrator.simulator.knobs import ENVELOPE_FAULT_CODES, FAULT_CODES, SimulatorConfig
 from orchestrator.simulator.queue import Refusal
 
 MESSAGES = {

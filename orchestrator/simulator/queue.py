@@ -31,9 +31,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestrator import constants
+from orchestrator import constants, delimited
 from orchestrator.models import ObjectType
-from orchestrator.simulator.config import SimulatorConfig
+from orchestrator.simulator.knobs import SimulatorConfig
 from orchestrator.simulator.records import Columns, JobSpec, RecordStore, Warned
 
 FOREIGN_OWNER = "foreign"
@@ -62,7 +62,6 @@ class ParsedFile:
 
 
 # Marketo takes fields far larger than the csv module's 128 KiB default.
-csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
 
 
 def parse_upload(data: bytes, delimiter: str) -> ParsedFile:
@@ -184,7 +183,7 @@ def run_job(
         )
     else:
         message = f"Import succeeded, {processed} records imported ({processed} members)"
-    delimiter = constants.DELIMITERS[spec.fmt.lower()]
+    delimiter = delimited.DELIMITERS[spec.fmt.lower()]
     return constants.STATUS_COMPLETE, Outcome(
         processed=processed,
         failed=failed,

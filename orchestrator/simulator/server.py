@@ -5,10 +5,10 @@ token, swagger-mapi.json for the twelve /bulk/v1 import operations. Answers use
 Marketo's envelope, HTTP 200 with `requestId`, `success`, `result`, `errors`
 (string codes) and `warnings`. The queue and rows live in `simulator.queue`
 (records in `simulator.records`); tokens, call limits, faults and the call log
-in `simulator.gate`; the operation handlers in `simulator.bulk`. This module is
+in `simulator.gate`; the operation handlers in `simulator.operations`. This module is
 the HTTP face.
 
-Choices where Marketo's documentation is silent (operations: see `simulator.bulk`):
+Choices where Marketo's documentation is silent (operations: see `simulator.operations`):
 
 - A request body (Content-Length, the whole multipart request, not only its
   file part) of `max_file_bytes` or more: HTTP 413 with a text body, as the
@@ -51,8 +51,6 @@ import structlog
 from aiohttp import web
 
 from orchestrator.errors import ConfigError
-from orchestrator.simulator.bulk import BulkOperations, Call, Operation, Upload, read_upload
-from orchestrator.simulator.config import SimulatorConfig
 from orchestrator.simulator.gate import (
     MESSAGES,
     CallInfo,
@@ -63,6 +61,8 @@ from orchestrator.simulator.gate import (
     bearer,
     credentials_ok,
 )
+from orchestrator.simulator.knobs import SimulatorConfig
+from orchestrator.simulator.operations import BulkOperations, Call, Operation, Upload, read_upload
 from orchestrator.simulator.queue import JobQueue, Refusal
 from orchestrator.simulator.state import StateError, load_state, restore, save_state, snapshot
 

@@ -22,9 +22,7 @@ simulator shares no code path with the product it stands in for.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import time
 from collections import deque
 from collections.abc import Callable
@@ -32,6 +30,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
+from orchestrator.durable import write_atomic
 from orchestrator.models import ObjectType
 from orchestrator.simulator.queue import Job, JobQueue, Outcome, ParsedFile
 from orchestrator.simulator.records import JobSpec, RecordStore
@@ -160,18 +159,7 @@ def text(data: bytes | None) -> str | None:
 
 def save_state(path: Path, data: dict[str, Any]) -> None:
     """Write `data` to `path` atomically (blocking: run it in a thread)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        json.dump(data, fh, separators=(",", ":"))
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(path)
-    with contextlib.suppress(OSError):  # make the rename durable where the OS allows
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    write_atomic(path, json.dumps(data, separators=(",", ":")).encode())
 
 
 def load_state(path: Path) -> Any | None:

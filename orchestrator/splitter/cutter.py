@@ -38,6 +38,7 @@ from typing import Final
 
 import structlog
 
+from orchestrator.durable import fsync_dir
 from orchestrator.errors import InputError
 from orchestrator.splitter.scan import (
     DEFAULT_BLOCK_SIZE,
@@ -153,7 +154,7 @@ class _ChunkWriter:
         os.replace(self._tmp, path)
         self._tmp = None
         if self._fsync:
-            _fsync_dir(self._out_dir)
+            fsync_dir(self._out_dir)
         size = len(self.header) + self.fill
         chunk = Chunk(self._index, path, self._rows, size, self._first_line, len(self.header))
         self.fill = 0
@@ -194,14 +195,6 @@ def _naming(path: Path | None) -> Iterator[None]:
         if exc.filename is not None or path is None:
             raise
         raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --- the cutter ---------------------------------------------------------------

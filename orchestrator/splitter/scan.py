@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, NoReturn
 
-from orchestrator.constants import DELIMITERS
+from orchestrator.delimited import DELIMITERS
 from orchestrator.errors import InputError
 
 DEFAULT_BLOCK_SIZE: Final = 1 << 20

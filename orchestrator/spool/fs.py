@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 from orchestrator.errors import ConfigError
-from orchestrator.handover import drop_ticket, read_ticket
 from orchestrator.models import FileRecord
+from orchestrator.tickets import drop_ticket, read_ticket
 
 IGNORED_SUFFIXES = (".part", ".tmp")
 NAME_MAX = 255  # bytes in one path component on Linux filesystems

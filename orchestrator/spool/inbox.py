@@ -18,7 +18,7 @@ the same name never share a work path), and the same instant as `claimed_at`.
 Names too long for the filesystem lose characters from the front, so the
 extension survives; the record keeps the original name.
 
-A file handed over by `submit` has a ticket beside it (`orchestrator.handover`):
+A file handed over by `submit` has a ticket beside it (`orchestrator.tickets`):
 its id and the name the caller gave are recorded at the claim, and the ticket
 is deleted once the claim is done. Any other file gets a fresh id.
 
@@ -49,7 +49,6 @@ from watchfiles import Change, awatch
 from orchestrator.clock import stamp_ns
 from orchestrator.config import Settings
 from orchestrator.errors import ConfigError
-from orchestrator.handover import drop_ticket, new_id
 from orchestrator.layout import Layout
 from orchestrator.models import FileRecord, FileStatus
 from orchestrator.spool.fs import (
@@ -66,6 +65,7 @@ from orchestrator.spool.fs import (
     work_name,
 )
 from orchestrator.store import Claim, Store
+from orchestrator.tickets import drop_ticket, new_id
 
 log = structlog.get_logger(__name__)
 
@@ -256,9 +256,9 @@ class Spool:
         CLAIMED records; an entry that stays (cannot move) or vanished has none."""
         tickets = await asyncio.to_thread(read_tickets, [e.path for e in entries])
         claims = []
-        for entry, ticket in zip(entries, tickets, strict=True):
+        for entry, found in zip(entries, tickets, strict=True):
             ns = self._next_ns()
-            job_id, name = ticket if ticket else (new_id(), entry.name)
+            ticket, name = found if found else (new_id(), entry.name)
             claims.append(
                 Claim(
                     route=entry.route,
@@ -267,7 +267,7 @@ class Spool:
                     work_path=str(self._incoming / work_name(ns, entry.name)),
                     max_chunk_bytes=self._settings.limits.max_chunk_bytes,
                     claimed_at=stamp_ns(ns),
-                    job_id=job_id,
+                    ticket=ticket,
                     error=entry.signature.kind.refusal,
                 )
             )

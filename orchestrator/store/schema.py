@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 from collections.abc import Iterable
+from collections.abc import Set as AbstractSet
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -85,7 +86,7 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE TABLE api_calls (day TEXT PRIMARY KEY, count INTEGER NOT NULL)",
     ),
-    # v2: the hand-over id of each file (orchestrator.handover); files claimed before it
+    # v2: the hand-over id of each file (orchestrator.tickets); files claimed before it
     # get one made of their claim second and their row id.
     (
         "ALTER TABLE files ADD COLUMN job_id TEXT",
@@ -169,8 +170,14 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """INSERT INTO pieces (chunk_id, file_id, seq, rows, bytes, first_row, first_line)
             SELECT id, file_id, 1, rows, bytes, 0, first_line FROM chunks""",
     ),
+    # v6: a file's hand-over id is its ticket ("job" names a Marketo import job only).
+    (
+        "DROP INDEX files_by_job_id",
+        "ALTER TABLE files RENAME COLUMN job_id TO ticket",
+        "CREATE INDEX files_by_ticket ON files (ticket)",
+    ),
 )
-# A new migration is appended (the next is v6); a released one is never renumbered.
+# A new migration is appended (the next is v7); a released one is never renumbered.
 LATEST_VERSION = len(_MIGRATIONS)
 
 _RECOVER_HINT = (
@@ -421,7 +428,7 @@ def mark_split(conn: sqlite3.Connection, file_id: int, *, rows: int, chunks_tota
     )
 
 
-def require(record: FileRecord | ChunkRecord, allowed: set[Any], operation: str) -> None:
+def require(record: FileRecord | ChunkRecord, allowed: AbstractSet[Any], operation: str) -> None:
     """Refuse an illegal transition: a bug of the caller, so ValueError."""
     if record.status not in allowed:
         kind = "file" if isinstance(record, FileRecord) else "chunk"

@@ -33,10 +33,10 @@ from types import TracebackType
 from typing import TypeVar
 
 from orchestrator.errors import StoreError
-from orchestrator.handover import new_id
 from orchestrator.models import (
     FINAL_CHUNK_STATUSES,
     FINAL_FILE_STATUSES,
+    UNFINISHED_FILE_STATUSES,
     BatchStatus,
     ChunkRecord,
     ChunkStatus,
@@ -62,6 +62,7 @@ from orchestrator.store.schema import (
     status_filter,
     write_batch,
 )
+from orchestrator.tickets import new_id
 
 __all__ = ["LATEST_VERSION", "Claim", "Recovery", "Store"]
 
@@ -71,7 +72,7 @@ Body = Callable[[sqlite3.Connection], T]
 
 @dataclass(frozen=True, slots=True)
 class Claim:
-    """A file the spool means to claim: what `Store.begin_claims` records (`job_id` ""
+    """A file the spool means to claim: what `Store.begin_claims` records (`ticket` ""
     gets a fresh hand-over id; `error` is set for an entry that is refused unread)."""
 
     route: str
@@ -80,7 +81,7 @@ class Claim:
     work_path: str
     max_chunk_bytes: int
     claimed_at: str
-    job_id: str = ""
+    ticket: str = ""
     error: str | None = None
 
 
@@ -162,14 +163,14 @@ class Store:
         work_path: str,
         max_chunk_bytes: int,
         claimed_at: str,
-        job_id: str = "",
+        ticket: str = "",
         error: str | None = None,
     ) -> FileRecord:
         """Record the intent to claim a file (CLAIMING), before the rename into work/.
 
-        `job_id` is its hand-over id; a fresh one is made when none is given."""
+        `ticket` is its hand-over id; a fresh one is made when none is given."""
         claim = Claim(
-            route, name, source_path, work_path, max_chunk_bytes, claimed_at, job_id, error
+            route, name, source_path, work_path, max_chunk_bytes, claimed_at, ticket, error
         )
         (record,) = await self.begin_claims([claim])
         return record
@@ -186,7 +187,7 @@ class Store:
                 FileStatus.CLAIMING,
                 c.max_chunk_bytes,
                 c.claimed_at,
-                c.job_id or new_id(),
+                c.ticket or new_id(),
                 c.error,
             )
             for c in claims
@@ -197,7 +198,7 @@ class Store:
             for row in rows:
                 cur = conn.execute(
                     "INSERT INTO files (route, name, source_path, work_path, status,"
-                    " max_chunk_bytes, claimed_at, job_id, error)"
+                    " max_chunk_bytes, claimed_at, ticket, error)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     row,
                 )
@@ -531,7 +532,7 @@ class Store:
                 return file
             require(
                 file,
-                set(FileStatus) - FINAL_FILE_STATUSES - {FileStatus.FINISHING},
+                UNFINISHED_FILE_STATUSES - {FileStatus.FINISHING},
                 "reserve_result",
             )
             holder = conn.execute(
@@ -575,9 +576,7 @@ class Store:
         """Remember why an unfinished file will fail; its status does not change."""
 
         def body(conn: sqlite3.Connection) -> FileRecord:
-            require(
-                fetch_file(conn, file_id), set(FileStatus) - FINAL_FILE_STATUSES, "set_file_error"
-            )
+            require(fetch_file(conn, file_id), UNFINISHED_FILE_STATUSES, "set_file_error")
             conn.execute("UPDATE files SET error = ? WHERE id = ?", (error, file_id))
             return fetch_file(conn, file_id)
 
@@ -588,13 +587,13 @@ class Store:
     async def get_file(self, file_id: int) -> FileRecord:
         return await self._run("get_file", lambda conn: fetch_file(conn, file_id), write=False)
 
-    async def find_file(self, job_id: str) -> FileRecord | None:
-        """The file handed over with `job_id` (the latest claimed, should it be reused), or None."""
+    async def find_file(self, ticket: str) -> FileRecord | None:
+        """The file handed over with `ticket` (the latest claimed, should it be reused), or None."""
 
         def body(conn: sqlite3.Connection) -> FileRecord | None:
             row = conn.execute(
-                "SELECT * FROM files WHERE job_id = ? ORDER BY claimed_at DESC, id DESC LIMIT 1",
-                (job_id,),
+                "SELECT * FROM files WHERE ticket = ? ORDER BY claimed_at DESC, id DESC LIMIT 1",
+                (ticket,),
             ).fetchone()
             return None if row is None else file_record(row)
 
@@ -646,29 +645,29 @@ class Store:
         *,
         limit: int | None,
         statuses: Iterable[FileStatus] | None = None,
-        job_id: str | None = None,
+        ticket: str | None = None,
         name_glob: str | None = None,
     ) -> list[FileRecord]:
         """At most `limit` files (None: no bound), active work first (claim order), then the
         most recently finished (newest first); optionally only those in `statuses`, with
-        hand-over id `job_id`, or whose name matches `name_glob` (SQLite's GLOB: `*`, `?`,
+        hand-over id `ticket`, or whose name matches `name_glob` (SQLite's GLOB: `*`, `?`,
         `[...]`, case-sensitive). Index lookups only: the cost follows `limit` and the
         active files, not the history (the status index for active work, finished_at for
-        the finished; the id's own index when `job_id` is given)."""
+        the finished; the id's own index when `ticket` is given)."""
         wanted = set(FileStatus) if statuses is None else set(statuses)
         active = sorted(wanted - FINAL_FILE_STATUSES)
         finished = sorted(wanted & FINAL_FILE_STATUSES)
         extra = ""
         extra_params: list[str] = []
-        if job_id is not None:
-            extra += " AND job_id = ?"
-            extra_params.append(job_id)
+        if ticket is not None:
+            extra += " AND ticket = ?"
+            extra_params.append(ticket)
         if name_glob is not None:
             extra += " AND name GLOB ?"
             extra_params.append(name_glob)
 
         def index(name: str) -> str:
-            return "" if job_id is not None else f" INDEXED BY {name}"
+            return "" if ticket is not None else f" INDEXED BY {name}"
 
         def body(conn: sqlite3.Connection) -> list[FileRecord]:
             found: list[FileRecord] = []

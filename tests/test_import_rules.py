@@ -9,11 +9,11 @@ Every import of our own package points down this picture, never up or sideways:
      scheduler packer poller results upkeep client 4   simulator: a program of its
             spool  status ........................ 3   own, it uses constants,
               store  marketo  metrics ............ 2   models, errors and
-   config logs splitter handover dirlock attribution 1   nothing else of ours
+   config logs splitter tickets dirlock attribution 1   nothing else of ours
                   constants errors models clock
-                  backoff faults layout orchestrator . 0
+                  backoff crashpoints layout orchestrator 0
 
-A module's unit is its top-level name under orchestrator (orchestrator.marketo.client
+A module's unit is its top-level name under orchestrator (orchestrator.marketo.bulk
 is unit marketo). It imports only units of a strictly lower rank, or its own unit; a
 module inside a package folder imports its siblings, never the package's __init__. The
 stages (scheduler, packer, poller, results) never import each other. Lazy imports, inside
@@ -40,8 +40,8 @@ RANKS: dict[str, int] = {
     unit: rank
     for rank, units in enumerate(
         [
-            "orchestrator constants errors models clock backoff faults layout",  # leaves
-            "config logs splitter handover dirlock attribution",
+            "orchestrator constants errors models clock backoff crashpoints layout durable delimited",  # leaves
+            "config logs splitter tickets dirlock attribution",
             "store marketo metrics",
             "spool status",
             "scheduler packer poller results upkeep client",  # stages, housekeeping, hand-over API
@@ -54,7 +54,7 @@ RANKS: dict[str, int] = {
     for unit in units.split()
 }
 SIMULATOR = "simulator"  # outside the ranks: started by cli.py only
-SIMULATOR_USES = {"constants", "models", "errors"}
+SIMULATOR_USES = {"constants", "models", "errors", "durable", "delimited"}
 STAGES = {"scheduler", "packer", "poller", "results"}
 # `from aiohttp import <these>` is the server (BodyPartReader reads uploads), anything else the client
 AIOHTTP_SERVER = {"web", "BodyPartReader"}
@@ -70,7 +70,7 @@ WIRE_KEYS = [
 
 TABLE = "add it to the table"
 CLI_ONLY = "only cli.py starts the simulator"
-SIM_LEAVES = "the simulator imports only constants, models, errors"
+SIM_LEAVES = "the simulator imports only constants, models, errors, durable, delimited"
 STAGES_APART = "the stages scheduler, packer, poller, results never import each other"
 NOT_INIT = "a package's modules import their siblings, not the package's __init__"
 SQLITE = "sqlite3 only in orchestrator/store/"
@@ -214,7 +214,7 @@ PACKAGES = {
 FAKE_SOURCES = {
     "orchestrator/__init__.py": '__version__ = "0.1.0"\n',
     "orchestrator/config.py": "from orchestrator import constants\nfrom .errors import Bad\n",
-    "orchestrator/marketo/__init__.py": "from orchestrator.marketo.client import MarketoClient\n",
+    "orchestrator/marketo/__init__.py": "from orchestrator.marketo.bulk import MarketoClient\n",
     "orchestrator/marketo/client.py": "import aiohttp\n\nfrom . import auth\nfrom .wire import KEY\n",
     "orchestrator/marketo/wire.py": 'KEY = "batchId"\n',
     "orchestrator/store/store.py": "import sqlite3\n\nfrom orchestrator.store.schema import SQL\n",

@@ -26,10 +26,10 @@ from typing import Any
 
 from aiohttp import BodyPartReader, web
 
-from orchestrator import constants
+from orchestrator import constants, delimited
 from orchestrator.models import ObjectType
-from orchestrator.simulator.config import SimulatorConfig
 from orchestrator.simulator.gate import CallInfo
+from orchestrator.simulator.knobs import SimulatorConfig
 from orchestrator.simulator.queue import Job, JobQueue, Refusal, parse_upload
 from orchestrator.simulator.records import JobSpec
 
@@ -247,7 +247,7 @@ class BulkOperations:
         if call.upload is None or call.upload.data is None:
             raise Refusal("1003", "Required parameter 'file' is missing")
         self._queue.check_room(spec)  # refuse before parsing a large file for nothing
-        delimiter = constants.DELIMITERS[spec.fmt.lower()]
+        delimiter = delimited.DELIMITERS[spec.fmt.lower()]
         parsed = await asyncio.to_thread(parse_upload, call.upload.data, delimiter)
         job = self._queue.submit(spec, parsed, call.client_id, self._clock())
         call.info.batch_id = job.batch_id
