@@ -18,6 +18,7 @@ from orchestrator.errors import StoreError
 from orchestrator.models import BatchStatus, ChunkStatus, FileRecord, FileStatus, RejectRecord
 from orchestrator.store import LATEST_VERSION, Claim, Recovery, Store
 from orchestrator.store.schema import _MIGRATIONS
+from tests.support.waiting import wait_until
 
 T0 = "2026-11-23T14:00:00Z"
 T1 = "2026-11-23T14:00:01Z"
@@ -197,6 +198,59 @@ async def test_path_that_is_a_directory_is_refused(db_path: Path) -> None:
         await Store.open(db_path)
     assert info.value.path == str(db_path)
     assert "cannot open" in str(info.value)
+
+
+async def test_readers_open_beside_a_writing_daemon_without_database_is_locked(
+    tmp_path: Path,
+) -> None:
+    """Readers (status, the hand-over client) open the store beside the daemon, from the
+    first open of a new database on, and again and again while it commits in a loop.
+
+    A new database is switched to WAL by whoever opens it first, and the switch takes a
+    lock SQLite does not wait for: opened by several at once, all but one used to fail
+    with "database is locked" (in about one round in ten here, so many rounds)."""
+    day = "2026-11-23"
+
+    async def daemon_opens(db: Path) -> None:
+        async with await Store.open(db) as store:
+            await store.add_api_calls(day, 1)
+
+    async def reader_opens(db: Path) -> int:
+        async with await Store.open(db, check=False) as store:
+            return await store.api_calls(day)
+
+    for n in range(200):
+        db = tmp_path / str(n) / "state.db"
+        async with asyncio.TaskGroup() as group:
+            group.create_task(daemon_opens(db))
+            for _ in range(2):
+                group.create_task(reader_opens(db))
+        assert await reader_opens(db) == 1
+
+    commits = 0
+    stop = asyncio.Event()
+
+    async def daemon() -> None:
+        nonlocal commits
+        async with await Store.open(db) as store:
+            while not stop.is_set():
+                await store.add_api_calls(day, 1)
+                commits += 1
+
+    async def reader() -> None:
+        await wait_until(lambda: commits > 0 or writing.done(), "the daemon's first commit")
+        for _ in range(25):
+            await reader_opens(db)
+
+    writing = asyncio.create_task(daemon())
+    try:
+        async with asyncio.TaskGroup() as group:
+            for _ in range(2):
+                group.create_task(reader())
+    finally:
+        stop.set()
+        await writing
+    assert await reader_opens(db) == 1 + commits
 
 
 FILL_DISK = """

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -24,6 +25,8 @@ Body = Callable[[sqlite3.Connection], T]
 
 # Seconds a transaction waits for another process's lock (`status` reading while the daemon runs).
 BUSY_TIMEOUT = 10.0
+# Seconds between two tries to switch a database to WAL (see `use_wal`).
+_WAL_RETRY = 0.01
 
 RECOVER_HINT = (
     "stop the daemon, move it aside (with its -wal and -shm files) and restart; "
@@ -52,13 +55,28 @@ def connect(path: Path) -> sqlite3.Connection:
 
 def use_wal(conn: sqlite3.Connection, path: Path) -> None:
     """Journal in WAL mode: switch the database to it unless it is there already."""
-    # Setting the mode takes a lock SQLite does not wait for: set it only when it is not
-    # WAL yet, so a reader opening beside a writing daemon does not fail on it.
-    (mode,) = conn.execute("PRAGMA journal_mode").fetchone()
-    if str(mode).lower() != "wal":
-        (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
-    if str(mode).lower() != "wal":
-        raise StoreError(path, f"cannot use WAL journaling here (got {mode!r}): use a local disk")
+    deadline = time.monotonic() + BUSY_TIMEOUT
+    while True:
+        # Ask first: only a database not in WAL yet needs the switch, which takes a lock.
+        (mode,) = conn.execute("PRAGMA journal_mode").fetchone()
+        if str(mode).lower() == "wal":
+            return
+        try:
+            (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
+        except sqlite3.OperationalError as exc:
+            # Switching turns a read lock into the write lock, which SQLite never waits for
+            # (two connections doing so would wait on each other forever). A new database
+            # opened twice at once (the daemon starting, a reader beside it) refuses one of
+            # them: try again, as long as SQLite would wait for any other lock.
+            if _primary_code(exc) != sqlite3.SQLITE_BUSY or time.monotonic() >= deadline:
+                raise
+            time.sleep(_WAL_RETRY)
+            continue
+        if str(mode).lower() != "wal":
+            raise StoreError(
+                path, f"cannot use WAL journaling here (got {mode!r}): use a local disk"
+            )
+        return
 
 
 def close_if_connected(future: Future[sqlite3.Connection]) -> None:
