@@ -253,6 +253,23 @@ async def test_readers_open_beside_a_writing_daemon_without_database_is_locked(
     assert await reader_opens(db) == 1 + commits
 
 
+async def test_a_reader_opens_while_the_daemon_is_inside_a_write_transaction(
+    store: Store,
+) -> None:
+    """Opening an up-to-date database takes no write lock: a reader does not queue
+    behind the daemon's writes (nor fail once they outlast the busy timeout)."""
+    await store.add_api_calls("2026-11-23", 2)
+    writer = sqlite3.connect(store.path, isolation_level=None)
+    try:
+        writer.execute("BEGIN IMMEDIATE")
+        writer.execute("UPDATE api_calls SET count = 99")
+        async with await Store.open(store.path, check=False) as reader:
+            assert await reader.api_calls("2026-11-23") == 2  # the last commit, not 99
+        writer.execute("ROLLBACK")
+    finally:
+        writer.close()
+
+
 FILL_DISK = """
 import asyncio, resource, signal, sys
 from pathlib import Path

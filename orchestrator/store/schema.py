@@ -180,6 +180,11 @@ def check_version(path: Path, version: int) -> None:
 
 def migrate(conn: sqlite3.Connection, path: Path) -> None:
     """Bring the schema to LATEST_VERSION, one migration per transaction."""
+    # Most opens find nothing to do: they learn it without the write lock, so a reader
+    # opening beside a busy daemon does not queue behind its commits.
+    with transaction(conn, write=False):
+        if read_version(conn) == LATEST_VERSION:
+            return
     while True:
         with transaction(conn):
             # Read under the write lock: another process may have migrated meanwhile.
