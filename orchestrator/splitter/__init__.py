@@ -1,11 +1,11 @@
 """The splitter: source files into chunks under Marketo's size limit.
 
 `cutter` cuts byte-exact, quote-aware chunks and sets aside records too large
-for any chunk; `scan` finds where records end and what makes a file unreadable.
+for any chunk; `writer` writes each chunk file whole (temp name, then rename);
+`scan` finds where records end and what makes a file unreadable.
 """
 
 from orchestrator.splitter.cutter import (
-    Chunk,
     Rejected,
     SplitDone,
     SplitEvent,
@@ -13,6 +13,7 @@ from orchestrator.splitter.cutter import (
     split_file_async,
 )
 from orchestrator.splitter.scan import iter_records, parse_header
+from orchestrator.splitter.writer import Chunk
 
 __all__ = [
     "Chunk",

@@ -18,18 +18,16 @@ Decisions (the issue left these open; the scanning ones are in `splitter.scan`):
   naming them, since Marketo matches names exactly and would fail every row
   (missing.dedupe.fields). A header without such names is copied unchanged.
 
-Chunks are written to `chunk-NNNNN.<fmt>.tmp`, optionally fsynced, then renamed
-into place and only then announced, so a chunk that was announced is whole and
-a failed or abandoned split leaves no partial file.
+The cutter decides which bytes go into which chunk; writing a chunk file whole
+(temp name, fsync, rename) is `splitter.writer`'s part. Records reach a chunk in
+two places only: `_place_region` (a run of whole records inside one block, copied
+at C speed) and `_finish_pending` (one record that spanned blocks).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import csv
-import io
-import os
 import threading
 from collections.abc import AsyncGenerator, Generator, Iterator
 from dataclasses import dataclass
@@ -38,7 +36,6 @@ from typing import Final
 
 import structlog
 
-from orchestrator.durable import fsync_dir
 from orchestrator.errors import InputError
 from orchestrator.splitter.scan import (
     DEFAULT_BLOCK_SIZE,
@@ -46,6 +43,7 @@ from orchestrator.splitter.scan import (
     Scan,
     Validator,
     delimiter_for,
+    empty_file_error,
     ends_between,
     first_end,
     last_end,
@@ -54,26 +52,12 @@ from orchestrator.splitter.scan import (
     scan_block,
     unterminated_error,
 )
+from orchestrator.splitter.writer import Chunk, ChunkWriter, trimmed_header
 
 log = structlog.get_logger(__name__)
 
-# Re-exported: DEFAULT_BLOCK_SIZE, parse_header and iter_records are public here.
 # Events the async wrapper's worker may run ahead of its consumer.
 _ASYNC_AHEAD: Final = 2
-
-
-@dataclass(frozen=True, slots=True)
-class Chunk:
-    """A finished chunk file: in place, complete, fsynced if that was asked."""
-
-    index: int  # 1-based
-    path: Path
-    rows: int  # data records, header excluded
-    bytes: int  # file size, header included
-    first_line: int  # source line of its first record
-    # Bytes of its header line (as written: trimmed names, line ending included); the
-    # records are the rest, so packing appends `path` from this offset to another chunk.
-    header_bytes: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,105 +80,8 @@ class SplitDone:
     header: tuple[str, ...]  # header column names
 
 
+# What a split yields, in source order; `Chunk` (a finished chunk file) is the writer's.
 SplitEvent = Chunk | Rejected | SplitDone
-
-
-# --- writing chunks -----------------------------------------------------------
-
-
-class _ChunkWriter:
-    """Writes one chunk at a time to a temp name; renames it into place when done.
-
-    An OSError while writing names the chunk file: write(2) and close(2) failing
-    with ENOSPC or EFBIG raise one with no filename, which would leave the user
-    a full disk without saying where (`_naming`)."""
-
-    def __init__(self, out_dir: Path, fmt: str, *, fsync: bool) -> None:
-        self.header = b""
-        self.fill = 0  # data bytes in the open chunk
-        self._out_dir = out_dir
-        self._fmt = fmt
-        self._fsync = fsync
-        self._index = 0
-        self._rows = 0
-        self._first_line = 0
-        self._file: io.BufferedWriter | None = None
-        self._tmp: Path | None = None
-
-    @property
-    def chunks(self) -> int:
-        return self._index
-
-    def write(self, data: bytes | memoryview, line: int, rows: int) -> None:
-        """Append `rows` whole records; `line` is the first one's source line."""
-        if self._file is None:
-            self._open(line)
-        assert self._file is not None  # opened above; tells mypy
-        with _naming(self._tmp):
-            self._file.write(data)
-        self.fill += len(data)
-        self._rows += rows
-
-    def write_record(self, pieces: list[bytes | memoryview], line: int) -> None:
-        """Append one record that arrived in pieces."""
-        for piece in pieces:
-            self.write(piece, line, 0)
-        self._rows += 1
-
-    def close(self) -> Chunk:
-        assert self._file is not None  # only called with a chunk open
-        assert self._tmp is not None
-        with _naming(self._tmp):
-            self._file.flush()
-            if self._fsync:
-                os.fsync(self._file.fileno())
-            self._file.close()
-        self._file = None
-        path = self._tmp.with_suffix("")
-        os.replace(self._tmp, path)
-        self._tmp = None
-        if self._fsync:
-            fsync_dir(self._out_dir)
-        size = len(self.header) + self.fill
-        chunk = Chunk(self._index, path, self._rows, size, self._first_line, len(self.header))
-        self.fill = 0
-        return chunk
-
-    def abort(self) -> None:
-        """Drop the chunk being written, if any; idempotent."""
-        if self._file is not None:
-            # Flushing what is buffered can fail again (a full disk): the chunk is
-            # being dropped anyway, and close() releases the descriptor regardless.
-            with contextlib.suppress(OSError):
-                self._file.close()
-            self._file = None
-        if self._tmp is not None:
-            self._tmp.unlink(missing_ok=True)
-            self._tmp = None
-
-    @property
-    def open(self) -> bool:
-        return self._file is not None
-
-    def _open(self, line: int) -> None:
-        self._index += 1
-        self._rows = 0
-        self._first_line = line
-        self._tmp = self._out_dir / f"chunk-{self._index:05d}.{self._fmt}.tmp"
-        self._file = self._tmp.open("wb")
-        with _naming(self._tmp):
-            self._file.write(self.header)
-
-
-@contextlib.contextmanager
-def _naming(path: Path | None) -> Iterator[None]:
-    """Re-raise an OSError that names no file as the same error naming `path`."""
-    try:
-        yield
-    except OSError as exc:
-        if exc.filename is not None or path is None:
-            raise
-        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
 
 
 # --- the cutter ---------------------------------------------------------------
@@ -212,7 +99,7 @@ class _Cutter:
         self._source = source
         self._fmt = fmt
         self._max_bytes = max_bytes
-        self._writer = _ChunkWriter(out_dir, fmt, fsync=fsync)
+        self._writer = ChunkWriter(out_dir, fmt, fsync=fsync)
         self._validator = Validator(source)
         self._columns: tuple[str, ...] | None = None
         self._room = 0  # most data bytes a chunk can take
@@ -252,7 +139,7 @@ class _Cutter:
         if self._pending_parity:
             raise unterminated_error(self._source, self._pending_offset, self._pending_line)
         if self._columns is None and not self._pending_size:
-            raise InputError(self._source, "file is empty: no header line", offset=0, line=1)
+            raise empty_file_error(self._source)
         if self._pending_size:
             yield from self._finish_pending(b"")
         if self._writer.open:
@@ -375,16 +262,6 @@ class _Cutter:
             f"would be {header + size} bytes, and chunks must stay under {self._max_bytes}"
         )
         return Rejected(line, offset, size, reason)
-
-
-def trimmed_header(raw: bytes, columns: tuple[str, ...], fmt: str) -> bytes:
-    """The header line written again with every column name trimmed; line ending kept."""
-    ending = b"\r\n" if raw.endswith(b"\r\n") else b"\n" if raw.endswith(b"\n") else b""
-    out = io.StringIO()
-    csv.writer(out, delimiter=delimiter_for(fmt), lineterminator="").writerow(
-        [name.strip() for name in columns]
-    )
-    return out.getvalue().encode("utf-8") + ending
 
 
 # --- public entry points --------------------------------------------------------

@@ -290,6 +290,10 @@ def unterminated_error(source: Path, offset: int, line: int) -> InputError:
     )
 
 
+def empty_file_error(source: Path) -> InputError:
+    return InputError(source, "file is empty: no header line", offset=0, line=1)
+
+
 # --- reading records back ------------------------------------------------------
 
 
@@ -334,7 +338,7 @@ def iter_records(data_path: Path, fmt: str) -> Iterator[tuple[int, bytes]]:
     if parity:
         raise unterminated_error(data_path, offset, line)
     if not header_seen and not buf:
-        raise InputError(data_path, "file is empty: no header line", offset=0, line=1)
+        raise empty_file_error(data_path)
     if buf and header_seen:
         yield line, _without_line_ending(buf)
 

@@ -1,0 +1,141 @@
+"""Chunk files: the header line they all start with, and how each is written whole.
+
+A chunk is written to `chunk-NNNNN.<fmt>.tmp`, optionally fsynced, then renamed
+into place and only then announced (a `Chunk`), so a chunk that was announced is
+whole and a failed or abandoned split leaves no partial file.
+
+The writer knows nothing of records or quotes: the cutter (`splitter.cutter`)
+decides which bytes go into which chunk, in whole records, and the writer only
+appends them. An OSError while writing names the chunk file: write(2) and close(2)
+failing with ENOSPC or EFBIG raise one with no filename, which would leave the user
+a full disk without saying where.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from orchestrator.durable import fsync_dir
+from orchestrator.splitter.scan import delimiter_for
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """A finished chunk file: in place, complete, fsynced if that was asked."""
+
+    index: int  # 1-based
+    path: Path
+    rows: int  # data records, header excluded
+    bytes: int  # file size, header included
+    first_line: int  # source line of its first record
+    # Bytes of its header line (as written: trimmed names, line ending included); the
+    # records are the rest, so packing appends `path` from this offset to another chunk.
+    header_bytes: int
+
+
+class ChunkWriter:
+    """Writes one chunk at a time to a temp name; renames it into place when done."""
+
+    def __init__(self, out_dir: Path, fmt: str, *, fsync: bool) -> None:
+        self.header = b""  # the line every chunk starts with; set before the first write
+        self.fill = 0  # data bytes in the open chunk
+        self._out_dir = out_dir
+        self._fmt = fmt
+        self._fsync = fsync
+        self._index = 0
+        self._rows = 0
+        self._first_line = 0
+        self._file: io.BufferedWriter | None = None
+        self._tmp: Path | None = None
+
+    @property
+    def chunks(self) -> int:
+        return self._index
+
+    @property
+    def open(self) -> bool:
+        return self._file is not None
+
+    def write(self, data: bytes | memoryview, line: int, rows: int) -> None:
+        """Append `rows` whole records; `line` is the first one's source line."""
+        if self._file is None:
+            self._open(line)
+        assert self._file is not None  # opened above; tells mypy
+        with naming(self._tmp):
+            self._file.write(data)
+        self.fill += len(data)
+        self._rows += rows
+
+    def write_record(self, pieces: list[bytes | memoryview], line: int) -> None:
+        """Append one record that arrived in pieces."""
+        for piece in pieces:
+            self.write(piece, line, 0)
+        self._rows += 1
+
+    def close(self) -> Chunk:
+        """Finish the open chunk: flush, fsync if asked, rename into place."""
+        assert self._file is not None  # only called with a chunk open
+        assert self._tmp is not None
+        with naming(self._tmp):
+            self._file.flush()
+            if self._fsync:
+                os.fsync(self._file.fileno())
+            self._file.close()
+        self._file = None
+        path = self._tmp.with_suffix("")
+        os.replace(self._tmp, path)
+        self._tmp = None
+        if self._fsync:
+            fsync_dir(self._out_dir)
+        size = len(self.header) + self.fill
+        chunk = Chunk(self._index, path, self._rows, size, self._first_line, len(self.header))
+        self.fill = 0
+        return chunk
+
+    def abort(self) -> None:
+        """Drop the chunk being written, if any; idempotent."""
+        if self._file is not None:
+            # Flushing what is buffered can fail again (a full disk): the chunk is
+            # being dropped anyway, and close() releases the descriptor regardless.
+            with contextlib.suppress(OSError):
+                self._file.close()
+            self._file = None
+        if self._tmp is not None:
+            self._tmp.unlink(missing_ok=True)
+            self._tmp = None
+
+    def _open(self, line: int) -> None:
+        self._index += 1
+        self._rows = 0
+        self._first_line = line
+        self._tmp = self._out_dir / f"chunk-{self._index:05d}.{self._fmt}.tmp"
+        self._file = self._tmp.open("wb")
+        with naming(self._tmp):
+            self._file.write(self.header)
+
+
+@contextlib.contextmanager
+def naming(path: Path | None) -> Iterator[None]:
+    """Re-raise an OSError that names no file as the same error naming `path`."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None or path is None:
+            raise
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+
+
+def trimmed_header(raw: bytes, columns: tuple[str, ...], fmt: str) -> bytes:
+    """The header line written again with every column name trimmed; line ending kept."""
+    ending = b"\r\n" if raw.endswith(b"\r\n") else b"\n" if raw.endswith(b"\n") else b""
+    out = io.StringIO()
+    csv.writer(out, delimiter=delimiter_for(fmt), lineterminator="").writerow(
+        [name.strip() for name in columns]
+    )
+    return out.getvalue().encode("utf-8") + ending
