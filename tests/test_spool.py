@@ -17,8 +17,8 @@ from orchestrator.config import Route, Settings, WatchSettings
 from orchestrator.errors import ConfigError
 from orchestrator.models import FileRecord, FileStatus, ObjectType
 from orchestrator.spool import Spool, fs
-from orchestrator.spool import inbox as inbox_module
-from orchestrator.spool.inbox import CLAIM_BATCH
+from orchestrator.spool import claims as claims_module
+from orchestrator.spool.claims import CLAIM_BATCH
 from orchestrator.store import Store
 from tests.support.waiting import wait_until
 
@@ -249,7 +249,7 @@ async def test_a_crash_between_a_batch_of_intents_and_their_renames_claims_each_
         fs.move_entries(moves[:2])
         raise KeyboardInterrupt  # stands for the kill: three intents left unmoved
 
-    monkeypatch.setattr(inbox_module, "move_entries", killed_after_two)
+    monkeypatch.setattr(claims_module, "move_entries", killed_after_two)
     with pytest.raises(KeyboardInterrupt):
         await spool.scan()
     assert claims.records == []

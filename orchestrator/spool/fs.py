@@ -1,10 +1,11 @@
 """The spool's blocking filesystem helpers: classify, list and move inbox entries.
 
-Everything here runs in a worker thread (the `Spool` calls it through
-`asyncio.to_thread`) and works from lstat alone: entries are classified by
-their mode, never opened or read. Moves into work/ are plain renames on one
+Everything here runs in a worker thread (the spool and its claimer call it
+through `asyncio.to_thread`) and works from lstat alone: entries are classified
+by their mode, never opened or read. Moves into work/ are plain renames on one
 filesystem, checked afterwards against the inode and kind that were seen.
-Also here: work path names, claim timestamps and the data directory tree.
+Also here: work path names, the hand-over tickets of a batch, and the data
+directory tree.
 """
 
 from __future__ import annotations
