@@ -1,7 +1,7 @@
 """Byte-level reading of delimited files: record ends, checks, header, records.
 
-The splitter (`orchestrator.splitter`) and the results reader both read source
-files through this module, so they agree on where records start and end and on
+The cutter reads source files through this module, and `iter_records` reads
+records back the same way, so both agree on where records start and end and on
 what makes a file unreadable. Nothing here writes files.
 
 How records are found. Quoting follows RFC 4180 with the format's delimiter; the
@@ -343,7 +343,12 @@ def iter_records(data_path: Path, fmt: str) -> Iterator[tuple[int, bytes]]:
         yield line, _without_line_ending(buf)
 
 
-def _without_line_ending(record: bytes) -> bytes:
+def line_ending(record: bytes) -> bytes:
+    """The line ending `record` ends with: CRLF, LF, or none (a file's last record)."""
     if record.endswith(LF):
-        return record[:-2] if record.endswith(b"\r\n") else record[:-1]
-    return record
+        return b"\r\n" if record.endswith(b"\r\n") else LF
+    return b""
+
+
+def _without_line_ending(record: bytes) -> bytes:
+    return record[: len(record) - len(line_ending(record))]

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from orchestrator.durable import fsync_dir
-from orchestrator.splitter.scan import delimiter_for
+from orchestrator.splitter.scan import delimiter_for, line_ending
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,9 +133,8 @@ def naming(path: Path | None) -> Iterator[None]:
 
 def trimmed_header(raw: bytes, columns: tuple[str, ...], fmt: str) -> bytes:
     """The header line written again with every column name trimmed; line ending kept."""
-    ending = b"\r\n" if raw.endswith(b"\r\n") else b"\n" if raw.endswith(b"\n") else b""
     out = io.StringIO()
     csv.writer(out, delimiter=delimiter_for(fmt), lineterminator="").writerow(
         [name.strip() for name in columns]
     )
-    return out.getvalue().encode("utf-8") + ending
+    return out.getvalue().encode("utf-8") + line_ending(raw)
