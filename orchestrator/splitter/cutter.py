@@ -19,9 +19,10 @@ Decisions (the issue left these open; the scanning ones are in `splitter.scan`):
   (missing.dedupe.fields). A header without such names is copied unchanged.
 
 The cutter decides which bytes go into which chunk; writing a chunk file whole
-(temp name, fsync, rename) is `splitter.writer`'s part. Records reach a chunk in
-two places only: `_place_region` (a run of whole records inside one block, copied
-at C speed) and `_finish_pending` (one record that spanned blocks).
+(temp name, fsync, rename) is `splitter.writer`'s part. Each record is placed
+(or set aside) in one of two places: `_place_region`, for the run of whole records
+inside one block (copied at C speed), and `_finish_pending`, for the one record
+that ran on from an earlier block (or is the file's last).
 """
 
 from __future__ import annotations
