@@ -1,10 +1,13 @@
 """The Marketo Bulk Import client: the only package that speaks Marketo's HTTP and JSON.
 
-`client` holds the `MarketoClient` and its retry loop; `auth` the token cache;
-`limits` the call limiter and the daily quota; `wire` paths, operation ids and
-the reading of envelopes and files.
+`bulk` holds the `MarketoClient` with its twelve operations; `retry` the one retry
+loop and the transport under it; `auth` the credentials and the token cache;
+`limits` the call limiter and the daily quota; `upload` the multipart upload and
+its unknown outcomes; `wire` paths, operation ids and the reading of envelopes
+and files.
 """
 
-from orchestrator.marketo.bulk import ClientObserver, MarketoClient
+from orchestrator.marketo.bulk import MarketoClient
+from orchestrator.marketo.retry import ClientObserver
 
 __all__ = ["ClientObserver", "MarketoClient"]

@@ -1,4 +1,10 @@
-"""Access tokens for the Marketo client: one cached token, refreshed under a lock.
+"""Who the client is to Marketo, and the token that proves it.
+
+`Identity` holds the client id and secret and asks the identity service for a
+token (the secret goes only in the request's form body). When the service
+refuses the credentials, it reads its secret file (marketo.client_secret_file)
+again and, if the secret there changed, asks once more with it: a rotated
+secret needs no restart. Secrets it has used stay known, for scrubbing.
 
 `TokenSource` holds the client's current token (one per `MarketoClient`: a
 process normally runs one client, so a per-instance cache is the per-client-id
@@ -21,7 +27,8 @@ generation means another task already refreshed, and that token is reused.
 Ten calls that meet 601 together therefore cause one identity request, even
 when the identity service hands back the same token string.
 
-The token itself never appears in a repr, a log line or an exception message.
+Neither the secret nor the token appears in a repr, a log line or an exception
+message.
 """
 
 from __future__ import annotations
@@ -29,10 +36,15 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import aiohttp
 import structlog
 
-from orchestrator import constants
+from orchestrator import config, constants, logs
+from orchestrator.errors import CredentialsError, MarketoError
+from orchestrator.marketo.limits import Limiter
+from orchestrator.marketo.wire import IDENTITY, Exchange, Grant, Scrub, read_grant
 
 log = structlog.get_logger(__name__)
 
@@ -40,14 +52,6 @@ log = structlog.get_logger(__name__)
 LOW_LIFE_SECONDS = constants.TOKEN_MIN_LIFE_SECONDS
 # Asking again at most this many times when the answer is still the old token.
 MAX_EARLY_ANSWERS = 3
-
-
-@dataclass(frozen=True, slots=True)
-class Grant:
-    """What the identity service answered: a token and its remaining life."""
-
-    access_token: str = field(repr=False)
-    expires_in: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +64,94 @@ class Token:
 
 
 Fetch = Callable[[], Awaitable[Grant]]
+# How the identity request is sent: `Transport.send`, for a grant.
+SendGrant = Callable[[str, Exchange[Grant], dict[str, str]], Awaitable[Grant]]
+
+
+class Identity:
+    """The client's credentials and the identity request that turns them into a token."""
+
+    def __init__(
+        self,
+        settings: config.MarketoSettings,
+        *,
+        send: SendGrant,
+        limiter: Limiter,
+        timeout: aiohttp.ClientTimeout,
+        scrub: Scrub,
+    ) -> None:
+        self._client_id = settings.client_id
+        self._secret_file = settings.client_secret_file
+        self._url = f"{config.identity_url(settings)}/oauth/token"
+        self._secret = settings.client_secret
+        self._old_secrets: list[config.Secret] = []  # rotated out; still scrubbed
+        self._send = send
+        self._limiter = limiter
+        self._timeout = timeout
+        self._scrub = scrub
+        self._ok: bool | None = None
+
+    def __repr__(self) -> str:
+        return f"<Identity client_id={self._client_id!r}>"
+
+    @property
+    def ok(self) -> bool | None:
+        """Whether the last identity request succeeded; None before the first one."""
+        return self._ok
+
+    @property
+    def secrets(self) -> list[str]:
+        """Every secret used so far, the current one first (to scrub; never log them)."""
+        return [s.reveal() for s in (self._secret, *self._old_secrets)]
+
+    async def fetch(self) -> Grant:
+        """A token from the identity service; refused credentials make it read the secret
+        file again and, if the secret there changed, ask once more with it."""
+        try:
+            return await self._ask(self._secret)
+        except CredentialsError:
+            fresh = await asyncio.to_thread(self._reread_secret)
+            if fresh is None:
+                raise
+            self._old_secrets.append(self._secret)
+            self._secret = fresh
+            log.warning("client_secret_reloaded", file=self._secret_file)
+            return await self._ask(fresh)
+
+    def _reread_secret(self) -> config.Secret | None:
+        """The secret file's value if it differs from the one in use, else None."""
+        if not self._secret_file:
+            return None
+        try:
+            text = Path(self._secret_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            log.warning("client_secret_unreadable", file=self._secret_file, error=exc.strerror)
+            return None
+        if not text or text == self._secret.reveal():
+            return None
+        logs.register_secret(text)
+        return config.Secret(text)
+
+    async def _ask(self, secret: config.Secret) -> Grant:
+        """Ask the identity service for a token (the secret goes in the form body)."""
+        form = {
+            "grant_type": "client_credentials",
+            "client_id": self._client_id,
+            "client_secret": secret.reveal(),
+        }
+
+        async def exchange(session: aiohttp.ClientSession, _: dict[str, str]) -> Grant:
+            async with session.post(self._url, data=form, timeout=self._timeout) as resp:
+                return await read_grant(resp, self._scrub)
+
+        try:
+            async with self._limiter.slot(counted=False):  # free of Marketo's limits
+                grant = await self._send(IDENTITY, exchange, {})
+        except MarketoError:
+            self._ok = False
+            raise
+        self._ok = True
+        return grant
 
 
 class TokenSource:

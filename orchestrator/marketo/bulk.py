@@ -1,42 +1,21 @@
-"""The Marketo Bulk Import client: the only module that knows Marketo's JSON.
+"""The Marketo Bulk Import client: `MarketoClient`, the package's one public face.
 
 `MarketoClient` offers the twelve Bulk Import operations of
 `shared/marketo-openapi/swagger-mapi.json` as explicit methods (import, status,
 failures and warnings for leads, custom objects and program members), plus four
-route-level dispatchers for the scheduler and the poller.
+route-level dispatchers for the scheduler and the poller. It builds its parts
+and shapes each operation's exchange; the parts do the rest:
 
-Every call goes through one retry loop:
+- `marketo.retry`: the one retry loop every call goes through, and the
+  transport that sends a request and translates aiohttp's exceptions;
+- `marketo.auth`: the credentials, the identity request and the token cache;
+- `marketo.limits`: calls per window and in flight, and the daily quota;
+- `marketo.upload`: the multipart upload, its stall watchdog, unknown outcomes;
+- `marketo.wire`: paths, operation ids, reading envelopes and files.
 
-    quota gate -> token -> limiter slot -> HTTP -> envelope -> result
-         ^                                                    |
-         +-- 601/602: refresh once (under the token lock) ----+
-         +-- 606: hold every call for a full api_window_seconds, retry
-         +-- 615/5xx/500/502/604/608/611/614/713/719/network/timeout: backoff, retry
-         +-- 607: pause every call until the quota resets (see `marketo.limits`), retry
-    1016, 1019 and fatal errors: raised at once (the scheduler owns 1016/1019)
-
-Creating an import job is not idempotent, so a create is retried here only
-when Marketo cannot have executed it: the connection was never established,
-the body was not fully sent (a stalled upload), or Marketo answered with an
-error envelope (6xx, 500/502 in `errors[]`: "not executed" on Marketo's
-error-code page). Once the whole body went out, a timeout, a dropped
-connection, an HTTP 5xx or an unreadable answer is an unknown outcome:
-`UnknownOutcomeError`, raised at once for the scheduler to resubmit (capped).
-
-Timeouts: `request_timeout` bounds connecting, and then the silence after the
-request went out (no byte of the answer for that long); an upload is cut off
-only when it makes no progress for `request_timeout`, never for taking long.
-
-Foreign errors are translated here and only here: aiohttp exceptions become
-`TransientError("network"/"timeout")`, HTTP statuses go through
-`errors.error_for_http_status` and Marketo's `errors[].code` through
-`errors.error_for_code`. The client secret travels only in the identity
-request's form body and the token only in the `Authorization` header; neither
-appears in a URL, a log line, a repr or an exception message.
-
-Split by prefix: `marketo.auth` (the token cache), `marketo.limits` (the
-limiter and the daily quota), `marketo.wire` (paths, operation ids, reading
-envelopes and files).
+The client secret travels only in the identity request's form body and the
+token only in the `Authorization` header; neither appears in a URL, a log line,
+a repr or an exception message (`_scrub` blanks both out of foreign text).
 """
 
 from __future__ import annotations
@@ -45,37 +24,25 @@ import asyncio
 import datetime as dt
 import socket
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, Protocol, Self, TypeVar
+from typing import Any, Self
 
 import aiohttp
-import structlog
 
-import orchestrator
-from orchestrator import config, constants, logs
+from orchestrator import config
 from orchestrator.backoff import Backoff
 from orchestrator.clock import utc_now
-from orchestrator.errors import (
-    AuthError,
-    CredentialsError,
-    FatalError,
-    MarketoError,
-    QuotaExhaustedError,
-    RateLimitError,
-    TransientError,
-    UnknownOutcomeError,
-)
-from orchestrator.marketo.auth import Grant, TokenSource
+from orchestrator.errors import FatalError
+from orchestrator.marketo.auth import Identity, TokenSource
 from orchestrator.marketo.limits import DailyQuota, Limiter
+from orchestrator.marketo.retry import ClientObserver, NullObserver, RetryLoop, Transport
+from orchestrator.marketo.upload import expected_seconds, upload_exchange
 from orchestrator.marketo.wire import (
-    CONTENT_TYPES,
     CUSTOM_OBJECT_FAILURES,
     CUSTOM_OBJECT_STATUS,
     CUSTOM_OBJECT_WARNINGS,
-    IDENTITY,
     IMPORT_CUSTOM_OBJECTS,
     IMPORT_LEADS,
     IMPORT_PROGRAM_MEMBERS,
@@ -87,43 +54,12 @@ from orchestrator.marketo.wire import (
     PROGRAM_MEMBER_WARNINGS,
     batch_status,
     custom_object_root,
-    read_grant,
     read_result,
     stream_to_file,
 )
 from orchestrator.models import BatchStatus, ObjectType
 
-log = structlog.get_logger(__name__)
-
-T = TypeVar("T")
-
-USER_AGENT: Final = f"marketo-orchestrator/{orchestrator.__version__}"
-# An upload's expected time, for the token's minimum life: its size over this rate.
-ASSUMED_UPLOAD_BYTES_PER_SECOND: Final = 250_000
-MAX_REFRESHES: Final = 2  # token refreshes per call after 601/602
-MAX_QUOTA_PAUSES: Final = 3  # 607 pauses per call before giving up
-RETRY_DEADLINE_SECONDS: Final = 600.0  # no call retries for longer than this
-
-
-class ClientObserver(Protocol):
-    """What the client reports, so the daemon can feed metrics without this module."""
-
-    def api_call(self, operation: str) -> None: ...
-    def marketo_error(self, code: str) -> None: ...
-    def backoff(self, reason: str, seconds: float) -> None: ...
-
-
-class NullObserver:
-    """The default observer: ignores everything."""
-
-    def api_call(self, operation: str) -> None:
-        pass
-
-    def marketo_error(self, code: str) -> None:
-        pass
-
-    def backoff(self, reason: str, seconds: float) -> None:
-        pass
+__all__ = ["ClientObserver", "MarketoClient"]
 
 
 class MarketoClient:
@@ -147,33 +83,29 @@ class MarketoClient:
         socket_factory: Callable[[Any], socket.socket] | None = None,
     ) -> None:
         m, lim = settings.marketo, settings.limits
-        self._settings = settings
+        self._client_id = m.client_id
         self._base = m.base_url.rstrip("/")
-        self._token_url = f"{config.identity_url(m)}/oauth/token"
-        self._observer: ClientObserver = observer or NullObserver()
-        self._sleep = sleep
-        self._clock = clock
-        self._max_attempts = max(1, max_attempts)
-        self._backoff = Backoff(settings.backoff.initial, settings.backoff.max)
         self._request_timeout = m.request_timeout
-        # No total: a long upload that keeps going is never cut off (see _upload).
-        self._timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=m.request_timeout, sock_read=m.request_timeout
+        observer = observer or NullObserver()
+        self._transport = Transport(
+            m.request_timeout,
+            observer=observer,
+            scrub=self._scrub,
+            session=session,
+            socket_factory=socket_factory,
         )
-        self._session = session
-        self._owns_session = session is None
-        self._secret = m.client_secret
-        self._old_secrets: list[config.Secret] = []  # rotated out; still scrubbed
-        self._socket_factory = socket_factory  # tests: sockets with small send buffers
-        self._tokens = TokenSource(self._fetch_grant, clock=clock, sleep=sleep)
-        self._window = lim.api_window_seconds
-        self._limiter = Limiter(
+        self._timeout = self._transport.timeout
+        limiter = Limiter(
             lim.api_calls_per_window,
             lim.api_window_seconds,
             lim.concurrent_api_calls,
             sleep=sleep,
             clock=clock,
         )
+        self._identity = Identity(
+            m, send=self._transport.send, limiter=limiter, timeout=self._timeout, scrub=self._scrub
+        )
+        self._tokens = TokenSource(self._identity.fetch, clock=clock, sleep=sleep)
         self._quota = DailyQuota(
             lim.daily_api_calls,
             lim.quota_reset_tz,
@@ -181,11 +113,21 @@ class MarketoClient:
             sleep=sleep,
             used=calls_today,
         )
-        self._calls: Counter[str] = Counter()
-        self._identity_ok: bool | None = None
+        self._retry = RetryLoop(
+            self._transport,
+            self._tokens,
+            limiter,
+            self._quota,
+            Backoff(settings.backoff.initial, settings.backoff.max),
+            observer=observer,
+            sleep=sleep,
+            clock=clock,
+            max_attempts=max_attempts,
+            window=lim.api_window_seconds,
+        )
 
     def __repr__(self) -> str:
-        return f"<MarketoClient {self._base} client_id={self._settings.marketo.client_id!r}>"
+        return f"<MarketoClient {self._base} client_id={self._client_id!r}>"
 
     async def __aenter__(self) -> Self:
         return self
@@ -200,9 +142,7 @@ class MarketoClient:
 
     async def close(self) -> None:
         """Close the HTTP session if the client opened it."""
-        if self._owns_session and self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._transport.close()
 
     @property
     def has_token(self) -> bool:
@@ -215,7 +155,7 @@ class MarketoClient:
 
         Readiness rests on this, not on `has_token`: a token that expired while the
         daemon was idle says nothing about whether Marketo can be reached."""
-        return self._identity_ok
+        return self._identity.ok
 
     async def ensure_token(self) -> None:
         """Fetch a token if there is none; raises `MarketoError` if that fails."""
@@ -229,7 +169,7 @@ class MarketoClient:
     @property
     def calls_by_operation(self) -> Mapping[str, int]:
         """Requests sent, by swagger operation id (and "identity")."""
-        return dict(self._calls)
+        return dict(self._transport.calls)
 
     # -- Leads -------------------------------------------------------------
 
@@ -357,57 +297,21 @@ class MarketoClient:
     async def _upload(
         self, operation: str, url_path: str, params: dict[str, str], file: Path, fmt: str
     ) -> BatchStatus:
-        """POST the file as the multipart part `file`, reopened for every attempt.
-
-        An attempt that fails after the whole body went out is an unknown outcome
-        (`UnknownOutcomeError`, not retried here); one that fails before is retried.
-        """
-        content_type = CONTENT_TYPES.get(fmt.lower(), "text/plain")
+        """POST the file; an attempt that fails after the whole body went out is an
+        unknown outcome (`UnknownOutcomeError`, not retried), see `marketo.upload`."""
         size = (await asyncio.to_thread(file.stat)).st_size
-        min_life = max(constants.TOKEN_MIN_LIFE_SECONDS, size / ASSUMED_UPLOAD_BYTES_PER_SECOND)
-
-        async def exchange(session: aiohttp.ClientSession, headers: dict[str, str]) -> Any:
-            fh = await asyncio.to_thread(file.open, "rb")
-            progress: UploadProgress | None = None
-            try:
-                form = aiohttp.FormData()
-                form.add_field("file", fh, filename=file.name, content_type=content_type)
-                body = form()
-                async with asyncio.timeout(self._request_timeout) as watchdog:
-                    progress = UploadProgress(body.size, watchdog, self._request_timeout)
-                    async with session.post(
-                        self._base + url_path,
-                        params=params,
-                        data=body,
-                        headers=headers,
-                        timeout=self._timeout,
-                        trace_request_ctx=progress,
-                    ) as resp:
-                        progress.settle()  # the answer is here: sock_read rules
-                        return await read_result(resp, operation, self._scrub)
-            except TransientError as exc:
-                if exc.code.startswith("http-") or exc.code == "invalid-response":
-                    # Not Marketo's envelope: whatever answered may have passed the body on.
-                    raise self._unknown(operation, exc.code, exc.message) from None
-                raise
-            except (TimeoutError, aiohttp.ClientError) as exc:
-                if progress is not None and progress.body_sent:
-                    kind = "timeout" if isinstance(exc, TimeoutError) else "network"
-                    text = self._scrub(f"{type(exc).__name__}: {exc}".rstrip(": "))
-                    raise self._unknown(operation, kind, text) from None
-                raise  # _send: never connected or body not fully sent, safe to retry
-            finally:
-                fh.close()  # closing a file opened for reading does not block
-
-        return batch_status(await self._call(operation, exchange, min_life=min_life), operation)
-
-    def _unknown(self, operation: str, code: str, what: str) -> UnknownOutcomeError:
-        return UnknownOutcomeError(
-            code,
-            f"the request was sent but its outcome is unknown ({what}); "
-            "Marketo may or may not have created the import job",
+        exchange = upload_exchange(
+            self._base + url_path,
+            params,
+            file,
+            fmt,
             operation=operation,
+            stall=self._request_timeout,
+            timeout=self._timeout,
+            scrub=self._scrub,
         )
+        result = await self._retry.call(operation, exchange, min_life=expected_seconds(size))
+        return batch_status(result, operation)
 
     async def _status(self, operation: str, url_path: str) -> BatchStatus:
         async def exchange(session: aiohttp.ClientSession, headers: dict[str, str]) -> Any:
@@ -416,7 +320,7 @@ class MarketoClient:
             ) as resp:
                 return await read_result(resp, operation, self._scrub)
 
-        return batch_status(await self._call(operation, exchange), operation)
+        return batch_status(await self._retry.call(operation, exchange), operation)
 
     async def _download(self, operation: str, url_path: str, dest: Path) -> bool:
         """GET a failures/warnings file, streamed to `dest` via `dest.part`."""
@@ -437,219 +341,11 @@ class MarketoClient:
                 await stream_to_file(resp, dest)
                 return True
 
-        return await self._call(operation, exchange)
-
-    # -- The retry loop ----------------------------------------------------
-
-    async def _call(
-        self,
-        operation: str,
-        exchange: Callable[[aiohttp.ClientSession, dict[str, str]], Awaitable[T]],
-        *,
-        min_life: float | None = None,
-    ) -> T:
-        """Run `exchange` with a token and a limiter slot, retrying what is worth it.
-
-        `min_life`: seconds the token must still live (uploads); None for the default."""
-        started = self._clock()
-        failures = refreshes = pauses = 0
-        while True:
-            generation = None
-            try:
-                await self._quota.reserve(self._on_quota_pause)
-                token = await self._tokens.get(min_life)
-                generation = token.generation
-                headers = {"Authorization": f"Bearer {token.value}"}
-                async with self._limiter.slot():
-                    result = await self._send(operation, exchange, headers)
-                self._quota.succeeded()
-                return result
-            except AuthError as exc:
-                self._saw(exc)
-                if generation is None or refreshes >= MAX_REFRESHES:
-                    raise
-                refreshes += 1
-                log.warning("access token refused, refreshing", operation=operation, code=exc.code)
-                await self._tokens.refresh(generation)
-            except QuotaExhaustedError as exc:
-                self._saw(exc)
-                pauses += 1
-                if pauses > MAX_QUOTA_PAUSES:
-                    raise
-                self._quota.exhausted()
-            except UnknownOutcomeError as exc:
-                self._saw(exc)
-                raise
-            except (RateLimitError, TransientError) as exc:
-                self._saw(exc)
-                failures += 1
-                delay = self._backoff.delay(failures)
-                if exc.code == "606":
-                    # The window is the subscription's: nothing goes until it has slid.
-                    delay = max(delay, self._window)
-                    self._limiter.hold(delay)
-                elapsed = self._clock() - started
-                if failures >= self._max_attempts or elapsed + delay > RETRY_DEADLINE_SECONDS:
-                    raise
-                log.warning(
-                    "Marketo call failed, retrying",
-                    operation=operation,
-                    code=exc.code,
-                    request_id=exc.request_id or None,
-                    attempt=failures,
-                    delay=round(delay, 3),
-                )
-                self._observer.backoff(exc.code, delay)
-                if exc.code != "606":  # after 606 the limiter holds every call, this one too
-                    await self._sleep(delay)
-            except MarketoError as exc:
-                self._saw(exc)
-                raise
-
-    async def _send(
-        self,
-        operation: str,
-        exchange: Callable[[aiohttp.ClientSession, dict[str, str]], Awaitable[T]],
-        headers: dict[str, str],
-    ) -> T:
-        """One request; aiohttp's exceptions become ours here."""
-        self._count(operation)
-        started = time.monotonic()
-        headers = {**headers, "User-Agent": USER_AGENT}
-        try:
-            result = await exchange(self._http(), headers)
-        except TimeoutError:
-            raise TransientError("timeout", "no answer in time", operation=operation) from None
-        except aiohttp.ClientError as exc:
-            message = self._scrub(f"{type(exc).__name__}: {exc}")
-            raise TransientError("network", message, operation=operation) from None
-        log.debug("Marketo call", operation=operation, seconds=round(time.monotonic() - started, 3))
-        return result
-
-    async def _fetch_grant(self) -> Grant:
-        """A token from the identity service; refused credentials make the client read
-        its secret file again (marketo.client_secret_file) and, if the secret there
-        changed, ask once more with it: a rotated secret needs no restart."""
-        try:
-            return await self._ask_identity(self._secret)
-        except CredentialsError:
-            fresh = await asyncio.to_thread(self._reread_secret)
-            if fresh is None:
-                raise
-            self._old_secrets.append(self._secret)
-            self._secret = fresh
-            log.warning("client_secret_reloaded", file=self._settings.marketo.client_secret_file)
-            return await self._ask_identity(fresh)
-
-    def _reread_secret(self) -> config.Secret | None:
-        """The secret file's value if it differs from the one in use, else None."""
-        path = self._settings.marketo.client_secret_file
-        if not path:
-            return None
-        try:
-            text = Path(path).read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            log.warning("client_secret_unreadable", file=path, error=exc.strerror)
-            return None
-        if not text or text == self._secret.reveal():
-            return None
-        logs.register_secret(text)
-        return config.Secret(text)
-
-    async def _ask_identity(self, secret: config.Secret) -> Grant:
-        """Ask the identity service for a token (the secret goes in the form body)."""
-        form = {
-            "grant_type": "client_credentials",
-            "client_id": self._settings.marketo.client_id,
-            "client_secret": secret.reveal(),
-        }
-
-        async def exchange(session: aiohttp.ClientSession, _: dict[str, str]) -> Grant:
-            async with session.post(self._token_url, data=form, timeout=self._timeout) as resp:
-                return await read_grant(resp, self._scrub)
-
-        try:
-            async with self._limiter.slot(counted=False):
-                grant = await self._send(IDENTITY, exchange, {})
-        except MarketoError:
-            self._identity_ok = False
-            raise
-        self._identity_ok = True
-        return grant
-
-    # -- Small helpers -----------------------------------------------------
-
-    def _http(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            trace = aiohttp.TraceConfig()
-            trace.on_request_chunk_sent.append(on_chunk_sent)
-            connector = (
-                aiohttp.TCPConnector(socket_factory=self._socket_factory)
-                if self._socket_factory is not None
-                else None
-            )
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                timeout=self._timeout,
-                headers={"User-Agent": USER_AGENT},
-                trace_configs=[trace],
-            )
-        return self._session
-
-    def _count(self, operation: str) -> None:
-        self._calls[operation] += 1
-        self._observer.api_call(operation)
-
-    def _saw(self, exc: MarketoError) -> None:
-        self._observer.marketo_error(exc.code)
-
-    def _on_quota_pause(self, seconds: float) -> None:
-        log.warning("daily API quota paused calls", seconds=round(seconds, 1))
-        self._observer.backoff("quota", seconds)
+        return await self._retry.call(operation, exchange)
 
     def _scrub(self, text: str) -> str:
-        """`text` with the secret and the current token blanked out."""
-        secrets = [s.reveal() for s in (self._secret, *self._old_secrets)]
-        for secret in (*secrets, self._tokens.current_value):
+        """`text` with every secret used and the current token blanked out."""
+        for secret in (*self._identity.secrets, self._tokens.current_value):
             if secret:
                 text = text.replace(secret, "***")
         return text
-
-
-class UploadProgress:
-    """How much of an upload's body went out; keeps its stall watchdog from firing
-    while bytes keep leaving (the request's `trace_request_ctx`)."""
-
-    def __init__(self, total: int | None, watchdog: asyncio.Timeout, stall: float) -> None:
-        self.total = total
-        self.sent = 0
-        self._watchdog = watchdog
-        self._stall = stall
-
-    @property
-    def body_sent(self) -> bool:
-        """The whole body went out: Marketo may have acted on it."""
-        return self.total is None or self.sent >= self.total
-
-    def advance(self, n: int) -> None:
-        self.sent += n
-        if self.body_sent:
-            self.settle()
-        elif not self._watchdog.expired():
-            self._watchdog.reschedule(asyncio.get_running_loop().time() + self._stall)
-
-    def settle(self) -> None:
-        """No more stall watch: the body is out (the read timeout takes over)."""
-        if not self._watchdog.expired():  # an expiring watchdog cannot be changed
-            self._watchdog.reschedule(None)
-
-
-async def on_chunk_sent(
-    _session: aiohttp.ClientSession,
-    context: Any,
-    params: aiohttp.TraceRequestChunkSentParams,
-) -> None:
-    """aiohttp's trace hook: a block of a request body was written."""
-    progress = context.trace_request_ctx
-    if isinstance(progress, UploadProgress):
-        progress.advance(len(params.chunk))

@@ -84,8 +84,8 @@ class Limiter:
             yield
 
 
-def next_midnight(now: dt.datetime, tz: ZoneInfo) -> dt.datetime:
-    """The next midnight in `tz` after the aware datetime `now`, in UTC."""
+def next_midnight(now: dt.datetime, tz: dt.tzinfo) -> dt.datetime:
+    """The next midnight in `tz` (a zone or a fixed offset) after the aware `now`, in UTC."""
     local = now.astimezone(tz)
     midnight = dt.datetime.combine(local.date() + dt.timedelta(days=1), dt.time(0), tzinfo=tz)
     return midnight.astimezone(dt.UTC)
@@ -95,17 +95,10 @@ def next_reset(now: dt.datetime, tz: ZoneInfo) -> dt.datetime:
     """When the quota resets next: the later of midnight in `tz` and midnight at a
     fixed UTC-6 ("12:00AM CST" read literally), for the same coming reset."""
     fixed = dt.timezone(dt.timedelta(hours=constants.QUOTA_RESET_FIXED_OFFSET_HOURS))
-    a, b = next_midnight(now, tz), next_midnight_fixed(now, fixed)
+    a, b = next_midnight(now, tz), next_midnight(now, fixed)
     if abs((a - b).total_seconds()) < 12 * 3600:
         return max(a, b)
     return min(a, b)  # one reading's midnight already passed today: the other is still ahead
-
-
-def next_midnight_fixed(now: dt.datetime, tz: dt.tzinfo) -> dt.datetime:
-    """The next midnight at a fixed offset after `now`, in UTC."""
-    local = now.astimezone(tz)
-    midnight = dt.datetime.combine(local.date() + dt.timedelta(days=1), dt.time(0), tzinfo=tz)
-    return midnight.astimezone(dt.UTC)
 
 
 def seconds_between(start: dt.datetime, end: dt.datetime) -> float:

@@ -1,19 +1,21 @@
 """Marketo's wire format: paths, operation ids, envelopes, token answers, file bodies.
 
-The reading half of the Marketo client (`marketo.py`): it turns an aiohttp
-response into a typed result or into one of our errors, classified by
-`errors[].code` (a string) or the HTTP status, never by message text. Messages
-that come from the other side pass through the client's `scrub` first, so a
-secret echoed back can never reach an exception string.
+The reading half of the Marketo client: it turns an aiohttp response into a
+typed result or into one of our errors, classified by `errors[].code` (a
+string) or the HTTP status, never by message text. Messages that come from the
+other side pass through the client's `scrub` first, so a secret echoed back can
+never reach an exception string. An `Exchange` is one request and the reading
+of its answer; `marketo.retry` sends it, as often as is worth it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 from urllib.parse import quote
 
 import aiofiles
@@ -27,10 +29,13 @@ from orchestrator.errors import (
     error_for_code,
     error_for_http_status,
 )
-from orchestrator.marketo.auth import Grant
 from orchestrator.models import BatchStatus
 
+T = TypeVar("T")
+
 Scrub = Callable[[str], str]
+# One request and the reading of its answer, given the session and the request's headers.
+Exchange = Callable[[aiohttp.ClientSession, dict[str, str]], Awaitable[T]]
 
 # Operation ids, as swagger-mapi.json names them (and "identity" for tokens).
 IDENTITY: Final = "identity"
@@ -56,9 +61,23 @@ TOO_LARGE_MESSAGE: Final = "chunk too large: a bug in the splitter, please repor
 DOWNLOAD_BLOCK_BYTES: Final = 64 * 1024
 
 
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What the identity service answered: a token and its remaining life."""
+
+    access_token: str = field(repr=False)
+    expires_in: float
+
+
 def custom_object_root(api_name: str) -> str:
     """The custom-object import path prefix, the API name quoted as one segment."""
     return f"/bulk/v1/customobjects/{quote(api_name, safe='')}/import"
+
+
+def describe(exc: BaseException) -> str:
+    """A foreign exception as "TypeName: message" ("TypeName" when it has no message);
+    scrub it before it goes anywhere."""
+    return f"{type(exc).__name__}: {exc}".rstrip(": ")
 
 
 async def read_result(resp: aiohttp.ClientResponse, operation: str, scrub: Scrub) -> Any:
