@@ -139,7 +139,7 @@ def disk_baselines(source: Path, scratch: Path) -> dict[str, float]:
 
 def serve(port: int) -> int:
     from orchestrator.simulator import SimulatorConfig
-    from orchestrator.simulator.server import serve as run_server
+    from orchestrator.simulator import serve as run_server
 
     config = SimulatorConfig().with_knobs(**SIM_KNOBS)
     asyncio.run(run_server(config, "127.0.0.1", port))

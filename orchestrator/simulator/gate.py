@@ -129,11 +129,10 @@ class Limits:
 
     def roll_quota(self, wall: dt.datetime, config: SimulatorConfig) -> None:
         """A new quota day began at `quota_reset_utc`: the count starts again."""
-        if not config.quota_reset_utc:
+        reset = config.quota_reset
+        if reset is None:
             return
-        hour, _, minute = config.quota_reset_utc.partition(":")
-        shifted = wall.astimezone(dt.UTC) - dt.timedelta(hours=int(hour), minutes=int(minute))
-        day = shifted.date()
+        day = (wall.astimezone(dt.UTC) - reset).date()
         if self.quota_day is not None and day > self.quota_day:
             self.quota_used = 0
         self.quota_day = day

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -96,11 +97,13 @@ class SimulatorConfig:
                 raise ValueError(f"knob {f.name!r} cannot be negative")
         if self.rows_per_second <= 0:
             raise ValueError("knob 'rows_per_second' must be positive")
-        if self.quota_reset_utc:
-            hour, _, minute = self.quota_reset_utc.partition(":")
-            ok = hour.isdigit() and minute.isdigit() and int(hour) < 24 and int(minute) < 60
-            if not ok:
-                raise ValueError("knob 'quota_reset_utc' must be HH:MM (UTC) or empty")
+        if self.quota_reset_utc and time_of_day(self.quota_reset_utc) is None:
+            raise ValueError("knob 'quota_reset_utc' must be HH:MM (UTC) or empty")
+
+    @property
+    def quota_reset(self) -> dt.timedelta | None:
+        """`quota_reset_utc` as the time since midnight UTC; None: the quota never resets."""
+        return time_of_day(self.quota_reset_utc) if self.quota_reset_utc else None
 
     def with_knobs(self, **changes: Any) -> SimulatorConfig:
         """A copy with `changes` applied; unknown names and wrong types raise ValueError."""
@@ -117,6 +120,14 @@ class SimulatorConfig:
         knobs = {f.name: getattr(self, f.name) for f in fields(self)}
         knobs["client_secret"] = "***" if self.client_secret is not None else None
         return knobs
+
+
+def time_of_day(text: str) -> dt.timedelta | None:
+    """The time since midnight that `text` ("HH:MM") names; None if it names none."""
+    hour, _, minute = text.partition(":")
+    if not (hour.isdigit() and minute.isdigit() and int(hour) < 24 and int(minute) < 60):
+        return None
+    return dt.timedelta(hours=int(hour), minutes=int(minute))
 
 
 def coerce_knob(name: str, value: Any, annotation: str) -> Any:

@@ -31,6 +31,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+# delimited also raises the csv module's field limit: Marketo takes far larger fields.
 from orchestrator import constants, delimited
 from orchestrator.models import ObjectType
 from orchestrator.simulator.knobs import SimulatorConfig
@@ -59,9 +60,6 @@ class ParsedFile:
     header: list[str] = field(default_factory=list)
     rows: list[list[str]] = field(default_factory=list)
     error: str | None = None
-
-
-# Marketo takes fields far larger than the csv module's 128 KiB default.
 
 
 def parse_upload(data: bytes, delimiter: str) -> ParsedFile:

@@ -6,7 +6,8 @@ Marketo's envelope, HTTP 200 with `requestId`, `success`, `result`, `errors`
 (string codes) and `warnings`. The queue and rows live in `simulator.queue`
 (records in `simulator.records`); tokens, call limits, faults and the call log
 in `simulator.gate`; the operation handlers in `simulator.operations`. This module is
-the HTTP face.
+the HTTP face: the app, its start and stop, the state file, and the path every call
+takes through the gate to its operation.
 
 Choices where Marketo's documentation is silent (operations: see `simulator.operations`):
 
@@ -14,64 +15,48 @@ Choices where Marketo's documentation is silent (operations: see `simulator.oper
   file part) of `max_file_bytes` or more: HTTP 413 with a text body, as the
   proxy in front of Marketo answers, before auth.
 - Every bulk call passes, in order: 615 (calls in flight, counted from arrival),
-  606 (calls accepted in the sliding window), 607 (calls accepted since start or
-  reset; the simulator's quota does not reset at midnight), the slow delay, a
-  dropped connection, injected 500/503, 413, a token in the query string or a
-  form field (601, recorded as a violation), the bearer token (601 missing or
-  unknown, 602 expired), injected error codes, then the operation (whose answer
-  `drop_reply_fraction` may lose and `late_reply_fraction` may hold back past
-  the client's read timeout). Refused calls are not counted in the window or
-  the quota.
+  606 (calls accepted in the sliding window), 607 (calls accepted since start,
+  reset or the last `quota_reset_utc`; without that knob the quota never
+  resets), the slow delay, a dropped connection, injected 500/503, 413, a token
+  in the query string or a form field (601, recorded as a violation), the
+  bearer token (601 missing or unknown, 602 expired), injected error codes,
+  then the operation (whose answer `drop_reply_fraction` may lose and
+  `late_reply_fraction` may hold back past the client's read timeout). Refused
+  calls are not counted in the window or the quota.
 - Identity calls count toward no limit. A client_secret in the query string
   works but is recorded as violation "secret_in_url".
 
-The test API lives under /_sim/ (JSON, no auth, not in the call log): GET
-records, calls, stats, tokens, jobs, config; POST faults, foreign, reset. The
-same is available in-process on `Simulator`.
+The test API, in process and under /_sim/, is `simulator.control`'s
+`Subscription`, which `Simulator` extends; the standalone command's flags and
+serving loop are `simulator.arguments`.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import datetime as dt
 import hashlib
 import math
 import socket
-import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 from types import TracebackType
-from typing import Any
 
 import structlog
 from aiohttp import web
 
-from orchestrator.errors import ConfigError
-from orchestrator.simulator.gate import (
-    MESSAGES,
-    CallInfo,
-    CallLog,
-    Faults,
-    Limits,
-    Tokens,
-    bearer,
-    credentials_ok,
-)
+from orchestrator.simulator.control import Subscription
+from orchestrator.simulator.gate import MESSAGES, CallInfo, bearer, credentials_ok
 from orchestrator.simulator.knobs import SimulatorConfig
 from orchestrator.simulator.operations import BulkOperations, Call, Operation, Upload, read_upload
-from orchestrator.simulator.queue import JobQueue, Refusal
+from orchestrator.simulator.queue import Refusal
 from orchestrator.simulator.state import StateError, load_state, restore, save_state, snapshot
-
-__all__ = ["Simulator", "SimulatorConfig", "add_arguments", "config_from_args", "serve"]
 
 log = structlog.get_logger(__name__)
 
 TOKEN_PATH = "/identity/oauth/token"
-SIM_PREFIX = "/_sim"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -81,7 +66,7 @@ def wall_now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-class Simulator:
+class Simulator(Subscription):
     """One simulated Marketo subscription, served over HTTP.
 
     async with Simulator(SimulatorConfig(job_overhead=0.05)) as sim:
@@ -91,21 +76,14 @@ class Simulator:
     def __init__(
         self, config: SimulatorConfig | None = None, *, state_path: Path | None = None
     ) -> None:
-        self.config = config if config is not None else SimulatorConfig()
+        super().__init__(config)
         # With a state path, jobs and records survive a restart (see simulator.state).
         self.state_path = state_path
         self._save_lock = asyncio.Lock()
         self.base_url = ""
         self.port = 0
-        self._clock = time.monotonic
         self.wall_clock: Callable[[], dt.datetime] = wall_now  # the quota day's clock
-        self._t0 = self._clock()
-        self._faults = Faults(self.config.seed)
-        self._queue = JobQueue(self.config)
         self._runner: web.AppRunner | None = None
-        self._tokens = Tokens()
-        self._limits = Limits()
-        self._log = CallLog()
         self._copies: Counter[str] = Counter()  # creates per distinct file (late_reply_copies)
         self._operations = BulkOperations(
             self._queue, self._clock, lambda: self.config, on_change=self.save
@@ -121,10 +99,7 @@ class Simulator:
             app.router.add_route(
                 method, path, self._logged(operation, partial(self._bulk, handler))
             )
-        for name in ("records", "calls", "stats", "tokens", "jobs", "config"):
-            app.router.add_get(f"{SIM_PREFIX}/{name}", self._sim_get)
-        for name in ("faults", "foreign", "reset"):
-            app.router.add_post(f"{SIM_PREFIX}/{name}", self._sim_post)
+        self.add_control_routes(app)
         return app
 
     async def start(
@@ -199,71 +174,6 @@ class Simulator:
         tb: TracebackType | None,
     ) -> None:
         await self.stop()
-
-    # -- in-process test API -----------------------------------------------------
-
-    def records(
-        self,
-        object_type: str,
-        *,
-        api_name: str | None = None,
-        program_id: str | int | None = None,
-        list_id: int | None = None,
-    ) -> list[dict[str, Any]]:
-        """Stored records of `object_type`: leads, customobject (api_name),
-        programmembers (program_id) or lists (list_id: the leads in that list)."""
-        self._queue.advance(self._clock())
-        return self._queue.store.records(
-            object_type, api_name=api_name, program_id=program_id, list_id=list_id
-        )
-
-    def calls(self) -> list[dict[str, Any]]:
-        return [asdict(info) for info in self._log.calls]
-
-    def stats(self) -> dict[str, Any]:
-        self._queue.advance(self._clock())
-        call_log, limits = self._log, self._limits
-        return {
-            "max_outstanding": dict(self._queue.max_outstanding),
-            "max_importing": dict(self._queue.max_importing),
-            "errors": dict(call_log.errors),
-            "http_errors": dict(call_log.http_errors),
-            "violations": [v["kind"] for v in call_log.violations],
-            "violation_details": [dict(v) for v in call_log.violations],
-            "calls": dict(call_log.op_counts),
-            "jobs": dict(Counter(job.status for job in self._queue.jobs.values())),
-            "tokens_issued": len(self._tokens.issued),
-            "max_in_flight": limits.max_in_flight,
-            "max_calls_in_window": limits.max_window,
-            "dropped": call_log.dropped,
-        }
-
-    def tokens(self) -> list[str]:
-        """Every access token issued, oldest first (for leak searches)."""
-        return list(self._tokens.issued)
-
-    def jobs(self) -> list[dict[str, Any]]:
-        self._queue.advance(self._clock())
-        return [job.as_dict(self._t0) for job in self._queue.jobs.values()]
-
-    def set_knobs(self, **knobs: Any) -> None:
-        """Change knobs at runtime; unknown names or wrong types raise ValueError."""
-        config = self.config.with_knobs(**knobs)
-        if "seed" in knobs:
-            self._faults.reseed(config.seed)
-        self.config = config
-        self._queue.reconfigure(config, self._clock())
-
-    def add_foreign_jobs(self, count: int, seconds: float) -> list[int]:
-        """Let another integration hold up to `count` queue slots for `seconds`."""
-        jobs = self._queue.add_foreign(count, seconds, self._clock())
-        return [job.batch_id for job in jobs]
-
-    def reset(self) -> None:
-        """Forget records, jobs, the call log and stats. Tokens stay valid."""
-        self._queue.reset()
-        self._log.reset()
-        self._limits.reset()
 
     # -- request plumbing --------------------------------------------------------
 
@@ -397,101 +307,3 @@ class Simulator:
                 "scope": f"{client_id}@simulator",
             }
         )
-
-    # -- test API over HTTP --------------------------------------------------------
-
-    async def _sim_get(self, request: web.Request) -> web.StreamResponse:
-        name = request.path.removeprefix(f"{SIM_PREFIX}/")
-        if name == "records":
-            query = request.query
-            try:
-                list_id = int(query["list_id"]) if "list_id" in query else None
-                body: Any = self.records(
-                    query.get("object", ""),
-                    api_name=query.get("api_name"),
-                    program_id=query.get("program_id"),
-                    list_id=list_id,
-                )
-            except ValueError as exc:
-                return web.json_response({"error": str(exc)}, status=400)
-        else:
-            views: dict[str, Callable[[], Any]] = {
-                "calls": self.calls,
-                "stats": self.stats,
-                "tokens": self.tokens,
-                "jobs": self.jobs,
-                "config": self.config.public,
-            }
-            body = views[name]()
-        return web.json_response(body)
-
-    async def _sim_post(self, request: web.Request) -> web.StreamResponse:
-        name = request.path.removeprefix(f"{SIM_PREFIX}/")
-        try:
-            body = await request.json() if request.can_read_body else {}
-            if not isinstance(body, dict):
-                raise ValueError("the body must be a JSON object")
-            if name == "faults":
-                self.set_knobs(**body)
-                return web.json_response(self.config.public())
-            if name == "foreign":
-                count, seconds = body.get("count"), body.get("seconds")
-                if not isinstance(count, int) or not isinstance(seconds, int | float):
-                    raise ValueError("count (int) and seconds (number) are required")
-                return web.json_response(
-                    {"batch_ids": self.add_foreign_jobs(count, float(seconds))}
-                )
-            self.reset()
-            return web.json_response({"reset": True})
-        except ValueError as exc:
-            return web.json_response({"error": str(exc)}, status=400)
-
-
-# -- standalone server ----------------------------------------------------------
-
-CLI_KNOBS = (
-    ("--client-id", "client_id", str, "accept only this client id (default: any)"),
-    ("--client-secret", "client_secret", str, "accept only this client secret (default: any)"),
-    ("--token-ttl", "token_ttl", float, "access token life in seconds (default 3600)"),
-    ("--rows-per-second", "rows_per_second", float, "import speed (default 1000)"),
-    ("--job-overhead", "job_overhead", float, "seconds every job takes on top (default 0.5)"),
-    ("--rate-limit", "rate_limit", int, "calls per 20 s window (default 100)"),
-    ("--concurrency", "concurrency", int, "calls in flight (default 10)"),
-)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The standalone simulator's flags; every knob defaults to a fresh subscription."""
-    parser.add_argument(
-        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)"
-    )
-    parser.add_argument("--port", type=int, default=8090, help="port to listen on (default 8090)")
-    for flag, dest, kind, text in CLI_KNOBS:
-        parser.add_argument(flag, dest=dest, type=kind, default=None, help=text)
-
-
-def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
-    """Knobs from parsed flags; a bad value raises ConfigError naming the flag."""
-    config = SimulatorConfig()
-    for flag, dest, _kind, _text in CLI_KNOBS:
-        value = getattr(args, dest, None)
-        if value is None:
-            continue
-        try:
-            config = config.with_knobs(**{dest: value})
-        except ValueError as exc:
-            raise ConfigError(flag, str(exc)) from None
-    return config
-
-
-async def serve(
-    config: SimulatorConfig, host: str, port: int, stop: asyncio.Event | None = None
-) -> None:
-    """Run a simulator until `stop` is set (or the task is cancelled)."""
-    simulator = Simulator(config)
-    url = await simulator.start(host, port)
-    try:
-        log.info("marketo simulator listening; nothing goes to a real Marketo", url=url)
-        await (stop if stop is not None else asyncio.Event()).wait()
-    finally:
-        await simulator.stop()
