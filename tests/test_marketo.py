@@ -12,6 +12,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
@@ -597,19 +598,54 @@ async def test_too_large_chunk_is_reported_as_our_bug(make_simulator: Any, tmp_p
 # -- Limits ----------------------------------------------------------------------
 
 
+class SendOrder(Recorder):
+    """A Recorder that also lists, in order, each request the limiter let go ("sent"),
+    beside the events a test adds to the same list."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[str] = []
+
+    def api_call(self, operation: str) -> None:
+        super().api_call(operation)
+        self.events.append("sent")
+
+
 async def test_limiter_holds_window_and_in_flight_cap(make_simulator: Any, tmp_path: Path) -> None:
+    """Five calls per window and three at once, told by counts and order, never by how
+    fast the calls went: of eight status calls, three go out before any is answered, no
+    fourth goes beside them, five go in all, and three wait for a window that outlasts
+    the test."""
     sim = await make_simulator(**FAST)
+    async with make_client(sim) as setup:
+        batch_id = await submitted(setup, sim, tmp_path)
+    rec = SendOrder()
     async with make_client(
-        sim, api_calls_per_window=5, api_window_seconds=0.5, concurrent_api_calls=3
+        sim, rec, api_calls_per_window=5, api_window_seconds=3600.0, concurrent_api_calls=3
     ) as client:
-        batch_id = await submitted(client, sim, tmp_path)
-        sim.set_knobs(slow_fraction=1.0, slow_seconds=0.1)
-        await asyncio.gather(*(client.status(LEADS, batch_id) for _ in range(15)))
-    arrivals = sorted(c["t"] for c in sim.calls() if c["operation"] != "identity")
-    assert len(arrivals) >= 17
-    for first, sixth in zip(arrivals, arrivals[5:], strict=False):
-        assert sixth - first >= 0.5, (first, sixth)
-    assert 2 <= sim.stats()["max_in_flight"] <= 3
+        await client.ensure_token()  # identity calls stay out of the window
+        rec.events.clear()
+        first = len(sim.calls())
+
+        async def status() -> BatchStatus:
+            batch = await client.status(LEADS, batch_id)
+            rec.events.append("answered")  # before the limiter's next call can go
+            return batch
+
+        calls = [asyncio.create_task(status()) for _ in range(8)]
+        try:
+            await wait_until(lambda: rec.events.count("answered") >= 5, "five answers")
+            answered = [call.result() for call in calls if call.done()]
+        finally:
+            for call in calls:
+                call.cancel()
+            await asyncio.gather(*calls, return_exceptions=True)
+    assert [batch.batch_id for batch in answered] == [batch_id] * 5
+    assert rec.events.count("sent") == len(sim.calls()[first:]) == 5  # three still wait
+    assert rec.events[:3] == ["sent"] * 3
+    in_flight = list(accumulate(1 if event == "sent" else -1 for event in rec.events))
+    assert max(in_flight) == 3, rec.events
+    assert sim.stats()["max_in_flight"] <= 3
 
 
 @pytest.mark.parametrize(
