@@ -745,14 +745,20 @@ async def test_606_from_another_integration_holds_every_call_for_a_full_window(
     nothing is sent until a whole api_window_seconds has passed, not after a backoff
     of milliseconds that would meet 606 again."""
     sim = await make_simulator(**FAST, rate_window=2.0)
-    rec = Recorder(lambda _n, _s: sim.set_knobs(foreign_calls_per_window=0))
-    async with make_client(sim, rec, api_window_seconds=2.0) as client:
+    now = [0.0]  # the client's clock: only its own sleeps move it
+
+    def slept(_n: int, seconds: float) -> None:
+        now[0] += seconds
+        sim.set_knobs(foreign_calls_per_window=0)
+
+    rec = Recorder(slept)
+    async with make_client(sim, rec, api_window_seconds=2.0, clock=lambda: now[0]) as client:
         batch_id = await submitted(client, sim, tmp_path)
         sim.set_knobs(foreign_calls_per_window=sim.config.rate_limit)  # someone else's calls
         await asyncio.gather(*(client.status(LEADS, batch_id) for _ in range(3)))
     assert "606" in rec.errors
     assert rec.sleeps
-    assert all(s >= 1.9 for s in rec.sleeps), rec.sleeps  # the window, less what passed
+    assert rec.sleeps == [2.0] * len(rec.sleeps)  # a whole window, not a backoff
     assert [reason for reason, _ in rec.backoffs] == ["606"] * len(rec.backoffs)
 
 
