@@ -40,7 +40,8 @@ from orchestrator.errors import (
     UnknownOutcomeError,
 )
 from orchestrator.marketo import MarketoClient
-from orchestrator.marketo.auth import Grant, Token, TokenSource
+from orchestrator.marketo.auth import Token, TokenSource
+from orchestrator.marketo.wire import Grant
 from orchestrator.models import BatchStatus, ObjectType
 from orchestrator.simulator import Simulator, SimulatorConfig
 from tests.support.settings import free_port
