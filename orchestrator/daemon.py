@@ -3,8 +3,8 @@
     watcher (spool) → store → splitter → scheduler → Marketo client → poller → results
 
 The stages and their hand-offs are the `Pipeline`; housekeeping (token, API
-call count, readiness, progress line) is `Upkeep`. The daemon owns the
-phases. Startup takes data_dir's lock (one daemon per data directory), opens
+call count, readiness) is `Upkeep`; `run --once` on a terminal shows the
+progress line (`status.live_progress`). The daemon owns the phases. Startup takes data_dir's lock (one daemon per data directory), opens
 the store, starts the status server (/readyz says "recovering"), then repairs
 what a crash left half done (claims, splits, submits of unknown outcome,
 results) and prepares the inbox. The loop runs every long-lived task in one
@@ -37,9 +37,9 @@ from orchestrator.metrics import Metrics
 from orchestrator.models import UNFINISHED_FILE_STATUSES, ExitCode
 from orchestrator.pipeline import Pipeline
 from orchestrator.spool import make_dir
-from orchestrator.status import StatusServer, format_status_table, load_snapshot
+from orchestrator.status import StatusServer, format_status_table, live_progress, load_snapshot
 from orchestrator.store import Store
-from orchestrator.upkeep import Upkeep, progress, quota_day
+from orchestrator.upkeep import Upkeep, quota_day
 
 log = structlog.get_logger(__name__)
 
@@ -189,7 +189,7 @@ class Daemon:
                 start(self.drain(), "drain")
                 if sys.stderr.isatty():
                     backoff = pipeline.scheduler.backoff_remaining
-                    start(progress(self.store, backoff, stop), "progress")
+                    start(live_progress(self.store, backoff, stop), "progress")
             else:
                 start(pipeline.spool.run(stop), "spool")
             await stop.wait()

@@ -1,5 +1,5 @@
 """Housekeeping beside the pipeline: the token, the day's API call count,
-readiness, retention, and the `--once` progress line on a terminal.
+readiness and retention.
 
 Retention: every `retention.interval` seconds, finished files that finished
 more than `retention.keep_days` ago leave the state store (with their chunks
@@ -13,30 +13,24 @@ daemon's TaskGroup and stops when the daemon's `stop` event is set.
 from __future__ import annotations
 
 import asyncio
-import sys
-import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import structlog
 
-from orchestrator import logs
 from orchestrator.backoff import Backoff
 from orchestrator.clock import stamp, utc_now, wait_for_any
 from orchestrator.config import Settings
 from orchestrator.errors import CredentialsError, FatalError, MarketoError
 from orchestrator.marketo import MarketoClient
 from orchestrator.metrics import Metrics
-from orchestrator.status import WAITING_FOR, Query, load_snapshot
 from orchestrator.store import Store
 
 log = structlog.get_logger(__name__)
 
 PERSIST_SECONDS = 5.0  # how often the day's API call count is written to the store
-PROGRESS_SECONDS = 1.0  # how often the progress line is redrawn
 PRUNE_BATCH = 200  # finished files forgotten per transaction
-PROGRESS_FILES = 100  # active files whose live state the progress line looks at
 
 
 def quota_day(settings: Settings) -> str:
@@ -157,51 +151,3 @@ class Upkeep:
         if not ok:
             return self.credentials_refused or "the last Marketo identity call failed"
         return None
-
-
-async def progress(
-    store: Store, backoff_remaining: Callable[[], float], stop: asyncio.Event
-) -> None:
-    """A live line on the terminal: files, chunks, rows, rate, what the work waits for;
-    kept apart from log lines (`logs.LiveLine`), left as an ordinary line at the end."""
-    live = logs.LiveLine(sys.stderr)
-    start = time.monotonic()
-    try:
-        while True:
-            live.show(await progress_line(store, backoff_remaining(), time.monotonic() - start))
-            if stop.is_set():
-                break
-            await wait_for_any(stop, within=PROGRESS_SECONDS)
-    finally:
-        live.close(keep=True)
-
-
-async def progress_line(store: Store, backoff: float, elapsed: float) -> str:
-    """Counts from the store's tallies (a few rows, however many files it holds); what
-    the work waits for from the active files (their live states)."""
-    snap = await load_snapshot(store, Query(active=True, limit=PROGRESS_FILES))
-    files, chunks = snap["totals"]["files"], snap["totals"]["chunks"]
-    done = files["complete"] + files["failed"]
-    chunks_done = chunks["complete"] + chunks["failed"]
-    rows = (await store.tallies()).get("rows:processed", 0)
-    line = (
-        f"files {done}/{sum(files.values())}  chunks {chunks_done}/{sum(chunks.values())}"
-        f"  rows {rows}"
-    )
-    if rows and elapsed > 0:
-        line += f"  {rows / elapsed:,.0f} rows/s"
-    if backoff:
-        return line + f"  waiting for: a backoff ({backoff:.0f}s)"
-    states = [f["state"] for f in snap["files"]]
-    for state in (
-        "importing",
-        "queued",
-        "waiting",
-        "packing",
-        "splitting",
-        "claimed",
-        "finishing",
-    ):
-        if state in states:
-            return line + f"  waiting for: {WAITING_FOR[state]}"
-    return line

@@ -20,7 +20,7 @@ stages (scheduler, packer, poller, results) never import each other. Lazy import
 functions or `if TYPE_CHECKING:`, count too: they still are dependencies.
 
 Third parties have one home each, within orchestrator/: sqlite3 in store/; aiohttp's
-client in marketo/, its server (`aiohttp.web`) in status.py and simulator/. So does
+client in marketo/, its server (`aiohttp.web`) in status/endpoints.py and simulator/. So does
 Marketo's wire JSON: its keys appear as string constants only in marketo/ and
 simulator/. bench/ may import tests.support, never a test module or a conftest.
 """
@@ -54,6 +54,7 @@ RANKS: dict[str, int] = {
     for unit in units.split()
 }
 SIMULATOR = "simulator"  # outside the ranks: started by cli.py only
+SIMULATOR_DIR = "orchestrator/simulator/"
 SIMULATOR_USES = {"constants", "models", "errors", "durable", "delimited"}
 STAGES = {"scheduler", "packer", "poller", "results"}
 # `from aiohttp import <these>` is the server (BodyPartReader reads uploads), anything else the client
@@ -75,7 +76,7 @@ STAGES_APART = "the stages scheduler, packer, poller, results never import each 
 NOT_INIT = "a package's modules import their siblings, not the package's __init__"
 SQLITE = "sqlite3 only in orchestrator/store/"
 CLIENT = "aiohttp's client only in orchestrator/marketo/"
-SERVER = "aiohttp.web only in orchestrator/status.py and orchestrator/simulator/"
+SERVER = "aiohttp.web only in orchestrator/status/endpoints.py and orchestrator/simulator/"
 WIRE = "Marketo's wire JSON only in orchestrator/marketo/ and orchestrator/simulator/"
 BENCH = "bench imports tests.support, never a test module or a conftest"
 
@@ -155,7 +156,7 @@ def third_party_rule(rel: str, dotted: str, is_from: bool) -> str | None:
     if parts[0] != "aiohttp":
         return None
     if is_from and parts[1] in AIOHTTP_SERVER:  # `import aiohttp.web` still binds the client
-        server = rel == "orchestrator/status.py" or rel.startswith("orchestrator/simulator/")
+        server = rel == "orchestrator/status/endpoints.py" or rel.startswith(SIMULATOR_DIR)
         return None if server else SERVER
     return None if rel.startswith("orchestrator/marketo/") else CLIENT
 
@@ -209,6 +210,7 @@ PACKAGES = {
     "store": "store schema",
     "marketo": "client auth limits wire",
     "spool": "inbox fs",
+    "status": "snapshot table endpoints progress",
     SIMULATOR: "server bulk gate queue records config",
 }
 FAKE_SOURCES = {
@@ -218,7 +220,8 @@ FAKE_SOURCES = {
     "orchestrator/marketo/client.py": "import aiohttp\n\nfrom . import auth\nfrom .wire import KEY\n",
     "orchestrator/marketo/wire.py": 'KEY = "batchId"\n',
     "orchestrator/store/store.py": "import sqlite3\n\nfrom orchestrator.store.schema import SQL\n",
-    "orchestrator/status.py": "from aiohttp import web\n\nfrom orchestrator.store import Store\n",
+    "orchestrator/status/endpoints.py": "from aiohttp import web\n\nfrom .snapshot import Query\n",
+    "orchestrator/status/snapshot.py": "from orchestrator.store import Store\n",
     "orchestrator/results.py": '"""Reads "batchId" back."""\n\nfrom orchestrator.marketo import Client\n',
     "orchestrator/daemon.py": "from orchestrator import pipeline, upkeep\nfrom .store import Store\n",
     "orchestrator/__main__.py": "from orchestrator.cli import main\n",
@@ -254,8 +257,9 @@ def test_the_fake_tree_is_clean(tmp_path: Path) -> None:
         ("orchestrator/scheduler.py", "from orchestrator import poller", STAGES_APART),
         ("orchestrator/packer.py", "from orchestrator.scheduler import Scheduler", STAGES_APART),
         ("orchestrator/results.py", "import sqlite3", SQLITE),
-        ("orchestrator/status.py", "import aiohttp", CLIENT),
+        ("orchestrator/status/snapshot.py", "import aiohttp", CLIENT),
         ("orchestrator/metrics.py", "from aiohttp import web", SERVER),
+        ("orchestrator/status/table.py", "from aiohttp import web", SERVER),
         (
             "orchestrator/store/store.py",
             "from orchestrator.pipeline import X",

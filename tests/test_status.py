@@ -21,14 +21,18 @@ from orchestrator.models import BatchStatus, ChunkRecord, ChunkStatus, FileRecor
 from orchestrator.status import (
     TABLE_WIDTH,
     Query,
+    RateMeter,
     StatusServer,
+    file_line,
     format_status_table,
     jobs_snapshot,
     load_snapshot,
     read_snapshot,
+    run_line,
 )
 from orchestrator.store import Store
 from tests.support.http import metric_samples
+from tests.support.stages import FakeClock
 
 NOW = "2026-11-23T14:03:11Z"
 LATER = "2026-11-23T14:09:40Z"
@@ -575,3 +579,42 @@ async def test_files_sharing_a_pack_show_packing_then_their_share(store: Store) 
     ]
     whole = {"files": 2, "rows": 5, "bytes": 60}
     assert [cs[0]["shared"] for cs in chunks] == [whole, whole]
+
+
+# -- the progress line ---------------------------------------------------------------------
+
+
+async def test_run_and_file_progress_lines_are_one_renderer(
+    store: Store, populated: Populated
+) -> None:
+    """`run --once` (every file) and `submit --wait` (one file) say the same things in
+    the same words: counts, chunks, rows, the rate since the line first showed, and what
+    the work waits for (the state nearest to Marketo, or a backoff)."""
+    clock = FakeClock()
+    run_meter, file_meter = RateMeter(clock), RateMeter(clock)
+    big = Query(ticket="big-1")
+    entry = (await load_snapshot(store, big))["files"][0]
+    waiting = "waiting for: Marketo's queue"
+    # big.csv has a chunk queued at Marketo, cars.tsv waits for the splitter.
+    assert await run_line(store, 0.0, run_meter) == f"files 0/2  chunks 1/3  rows 9  {waiting}"
+    assert file_line(entry, file_meter) == f"queued  chunks 1/3  rows 9/30  {waiting}"
+
+    clock.advance(2.0)
+    await store.finish_chunk(
+        populated.chunks[1].id,
+        status=ChunkStatus.COMPLETE,
+        message="Import succeeded, 10 records imported (10 members)",
+        finished_at=LATER,
+        batch=BatchStatus(102, "Complete", 10, 0, 0, "Import succeeded"),
+    )
+    entry = (await load_snapshot(store, big))["files"][0]
+    assert await run_line(store, 12.4, run_meter) == (
+        "files 0/2  chunks 2/3  rows 19  5 rows/s  waiting for: a backoff (12s)"
+    )
+    line = file_line(entry, file_meter)
+    assert line == "waiting  chunks 2/3  rows 19/30  5 rows/s  waiting for: a queue slot"
+
+    cars = (await load_snapshot(store, Query(ticket="cars-1")))["files"][0]
+    line = file_line(cars, RateMeter(clock))
+    assert line == "claimed  chunks 0/?  rows 0/?  waiting for: the splitter"
+    assert file_line(None, RateMeter(clock)) == "unclaimed  waiting for: a daemon to claim it"
