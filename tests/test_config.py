@@ -9,10 +9,12 @@ import pytest
 
 from orchestrator import constants
 from orchestrator.config import (
+    MIN_CHUNK_BYTES,
     RANGES,
     SECTIONS,
     Secret,
     Settings,
+    chunk_bytes_problem,
     env_warnings,
     load_settings,
     resolve_config_path,
@@ -270,6 +272,20 @@ def test_limit_above_marketos_says_so_and_names_the_variable(tmp_path: Path) -> 
         load_settings(None, {**CREDS, "ORCHESTRATOR_LIMITS_MAX_CHUNK_BYTES": "10000000"})
     assert caught.value.key == ("ORCHESTRATOR_LIMITS_MAX_CHUNK_BYTES (sets limits.max_chunk_bytes)")
     assert "at most 9995904 bytes" in caught.value.problem
+
+
+@pytest.mark.parametrize(
+    "max_bytes",
+    [constants.MAX_CHUNK_BYTES_CAP + 1, constants.MAX_FILE_BYTES, 255, 0],
+)
+def test_one_chunk_size_bound_for_the_config_and_split(tmp_path: Path, max_bytes: int) -> None:
+    """`split --max-bytes` is checked by `chunk_bytes_problem`, limits.max_chunk_bytes by
+    the range table: the same range, the same words."""
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write(tmp_path, f"[limits]\nmax_chunk_bytes = {max_bytes}\n"), CREDS)
+    assert caught.value.problem == chunk_bytes_problem(max_bytes)
+    assert chunk_bytes_problem(constants.MAX_CHUNK_BYTES_CAP) is None
+    assert chunk_bytes_problem(MIN_CHUNK_BYTES) is None
 
 
 def test_range_error_from_the_environment_names_the_variable(tmp_path: Path) -> None:

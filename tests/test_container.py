@@ -460,7 +460,7 @@ def dockerignore_allows(path: str) -> bool:
 
 def test_build_context_holds_the_package_and_nothing_else() -> None:
     assert ("COPY", ". .") in dockerfile_stages()[0]
-    for needed in ("pyproject.toml", "README.md", "constraints.txt", "orchestrator/cli.py"):
+    for needed in ("pyproject.toml", "README.md", "constraints.txt", "orchestrator/cli/main.py"):
         assert dockerignore_allows(needed), needed
     for kept_out in (
         ".git/HEAD",

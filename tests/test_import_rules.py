@@ -3,7 +3,7 @@
 Every import of our own package points down this picture, never up or sideways:
 
     __main__ ..................................... 8
-     cli ......................................... 7 ───┐ (only cli.py)
+     cli ......................................... 7 ───┐ (only cli/run.py)
       daemon ..................................... 6    │
         pipeline ................................. 5    ▼
      scheduler packer poller results upkeep client 4   simulator: a program of its
@@ -53,7 +53,7 @@ RANKS: dict[str, int] = {
     )
     for unit in units.split()
 }
-SIMULATOR = "simulator"  # outside the ranks: started by cli.py only
+SIMULATOR = "simulator"  # outside the ranks: started by cli/run.py only
 SIMULATOR_DIR = "orchestrator/simulator/"
 SIMULATOR_USES = {"constants", "models", "errors", "durable", "delimited"}
 STAGES = {"scheduler", "packer", "poller", "results"}
@@ -70,7 +70,7 @@ WIRE_KEYS = [
 ]
 
 TABLE = "add it to the table"
-CLI_ONLY = "only cli.py starts the simulator"
+CLI_ONLY = "only cli/run.py starts the simulator"
 SIM_LEAVES = "the simulator imports only constants, models, errors, durable, delimited"
 STAGES_APART = "the stages scheduler, packer, poller, results never import each other"
 NOT_INIT = "a package's modules import their siblings, not the package's __init__"
@@ -136,7 +136,7 @@ def own_rule(rel: str, module: str, target: str) -> str | None:
     if unit == SIMULATOR:
         return None if to in SIMULATOR_USES else SIM_LEAVES
     if to == SIMULATOR:
-        return None if rel == "orchestrator/cli.py" else CLI_ONLY
+        return None if rel == "orchestrator/cli/run.py" else CLI_ONLY
     if to not in RANKS:
         return TABLE
     if unit in STAGES and to in STAGES:
@@ -210,12 +210,15 @@ PACKAGES = {
     "store": "store schema",
     "marketo": "client auth limits wire",
     "spool": "inbox fs",
+    "config": "settings loading checks",
     "status": "snapshot table endpoints progress",
+    "cli": "main flags run submit inspect",
     SIMULATOR: "server bulk gate queue records config",
 }
 FAKE_SOURCES = {
     "orchestrator/__init__.py": '__version__ = "0.1.0"\n',
-    "orchestrator/config.py": "from orchestrator import constants\nfrom .errors import Bad\n",
+    "orchestrator/config/checks.py": "from orchestrator import constants\nfrom ..errors import Bad\n"
+    "from .settings import Route\n",
     "orchestrator/marketo/__init__.py": "from orchestrator.marketo.bulk import MarketoClient\n",
     "orchestrator/marketo/client.py": "import aiohttp\n\nfrom . import auth\nfrom .wire import KEY\n",
     "orchestrator/marketo/wire.py": 'KEY = "batchId"\n',
@@ -225,7 +228,8 @@ FAKE_SOURCES = {
     "orchestrator/results.py": '"""Reads "batchId" back."""\n\nfrom orchestrator.marketo import Client\n',
     "orchestrator/daemon.py": "from orchestrator import pipeline, upkeep\nfrom .store import Store\n",
     "orchestrator/__main__.py": "from orchestrator.cli import main\n",
-    "orchestrator/cli.py": "def main() -> None:\n    from orchestrator import __version__, simulator\n",
+    "orchestrator/cli/main.py": "from orchestrator.cli import inspect, run\n",
+    "orchestrator/cli/run.py": "def main() -> None:\n    from orchestrator import __version__, simulator\n",
     "orchestrator/simulator/server.py": "from typing import TYPE_CHECKING\n\nfrom aiohttp import web\n\n"
     "from orchestrator.models import Kind\nfrom . import queue\n\n"
     "if TYPE_CHECKING:\n    from .records import Records\n",
@@ -254,6 +258,7 @@ def test_the_fake_tree_is_clean(tmp_path: Path) -> None:
     ("rel", "added", "rule"),
     [
         ("orchestrator/daemon.py", "from orchestrator import simulator", CLI_ONLY),
+        ("orchestrator/cli/inspect.py", "from orchestrator.simulator import Sim", CLI_ONLY),
         ("orchestrator/scheduler.py", "from orchestrator import poller", STAGES_APART),
         ("orchestrator/packer.py", "from orchestrator.scheduler import Scheduler", STAGES_APART),
         ("orchestrator/results.py", "import sqlite3", SQLITE),

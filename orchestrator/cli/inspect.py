@@ -1,0 +1,218 @@
+"""`status`, `check` and `split`: the commands that look at things and change nothing
+a daemon owns. None takes data_dir's lock: each works beside a running daemon.
+
+- `status`: the snapshot of the state store, as a table or as JSON (`GET /jobs`).
+- `check`: the configuration, the data directory (`data_dir_problems`: what would
+  stop a daemon there, found without creating anything) and, with --credentials,
+  a token from Marketo.
+- `split`: the splitter alone, into a directory of chunk files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from orchestrator import client, logs
+from orchestrator.cli.flags import PROG, Parser, load, positive_int
+from orchestrator.config import (
+    MIN_CHUNK_BYTES,
+    Settings,
+    chunk_bytes_problem,
+    identity_url,
+    resolve_config_path,
+)
+from orchestrator.constants import DEFAULT_MAX_CHUNK_BYTES, MAX_CHUNK_BYTES_CAP
+from orchestrator.delimited import FORMATS, format_of
+from orchestrator.errors import UsageError
+from orchestrator.models import ExitCode
+
+if TYPE_CHECKING:
+    from orchestrator.cli.flags import Subcommands
+
+
+def add_status(sub: Subcommands) -> Parser:
+    status = sub.add_parser("status", help="files and chunks from the state store")
+    status.add_argument("--json", action="store_true", help="the same JSON as GET /jobs")
+    status.add_argument("--id", help="only the file handed over with this id")
+    status.add_argument("--file", help="only files of this name (a shell pattern: 'nightly-*')")
+    status.add_argument("--active", action="store_true", help="only files without a result yet")
+    status.add_argument("--limit", type=positive_int, help="at most this many files")
+    status.add_argument("--wide", action="store_true", help="one line per file, nothing cut")
+    return status
+
+
+def add_check(sub: Subcommands) -> Parser:
+    check = sub.add_parser(
+        "check", help="validate the configuration and the data directory; exit as run --once"
+    )
+    check.add_argument(
+        "--credentials", action="store_true", help="also get a Marketo token with them"
+    )
+    return check
+
+
+def add_split(sub: Subcommands) -> Parser:
+    split = sub.add_parser("split", help="run only the splitter")
+    split.add_argument("file", type=Path)
+    split.add_argument("--out", type=Path, required=True, help="directory for the chunk files")
+    split.add_argument(
+        "--max-bytes",
+        type=int,
+        default=None,
+        help=f"every chunk is smaller than this ({MIN_CHUNK_BYTES} to {MAX_CHUNK_BYTES_CAP}, "
+        f"default {DEFAULT_MAX_CHUNK_BYTES})",
+    )
+    split.add_argument("--format", choices=FORMATS, default=None, help="default: from extension")
+    split.add_argument(
+        "--force", action="store_true", help="clear the chunk files already in --out first"
+    )
+    return split
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from orchestrator import status
+
+    settings = load(args, require_credentials=False)
+    query = status.Query(ticket=args.id, name=args.file, active=args.active, limit=args.limit)
+    db = settings.layout.state_db
+    if not db.is_file():
+        raise UsageError(
+            "data_dir",
+            f"no state store at {db}: no daemon has run with data_dir {settings.data_dir} "
+            "(is it the right one? --config, ORCHESTRATOR_DATA_DIR)",
+        )
+    snapshot = asyncio.run(status.read_snapshot(db, query))
+    if args.json:
+        print(json.dumps(snapshot, indent=2))
+    else:
+        print(status.format_status_table(snapshot, wide=args.wide))
+    filtered = args.id is not None or args.file is not None or args.active
+    if filtered and not snapshot["files"]:
+        print(f"{PROG}: no file matches", file=sys.stderr)
+        return ExitCode.FAILED
+    return ExitCode.COMPLETE
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Configuration, data directory and, with --credentials, a token: each an `ok` line."""
+    settings = load(args, require_credentials=args.credentials)
+    config = resolve_config_path(args.config, os.environ)
+    print(f"configuration: ok ({config or 'built-in defaults'})")
+    problems = data_dir_problems(settings)
+    if problems:
+        for problem in problems:
+            print(f"{PROG}: data_dir: {problem}", file=sys.stderr)
+        return ExitCode.USAGE
+    routes = ", ".join(r.dir for r in settings.routes) or "none configured"
+    print(f"data_dir: ok ({settings.data_dir}; routes: {routes})")
+    if not args.credentials:
+        return ExitCode.COMPLETE
+    logs.configure("warning", settings.logging.format, stream=sys.stderr)  # the client's chatter
+    return asyncio.run(check_credentials(settings))
+
+
+def data_dir_problems(settings: Settings) -> list[str]:
+    """What would stop a daemon from using data_dir (without creating or changing anything)."""
+    layout = settings.layout
+    root = settings.data_dir
+    existing = root
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return [f"{existing} exists and is not a directory"]
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return [f"{existing} is not writable by this user (uid {os.getuid()})"]
+    problems = []
+    dirs = [layout.inbox, layout.work, layout.incoming, layout.chunks]
+    for route in settings.routes:
+        dirs += layout.route_dirs(route.dir)
+    for path in dirs:
+        if path.exists() and not path.is_dir():
+            problems.append(f"{path} exists and is not a directory")
+        elif path.is_dir() and not os.access(path, os.W_OK | os.X_OK):
+            problems.append(f"{path} is not writable by this user (uid {os.getuid()})")
+    db = layout.state_db
+    if db.exists() and (not db.is_file() or not os.access(db, os.R_OK | os.W_OK)):
+        problems.append(f"{db} is not a readable and writable file")
+    both = layout.inbox.is_dir() and layout.work.is_dir()
+    if both and os.stat(layout.inbox).st_dev != os.stat(layout.work).st_dev:
+        problems.append(
+            f"{layout.inbox} and {layout.work} are on different filesystems (claims are renames)"
+        )
+    return problems
+
+
+async def check_credentials(settings: Settings) -> int:
+    from orchestrator.errors import CredentialsError, MarketoError
+    from orchestrator.marketo import MarketoClient
+
+    async with MarketoClient(settings, max_attempts=2) as marketo:
+        try:
+            await marketo.ensure_token()
+        except CredentialsError as exc:
+            print(f"{PROG}: credentials: {exc}", file=sys.stderr)
+            return ExitCode.CREDENTIALS
+        except MarketoError as exc:
+            print(f"{PROG}: credentials: Marketo could not be reached: {exc}", file=sys.stderr)
+            return ExitCode.FAILED
+    print(f"credentials: ok (a token from {identity_url(settings.marketo)})")
+    return ExitCode.COMPLETE
+
+
+def cmd_split(args: argparse.Namespace) -> int:
+    from orchestrator import splitter
+
+    source, out = args.file, args.out
+    client.check_source(source)
+    fmt = format_of(source.name, args.format or "")
+    max_bytes = DEFAULT_MAX_CHUNK_BYTES if args.max_bytes is None else args.max_bytes
+    problem = chunk_bytes_problem(max_bytes)
+    if problem is not None:
+        raise UsageError("--max-bytes", problem)
+    prepare_out_dir(out, force=args.force)
+    for event in splitter.split_file(source, out, max_bytes=max_bytes, fmt=fmt):
+        if isinstance(event, splitter.Chunk):
+            print(f"{event.path.name}\trows={event.rows}\tbytes={event.bytes}")
+        elif isinstance(event, splitter.Rejected):
+            print(f"rejected\tline={event.line}\tbytes={event.size}\t{event.reason}")
+        else:
+            print(f"total\trows={event.rows}\tchunks={event.chunks}\trejected={event.rejected}")
+    return ExitCode.COMPLETE
+
+
+# The splitter's chunk files (`chunk-NNNNN.<format>`, `.tmp` while written).
+CHUNK_NAME = re.compile(rf"chunk-\d{{5}}\.({'|'.join(FORMATS)})(\.tmp)?")
+
+
+def prepare_out_dir(out: Path, *, force: bool) -> None:
+    """An empty directory for `split`: created, or emptied of old chunks with --force.
+
+    Old chunks beside new ones would be uploaded twice by `chunks/*`; anything that
+    is not a chunk file is never deleted."""
+    if out.exists() and not out.is_dir():
+        raise UsageError("--out", f"{out} exists and is not a directory")
+    if out.is_dir():
+        present = sorted(p.name for p in out.iterdir())
+        others = [name for name in present if not CHUNK_NAME.fullmatch(name)]
+        if others:
+            raise UsageError(
+                "--out",
+                f"{out} holds files that are not chunks ({others[0]}, ...): choose "
+                "an empty directory",
+            )
+        if present and not force:
+            raise UsageError(
+                "--out",
+                f"{out} already holds {len(present)} chunk file(s): choose an empty "
+                "directory, or --force to delete them first",
+            )
+        for name in present:
+            (out / name).unlink()
+    out.mkdir(parents=True, exist_ok=True)
