@@ -45,9 +45,9 @@ import structlog  # noqa: E402  (after the path set-up above)
 
 from orchestrator import constants, splitter  # noqa: E402
 from orchestrator.config import Route, Settings  # noqa: E402
-from orchestrator.daemon import Daemon  # noqa: E402
 from orchestrator.marketo import MarketoClient  # noqa: E402
 from orchestrator.simulator import Simulator, SimulatorConfig  # noqa: E402
+from tests.support.daemons import LockedDaemon  # noqa: E402
 from tests.support.settings import CARS as CSV_CARS  # noqa: E402
 from tests.support.settings import (  # noqa: E402
     CLIENT_ID,
@@ -187,7 +187,7 @@ async def run_ours(sim: Simulator, paths: dict[Source, Path], data_dir: Path) ->
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, target)
         os.utime(target, (t0 + n, t0 + n))
-    daemon = Daemon(bench_settings(sim.base_url, data_dir), once=True)
+    daemon = LockedDaemon(bench_settings(sim.base_url, data_dir), once=True)
     async with asyncio.timeout(300):
         code = await daemon.run()
     if code != 0:

@@ -4,11 +4,12 @@
 
 The stages and their hand-offs are the `Pipeline`; housekeeping (token, API
 call count, readiness) is `Upkeep`; `run --once` on a terminal shows the
-progress line (`status.live_progress`). The daemon owns the phases. Startup takes data_dir's lock (one daemon per data directory), opens
-the store, starts the status server (/readyz says "recovering"), then repairs
-what a crash left half done (claims, splits, submits of unknown outcome,
-results) and prepares the inbox. The loop runs every long-lived task in one
-TaskGroup.
+progress line (`status.live_progress`). The daemon owns the phases. It is
+given data_dir's lock, held by whoever builds it (the CLI: one daemon per data
+directory). Startup opens the store, starts the status server (/readyz says
+"recovering"), then repairs what a crash left half done (claims, splits,
+submits of unknown outcome, results) and prepares the inbox. The loop runs
+every long-lived task in one TaskGroup.
 Shutdown begins at the first SIGTERM/SIGINT (or, with --once, when the inbox
 is drained and every file has a result): claiming stops, in-flight calls get
 `DRAIN_SECONDS` to end, then whatever is left is cancelled; the store already
@@ -36,7 +37,6 @@ from orchestrator.marketo import MarketoClient
 from orchestrator.metrics import Metrics
 from orchestrator.models import UNFINISHED_FILE_STATUSES, ExitCode
 from orchestrator.pipeline import Pipeline
-from orchestrator.spool import make_dir
 from orchestrator.status import StatusServer, format_status_table, live_progress, load_snapshot
 from orchestrator.store import Store
 from orchestrator.upkeep import Upkeep, quota_day
@@ -63,12 +63,12 @@ def first_cause(exc: BaseException) -> BaseException | None:
 
 
 class Daemon:
-    def __init__(
-        self, settings: Settings, *, once: bool, lock: dirlock.DataDirLock | None = None
-    ) -> None:
+    def __init__(self, settings: Settings, *, once: bool, lock: dirlock.DataDirLock) -> None:
         self.settings = settings
         self.once = once
-        self.lock = lock  # data_dir's lock; taken at startup unless the caller holds it
+        # data_dir's lock, taken (and let go) by whoever builds the daemon, before it
+        # touches anything there: `cli.run.lock_data_dir`.
+        self.lock = lock
         self.recovering = True  # until startup has repaired what a crash left
         self.stop = asyncio.Event()
         self.metrics = Metrics()
@@ -119,15 +119,14 @@ class Daemon:
         return len(unfinished) + self.pipeline.spool.pending()
 
     async def startup(self, stack: contextlib.AsyncExitStack) -> None:
-        """Own data_dir, open the store, serve health and readiness, then recover.
+        """Open the store in data_dir (whose lock the daemon holds), serve health and
+        readiness, then recover.
 
         The status server starts before recovery (which can take a while: finishing
         a large file), so /healthz answers and /readyz says "recovering" meanwhile."""
         settings = self.settings
-        make_dir(settings.data_dir)
-        if self.lock is None:
-            self.lock = dirlock.acquire(settings.layout)
-            stack.callback(self.lock.release)
+        if not self.lock.held:
+            raise RuntimeError(f"{self.lock!r}: a daemon needs data_dir's lock held")
         refuse_orphaned_work(settings)
         self.store = await Store.open(settings.layout.state_db)
         stack.push_async_callback(self.store.close)

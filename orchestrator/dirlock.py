@@ -1,14 +1,16 @@
 """One owner per data directory: an exclusive OS lock on `data_dir/daemon.lock`.
 
-The daemon takes the lock before it touches anything else in data_dir (the
-store, recovery, the inbox, `run --simulate`'s simulator state) and keeps it
-for its whole life. It is a `flock(2)` lock on an open file: the kernel
-releases it when the process ends in any way, kill -9 included, so there is
-never a stale lock to clean up. The file itself stays; it holds the pid of
-the last owner, which a refused second daemon names in its error.
+A command that runs a daemon (`run`, `submit --once`) takes the lock
+(`cli.run.lock_data_dir`, the one place) before anything touches data_dir
+(the store, recovery, the inbox, `run --simulate`'s simulator state), hands
+it to the daemon and keeps it for the daemon's whole life. It is a `flock(2)`
+lock on an open file: the kernel releases it when the process ends in any way,
+kill -9 included, so there is never a stale lock to clean up. The file itself
+stays; it holds the pid of the last owner, which a refused second daemon names
+in its error.
 
-Only the daemon takes it. `status` (and any other command that only reads
-the store or drops files into the inbox) works beside a running daemon.
+Only a daemon's command takes it. `status` (and any other command that only
+reads the store or drops files into the inbox) works beside a running daemon.
 """
 
 from __future__ import annotations

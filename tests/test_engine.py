@@ -13,9 +13,9 @@ import pytest
 from structlog.testing import capture_logs
 
 from orchestrator.config import Route, Settings
-from orchestrator.daemon import Daemon
 from orchestrator.models import ObjectType
 from orchestrator.simulator import Simulator
+from tests.support.daemons import LockedDaemon
 from tests.support.data import all_results, drop_leads, drop_workload, result, write_csv
 from tests.support.settings import CARS, CLIENT_ID, LEADS, MEMBERS, SIM_KNOBS, fast_settings
 from tests.support.simulators import MakeSimulator, imports
@@ -29,7 +29,7 @@ RESULT_KEYS = {
 
 async def run_once(settings: Settings) -> int:
     async with asyncio.timeout(60):
-        return await Daemon(settings, once=True).run()
+        return await LockedDaemon(settings, once=True).run()
 
 
 @pytest.fixture

@@ -21,8 +21,11 @@ import aiohttp
 import pytest
 import structlog
 
-from orchestrator import logs
+from orchestrator import dirlock, logs
+from orchestrator.cli import lock_data_dir
 from orchestrator.config import Secret, Settings, with_marketo
+from orchestrator.daemon import Daemon
+from orchestrator.errors import DataDirInUse
 from orchestrator.simulator import Simulator
 from tests.support.data import drop_leads, result_path
 from tests.support.faults import release
@@ -146,6 +149,21 @@ async def test_run_simulate_takes_the_lock_before_it_starts_its_simulator(
     assert second.events("status_server") == []
     first.terminate()
     assert await first.wait() == 0
+
+
+async def test_a_daemon_starts_only_with_data_dirs_lock_held(tmp_path: Path) -> None:
+    """Whoever builds a daemon takes the lock (the CLI: `lock_data_dir`) and hands it
+    over; while it is held nothing else gets it, and a daemon handed a lock that was let
+    go refuses to start before it touches data_dir."""
+    settings = fast_settings("http://unused.invalid", tmp_path / "data", (LEADS,))
+    with lock_data_dir(settings) as lock:
+        assert (settings.data_dir / "daemon.lock").read_text().strip() == str(os.getpid())
+        with pytest.raises(DataDirInUse, match=f"pid {os.getpid()}"):
+            dirlock.acquire(settings.layout)
+    assert not lock.held
+    with pytest.raises(RuntimeError, match="needs data_dir's lock held"):
+        await Daemon(settings, once=True, lock=lock).run()
+    assert sorted(p.name for p in settings.data_dir.iterdir()) == ["daemon.lock"]
 
 
 # -- health before recovery ------------------------------------------------------------------

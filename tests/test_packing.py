@@ -26,6 +26,7 @@ from orchestrator.models import ChunkRecord, ChunkStatus, FileRecord, FileStatus
 from orchestrator.pipeline import Pipeline
 from orchestrator.simulator import Simulator
 from orchestrator.store import Store
+from tests.support.daemons import LockedDaemon
 from tests.support.data import LEAD_HEADER, drop_leads, lead_rows, result, result_docs, write_csv
 from tests.support.settings import CARS, LEADS, SIM_KNOBS, fast_settings
 from tests.support.simulators import MakeSimulator, imports
@@ -339,7 +340,7 @@ async def test_run_once_packs_small_files_and_seals_when_drained_without_waiting
         )
         drop_leads(tmp_path, f"s{i}.csv", 2, prefix=f"s{i}-", route="solo")
     (tmp_path / "inbox" / "leads" / "bad.csv").write_text('email,firstName,note\nx@y,"oops\n')
-    daemon = Daemon(settings, once=True)
+    daemon = LockedDaemon(settings, once=True)
     with capture_logs() as logs:
         assert await run_once(daemon) == 1, "bad.csv failed; everything else complete"
 
@@ -379,7 +380,7 @@ async def test_pack_wait_seals_a_lone_file_in_a_running_daemon(
 ) -> None:
     """No other file, no stop, no --once: the pack goes once pack_wait_seconds passed."""
     settings = fast_settings(sim.base_url, tmp_path, (LEADS,), pack_wait_seconds=0.2)
-    daemon = Daemon(settings, once=False)
+    daemon = LockedDaemon(settings, once=False)
     running = asyncio.ensure_future(daemon.run())
     try:
         drop_leads(tmp_path, "alone.csv", 3, prefix="alone")
@@ -398,7 +399,7 @@ async def test_a_stop_leaves_a_pack_open_and_the_next_start_seals_and_sends_it(
     sim: Simulator, tmp_path: Path
 ) -> None:
     settings = fast_settings(sim.base_url, tmp_path, (LEADS,), pack_wait_seconds=NEVER)
-    daemon = Daemon(settings, once=False)
+    daemon = LockedDaemon(settings, once=False)
     running = asyncio.ensure_future(daemon.run())
     try:
         for name in ("a.csv", "b.csv"):
@@ -414,7 +415,7 @@ async def test_a_stop_leaves_a_pack_open_and_the_next_start_seals_and_sends_it(
         assert await asyncio.wait_for(running, 30) == 0
     assert imports(sim) == [], "an open pack is never sent, also not at a stop"
 
-    assert await run_once(Daemon(settings, once=True)) == 0
+    assert await run_once(LockedDaemon(settings, once=True)) == 0
     assert len(imports(sim)) == 1
     async with await Store.open(settings.layout.state_db) as store:
         assert await store.open_packs() == []
@@ -449,7 +450,7 @@ async def test_failed_and_warned_rows_of_a_pack_go_back_to_their_own_files_and_l
         rows = lead_rows(n, prefix=name[0], bad=bad, warn=warn)
         write_csv(tmp_path / "inbox" / "leads" / name, LEAD_HEADER, rows)
         sources[name] = rows
-    assert await run_once(Daemon(settings, once=True)) == 0
+    assert await run_once(LockedDaemon(settings, once=True)) == 0
 
     assert len(imports(sim)) == 1, "one job for the three files"
     for name, (n, bad, warn) in plan.items():

@@ -23,7 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from orchestrator.config import PollingSettings
-from orchestrator.daemon import Daemon
+from tests.support.daemons import LockedDaemon
 from tests.support.data import all_results, drop_leads, drop_tiny_files, result
 from tests.support.processes import CliProcess, MakeRunner
 from tests.support.reliability import Record
@@ -72,7 +72,7 @@ async def test_bad_corpus_fails_each_file_with_its_problem_and_good_rows_land(
     drop_leads(tmp_path, "good.csv", 40, prefix="ok")
 
     async with asyncio.timeout(60):
-        code = await Daemon(settings, once=True).run()
+        code = await LockedDaemon(settings, once=True).run()
     assert code == 1, "some files failed, the daemon did not crash"
 
     errors = {}
@@ -103,7 +103,7 @@ async def test_twelve_megabyte_record_is_set_aside_and_the_rest_lands(
     big_line = await asyncio.to_thread(write_big_record_file, source)
 
     async with asyncio.timeout(60):
-        assert await Daemon(settings, once=True).run() == 0
+        assert await LockedDaemon(settings, once=True).run() == 0
 
     big = result(tmp_path, "done", "leads", "big_record.csv")
     assert big["status"] == "complete"
@@ -197,7 +197,7 @@ async def test_memory_held_per_finished_file_is_released(
         sim.base_url, tmp_path, (LEADS,), api_calls_per_window=100, api_window_seconds=0.002
     )
     settings = replace(settings, polling=PollingSettings(interval=0.01, max_interval=0.05))
-    daemon = Daemon(settings, once=False)
+    daemon = LockedDaemon(settings, once=False)
     running = asyncio.ensure_future(daemon.run())
     await wait_until(lambda: (tmp_path / "inbox" / "leads").is_dir(), "the inbox")
     ours = [

@@ -30,6 +30,7 @@ import pytest
 
 from orchestrator.daemon import Daemon
 from orchestrator.simulator import Simulator
+from tests.support.daemons import LockedDaemon
 from tests.support.data import drop_workload, result_docs
 from tests.support.faults import FAULT_KNOBS, FAULT_MAX_RESUBMITS, REQUEST_TIMEOUT, answered
 from tests.support.reliability import Record
@@ -81,7 +82,7 @@ async def test_every_fault_at_ten_percent_still_lands_every_row(
     settings = replace(settings, marketo=replace(settings.marketo, request_timeout=REQUEST_TIMEOUT))
     drop_three_routes(tmp_path)
 
-    daemon = Daemon(settings, once=True)
+    daemon = LockedDaemon(settings, once=True)
     async with asyncio.timeout(90):
         assert await daemon.run() == 0, "no file may fail"
 
@@ -165,7 +166,7 @@ async def test_delayed_creates_make_at_most_one_plus_max_resubmits_jobs_per_chun
     assert cap == 2
     drop_three_routes(tmp_path)
 
-    daemon = Daemon(settings, once=True)
+    daemon = LockedDaemon(settings, once=True)
     async with asyncio.timeout(120):
         await daemon.run()
 

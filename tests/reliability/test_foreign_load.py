@@ -22,8 +22,8 @@ from structlog.testing import capture_logs
 
 from orchestrator.backoff import Backoff
 from orchestrator.config import Settings
-from orchestrator.daemon import Daemon
 from orchestrator.simulator import Simulator
+from tests.support.daemons import LockedDaemon
 from tests.support.data import drop_workload, result_docs
 from tests.support.faults import hold_foreign, retries_after_1016
 from tests.support.reliability import Record
@@ -59,7 +59,7 @@ async def run_under_load(
     sim: Simulator, settings: Settings, load: asyncio.Future[None] | None, within: float
 ) -> int:
     async with asyncio.timeout(within):
-        code = await Daemon(settings, once=True).run()
+        code = await LockedDaemon(settings, once=True).run()
         if load is not None:
             await load
     return code

@@ -2,6 +2,7 @@
 
 - settings: fast_settings, the routes, SIM_KNOBS; settings as TOML; free_port.
 - processes: clean_env; CliRunner / CliProcess, the CLI in subprocesses.
+- daemons: LockedDaemon, a daemon in the test's process holding data_dir's lock.
 - waiting: wait_until, a condition (sync or async) polled until a deadline.
 - data: source files written, results and landed rows read back.
 - simulators: Simulators (start, stop all), readers of the call log.
