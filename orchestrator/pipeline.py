@@ -19,8 +19,8 @@
 - final: a chunk reached Complete or Failed (poller), or was refused before it
   went (scheduler): its file is finished once split and every chunk is final.
   A job that left Marketo's queue frees a slot in the scheduler's model.
-- finished: the file's result is written; the stages drop what they cached,
-  and the one canonical log line is written.
+- finished: the file's result is written; the file cache (one, shared by the
+  scheduler and the poller) drops it, and the one canonical log line is written.
 
 The stages never import each other; they meet here and in the store. Recovery
 after a crash feeds the same hand-offs: files to split again, files to finish.
@@ -43,6 +43,7 @@ from orchestrator.clock import wait_for_any
 from orchestrator.config import Settings
 from orchestrator.crashpoints import crashpoint
 from orchestrator.errors import InputError
+from orchestrator.filecache import FileCache
 from orchestrator.marketo import MarketoClient
 from orchestrator.metrics import Metrics
 from orchestrator.models import (
@@ -70,6 +71,7 @@ class Pipeline:
         self.settings = settings
         self.store = store
         self.metrics = metrics
+        self.files = FileCache(store)
         self.spool = Spool(settings, store, self.file_claimed)
         self.scheduler = Scheduler(
             settings,
@@ -77,6 +79,7 @@ class Pipeline:
             client,
             on_submitted=self.submitted,
             on_chunk_final=self.chunk_refused,
+            files=self.files,
             observer=metrics,
         )
         self.poller = Poller(
@@ -84,6 +87,7 @@ class Pipeline:
             store,
             client,
             on_chunk_final=self.chunk_done,
+            files=self.files,
             on_started=self.scheduler.foreign_job_left,
         )
         self.packer = Packer(
@@ -297,8 +301,7 @@ class Pipeline:
             with structlog.contextvars.bound_contextvars(route=file.route, file=file.name):
                 record, document = await results.finish_file(self.settings, self.store, file)
                 self.account(record, document)
-            self.scheduler.forget(file_id)
-            self.poller.forget(file_id)
+            self.files.forget(file_id)
         self._file_finished.set()
 
     def account(self, file: FileRecord, document: dict[str, Any]) -> None:

@@ -46,6 +46,7 @@ from orchestrator.clock import stamp, wait_for_any
 from orchestrator.config import Route, Settings
 from orchestrator.crashpoints import crashpoint
 from orchestrator.errors import CredentialsError, FatalError, MarketoError
+from orchestrator.filecache import FileCache
 from orchestrator.models import BatchStatus, ChunkRecord, ChunkStatus, FileRecord
 from orchestrator.store import Store
 
@@ -85,16 +86,12 @@ class Poller:
     store: Store
     client: StatusSource
     on_chunk_final: Callable[[ChunkRecord], Awaitable[None]]
+    files: FileCache = field(kw_only=True)  # shared with the scheduler (orchestrator.filecache)
     on_started: Callable[[], None] = lambda: None
     clock: Callable[[], float] = time.monotonic
     tracks: dict[int, Track] = field(default_factory=dict)
     finishes: int = 0  # our jobs seen leaving Marketo's queue so far
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
-    _files: dict[int, FileRecord] = field(default_factory=dict)
-
-    def forget(self, file_id: int) -> None:
-        """A finished file's record need not stay cached."""
-        self._files.pop(file_id, None)
 
     def submitted(self, chunk: ChunkRecord) -> None:
         """A batch was just created: its create response counts as the first look."""
@@ -165,7 +162,7 @@ class Poller:
 
     async def ask(self, chunk: ChunkRecord) -> BatchStatus | None:
         """One status call; None when there is no answer to record."""
-        file = await self.file(chunk.file_id)
+        file = await self.files.get(chunk.file_id)
         route = self.settings.route(file.route)
         self.tracks[chunk.id].last_poll = self.clock()
         assert chunk.batch_id is not None, "a SUBMITTED chunk has a batch id"
@@ -180,7 +177,7 @@ class Poller:
 
     async def guarded(self, chunk: ChunkRecord, step: Awaitable[T]) -> T | None:
         """Run one step for a batch with its log context; Marketo's refusals end here."""
-        file = await self.file(chunk.file_id)
+        file = await self.files.get(chunk.file_id)
         with self.bound(file, chunk):
             try:
                 return await step
@@ -204,7 +201,7 @@ class Poller:
         )
 
     async def record(self, chunk: ChunkRecord, batch: BatchStatus) -> None:
-        route = self.settings.route((await self.file(chunk.file_id)).route)
+        route = self.settings.route((await self.files.get(chunk.file_id)).route)
         assert route is not None, "ask() answers only for a configured route"
         track = self.tracks[chunk.id]
         polling = self.settings.polling
@@ -306,8 +303,3 @@ class Poller:
             rows_with_warning=record.rows_with_warning,
         )
         await self.on_chunk_final(record)
-
-    async def file(self, file_id: int) -> FileRecord:
-        if file_id not in self._files:
-            self._files[file_id] = await self.store.get_file(file_id)
-        return self._files[file_id]

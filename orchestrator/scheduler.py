@@ -53,6 +53,7 @@ from orchestrator.errors import (
     QueueFullError,
     UnknownOutcomeError,
 )
+from orchestrator.filecache import FileCache
 from orchestrator.models import BatchStatus, ChunkRecord, ChunkStatus, FileRecord
 from orchestrator.store import Store
 
@@ -141,6 +142,7 @@ class Scheduler:
     client: Submitter
     on_submitted: Callable[[ChunkRecord], None]
     on_chunk_final: Callable[[ChunkRecord], Awaitable[None]]
+    files: FileCache = field(kw_only=True)  # shared with the poller (see orchestrator.filecache)
     observer: Observer | None = None
     clock: Callable[[], float] = time.monotonic
     model: QueueModel = field(init=False)
@@ -148,7 +150,6 @@ class Scheduler:
     queue_wait: Wait = field(default_factory=Wait)
     list_waits: dict[int, Wait] = field(default_factory=dict)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
-    _files: dict[int, FileRecord] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         lim = self.settings.limits
@@ -158,10 +159,6 @@ class Scheduler:
     def wake(self) -> None:
         """Something changed: a chunk was added or a job finished."""
         self._wake.set()
-
-    def forget(self, file_id: int) -> None:
-        """A finished file's record need not stay cached."""
-        self._files.pop(file_id, None)
 
     def job_finished(self, chunk_id: int | None = None) -> None:
         """One of our jobs ended at Marketo."""
@@ -203,14 +200,14 @@ class Scheduler:
             return
         pending = await self.store.chunks(statuses=[ChunkStatus.PENDING])
         outstanding = await self.store.chunks(statuses=OUTSTANDING)
-        busy_lists = {self.list_of(await self.file(c.file_id)) for c in outstanding} - {0}
+        busy_lists = {self.list_of(await self.files.get(c.file_id)) for c in outstanding} - {0}
         blocked_files: set[int] = set()
         for chunk in pending:
             if stop.is_set() or self.model.capacity(len(outstanding)) <= 0:
                 return
             if chunk.file_id in blocked_files:
                 continue
-            file = await self.file(chunk.file_id)
+            file = await self.files.get(chunk.file_id)
             route = self.settings.route(file.route)
             list_id = self.list_of(file)
             wait = self.list_waits.get(list_id)
@@ -355,7 +352,7 @@ class Scheduler:
         log.error("chunk_refused", error=message)
         self.model.abandon(chunk.id)
         await self.store.set_file_error(chunk.file_id, message)
-        self._files.pop(chunk.file_id, None)
+        self.files.forget(chunk.file_id)
         finished = await self.store.finish_chunk(
             chunk.id, status=ChunkStatus.FAILED, message=message, finished_at=stamp()
         )
@@ -366,12 +363,6 @@ class Scheduler:
                 other.id, status=ChunkStatus.FAILED, message=note, finished_at=stamp()
             )
         await self.on_chunk_final(finished)
-
-    async def file(self, file_id: int) -> FileRecord:
-        """File records change rarely for the scheduler's purpose (route, name): cache them."""
-        if file_id not in self._files:
-            self._files[file_id] = await self.store.get_file(file_id)
-        return self._files[file_id]
 
     def list_of(self, file: FileRecord) -> int:
         route = self.settings.route(file.route)

@@ -9,7 +9,8 @@ Every import of our own package points down this picture, never up or sideways:
      scheduler packer poller results upkeep client 4   simulator: a program of its
             spool  status ........................ 3   own, it uses constants,
               store  marketo  metrics ............ 2   models, errors and
-   config logs splitter tickets dirlock attribution 1   nothing else of ours
+   config logs splitter tickets dirlock attribution 1
+                                        filecache   nothing else of ours
                   constants errors models clock
                   backoff crashpoints layout orchestrator 0
 
@@ -41,7 +42,7 @@ RANKS: dict[str, int] = {
     for rank, units in enumerate(
         [
             "orchestrator constants errors models clock backoff crashpoints layout durable delimited",  # leaves
-            "config logs splitter tickets dirlock attribution",
+            "config logs splitter tickets dirlock attribution filecache",
             "store marketo metrics",
             "spool status",
             "scheduler packer poller results upkeep client",  # stages, housekeeping, hand-over API

@@ -23,6 +23,7 @@ from orchestrator.errors import (
     RateLimitError,
     TransientError,
 )
+from orchestrator.filecache import FileCache
 from orchestrator.models import BatchStatus, ChunkRecord, ChunkStatus
 from orchestrator.poller import Poller
 from orchestrator.store import Store
@@ -166,6 +167,7 @@ def harness(store: Store, tmp_path: Path) -> Harness:
         store,
         client,
         on_chunk_final=on_chunk_final,
+        files=FileCache(store),
         on_started=lambda: started.append(None),
         clock=clock,
     )

@@ -24,6 +24,7 @@ from orchestrator.errors import (
     TransientError,
     UnknownOutcomeError,
 )
+from orchestrator.filecache import FileCache
 from orchestrator.models import BatchStatus, ChunkRecord, ChunkStatus, FileRecord, ObjectType
 from orchestrator.scheduler import QueueModel, Scheduler
 from orchestrator.store import Store
@@ -183,6 +184,7 @@ def make_harness(store: Store, settings: Settings) -> Harness:
         client,
         on_submitted=lambda chunk: submitted.append(Path(chunk.path).stem),
         on_chunk_final=on_chunk_final,
+        files=FileCache(store),
         observer=observer,
         clock=clock,
     )
