@@ -3,7 +3,8 @@
 <data_dir>/
   inbox/<route>/          files dropped by pipelines
   work/incoming/          claimed files (<ns>-<name>)
-  work/chunks/<file id>/  a file's chunks and Marketo's failures/warnings files
+  work/chunks/<file id>/  a file's chunks, Marketo's failures/warnings files for them,
+                          and the file's part files: its share of each chunk's rows
   done/<route>/           sources and results of complete files
   failed/<route>/         sources and results of failed files
   state.db                the state store
@@ -63,6 +64,12 @@ class Layout:
         """A file's chunks and the failures/warnings files downloaded for them."""
         return self.chunks / str(file_id)
 
+    def part_file(self, file_id: int, chunk_id: int, kind: str) -> Path:
+        """The file's share of a chunk's failed or warned rows ("failures" or "warnings"),
+        with their source lines: written once the chunk is final, merged when the file
+        finishes."""
+        return self.chunk_dir(file_id) / part_name(chunk_id, kind)
+
     def done(self, route: str) -> Path:
         return self.root / "done" / route
 
@@ -76,3 +83,8 @@ class Layout:
     def route_dirs(self, route: str) -> tuple[Path, Path, Path]:
         """The directories a route needs: its inbox, done/ and failed/."""
         return self.inbox_route(route), self.done(route), self.failed(route)
+
+
+def part_name(chunk_id: int, kind: str) -> str:
+    """A part file's name in its file's chunk directory (see `Layout.part_file`)."""
+    return f"part-{chunk_id}.{kind}.csv"

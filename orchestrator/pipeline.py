@@ -3,7 +3,7 @@
     spool ──claimed──▶ split worker ──chunk──▶ scheduler ──submitted──▶ poller
                            │ small      ▲ sealed  │ refused                │ final
                            ▼            │         ▼                        ▼
-                         packer ────────┘  results.finish_file ◀── every chunk final
+                         packer ────────┘      results ◀────────── every chunk final
 
 - claimed: the spool recorded a claim; the file joins the split queue, split
   one at a time in claim order.
@@ -17,10 +17,11 @@
   before it are split; with pack_wait_seconds = 0, whenever nothing waits.
 - submitted: the scheduler recorded a batch id; the poller starts tracking it.
 - final: a chunk reached Complete or Failed (poller), or was refused before it
-  went (scheduler): its file is finished once split and every chunk is final.
+  went (scheduler): results attribute it and finish each of its files that is
+  split with every chunk final.
   A job that left Marketo's queue frees a slot in the scheduler's model.
-- finished: the file's result is written; the file cache (one, shared by the
-  scheduler and the poller) drops it, and the one canonical log line is written.
+- finished: the file's result is written and counted; the file cache (one, shared
+  by the scheduler and the poller) drops it, and run --once looks again.
 
 The stages never import each other; they meet here and in the store. Recovery
 after a crash feeds the same hand-offs: files to split again, files to finish.
@@ -30,15 +31,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import csv
 import os
-import shutil
 from pathlib import Path
-from typing import Any
 
 import structlog
 
-from orchestrator import results, splitter
+from orchestrator import splitter
 from orchestrator.clock import wait_for_any
 from orchestrator.config import Settings
 from orchestrator.crashpoints import crashpoint
@@ -47,7 +45,6 @@ from orchestrator.filecache import FileCache
 from orchestrator.marketo import MarketoClient
 from orchestrator.metrics import Metrics
 from orchestrator.models import (
-    FINAL_CHUNK_STATUSES,
     UNFINISHED_FILE_STATUSES,
     ChunkRecord,
     FileRecord,
@@ -55,6 +52,7 @@ from orchestrator.models import (
 )
 from orchestrator.packer import Packer
 from orchestrator.poller import Poller
+from orchestrator.results import Results
 from orchestrator.scheduler import Scheduler
 from orchestrator.spool import Spool
 from orchestrator.store import Recovery, Store
@@ -96,11 +94,9 @@ class Pipeline:
             on_sealed=lambda _: self.scheduler.wake(),
             backlog=lambda: not self._split_queue.empty(),
         )
-        self.finished_total = 0
-        self.finished_failed = 0
+        self.results = Results(settings, store, observer=metrics, on_finished=self.finished)
         # File ids to split in claim order; None: run --once claimed everything.
         self._split_queue: asyncio.Queue[int | None] = asyncio.Queue()
-        self._finish_lock = asyncio.Lock()
         self._file_finished = asyncio.Event()
 
     # -- startup -------------------------------------------------------------
@@ -114,11 +110,7 @@ class Pipeline:
         self.scheduler.recovered(recovery.resubmit)
         for file in recovery.resplit:
             self._split_queue.put_nowait(file.id)
-        for file in recovery.finishing:
-            await self.maybe_finish(file.id)
-        for file in await self.store.files([FileStatus.SPLIT]):
-            await self.maybe_finish(file.id)
-        await self.sweep_chunk_dirs()
+        await self.results.recover(recovery.finishing)
 
     async def seal_recovered_pack(self, pack: ChunkRecord) -> None:
         """A pack left open by a stop or a kill goes out as it is: bytes a kill left past
@@ -130,18 +122,6 @@ class Pipeline:
             log.warning("pack_truncated", chunk=pack.id, bytes=size, kept=pack.job_bytes)
             await asyncio.to_thread(os.truncate, path, pack.job_bytes)
         await self.store.seal_pack(pack.id)
-
-    async def sweep_chunk_dirs(self) -> None:
-        """Remove chunk directories of finished files: a crash between finishing a file
-        and cleaning up after it leaves one behind."""
-        unfinished = await self.store.files(UNFINISHED_FILE_STATUSES)
-        keep = {str(f.id) for f in unfinished}
-        root = self.settings.layout.chunks
-        if root.is_dir():
-            for entry in root.iterdir():
-                if entry.name.isdigit() and entry.name not in keep:
-                    log.info("stale_chunks_removed", path=str(entry))
-                    await asyncio.to_thread(shutil.rmtree, entry, True)
 
     # -- claimed → split ------------------------------------------------------
 
@@ -171,7 +151,7 @@ class Pipeline:
             file = await self.store.get_file(file_id)
             with structlog.contextvars.bound_contextvars(route=file.route, file=file.name):
                 await self.split(file)
-            await self.maybe_finish(file.id)
+            await self.results.maybe_finish(file.id)
             if self._split_queue.empty():
                 await self.packer.caught_up()
 
@@ -266,66 +246,23 @@ class Pipeline:
     async def chunk_done(self, chunk: ChunkRecord) -> None:
         """A batch reached Complete or Failed at Marketo: a queue slot is free."""
         self.scheduler.job_finished(chunk.id)
-        await self.chunk_final(chunk)
+        await self.results.chunk_final(chunk)
 
     async def chunk_refused(self, chunk: ChunkRecord) -> None:
         """A chunk failed before it went to Marketo: no slot was taken."""
-        await self.chunk_final(chunk)
+        await self.results.chunk_final(chunk)
 
-    async def chunk_final(self, chunk: ChunkRecord) -> None:
-        """Match the chunk's failed and warned rows back to its files now, while its files
-        (Marketo's, and a pack's) are all there; then every file in it may be finished.
-
-        Under the finish lock: a file finishing removes its chunk directory, which holds
-        the chunk files of the chunks it owns. Should matching fail here (a full disk, say),
-        finishing the file tries again: members go before the owner, whose chunk directory
-        holds the pack and the files Marketo gave for it."""
-        async with self._finish_lock:
-            try:
-                await results.attribute_chunk(self.settings, self.store, chunk.id)
-            except (OSError, csv.Error) as exc:
-                log.error("attribution_deferred", chunk=chunk.index, error=str(exc))
-        for member in reversed(await self.store.members(chunk.id)):
-            await self.maybe_finish(member.file_id)
-
-    async def maybe_finish(self, file_id: int) -> None:
-        """Write the file's result once it is split and every chunk is final."""
-        async with self._finish_lock:
-            file = await self.store.get_file(file_id)
-            if file.status not in (FileStatus.SPLIT, FileStatus.FINISHING):
-                return
-            chunks = await self.store.chunks(file_id=file_id)
-            if any(c.status not in FINAL_CHUNK_STATUSES for c in chunks):
-                return
-            structlog.contextvars.unbind_contextvars("chunk", "batch_id")
-            with structlog.contextvars.bound_contextvars(route=file.route, file=file.name):
-                record, document = await results.finish_file(self.settings, self.store, file)
-                self.account(record, document)
-            self.files.forget(file_id)
+    def finished(self, file: FileRecord) -> None:
+        self.files.forget(file.id)
         self._file_finished.set()
 
-    def account(self, file: FileRecord, document: dict[str, Any]) -> None:
-        """Metrics and the one canonical log line of a finished file."""
-        self.metrics.rows("processed", document["rows_processed"])
-        self.metrics.rows("warned", document["rows_with_warning"])
-        # Rows the splitter set aside were counted as "rejected" when it did.
-        self.metrics.rows("failed", sum(c["rows_failed"] for c in document["chunks"]))
-        self.finished_total += 1
-        if file.status is FileStatus.FAILED:
-            self.finished_failed += 1
-        # The canonical line: error level for a failed file, so alerting on errors sees it.
-        emit = log.error if file.status is FileStatus.FAILED else log.info
-        emit(
-            "file_finished",
-            status=document["status"],
-            error=document["error"],
-            rows=document["rows"],
-            rows_processed=document["rows_processed"],
-            rows_failed=document["rows_failed"],
-            rows_with_warning=document["rows_with_warning"],
-            chunks=len(document["chunks"]),
-            result=Path(file.result_path or "").name,
-        )
+    @property
+    def finished_total(self) -> int:
+        return self.results.finished_total
+
+    @property
+    def finished_failed(self) -> int:
+        return self.results.finished_failed
 
     # -- run --once ----------------------------------------------------------------
 

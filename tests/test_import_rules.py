@@ -9,8 +9,7 @@ Every import of our own package points down this picture, never up or sideways:
      scheduler packer poller results upkeep client 4   simulator: a program of its
             spool  status ........................ 3   own, it uses constants,
               store  marketo  metrics ............ 2   models, errors and
-   config logs splitter tickets dirlock attribution 1
-                                        filecache   nothing else of ours
+     config logs splitter tickets dirlock filecache 1   nothing else of ours
                   constants errors models clock
                   backoff crashpoints layout orchestrator 0
 
@@ -42,7 +41,7 @@ RANKS: dict[str, int] = {
     for rank, units in enumerate(
         [
             "orchestrator constants errors models clock backoff crashpoints layout durable delimited",  # leaves
-            "config logs splitter tickets dirlock attribution filecache",
+            "config logs splitter tickets dirlock filecache",
             "store marketo metrics",
             "spool status",
             "scheduler packer poller results upkeep client",  # stages, housekeeping, hand-over API
@@ -214,6 +213,7 @@ PACKAGES = {
     "config": "settings loading checks",
     "status": "snapshot table endpoints progress",
     "cli": "main flags run submit inspect",
+    "results": "stage attribution matching finish merge",
     SIMULATOR: "server bulk gate queue records config",
 }
 FAKE_SOURCES = {
@@ -226,7 +226,7 @@ FAKE_SOURCES = {
     "orchestrator/store/store.py": "import sqlite3\n\nfrom orchestrator.store.schema import SQL\n",
     "orchestrator/status/endpoints.py": "from aiohttp import web\n\nfrom .snapshot import Query\n",
     "orchestrator/status/snapshot.py": "from orchestrator.store import Store\n",
-    "orchestrator/results.py": '"""Reads "batchId" back."""\n\nfrom orchestrator.marketo import Client\n',
+    "orchestrator/results/finish.py": '"""Reads "batchId" back."""\n\nfrom orchestrator.marketo import Client\n',
     "orchestrator/daemon.py": "from orchestrator import pipeline, upkeep\nfrom .store import Store\n",
     "orchestrator/__main__.py": "from orchestrator.cli import main\n",
     "orchestrator/cli/main.py": "from orchestrator.cli import inspect, run\n",
@@ -262,7 +262,8 @@ def test_the_fake_tree_is_clean(tmp_path: Path) -> None:
         ("orchestrator/cli/inspect.py", "from orchestrator.simulator import Sim", CLI_ONLY),
         ("orchestrator/scheduler.py", "from orchestrator import poller", STAGES_APART),
         ("orchestrator/packer.py", "from orchestrator.scheduler import Scheduler", STAGES_APART),
-        ("orchestrator/results.py", "import sqlite3", SQLITE),
+        ("orchestrator/results/finish.py", "import sqlite3", SQLITE),
+        ("orchestrator/results/stage.py", "from orchestrator import scheduler", STAGES_APART),
         ("orchestrator/status/snapshot.py", "import aiohttp", CLIENT),
         ("orchestrator/metrics.py", "from aiohttp import web", SERVER),
         ("orchestrator/status/table.py", "from aiohttp import web", SERVER),
@@ -282,7 +283,7 @@ def test_the_fake_tree_is_clean(tmp_path: Path) -> None:
         ),
         ("bench/pipeline.py", "from tests import test_engine", BENCH),
         ("bench/split.py", "from tests.reliability.conftest import Life", BENCH),
-        ("orchestrator/results.py", 'KEY = "batchId"', WIRE),
+        ("orchestrator/results/finish.py", 'KEY = "batchId"', WIRE),
         ("orchestrator/gadget.py", "X = 1", TABLE),
     ],
 )

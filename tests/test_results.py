@@ -18,12 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client import CollectorRegistry
 
-from orchestrator import attribution, constants, results, splitter
+from orchestrator import constants, splitter
 from orchestrator.config import Settings
-from orchestrator.marketo import MarketoClient
-from orchestrator.metrics import Metrics
+from orchestrator.layout import part_name
 from orchestrator.models import (
     BatchStatus,
     ChunkRecord,
@@ -31,8 +29,17 @@ from orchestrator.models import (
     FileRecord,
     FileStatus,
 )
-from orchestrator.pipeline import Pipeline
-from orchestrator.results import Outcome, finish_file, outcome
+from orchestrator.results import (
+    Outcome,
+    Results,
+    attribute_chunk,
+    attribution,
+    finish,
+    finish_file,
+    matching,
+    merge,
+    outcome,
+)
 from orchestrator.store import Store
 from tests.support.settings import CARS, LEADS, fast_settings
 from tests.support.stages import claimed_file
@@ -460,7 +467,7 @@ async def test_finishing_again_after_a_crash_before_the_source_moved(
         if name == "results_written":
             raise Crash(name)
 
-    monkeypatch.setattr(results, "crashpoint", crash_at_results_written)
+    monkeypatch.setattr(finish, "crashpoint", crash_at_results_written)
     with pytest.raises(Crash):
         await finish_file(settings, store, file)
     done = settings.layout.done("leads")
@@ -785,12 +792,12 @@ async def test_matching_a_shared_chunk_again_after_a_crash_gives_the_same_result
 
     monkeypatch.setattr(attribution.Parts, "close", crash_at_second_part)
     with pytest.raises(Crash):
-        await results.attribute_chunk(settings, store, pack.chunk.id)
+        await attribute_chunk(settings, store, pack.chunk.id)
     monkeypatch.undo()
-    a_dir = settings.layout.chunk_dir(pack.files["a.csv"].id)
-    b_dir = settings.layout.chunk_dir(pack.files["b.csv"].id)
-    assert attribution.part_path(a_dir, pack.chunk.id, "failures").exists()
-    assert not attribution.part_path(b_dir, pack.chunk.id, "failures").exists()
+    a, b = pack.files["a.csv"].id, pack.files["b.csv"].id
+    assert settings.layout.part_file(a, pack.chunk.id, "failures").exists()
+    assert not settings.layout.part_file(b, pack.chunk.id, "failures").exists()
+    b_dir = settings.layout.chunk_dir(b)
     assert not list(b_dir.glob(".*.tmp"))  # the part being written was dropped
     assert not (await store.chunks(file_id=pack.files["a.csv"].id))[0].attributed
 
@@ -800,11 +807,11 @@ async def test_matching_a_shared_chunk_again_after_a_crash_gives_the_same_result
 
     monkeypatch.setattr(store, "set_shares", crash)
     with pytest.raises(Crash):
-        await results.attribute_chunk(settings, store, pack.chunk.id)
+        await attribute_chunk(settings, store, pack.chunk.id)
     monkeypatch.undo()
 
-    assert await results.attribute_chunk(settings, store, pack.chunk.id)
-    assert not await results.attribute_chunk(settings, store, pack.chunk.id)  # done: a no-op
+    assert await attribute_chunk(settings, store, pack.chunk.id)
+    assert not await attribute_chunk(settings, store, pack.chunk.id)  # done: a no-op
     documents = await finish_all(settings, store, pack)
 
     assert outputs(settings) == outputs(clean)
@@ -823,7 +830,7 @@ async def test_a_row_matching_no_record_is_kept_and_looking_for_it_stays_linear(
     row that is in no record: those keep their place (the piece the walk is in, a blank
     line), the others their lines, and the records read stay a few times the chunk's, not
     rows times records (about 400,000 here)."""
-    monkeypatch.setattr(attribution, "KEEP_RECORDS", 20)
+    monkeypatch.setattr(matching, "KEEP_RECORDS", 20)
     chunk = tmp_path / "chunk.csv"
     records = [[f"e{i}@x.com", f"N{i}"] for i in range(2000)]
     write_csv(chunk, [["email", "firstName"], *records])
@@ -832,8 +839,8 @@ async def test_a_row_matching_no_record_is_kept_and_looking_for_it_stays_linear(
         marketo += [[*records[i], "Invalid"], [f"ghost{i}", "G", "Invalid"]]
     write_csv(tmp_path / "failures.csv", marketo)
     pieces = [
-        attribution.Piece(file_id=1, first_row=0, first_line=2, out_dir=tmp_path / "1"),
-        attribution.Piece(file_id=2, first_row=1000, first_line=2, out_dir=tmp_path / "2"),
+        matching.Piece(file_id=1, first_row=0, first_line=2, out_dir=tmp_path / "1"),
+        matching.Piece(file_id=2, first_row=1000, first_line=2, out_dir=tmp_path / "2"),
     ]
 
     tallies = attribution.attribute(
@@ -844,7 +851,7 @@ async def test_a_row_matching_no_record_is_kept_and_looking_for_it_stays_linear(
     assert (found.rows, found.unmatched) == ({1: 400, 2: 400}, 400)
     assert found.reads < 40_000
     for piece in pieces:
-        rows = read_csv(attribution.part_path(piece.out_dir, 9, "failures"))[1:]
+        rows = read_csv(piece.out_dir / part_name(9, "failures"))[1:]
         first = piece.first_row
         assert rows[0::2] == [
             [*records[i], "Invalid", str(i - first + 2)] for i in range(first, first + 1000, 5)
@@ -890,15 +897,16 @@ async def test_finishing_memory_does_not_grow_with_the_failed_rows(tmp_path: Pat
 async def test_a_shared_chunk_going_final_finishes_every_file_in_it(
     settings: Settings, store: Store, files: Files
 ) -> None:
-    """The pipeline's hand-off: rows matched back while the pack is there, then each
-    member finished, not only the owner. Marketo is never called (no URL answers)."""
+    """The results stage alone: rows matched back while the pack is there, then each
+    member finished, not only the owner; each counted and announced once."""
     pack = await make_pack(files)
     job = await files.complete(pack.chunk, 3001, failures=PACK_FAILURES, warnings=PACK_WARNINGS)
-    async with MarketoClient(settings) as client:
-        pipeline = Pipeline(settings, store, client, Metrics(CollectorRegistry()))
-        await pipeline.chunk_done(job)
+    announced: list[int] = []
+    stage = Results(settings, store, on_finished=lambda f: announced.append(f.id))
+    await stage.chunk_final(job)
 
-    assert pipeline.finished_total == 4
+    assert stage.finished_total == 4
+    assert announced == [f.id for f in reversed(pack.files.values())], "members, then the owner"
     for name, file in pack.files.items():
         assert (await store.get_file(file.id)).status is FileStatus.COMPLETE
         document = json.loads(
@@ -914,7 +922,7 @@ async def test_a_large_set_aside_record_is_copied_not_read_into_memory(
 ) -> None:
     """A record the splitter set aside is at least a chunk's size (9.5 MB by default):
     finishing copies it into the failures file instead of parsing it."""
-    huge = "x" * (3 * results.RAW_REJECT_BYTES)
+    huge = "x" * (3 * merge.RAW_REJECT_BYTES)
     text = f'{HEADER}a@x.com,Ann\nbig@x.com,"{huge}"\r\n'
     file = await files.claim("huge.csv", text)
     chunk = await files.chunk(file, 1, ["a@x.com,Ann\n"], first_line=2)
@@ -933,7 +941,7 @@ async def test_a_large_set_aside_record_is_copied_not_read_into_memory(
     finally:
         tracemalloc.stop()
 
-    assert peak < results.RAW_REJECT_BYTES, peak
+    assert peak < merge.RAW_REJECT_BYTES, peak
     assert document["rows_failed"] == 1
     failures = settings.layout.done("leads") / "huge.csv.failures.csv"
     assert read_csv(failures)[1:] == [["big@x.com", huge, "record too large", "3"]]
@@ -946,7 +954,7 @@ async def test_set_aside_records_copied_or_parsed_give_the_same_failures_file(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(results, "RAW_REJECT_BYTES", 10)  # BIG's record is copied
+    monkeypatch.setattr(merge, "RAW_REJECT_BYTES", 10)  # BIG's record is copied
     file = await files.big_csv()
 
     await finish_file(settings, store, file)
@@ -987,13 +995,13 @@ def test_matching_in_c_gives_what_matching_record_by_record_gives(tmp_path: Path
 
     def run(name: str, rows: int | None) -> tuple[dict[int, int], int, list[bytes]]:
         pieces = [
-            attribution.Piece(1, 0, 2, tmp_path / name / "1"),
-            attribution.Piece(2, 150, 10, tmp_path / name / "2", gaps=((12, 3), (40, 1))),
-            attribution.Piece(3, 320, 5, tmp_path / name / "3"),
+            matching.Piece(1, 0, 2, tmp_path / name / "1"),
+            matching.Piece(2, 150, 10, tmp_path / name / "2", gaps=((12, 3), (40, 1))),
+            matching.Piece(3, 320, 5, tmp_path / name / "3"),
         ]
         marketo_files: dict[str, Path | None] = {"failures": tmp_path / "failures.csv"}
         found = attribution.attribute(7, chunk, "csv", pieces, marketo_files, rows)["failures"]
-        parts = [attribution.part_path(p.out_dir, 7, "failures") for p in pieces]
+        parts = [p.out_dir / part_name(7, "failures") for p in pieces]
         return found.rows, found.unmatched, [p.read_bytes() for p in parts if p.exists()]
 
     in_c = run("c", len(records))
@@ -1009,17 +1017,17 @@ def test_matching_in_c_gives_what_matching_record_by_record_gives(tmp_path: Path
 def test_a_piece_that_comes_back_keeps_its_rows(tmp_path: Path) -> None:
     """Rows come in piece order; should one piece's rows resume after another's, its part
     keeps what it had (one header) rather than starting again."""
-    a = attribution.Piece(1, 0, 2, tmp_path / "1")
-    b = attribution.Piece(2, 5, 2, tmp_path / "2")
+    a = matching.Piece(1, 0, 2, tmp_path / "1")
+    b = matching.Piece(2, 5, 2, tmp_path / "2")
     parts = attribution.Parts(4, "failures", ",")
     header = ["email", constants.FAILURE_REASON_COLUMN]
     for piece, row in ((a, ["a1", "r", "2"]), (b, ["b1", "r", "3"]), (a, ["a2", "r", ""])):
         parts.write(piece, header, row)
     parts.close()
 
-    assert read_csv(attribution.part_path(a.out_dir, 4, "failures")) == [
+    assert read_csv(a.out_dir / part_name(4, "failures")) == [
         [*header, constants.SOURCE_LINE_COLUMN],
         ["a1", "r", "2"],
         ["a2", "r", ""],
     ]
-    assert len(read_csv(attribution.part_path(b.out_dir, 4, "failures"))) == 2
+    assert len(read_csv(b.out_dir / part_name(4, "failures"))) == 2

@@ -1,4 +1,5 @@
-"""Matching Marketo's failed and warned rows back to the files and lines they came from.
+"""The forward walk: each of Marketo's failed or warned rows matched to the chunk's
+record it came from, and that record's file and source line.
 
 A chunk is one Marketo job; it may hold the records of several source files (a
 pack), each file's records one run of them (a piece). Marketo's failures and
@@ -11,8 +12,7 @@ record, plus the lines of records the splitter set aside before it).
 
 Memory: one record and one of Marketo's rows at a time, plus at most `KEEP_RECORDS`
 records (and `KEEP_CHARS` characters) kept while looking ahead; nothing grows with
-the chunk, the file or the share of failed rows. Each file's annotated rows go
-straight to a part file in that file's own directory, written whole or not at all.
+the chunk, the file or the share of failed rows.
 
 A row that matches no record is not lost: it goes to the piece the walk is in,
 with a blank source line. Looking for it read ahead to the end of the chunk, so
@@ -21,7 +21,8 @@ records, a chunk's walk may read at most `REREAD_FACTOR` times its records again
 past that a row is looked for only among the next `KEEP_RECORDS` records (or
 `KEEP_CHARS` characters), so each such row costs a bounded amount.
 
-Blocking: run it in a thread.
+Pure reading: what the walk finds is written elsewhere (`attribution`). Blocking:
+run it in a thread.
 """
 
 from __future__ import annotations
@@ -30,22 +31,12 @@ import bisect
 import csv
 import io
 import itertools
-import os
-import shutil
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Final
+from typing import IO, Final
 
-if TYPE_CHECKING:
-    from _csv import Writer
-
-from orchestrator import constants, delimited
-from orchestrator.delimited import write_row
-from orchestrator.durable import fsync_dir
-
-KINDS: Final = ("failures", "warnings")
 KEEP_RECORDS: Final = 1000  # records kept while looking ahead, to step back without rereading
 KEEP_CHARS: Final = 1 << 20  # ... and at most this many characters of them
 REREAD_FACTOR: Final = 3  # records a chunk's walk may read again, times the chunk's records
@@ -71,51 +62,28 @@ class Tally:
     reads: int = 0  # records read (or read again) to match them
 
 
-def part_path(out_dir: Path, chunk_id: int, kind: str) -> Path:
-    """Where a file's share of a chunk's failures or warnings goes."""
-    return out_dir / f"part-{chunk_id}.{kind}.csv"
+@dataclass(frozen=True, slots=True)
+class Match:
+    """One of Marketo's rows and where it came from."""
 
-
-def attribute(
-    chunk_id: int,
-    chunk_path: Path,
-    fmt: str,
-    pieces: list[Piece],
-    marketo: dict[str, Path | None],
-    rows: int | None = None,
-) -> dict[str, Tally]:
-    """Write each piece's part files for every kind Marketo sent a file of; per kind, the
-    rows each file got. A part file of a piece that got no rows is removed. `rows`, the
-    chunk's records, lets the common case run in C (see `Records._find`)."""
-    delimiter = delimited.DELIMITERS[fmt]
-    ordered = sorted(pieces, key=lambda p: p.first_row)
-    tallies: dict[str, Tally] = {}
-    for kind in KINDS:
-        source = marketo.get(kind)
-        found = Tally()
-        if source is not None and source.exists():
-            found = walk(chunk_id, chunk_path, delimiter, ordered, source, kind, rows)
-        for piece in ordered:
-            if piece.file_id not in found.rows:
-                part_path(piece.out_dir, chunk_id, kind).unlink(missing_ok=True)
-        tallies[kind] = found
-    return tallies
+    piece: Piece  # the piece of the record it matched, or the piece the walk is in
+    header: list[str]  # Marketo's header line
+    row: list[str]  # Marketo's row, then the source line ("" when no record matched)
 
 
 def walk(
-    chunk_id: int,
     chunk_path: Path,
     delimiter: str,
     pieces: list[Piece],
     source: Path,
-    kind: str,
+    tally: Tally,
     rows: int | None = None,
-) -> Tally:
-    """One kind: Marketo's rows matched in order against the chunk's records."""
-    tally = Tally()
+) -> Generator[Match, None, None]:
+    """Marketo's rows in `source`, matched in order against the chunk's records (`pieces`
+    in record order); `tally` counts them as they go. `rows`, the chunk's records, lets
+    the common case run in C (see `Records._find`)."""
     starts = [p.first_row for p in pieces]
     lines = Lines(pieces)
-    parts = Parts(chunk_id, kind, delimiter)
     with (
         Records(chunk_path, delimiter, starts, rows) as records,
         open(source, encoding="utf-8-sig", newline="") as fh,
@@ -123,30 +91,25 @@ def walk(
         marketo = csv.reader(fh, delimiter=delimiter)
         header = next(marketo, None)
         if header is None:
-            return tally
-        try:
-            for row in marketo:
-                if not row:
-                    continue  # a blank line in Marketo's file is no row
-                wanted = row[:-1]
-                at = records.index
-                found = records.search(wanted)
-                if found is None:
-                    number = piece_at(starts, at)
-                    line = ""
-                    tally.unmatched += 1
-                else:
-                    index, chunk_line = found
-                    number = piece_at(starts, index)
-                    line = str(lines.source_line(number, chunk_line, records.base_lines))
-                piece = pieces[number]
-                parts.write(piece, header, [*row, line])
-                tally.rows[piece.file_id] = tally.rows.get(piece.file_id, 0) + 1
-            parts.close()
-        finally:
-            parts.abort()
+            return
+        for row in marketo:
+            if not row:
+                continue  # a blank line in Marketo's file is no row
+            wanted = row[:-1]
+            at = records.index
+            found = records.search(wanted)
+            if found is None:
+                number = piece_at(starts, at)
+                line = ""
+                tally.unmatched += 1
+            else:
+                index, chunk_line = found
+                number = piece_at(starts, index)
+                line = str(lines.source_line(number, chunk_line, records.base_lines))
+            piece = pieces[number]
+            tally.rows[piece.file_id] = tally.rows.get(piece.file_id, 0) + 1
+            yield Match(piece, header, [*row, line])
         tally.reads = records.read
-    return tally
 
 
 def piece_at(starts: list[int], index: int) -> int:
@@ -359,61 +322,3 @@ def same(fields: list[str], wanted: list[str]) -> bool:
         return True
     n = len(fields)
     return n < len(wanted) and fields == wanted[:n] and not any(wanted[n:])
-
-
-class Parts:
-    """One piece's part file open at a time (Marketo's rows come in piece order): written
-    to a temp file, then fsynced and renamed into place whole when the next piece starts
-    or the walk ends."""
-
-    def __init__(self, chunk_id: int, kind: str, delimiter: str) -> None:
-        self.chunk_id = chunk_id
-        self.kind = kind
-        self.delimiter = delimiter
-        self._piece: Piece | None = None
-        self._fh: IO[str] | None = None
-        self._tmp: Path | None = None
-        self._csv: Writer | None = None
-        self._done: set[int] = set()  # files whose part is in place
-
-    def write(self, piece: Piece, header: list[str], row: list[str]) -> None:
-        if piece is not self._piece:
-            self.close()
-            self._piece = piece
-            target = part_path(piece.out_dir, self.chunk_id, self.kind)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            self._tmp = target.with_name(f".{target.name}.tmp")
-            again = piece.file_id in self._done  # never expected: rows come in piece order
-            if again:  # but should a piece come back, its rows so far are kept
-                shutil.copyfile(target, self._tmp)
-            # Open until the next piece starts: closed by close() or abort().
-            self._fh = open(self._tmp, "a" if again else "w", encoding="utf-8", newline="")  # noqa: SIM115
-            self._csv = csv.writer(self._fh, delimiter=self.delimiter, lineterminator="\n")
-            if not again:
-                self._csv.writerow([*header, constants.SOURCE_LINE_COLUMN])
-        assert self._csv is not None
-        assert self._fh is not None
-        write_row(self._csv, self._fh, row, self.delimiter)
-
-    def close(self) -> None:
-        """The open part, if any, into place."""
-        if self._fh is None or self._piece is None or self._tmp is None:
-            return
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-        self._fh.close()
-        self._fh = None
-        target = part_path(self._piece.out_dir, self.chunk_id, self.kind)
-        os.replace(self._tmp, target)
-        fsync_dir(target.parent)
-        self._tmp = None
-        self._done.add(self._piece.file_id)
-
-    def abort(self) -> None:
-        """A walk that failed leaves no temp file behind."""
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
-        if self._tmp is not None:
-            self._tmp.unlink(missing_ok=True)
-            self._tmp = None
