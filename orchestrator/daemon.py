@@ -116,7 +116,7 @@ class Daemon:
     async def outstanding(self) -> int:
         """Files without a result: unfinished in the store, or seen in the inbox unclaimed."""
         unfinished = await self.store.files(UNFINISHED_FILE_STATUSES)
-        return len(unfinished) + self.pipeline.spool.pending()
+        return len(unfinished) + self.pipeline.pending()
 
     async def startup(self, stack: contextlib.AsyncExitStack) -> None:
         """Open the store in data_dir (whose lock the daemon holds), serve health and
@@ -177,20 +177,16 @@ class Daemon:
             def start(coro: Coroutine[Any, Any, None], name: str) -> None:
                 workers.append(group.create_task(coro, name=name))
 
-            start(pipeline.split_worker(stop), "splitter")
-            start(pipeline.packer.run(stop), "packer")
-            start(pipeline.scheduler.run(stop), "scheduler")
-            start(pipeline.poller.run(stop), "poller")
+            for name, coro in pipeline.loops(stop, once=self.once):
+                start(coro, name)
             start(upkeep.token_keeper(stop, once=self.once), "token")
             start(upkeep.persist_calls(stop), "api-calls")
             start(upkeep.retention(stop), "retention")
             if self.once:
                 start(self.drain(), "drain")
                 if sys.stderr.isatty():
-                    backoff = pipeline.scheduler.backoff_remaining
+                    backoff = pipeline.backoff_remaining
                     start(live_progress(self.store, backoff, stop), "progress")
-            else:
-                start(pipeline.spool.run(stop), "spool")
             await stop.wait()
             _, pending = await asyncio.wait(workers, timeout=DRAIN_SECONDS)
             for task in pending:
@@ -206,9 +202,7 @@ class Daemon:
         await wait_for_any(self.upkeep.token_settled, self.stop, within=None)
         if self.stop.is_set() or self.upkeep.credentials_refused:
             return
-        await self.pipeline.spool.drain()
-        self.pipeline.inbox_drained()
-        await self.pipeline.wait_idle(self.stop)
+        await self.pipeline.drain(self.stop)
         self.stop.set()
 
     async def final_snapshot(self) -> dict[str, Any]:
@@ -218,7 +212,7 @@ class Daemon:
     def readiness(self) -> str | None:
         if self.recovering:
             return "recovering"
-        if not self.pipeline.spool.running and not self.once:
+        if not self.pipeline.watching and not self.once:
             return "the inbox watcher is not running"
         return self.upkeep.token_problem()
 

@@ -18,14 +18,15 @@ pack. Small files are packed in the order they were split (claim order):
   and packed again. A file that does not fit seals the pack and opens the next.
 - An open pack is sealed (and only a sealed pack is ever sent) when it is full, when
   `limits.pack_wait_seconds` pass without a file joining it, when `run --once` has
-  split everything it claimed (`seal_all`), or, with pack_wait_seconds = 0, as soon as
-  no claimed file waits to be split (`caught_up`). A stop leaves a pack open; the
-  next start seals it.
+  split everything it claimed (told `drained`), or, with pack_wait_seconds = 0, as
+  soon as no claimed file waits to be split (told `caught_up`). The packer is told
+  these facts and decides itself; every sealing rule is here. A stop leaves a pack
+  open; the next start seals it as it is (`recover`).
 - However often small files trickle in, a pack is sealed at the latest
   MAX_AGE_FACTOR x pack_wait_seconds after it opened (a minute at the default 5 s):
   its first file does not wait hours for the pack to fill. Not while claimed files
-  wait to be split (`backlog`): then the pack fills as fast as files are split, and
-  sealing it early would only make more jobs.
+  wait to be split (`backlog`, the split stage's): then the pack fills as fast as
+  files are split, and sealing it early would only make more jobs.
 
 Cost per small file: one append of its records, one fsync, one transaction; the pack
 is never read back.
@@ -95,7 +96,7 @@ class Packer:
     settings: Settings
     store: Store
     on_sealed: Callable[[ChunkRecord], None]  # a pack may be sent now
-    backlog: Callable[[], bool] = lambda: False  # claimed files wait to be split
+    backlog: Callable[[], bool] = lambda: False  # claimed files wait to be split (split stage)
     clock: Callable[[], float] = time.monotonic
     packs: dict[PackKey, OpenPack] = field(default_factory=dict)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -189,18 +190,34 @@ class Packer:
         )
         self.on_sealed(record)
 
-    async def seal_all(self, reason: str) -> None:
-        """Seal every open pack (run --once: everything claimed is split)."""
+    async def _seal_all(self, reason: str) -> None:
         async with self._lock:
             for key in list(self.packs):
                 await self._seal(key, reason)
+
+    async def drained(self) -> None:
+        """run --once split everything it claimed: nothing more can join, so every open
+        pack is sealed now (nothing waits pack_wait_seconds)."""
+        await self._seal_all("drained")
 
     async def caught_up(self) -> None:
         """No claimed file waits to be split: with pack_wait_seconds = 0, seal them all;
         else the timer looks again (a backlog may have held a pack past its age)."""
         if self.wait == 0 and self.packs:
-            await self.seal_all("caught-up")
+            await self._seal_all("caught-up")
         self._changed.set()
+
+    async def recover(self, packs: list[ChunkRecord]) -> None:
+        """Packs a stop or a kill left open go out as they are: bytes a kill left past a
+        pack's recorded size (an append whose join was never committed) are cut off
+        first; that file was not recorded as split, so it is split and packed again."""
+        for pack in packs:
+            path = Path(pack.path)
+            size = (await asyncio.to_thread(path.stat)).st_size
+            if size > pack.job_bytes:
+                log.warning("pack_truncated", chunk=pack.id, bytes=size, kept=pack.job_bytes)
+                await asyncio.to_thread(os.truncate, path, pack.job_bytes)
+            await self.store.seal_pack(pack.id)
 
     async def seal_idle(self) -> None:
         """Seal the packs no file joined for pack_wait_seconds, and those open for

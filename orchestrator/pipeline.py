@@ -1,63 +1,66 @@
 """The hand-offs between the stages: what happens after each step, in one place.
 
-    spool ──claimed──▶ split worker ──chunk──▶ scheduler ──submitted──▶ poller
-                           │ small      ▲ sealed  │ refused                │ final
-                           ▼            │         ▼                        ▼
-                         packer ────────┘      results ◀────────── every chunk final
+    spool ──claimed──▶ split ──chunk──▶ scheduler ──submitted──▶ poller
+                         │ small    ▲        │   ▲                 │  │
+                         ▼          │ sealed │   └─────started─────┘  │
+                       packer ──────┘        │ refused                │ final
+                                             ▼                        │
+                                          results ◀───────────────────┘
+                                             │ finished
+                                             ▼
+                                   the file cache forgets it
 
-- claimed: the spool recorded a claim; the file joins the split queue, split
+- claimed: the spool recorded a claim; the split stage queues the file, split
   one at a time in claim order.
-- chunk: the split worker recorded a chunk (or a set-aside record) in the
-  store; the scheduler wakes and may submit it before the split ends. On a
-  route that packs, a file's first chunk is held until a second one is cut:
-  a file whose split ends with one chunk is small.
-- small: the packer puts the file's records into the open pack of its route,
-  format and header (or opens one); a sealed pack wakes the scheduler. After
-  `run --once` claimed everything, the worker seals every pack once the files
-  before it are split; with pack_wait_seconds = 0, whenever nothing waits.
+- chunk: the split stage recorded a chunk (or a set-aside record) in the store;
+  the scheduler wakes and may submit it before the split ends.
+- small: a file whose split cut one chunk, on a route that packs: the packer puts
+  its records into the open pack of its route, format and header (or opens one).
+  The packer asks the split stage whether claimed files wait (its backlog), and is
+  told when `run --once` has split all it claimed (drained) and whenever no claimed
+  file waits (caught up); when to seal is its own decision. A sealed pack wakes
+  the scheduler.
+- refused (by the splitter): the file has its error; the file cache forgets it and
+  the scheduler wakes, so its chunks not yet sent are refused.
+- split: a file's split ended (or the packer took it): results finish it now if
+  every chunk of it is final already (a bad file's, say).
 - submitted: the scheduler recorded a batch id; the poller starts tracking it.
-- final: a chunk reached Complete or Failed (poller), or was refused before it
-  went (scheduler): results attribute it and finish each of its files that is
-  split with every chunk final.
-  A job that left Marketo's queue frees a slot in the scheduler's model.
-- finished: the file's result is written and counted; the file cache (one, shared
-  by the scheduler and the poller) drops it, and run --once looks again.
+- started: a job of ours Marketo kept Queued started importing, so a job ahead
+  of it (another integration's) left the queue: the scheduler may probe a slot.
+- final: a chunk reached Complete or Failed (poller: a queue slot is free too),
+  or was refused before it went (scheduler): results attribute it and finish each
+  of its files that is split with every chunk final.
+- finished: the file's result is written and counted; the file cache forgets it,
+  and `run --once` looks whether everything is done.
 
 The stages never import each other; they meet here and in the store. Recovery
-after a crash feeds the same hand-offs: files to split again, files to finish.
+after a crash gives each stage what it left: open packs to the packer, submits
+of unknown outcome to the scheduler, files to split again to the split stage,
+files to finish to results.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-from pathlib import Path
-
-import structlog
+from collections.abc import Coroutine
+from typing import Any
 
 from orchestrator import splitter
 from orchestrator.clock import wait_for_any
 from orchestrator.config import Settings
-from orchestrator.crashpoints import crashpoint
-from orchestrator.errors import InputError
 from orchestrator.filecache import FileCache
 from orchestrator.marketo import MarketoClient
 from orchestrator.metrics import Metrics
-from orchestrator.models import (
-    UNFINISHED_FILE_STATUSES,
-    ChunkRecord,
-    FileRecord,
-    FileStatus,
-)
+from orchestrator.models import UNFINISHED_FILE_STATUSES, ChunkRecord, FileRecord
 from orchestrator.packer import Packer
 from orchestrator.poller import Poller
 from orchestrator.results import Results
 from orchestrator.scheduler import Scheduler
+from orchestrator.splitting import SplitStage
 from orchestrator.spool import Spool
 from orchestrator.store import Recovery, Store
 
-log = structlog.get_logger(__name__)
+Loop = Coroutine[Any, Any, None]
 
 
 class Pipeline:
@@ -66,11 +69,23 @@ class Pipeline:
     def __init__(
         self, settings: Settings, store: Store, client: MarketoClient, metrics: Metrics
     ) -> None:
-        self.settings = settings
         self.store = store
-        self.metrics = metrics
         self.files = FileCache(store)
-        self.spool = Spool(settings, store, self.file_claimed)
+        self.spool = Spool(settings, store, self.claimed)
+        self.splitting = SplitStage(
+            settings,
+            store,
+            on_chunk=self.chunk_added,
+            on_small=self.small_file,
+            on_split=self.split_ended,
+            on_error=self.file_refused,
+            on_drained=self.drained,
+            on_caught_up=self.caught_up,
+            observer=metrics,
+        )
+        self.packer = Packer(
+            settings, store, on_sealed=self.pack_sealed, backlog=self.splitting.backlog
+        )
         self.scheduler = Scheduler(
             settings,
             store,
@@ -85,163 +100,99 @@ class Pipeline:
             store,
             client,
             on_chunk_final=self.chunk_done,
+            on_started=self.job_started,
             files=self.files,
-            on_started=self.scheduler.foreign_job_left,
-        )
-        self.packer = Packer(
-            settings,
-            store,
-            on_sealed=lambda _: self.scheduler.wake(),
-            backlog=lambda: not self._split_queue.empty(),
         )
         self.results = Results(settings, store, observer=metrics, on_finished=self.finished)
-        # File ids to split in claim order; None: run --once claimed everything.
-        self._split_queue: asyncio.Queue[int | None] = asyncio.Queue()
         self._file_finished = asyncio.Event()
 
-    # -- startup -------------------------------------------------------------
+    # -- what the daemon runs and asks -------------------------------------------------
 
     async def recover(self, recovery: Recovery) -> None:
-        """Feed what a crash left half done back into the hand-offs."""
+        """Give each stage what a crash (or a stop) left half done, before any loop runs."""
         self.spool.prepare()
         await self.spool.recover_claims()
-        for pack in recovery.open_packs:
-            await self.seal_recovered_pack(pack)
+        await self.packer.recover(recovery.open_packs)
         self.scheduler.recovered(recovery.resubmit)
-        for file in recovery.resplit:
-            self._split_queue.put_nowait(file.id)
+        self.splitting.recover(recovery.resplit)
         await self.results.recover(recovery.finishing)
 
-    async def seal_recovered_pack(self, pack: ChunkRecord) -> None:
-        """A pack left open by a stop or a kill goes out as it is: bytes a kill left past
-        its recorded size (an append whose piece was never committed) are cut off first;
-        that file was not recorded as split, so it is split and packed again."""
-        path = Path(pack.path)
-        size = await asyncio.to_thread(lambda: path.stat().st_size)
-        if size > pack.job_bytes:
-            log.warning("pack_truncated", chunk=pack.id, bytes=size, kept=pack.job_bytes)
-            await asyncio.to_thread(os.truncate, path, pack.job_bytes)
-        await self.store.seal_pack(pack.id)
+    def loops(self, stop: asyncio.Event, *, once: bool) -> list[tuple[str, Loop]]:
+        """The long-lived loops, by task name; each returns once `stop` is set. With
+        `once` the inbox is not watched: `drain` claims what it holds."""
+        loops = [
+            ("splitter", self.splitting.run(stop)),
+            ("packer", self.packer.run(stop)),
+            ("scheduler", self.scheduler.run(stop)),
+            ("poller", self.poller.run(stop)),
+        ]
+        if not once:
+            loops.append(("spool", self.spool.run(stop)))
+        return loops
 
-    # -- claimed → split ------------------------------------------------------
+    async def drain(self, stop: asyncio.Event) -> None:
+        """run --once: claim what the inbox holds, then return once every claimed file
+        has its result (or when `stop` is set)."""
+        await self.spool.drain()
+        self.splitting.drained()
+        await self.wait_idle(stop)
 
-    async def file_claimed(self, file: FileRecord) -> None:
-        self._split_queue.put_nowait(file.id)
+    def pending(self) -> int:
+        """Files seen in the inbox, not claimed yet."""
+        return self.spool.pending()
 
-    def inbox_drained(self) -> None:
-        """run --once claimed all it will: once the files before this are split, every
-        open pack is sealed (nothing more can join, so nothing waits pack_wait_seconds)."""
-        self._split_queue.put_nowait(None)
+    @property
+    def watching(self) -> bool:
+        """Whether the inbox watcher runs."""
+        return self.spool.running
 
-    async def split_worker(self, stop: asyncio.Event) -> None:
-        """Split claimed files one at a time, in claim order; chunks go out as they appear."""
-        while not stop.is_set():
-            getter = asyncio.ensure_future(self._split_queue.get())
-            stopper = asyncio.ensure_future(stop.wait())
-            await asyncio.wait({getter, stopper}, return_when="FIRST_COMPLETED")
-            stopper.cancel()
-            if not getter.done():
-                getter.cancel()
-                return
-            file_id = getter.result()
-            if file_id is None:
-                await self.packer.seal_all("drained")
-                self._file_finished.set()  # wait_idle looks again: the queue may be empty now
-                continue
-            file = await self.store.get_file(file_id)
-            with structlog.contextvars.bound_contextvars(route=file.route, file=file.name):
-                await self.split(file)
-            await self.results.maybe_finish(file.id)
-            if self._split_queue.empty():
-                await self.packer.caught_up()
+    def backoff_remaining(self) -> float:
+        """Seconds until the queue's backoff ends (0 when none runs)."""
+        return self.scheduler.backoff_remaining()
 
-    async def split(self, file: FileRecord) -> None:
-        route = self.settings.route(file.route)
-        again = file.status is FileStatus.SPLITTING  # after a crash or a stop
-        if file.status is FileStatus.CLAIMED:
-            file = await self.store.start_split(file.id)
-        if file.status is not FileStatus.SPLITTING:
-            return
-        if file.error or route is None:
-            if route is None:
-                await self.store.set_file_error(file.id, f"route {file.route!r} is not configured")
-            await self.end_split_early(file.id)
-            return
-        out = self.settings.layout.chunk_dir(file.id)
-        out.mkdir(parents=True, exist_ok=True)
-        fmt = route.format_for(file.name)
-        # A split again whose chunks were recorded before keeps them (they may be sent).
-        pack = route.pack and not (again and await self.store.chunks(file_id=file.id))
-        # A file smaller than a chunk's limit makes one chunk at most, and packs: its chunk
-        # file is written without fsync, which the packer does when it opens a pack with it
-        # (a joiner's records are fsynced in the pack, and its own chunk file goes).
-        small = pack and await asyncio.to_thread(smaller_than, file.work_path, file.max_chunk_bytes)
-        events = splitter.split_file_async(
-            Path(file.work_path), out, max_bytes=file.max_chunk_bytes, fmt=fmt, fsync=not small
-        )
-        held: splitter.Chunk | None = None  # a first chunk, until it is known not the only one
-        try:
-            async with contextlib.aclosing(events):
-                async for event in events:
-                    if pack and isinstance(event, splitter.Chunk):
-                        if held is None and event.index == 1:
-                            held = event
-                            continue
-                        if held is not None:
-                            await self.record_split_event(file.id, held)
-                            held = None
-                    elif held is not None and isinstance(event, splitter.SplitDone):
-                        await self.packer.add(file, held, event, fmt)
-                        log.info("file_split", rows=event.rows, chunks=1, packed=True)
-                        return
-                    await self.record_split_event(file.id, event)
-        except InputError as exc:
-            message = describe(exc, file.name)
-            log.error("file_refused", error=message)
-            await self.store.set_file_error(file.id, message)
-            await self.end_split_early(file.id)
-            self.scheduler.wake()
+    @property
+    def finished_total(self) -> int:
+        return self.results.finished_total
 
-    # -- split → scheduler ------------------------------------------------------
+    @property
+    def finished_failed(self) -> int:
+        return self.results.finished_failed
 
-    async def record_split_event(self, file_id: int, event: splitter.SplitEvent) -> None:
-        """One chunk cut, record set aside, or the end of a split: into the store."""
-        if isinstance(event, splitter.Chunk):
-            await self.store.add_chunk(
-                file_id,
-                index=event.index,
-                path=str(event.path),
-                rows=event.rows,
-                bytes=event.bytes,
-                first_line=event.first_line,
-            )
-            crashpoint("chunk_added")
-            self.scheduler.wake()
-        elif isinstance(event, splitter.Rejected):
-            await self.store.add_reject(
-                file_id,
-                line=event.line,
-                offset=event.offset,
-                size=event.size,
-                reason=event.reason,
-            )
-            self.metrics.rows("rejected", 1)
-            log.warning("record_rejected", line=event.line, reason=event.reason)
-        else:
-            await self.store.finish_split(file_id, rows=event.rows, chunks_total=event.chunks)
-            log.info("file_split", rows=event.rows, chunks=event.chunks)
+    # -- the hand-offs -------------------------------------------------------------------
 
-    async def end_split_early(self, file_id: int) -> None:
-        """A file that will fail: close its split with the chunks it already has."""
-        known = await self.store.chunks(file_id=file_id)
-        await self.store.finish_split(
-            file_id, rows=sum(c.rows for c in known), chunks_total=len(known)
-        )
+    async def claimed(self, file: FileRecord) -> None:
+        self.splitting.claimed(file.id)
 
-    # -- scheduler → poller → results ---------------------------------------------
+    def chunk_added(self) -> None:
+        self.scheduler.wake()
+
+    async def small_file(
+        self, file: FileRecord, chunk: splitter.Chunk, done: splitter.SplitDone, fmt: str
+    ) -> None:
+        await self.packer.add(file, chunk, done, fmt)
+
+    def file_refused(self, file_id: int) -> None:
+        self.files.forget(file_id)
+        self.scheduler.wake()
+
+    async def split_ended(self, file_id: int) -> None:
+        await self.results.maybe_finish(file_id)
+
+    async def drained(self) -> None:
+        await self.packer.drained()
+        self._file_finished.set()  # wait_idle looks again: nothing may wait any more
+
+    async def caught_up(self) -> None:
+        await self.packer.caught_up()
+
+    def pack_sealed(self, pack: ChunkRecord) -> None:
+        self.scheduler.wake()
 
     def submitted(self, chunk: ChunkRecord) -> None:
         self.poller.submitted(chunk)
+
+    def job_started(self) -> None:
+        self.scheduler.foreign_job_left()
 
     async def chunk_done(self, chunk: ChunkRecord) -> None:
         """A batch reached Complete or Failed at Marketo: a queue slot is free."""
@@ -256,15 +207,7 @@ class Pipeline:
         self.files.forget(file.id)
         self._file_finished.set()
 
-    @property
-    def finished_total(self) -> int:
-        return self.results.finished_total
-
-    @property
-    def finished_failed(self) -> int:
-        return self.results.finished_failed
-
-    # -- run --once ----------------------------------------------------------------
+    # -- run --once ----------------------------------------------------------------------
 
     async def is_idle(self) -> bool:
         """Every claimed file has its result and nothing waits to be split.
@@ -272,7 +215,7 @@ class Pipeline:
         Asked after every finished file, so it reads the store's tallies (a few rows)
         rather than the unfinished files: with thousands of small files claimed at once,
         listing them each time kept the store's one thread busy for most of a run."""
-        if not self._split_queue.empty():
+        if self.splitting.backlog():
             return False
         tallies = await self.store.tallies()
         return not any(tallies.get(f"files:{s}", 0) for s in UNFINISHED_FILE_STATUSES)
@@ -284,17 +227,3 @@ class Pipeline:
             if await self.is_idle():
                 return
             await wait_for_any(self._file_finished, stop, within=None)
-
-
-def smaller_than(path: str, limit: int) -> bool:
-    """Whether the file at `path` is under `limit` bytes (False if it cannot be read: the
-    splitter says why)."""
-    try:
-        return os.stat(path).st_size < limit
-    except OSError:
-        return False
-
-
-def describe(exc: InputError, name: str) -> str:
-    """The splitter's error, naming the file as the user dropped it (not our work path)."""
-    return str(exc).replace(exc.file, name, 1)

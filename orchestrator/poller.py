@@ -16,9 +16,10 @@ As the daily API budget nears (90 % spent) the jobs that can change are polled
 at `max_interval` only, so polling slows before submissions stop.
 
 A job we saw Queued and then see Importing (or final) tells us a job ahead of
-it left Marketo's queue: `on_started` passes that on to the scheduler's queue
-model. On Complete the failures and warnings files are downloaded when their
-counters are above zero; Failed ends the chunk with Marketo's message.
+it left Marketo's queue: `on_started` says so (the pipeline tells the
+scheduler's queue model). On Complete the failures and warnings files are
+downloaded when their counters are above zero; Failed ends the chunk with
+Marketo's message.
 
 A batch that is Complete stays complete whatever happens to its files: the rows
 were imported. A download that fails is tried again at the batch's next poll,

@@ -6,18 +6,20 @@ Every import of our own package points down this picture, never up or sideways:
      cli ......................................... 7 ───┐ (only cli/run.py)
       daemon ..................................... 6    │
         pipeline ................................. 5    ▼
-     scheduler packer poller results upkeep client 4   simulator: a program of its
-            spool  status ........................ 3   own, it uses constants,
-              store  marketo  metrics ............ 2   models, errors and
-     config logs splitter tickets dirlock filecache 1   nothing else of ours
+     splitting scheduler packer poller results ... 4   simulator: a program of its
+                  upkeep client .................. 4   own, it uses constants,
+            spool  status ........................ 3   models, errors and
+              store  marketo  metrics ............ 2   nothing else of ours
+     config logs splitter tickets dirlock filecache 1
                   constants errors models clock
                   backoff crashpoints layout orchestrator 0
 
 A module's unit is its top-level name under orchestrator (orchestrator.marketo.bulk
-is unit marketo). It imports only units of a strictly lower rank, or its own unit; a
-module inside a package folder imports its siblings, never the package's __init__. The
-stages (scheduler, packer, poller, results) never import each other. Lazy imports, inside
-functions or `if TYPE_CHECKING:`, count too: they still are dependencies.
+is unit marketo, orchestrator.results.stage unit results). It imports only units of a
+strictly lower rank, or its own unit; a module inside a package folder imports its
+siblings, never the package's __init__. The stages (splitting, scheduler, packer,
+poller, results) never import each other. Lazy imports, inside functions or
+`if TYPE_CHECKING:`, count too: they still are dependencies.
 
 Third parties have one home each, within orchestrator/: sqlite3 in store/; aiohttp's
 client in marketo/, its server (`aiohttp.web`) in status/endpoints.py and simulator/. So does
@@ -44,7 +46,7 @@ RANKS: dict[str, int] = {
             "config logs splitter tickets dirlock filecache",
             "store marketo metrics",
             "spool status",
-            "scheduler packer poller results upkeep client",  # stages, housekeeping, hand-over API
+            "splitting scheduler packer poller results upkeep client",  # stages, upkeep, hand-over
             "pipeline",
             "daemon",
             "cli",
@@ -56,7 +58,7 @@ RANKS: dict[str, int] = {
 SIMULATOR = "simulator"  # outside the ranks: started by cli/run.py only
 SIMULATOR_DIR = "orchestrator/simulator/"
 SIMULATOR_USES = {"constants", "models", "errors", "durable", "delimited"}
-STAGES = {"scheduler", "packer", "poller", "results"}
+STAGES = {"splitting", "scheduler", "packer", "poller", "results"}
 # `from aiohttp import <these>` is the server (BodyPartReader reads uploads), anything else the client
 AIOHTTP_SERVER = {"web", "BodyPartReader"}
 WIRE_KEYS = [
@@ -72,7 +74,7 @@ WIRE_KEYS = [
 TABLE = "add it to the table"
 CLI_ONLY = "only cli/run.py starts the simulator"
 SIM_LEAVES = "the simulator imports only constants, models, errors, durable, delimited"
-STAGES_APART = "the stages scheduler, packer, poller, results never import each other"
+STAGES_APART = "the stages splitting, scheduler, packer, poller, results never import each other"
 NOT_INIT = "a package's modules import their siblings, not the package's __init__"
 SQLITE = "sqlite3 only in orchestrator/store/"
 CLIENT = "aiohttp's client only in orchestrator/marketo/"
@@ -264,6 +266,7 @@ def test_the_fake_tree_is_clean(tmp_path: Path) -> None:
         ("orchestrator/packer.py", "from orchestrator.scheduler import Scheduler", STAGES_APART),
         ("orchestrator/results/finish.py", "import sqlite3", SQLITE),
         ("orchestrator/results/stage.py", "from orchestrator import scheduler", STAGES_APART),
+        ("orchestrator/splitting.py", "from orchestrator.packer import Packer", STAGES_APART),
         ("orchestrator/status/snapshot.py", "import aiohttp", CLIENT),
         ("orchestrator/metrics.py", "from aiohttp import web", SERVER),
         ("orchestrator/status/table.py", "from aiohttp import web", SERVER),

@@ -1,9 +1,10 @@
 """Packing small files into shared chunks (issue 13): which files share a chunk, what the
 pack file holds, when a pack is sealed, and the daemon end to end against the simulator.
 
-The split-level tests drive the real Pipeline's split hand-off over a real store and
-real files (nothing is sent); the end-to-end ones run the daemon in-process against
-the simulator on loopback.
+The packing rules are tested on the packer alone: small files cut by the real splitter
+as the split stage cuts them (one chunk, no fsync) and handed to it, over a real store,
+with a clock moved by hand and the backlog and "sealed" callbacks as plain fakes. The
+end-to-end ones run the daemon in-process against the simulator on loopback.
 """
 
 from __future__ import annotations
@@ -12,17 +13,19 @@ import asyncio
 import csv
 import io
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
 
+from orchestrator import splitter
 from orchestrator.config import Settings
 from orchestrator.daemon import Daemon
 from orchestrator.marketo import MarketoClient
 from orchestrator.metrics import Metrics
 from orchestrator.models import ChunkRecord, ChunkStatus, FileRecord, FileStatus
+from orchestrator.packer import Packer
 from orchestrator.pipeline import Pipeline
 from orchestrator.simulator import Simulator
 from orchestrator.store import Store
@@ -37,35 +40,42 @@ UNPACKED = replace(LEADS, dir="solo", pack=False)
 NEVER = 3600.0  # pack_wait_seconds that no test waits out
 
 
-# -- the split hand-off over a real store ------------------------------------------------------
+# -- the packer alone over a real store ------------------------------------------------------
 
 
 @dataclass
-class Splits:
-    """A Pipeline whose split worker is driven by hand: claim, split, look at the store."""
+class Packs:
+    """A packer fed by hand: claim a small file, cut it, hand it over, look at the store."""
 
-    pipeline: Pipeline
+    packer: Packer
     store: Store
+    settings: Settings
     src: Path
+    clock: FakeClock
+    sealed: list[ChunkRecord] = field(default_factory=list)
+    waiting: bool = False  # the split stage's backlog, as the packer asks for it
     claims: int = 0
 
-    async def split(
+    async def add(
         self, route: str, name: str, text: str | bytes, *, max_chunk_bytes: int | None = None
     ) -> FileRecord:
-        """Claim `text` as `name` of `route` (after every earlier claim) and split it."""
+        """Claim `text` as `name` of `route` (after every earlier claim), cut it as the
+        split stage cuts a small file, and give its one chunk to the packer."""
         self.claims += 1
         path = self.src / f"{self.claims}-{name}"
         path.write_bytes(text.encode() if isinstance(text, str) else text)
-        limit = max_chunk_bytes or self.pipeline.settings.limits.max_chunk_bytes
+        limit = max_chunk_bytes or self.settings.limits.max_chunk_bytes
         file = await claimed_file(
-            self.store,
-            route,
-            name,
-            number=self.claims,
-            work_path=str(path),
-            max_chunk_bytes=limit,
+            self.store, route, name, number=self.claims, work_path=str(path), max_chunk_bytes=limit
         )
-        await self.pipeline.split(file)
+        config = self.settings.route(route)
+        assert config is not None
+        fmt = config.format_for(name)
+        out = self.settings.layout.chunk_dir(file.id)
+        events = list(splitter.split_file(path, out, max_bytes=limit, fmt=fmt, fsync=False))
+        (chunk,) = [e for e in events if isinstance(e, splitter.Chunk)]
+        (done,) = [e for e in events if isinstance(e, splitter.SplitDone)]
+        await self.packer.add(file, chunk, done, fmt)
         return await self.store.get_file(file.id)
 
     async def chunk_ids(self, file: FileRecord) -> list[int]:
@@ -78,22 +88,25 @@ class Splits:
         return next(c for c in jobs if c.id == view.id)
 
 
-def make_splits(settings: Settings, store: Store, tmp_path: Path) -> Splits:
-    pipeline = Pipeline(settings, store, MarketoClient(settings), Metrics())
+def make_packs(store: Store, tmp_path: Path, **limits: float) -> Packs:
+    settings = fast_settings("http://marketo.invalid", tmp_path / "data", (LEADS, CARS), **limits)
     (tmp_path / "src").mkdir()
-    return Splits(pipeline, store, tmp_path / "src")
+    clock = FakeClock()
+    packs = Packs(
+        Packer(settings, store, on_sealed=lambda _: None, clock=clock),
+        store,
+        settings,
+        tmp_path / "src",
+        clock,
+    )
+    packs.packer.on_sealed = packs.sealed.append
+    packs.packer.backlog = lambda: packs.waiting
+    return packs
 
 
 @pytest.fixture
-async def splits(store: Store, tmp_path: Path) -> Splits:
-    settings = fast_settings(
-        "http://marketo.invalid",
-        tmp_path / "data",
-        (LEADS, CARS, UNPACKED),
-        max_chunk_bytes=600,
-        pack_wait_seconds=NEVER,
-    )
-    return make_splits(settings, store, tmp_path)
+async def packs(store: Store, tmp_path: Path) -> Packs:
+    return make_packs(store, tmp_path, max_chunk_bytes=600, pack_wait_seconds=NEVER)
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[str]], delimiter: str = ",") -> str:
@@ -106,109 +119,114 @@ def read(path: str) -> bytes:
     return Path(path).read_bytes()
 
 
+def append(path: str, data: bytes) -> None:
+    with open(path, "ab") as fh:
+        fh.write(data)
+
+
 def leads(n: int, prefix: str) -> str:
     return table(LEAD_HEADER, lead_rows(n, prefix=prefix))
 
 
-async def test_small_files_share_by_route_format_and_header_bad_and_big_files_apart(
-    splits: Splits,
-) -> None:
-    a = await splits.split("leads", "a.csv", leads(2, "a"))
-    big = await splits.split("leads", "big.csv", leads(30, "big"))
-    bad = await splits.split("leads", "bad.csv", 'email,firstName,note\nx@y,"open,quote\n')
-    b = await splits.split("leads", "b.csv", "\ufeff" + leads(2, "b").replace("note", " note "))
-    other_header = await splits.split(
-        "leads", "c.csv", table(["email", "lastName"], [["c@x", "C"]])
-    )
-    tsv = await splits.split("leads", "d.tsv", table(LEAD_HEADER, [["d@x", "D", "n"]], "\t"))
-    car1 = await splits.split("cars", "e.csv", table(["vin"], [["V1"]]))
-    car2 = await splits.split("cars", "f.csv", table(["vin"], [["V2"]]))
-    solo1 = await splits.split("solo", "g.csv", leads(1, "g"))
-    solo2 = await splits.split("solo", "h.csv", leads(1, "h"))
-    z = await splits.split("leads", "z.csv", leads(1, "z"))
+async def test_small_files_share_by_route_format_and_header(packs: Packs) -> None:
+    a = await packs.add("leads", "a.csv", leads(2, "a"))
+    b = await packs.add("leads", "b.csv", "\ufeff" + leads(2, "b").replace("note", " note "))
+    other_header = await packs.add("leads", "c.csv", table(["email", "lastName"], [["c@x", "C"]]))
+    tsv = await packs.add("leads", "d.tsv", table(LEAD_HEADER, [["d@x", "D", "n"]], "\t"))
+    car1 = await packs.add("cars", "e.csv", table(["vin"], [["V1"]]))
+    car2 = await packs.add("cars", "f.csv", table(["vin"], [["V2"]]))
+    z = await packs.add("leads", "z.csv", leads(1, "z"))
 
-    assert bad.status is FileStatus.SPLIT
-    assert "unterminated" in (bad.error or "")
-    assert await splits.chunk_ids(bad) == [], "a bad file never touches a pack"
-    assert len(await splits.chunk_ids(big)) >= 2, "a big file keeps its own chunks"
-    (shared,) = set(await splits.chunk_ids(a))
-    assert await splits.chunk_ids(b) == await splits.chunk_ids(z) == [shared], (
+    (shared,) = set(await packs.chunk_ids(a))
+    assert await packs.chunk_ids(b) == await packs.chunk_ids(z) == [shared], (
         "BOM and padded names do not keep files of one header apart"
     )
-    (cars,) = set(await splits.chunk_ids(car1))
-    assert await splits.chunk_ids(car2) == [cars]
-    alone = [other_header, tsv, solo1, solo2]
-    ids = [shared, cars] + [i for f in alone for i in await splits.chunk_ids(f)]
-    assert len(ids) == len(set(ids)) == 6, "other header, format, route or pack = false: apart"
-    members = await splits.store.members(shared)
+    (cars,) = set(await packs.chunk_ids(car1))
+    assert await packs.chunk_ids(car2) == [cars]
+    alone = [i for f in (other_header, tsv) for i in await packs.chunk_ids(f)]
+    ids = [shared, cars, *alone]
+    assert len(ids) == len(set(ids)) == 4, "another header, format or route: apart"
+    members = await packs.store.members(shared)
     assert [m.file_id for m in members] == [a.id, b.id, z.id], "in claim order, a the owner"
     assert [m.first_row for m in members] == [0, 2, 4]
-    assert all(f.status is FileStatus.SPLIT for f in (a, b, z, car1, tsv, solo1))
+    assert all(f.status is FileStatus.SPLIT for f in (a, b, z, car1, tsv))
+    assert [p.id for p in await packs.store.open_packs()] == [shared, *alone[:1], alone[1], cars]
+    # Open packs are not jobs yet: nothing waits for a queue slot.
+    assert await packs.store.chunks(statuses=[ChunkStatus.PENDING]) == []
+    assert packs.sealed == []
 
-    # Open packs are not jobs yet: only the others wait for a queue slot.
-    pending = await splits.store.chunks(statuses=[ChunkStatus.PENDING])
-    assert {shared, cars}.isdisjoint(c.id for c in pending)
-    packs = [shared, *await splits.chunk_ids(other_header), *await splits.chunk_ids(tsv), cars]
-    assert [p.id for p in await splits.store.open_packs()] == packs, "one per key, by owner"
-    assert [c.id for c in pending if not c.sealed] == []
-    # pack = false: small files never wait, their chunk is sealed as split.
-    solos = [
-        *await splits.store.chunks(file_id=solo1.id),
-        *await splits.store.chunks(file_id=solo2.id),
-    ]
-    assert [c.sealed for c in solos] == [True, True]
 
-    await splits.pipeline.packer.seal_all("drained")
-    pending = await splits.store.chunks(statuses=[ChunkStatus.PENDING])
-    owners = [c.file_id for c in pending]
-    assert (owners[0], pending[0].id) == (a.id, shared), (
+async def test_drained_seals_every_pack_and_it_goes_in_its_oldest_files_place(
+    packs: Packs,
+) -> None:
+    a = await packs.add("leads", "a.csv", leads(2, "a"))
+    # A big file claimed after a.csv: its own chunk, recorded as the split stage does.
+    packs.claims += 1
+    big = await claimed_file(packs.store, "leads", "big.csv", number=packs.claims)
+    await packs.store.add_chunk(
+        big.id, index=1, path="/data/work/chunks/big-1.csv", rows=9, bytes=500, first_line=2
+    )
+    await packs.store.finish_split(big.id, rows=9, chunks_total=1)
+    await packs.add("leads", "b.csv", leads(1, "b"))
+    e = await packs.add("cars", "e.csv", table(["vin"], [["V1"]]))
+
+    with capture_logs() as logs:
+        await packs.packer.drained()
+
+    assert [e["reason"] for e in logs if e["event"] == "pack_sealed"] == ["drained"] * 2
+    assert [(c.file_id, c.files) for c in packs.sealed] == [(a.id, 2), (e.id, 1)]
+    pending = await packs.store.chunks(statuses=[ChunkStatus.PENDING])
+    assert [c.file_id for c in pending] == [a.id, big.id, e.id], (
         "sealed late, the pack still goes out in the place of its oldest file: before big.csv"
     )
-    assert owners.index(big.id) < owners.index(car1.id)
-    assert (pending[0].files, pending[0].rows) == (3, 5)
+    assert (pending[0].files, pending[0].rows) == (2, 3)
+    assert await packs.store.open_packs() == []
 
 
 async def test_a_pack_holds_the_header_once_then_each_files_records_byte_for_byte(
-    splits: Splits,
+    packs: Packs,
 ) -> None:
     texts = [
         leads(2, "a"),
         leads(1, "b").rstrip("\n"),  # no line ending after its last record
         "email,firstName,note\r\nc@x,C,n\r\n",  # CRLF, same columns
     ]
-    files = [await splits.split("leads", f"{n}.csv", t) for n, t in zip("abc", texts, strict=True)]
-    job = await splits.job(files[0])
+    files = [await packs.add("leads", f"{n}.csv", t) for n, t in zip("abc", texts, strict=True)]
+    job = await packs.job(files[0])
     data = read(job.path)
     body = [t.encode().split(b"\n", 1)[1] for t in texts]
     assert data == texts[0].encode() + body[1] + b"\n" + body[2], (
         "a line ending is added after a record that had none, and only then"
     )
     assert (job.bytes, job.rows, job.files) == (len(data), 4, 3)
-    members = await splits.store.members(job.id)
+    members = await packs.store.members(job.id)
     assert sum(m.bytes for m in members) == len(data)
     assert [m.bytes for m in members] == [len(texts[0]), len(body[1]), 1 + len(body[2])]
     assert [(m.first_row, m.first_line) for m in members] == [(0, 2), (2, 2), (3, 2)]
-    assert not (splits.pipeline.settings.layout.chunk_dir(files[1].id) / "chunk-00001.csv").exists()
+    assert not (packs.settings.layout.chunk_dir(files[1].id) / "chunk-00001.csv").exists()
 
 
-async def test_a_full_pack_is_sealed_and_the_next_file_opens_another(splits: Splits) -> None:
+async def test_a_full_pack_is_sealed_and_the_next_file_opens_another(packs: Packs) -> None:
     text = leads(3, "p")  # 3 records: 4 such files do not fit under 600 bytes
     size, header = len(text), len(text.split("\n", 1)[0]) + 1
     fit = 1 + (600 - 1 - size) // (size - header)  # files whose records fit in one pack
-    files = [await splits.split("leads", f"p{i}.csv", text) for i in range(fit + 2)]
-    chunk_ids = [(await splits.chunk_ids(f))[0] for f in files]
+    with capture_logs() as logs:
+        files = [await packs.add("leads", f"p{i}.csv", text) for i in range(fit + 2)]
+    chunk_ids = [(await packs.chunk_ids(f))[0] for f in files]
     first, second = chunk_ids[0], chunk_ids[fit]
     assert chunk_ids == [first] * fit + [second] * 2
-    sealed = [c for c in await splits.store.chunks() if c.id == first]
-    assert [c.files for c in sealed] == [fit]
-    assert sealed[0].bytes < 600 <= sealed[0].bytes + size - header, "full: the next did not fit"
-    assert [p.id for p in await splits.store.open_packs()] == [second]
+    assert [(c.id, c.files) for c in packs.sealed] == [(first, fit)]
+    assert [e["reason"] for e in logs if e["event"] == "pack_sealed"] == ["full"]
+    assert packs.sealed[0].bytes < 600 <= packs.sealed[0].bytes + size - header, (
+        "full: the next did not fit"
+    )
+    assert [p.id for p in await packs.store.open_packs()] == [second]
 
 
-async def test_a_smaller_max_chunk_bytes_of_a_later_file_is_kept(splits: Splits) -> None:
-    a = await splits.split("leads", "a.csv", leads(2, "a"))
-    b = await splits.split("leads", "b.csv", leads(2, "b"), max_chunk_bytes=150)
-    assert await splits.chunk_ids(a) != await splits.chunk_ids(b), (
+async def test_a_smaller_max_chunk_bytes_of_a_later_file_is_kept(packs: Packs) -> None:
+    a = await packs.add("leads", "a.csv", leads(2, "a"))
+    b = await packs.add("leads", "b.csv", leads(2, "b"), max_chunk_bytes=150)
+    assert await packs.chunk_ids(a) != await packs.chunk_ids(b), (
         "a pack stays under the max_chunk_bytes of every file in it"
     )
 
@@ -216,28 +234,24 @@ async def test_a_smaller_max_chunk_bytes_of_a_later_file_is_kept(splits: Splits)
 async def test_pack_wait_seals_a_pack_no_file_joined_for_that_long(
     store: Store, tmp_path: Path
 ) -> None:
-    settings = fast_settings(
-        "http://marketo.invalid", tmp_path / "data", (LEADS,), pack_wait_seconds=5.0
-    )
-    splits = make_splits(settings, store, tmp_path)
-    clock = FakeClock()
-    splits.pipeline.packer.clock = clock
-    sealed: list[ChunkRecord] = []
-    splits.pipeline.packer.on_sealed = sealed.append
+    packs = make_packs(store, tmp_path, pack_wait_seconds=5.0)
+    packer, clock = packs.packer, packs.clock
 
-    a = await splits.split("leads", "a.csv", leads(1, "a"))
-    assert splits.pipeline.packer.next_deadline() == 5.0
+    a = await packs.add("leads", "a.csv", leads(1, "a"))
+    assert packer.next_deadline() == 5.0
     clock.advance(4.0)
-    await splits.split("leads", "b.csv", leads(1, "b"))  # joining starts the wait again
+    await packs.add("leads", "b.csv", leads(1, "b"))  # joining starts the wait again
     clock.advance(4.0)
-    await splits.pipeline.packer.seal_idle()
-    assert sealed == []
-    assert splits.pipeline.packer.next_deadline() == 1.0
+    await packer.seal_idle()
+    assert packs.sealed == []
+    assert packer.next_deadline() == 1.0
     clock.advance(1.0)
-    await splits.pipeline.packer.seal_idle()
-    assert [(c.file_id, c.files, c.sealed) for c in sealed] == [(a.id, 2, True)]
+    with capture_logs() as logs:
+        await packer.seal_idle()
+    assert [(c.file_id, c.files, c.sealed) for c in packs.sealed] == [(a.id, 2, True)]
+    assert [e["reason"] for e in logs if e["event"] == "pack_sealed"] == ["idle"]
     assert await store.open_packs() == []
-    assert splits.pipeline.packer.next_deadline() is None
+    assert packer.next_deadline() is None
 
 
 async def test_a_pack_that_files_keep_joining_goes_at_the_latest_twelve_waits_after_it_opened(
@@ -245,64 +259,87 @@ async def test_a_pack_that_files_keep_joining_goes_at_the_latest_twelve_waits_af
 ) -> None:
     """A trickle (a file every 4 s, pack_wait 5 s) never lets the pack idle: it still goes
     60 s after its first file came, not when it is full hours later."""
-    settings = fast_settings(
-        "http://marketo.invalid", tmp_path / "data", (LEADS,), pack_wait_seconds=5.0
-    )
-    splits = make_splits(settings, store, tmp_path)
-    clock = FakeClock()
-    splits.pipeline.packer.clock = clock
-    sealed: list[ChunkRecord] = []
-    splits.pipeline.packer.on_sealed = sealed.append
+    packs = make_packs(store, tmp_path, pack_wait_seconds=5.0)
+    packer = packs.packer
     for i in range(15):  # joins at 0, 4, ... 56 s; the next at 60 s would be late
-        await splits.split("leads", f"t{i}.csv", leads(1, f"t{i}"))
-        await splits.pipeline.packer.seal_idle()
-        clock.advance(4.0)
-    assert sealed == []
-    packer = splits.pipeline.packer
+        await packs.add("leads", f"t{i}.csv", leads(1, f"t{i}"))
+        await packer.seal_idle()
+        packs.clock.advance(4.0)
+    assert packs.sealed == []
     assert packer.next_deadline() == 0.0
     # While claimed files wait to be split the pack fills at the speed of splitting:
     # sealing it for its age would only make another job.
-    packer.backlog = lambda: True
+    packs.waiting = True
     await packer.seal_idle()
-    assert sealed == []
+    assert packs.sealed == []
     assert packer.next_deadline() == 1.0, "only the idle rule holds meanwhile"
-    packer.backlog = lambda: False
+    packs.waiting = False
     with capture_logs() as logs:
         await packer.seal_idle()
-    assert [c.files for c in sealed] == [15]
+    assert [c.files for c in packs.sealed] == [15]
     assert [e["reason"] for e in logs if e["event"] == "pack_sealed"] == ["age"]
 
 
 async def test_pack_wait_zero_seals_once_no_claimed_file_waits(
     store: Store, tmp_path: Path
 ) -> None:
-    settings = fast_settings(
-        "http://marketo.invalid", tmp_path / "data", (LEADS,), pack_wait_seconds=0.0
-    )
-    splits = make_splits(settings, store, tmp_path)
-    await splits.split("leads", "a.csv", leads(1, "a"))
-    await splits.split("leads", "b.csv", leads(1, "b"))
-    packer = splits.pipeline.packer
+    packs = make_packs(store, tmp_path, pack_wait_seconds=0.0)
+    await packs.add("leads", "a.csv", leads(1, "a"))
+    await packs.add("leads", "b.csv", leads(1, "b"))
+    packer = packs.packer
     assert packer.next_deadline() is None, "no timer: 0 does not mean 'seal at once'"
     await packer.seal_idle()
     assert len(await store.open_packs()) == 1
-    await packer.caught_up()
+    with capture_logs() as logs:
+        await packer.caught_up()
     assert await store.open_packs() == []
+    assert [e["reason"] for e in logs if e["event"] == "pack_sealed"] == ["caught-up"]
     (job,) = await store.chunks()
     assert job.files == 2
 
 
+async def test_caught_up_with_a_pack_wait_leaves_the_pack_to_its_timer(packs: Packs) -> None:
+    await packs.add("leads", "a.csv", leads(1, "a"))
+    await packs.packer.caught_up()
+    assert packs.sealed == []
+    assert len(await packs.store.open_packs()) == 1
+
+
+async def test_recovery_cuts_off_an_unrecorded_append_and_seals_the_pack(packs: Packs) -> None:
+    """A kill between a joiner's append and its join leaves bytes past the pack's recorded
+    size: the next start cuts them off and sends the pack as it was recorded."""
+    a = await packs.add("leads", "a.csv", leads(2, "a"))
+    await packs.add("leads", "b.csv", leads(1, "b"))
+    (pack,) = await packs.store.open_packs()
+    recorded = read(pack.path)
+    append(pack.path, b"c0@example.com,half")  # an append whose join was never committed
+
+    restarted = Packer(packs.settings, packs.store, on_sealed=packs.sealed.append)
+    with capture_logs() as logs:
+        await restarted.recover(await packs.store.open_packs())
+
+    assert read(pack.path) == recorded
+    assert [e["kept"] for e in logs if e["event"] == "pack_truncated"] == [len(recorded)]
+    assert await packs.store.open_packs() == []
+    (job,) = await packs.store.chunks(statuses=[ChunkStatus.PENDING])
+    assert (job.id, job.file_id, job.files, job.bytes) == (pack.id, a.id, 2, len(recorded))
+
+
+# -- the pipeline's drained hand-off -----------------------------------------------------------
+
+
 async def test_run_once_with_nothing_claimed_is_idle_once_the_drain_marker_is_handled(
-    splits: Splits,
+    store: Store, tmp_path: Path
 ) -> None:
-    """The marker run --once queues after its claims is not a file: once the split worker
+    """The marker run --once queues after its claims is not a file: once the split stage
     took it, wait_idle must see the pipeline idle without any file finishing."""
-    pipeline, stop = splits.pipeline, asyncio.Event()
-    pipeline.inbox_drained()
+    settings = fast_settings("http://marketo.invalid", tmp_path / "data", (LEADS,))
+    pipeline, stop = Pipeline(settings, store, MarketoClient(settings), Metrics()), asyncio.Event()
+    pipeline.splitting.drained()
     waiting = asyncio.ensure_future(pipeline.wait_idle(stop))
     # wait_idle looks first, so a lost wake-up would hang (with it, passes either way)
     await asyncio.sleep(0.05)
-    worker = asyncio.ensure_future(pipeline.split_worker(stop))
+    worker = asyncio.ensure_future(pipeline.splitting.run(stop))
     try:
         async with asyncio.timeout(30):
             await waiting
