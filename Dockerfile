@@ -43,12 +43,22 @@ RUN groupadd --system --gid 10001 orchestrator \
  && mkdir -p /data /etc/marketo-orchestrator \
  && chown 10001:10001 /data
 
+# The postgres extra (several daemons on one subscription) is pure Python and
+# loads the system's libpq. Debian's point releases replace libpq5's exact
+# version, so a pin would break the build; the base image fixes the release.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libpq5 \
+ && rm -rf /var/lib/apt/lists/*
+
 # The wheel is compiled to bytecode at install time, so the read-only root
 # filesystem costs nothing at import. Every dependency comes at its pinned version.
 COPY --from=build /wheels /tmp/wheels
 COPY --from=build /src/constraints.txt /tmp/wheels/constraints.txt
-RUN pip install --no-cache-dir --root-user-action=ignore \
-      --constraint /tmp/wheels/constraints.txt /tmp/wheels/*.whl \
+RUN for wheel in /tmp/wheels/*.whl; do \
+      pip install --no-cache-dir --root-user-action=ignore \
+        --constraint /tmp/wheels/constraints.txt "${wheel}[postgres]"; \
+    done \
  && rm -rf /tmp/wheels
 
 # Runtime: writes go only to /data (the volume) and /tmp (a tmpfs or emptyDir

@@ -1,10 +1,12 @@
 """constraints.txt agrees with pyproject.toml and with what is installed.
 
-1. Every runtime dependency pyproject.toml declares is pinned (name==version)
-   in constraints.txt, and the pinned version is inside the declared range.
+1. Every runtime dependency pyproject.toml declares, and every dependency of the
+   extras the image installs (EXTRAS), is pinned (name==version) in
+   constraints.txt, and the pinned version is inside the declared range.
 2. With --installed: the pins are exactly the runtime closure of the installed
-   package (its dependencies, theirs, and so on, markers evaluated for this
-   Python), at exactly the installed versions: nothing missing, nothing stale.
+   package with those extras (their dependencies, theirs, and so on, markers
+   evaluated for this Python), at exactly the installed versions: nothing
+   missing, nothing stale.
 
 Usage: python .ci/check_constraints.py [--installed] [--pyproject P] [--constraints C]
 Exit 0 when they agree; 1 with one line per problem otherwise. Needs `packaging`
@@ -26,6 +28,9 @@ from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = "marketo-orchestrator"
+# Optional extras that are pinned like the runtime dependencies: the image installs
+# them, and `[dev]` pulls them in, so CI's environment holds them too.
+EXTRAS = ("postgres",)
 
 
 def canonical(name: str) -> str:
@@ -51,14 +56,21 @@ def read_pins(path: Path) -> tuple[dict[str, str], list[str]]:
 
 
 def declared(pyproject: Path) -> list[Requirement]:
+    """The runtime dependencies and those of the pinned extras."""
     project = tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]
-    return [Requirement(text) for text in project.get("dependencies", [])]
+    texts = list(project.get("dependencies", []))
+    extras = project.get("optional-dependencies", {})
+    for extra in EXTRAS:
+        texts += extras.get(extra, [])
+    return [Requirement(text) for text in texts]
 
 
 def check_declared(requirements: list[Requirement], pins: dict[str, str]) -> list[str]:
     problems = []
     for req in requirements:
         name = canonical(req.name)
+        if name == PACKAGE:
+            continue  # an extra that names another extra of the package itself
         if name not in pins:
             problems.append(f"{req} (pyproject.toml) is not pinned in constraints.txt")
         elif not req.specifier.contains(Version(pins[name]), prereleases=True):
@@ -68,32 +80,44 @@ def check_declared(requirements: list[Requirement], pins: dict[str, str]) -> lis
     return problems
 
 
-def runtime_closure(package: str) -> dict[str, str]:
-    """Installed name -> version for the package's runtime dependencies, transitively."""
+def runtime_closure(package: str, extras: tuple[str, ...]) -> tuple[dict[str, str], list[str]]:
+    """Installed name -> version for the package's runtime dependencies and those of
+    `extras`, transitively (a requirement's own extras followed too); and the
+    names in that closure that are not installed at all."""
     found: dict[str, str] = {}
-    todo = [r for r in (metadata.requires(package) or []) if needed(Requirement(r))]
+    missing: list[str] = []
+    todo = [(r, extras) for r in (metadata.requires(package) or [])]
     while todo:
-        req = Requirement(todo.pop())
+        text, wanted = todo.pop()
+        req = Requirement(text)
         name = canonical(req.name)
-        if name in found:
+        if not needed(req, wanted) or name in found or name == package:
             continue
-        dist = metadata.distribution(req.name)
+        try:
+            dist = metadata.distribution(req.name)
+        except metadata.PackageNotFoundError:
+            missing.append(name)
+            continue
         found[name] = dist.version
-        todo.extend(r for r in (dist.requires or []) if needed(Requirement(r)))
-    return found
+        todo.extend((r, tuple(req.extras)) for r in (dist.requires or []))
+    return found, missing
 
 
-def needed(req: Requirement) -> bool:
-    """Whether a requirement applies here without extras."""
-    return req.marker is None or Marker(str(req.marker)).evaluate({"extra": ""})
+def needed(req: Requirement, extras: tuple[str, ...]) -> bool:
+    """Whether a requirement applies here, without extras or with one of `extras`."""
+    if req.marker is None:
+        return True
+    marker = Marker(str(req.marker))
+    return any(marker.evaluate({"extra": extra}) for extra in ("", *extras))
 
 
 def check_installed(pins: dict[str, str]) -> list[str]:
-    installed = runtime_closure(PACKAGE)
-    problems = []
+    installed, missing = runtime_closure(PACKAGE, EXTRAS)
+    with_extras = f"{PACKAGE}[{','.join(EXTRAS)}]"
+    problems = [f"{name} is not installed, but {with_extras} needs it" for name in sorted(missing)]
     for name in sorted(installed.keys() - pins.keys()):
         problems.append(f"{name}=={installed[name]} is installed but not pinned in constraints.txt")
-    for name in sorted(pins.keys() - installed.keys()):
+    for name in sorted(pins.keys() - installed.keys() - set(missing)):
         problems.append(f"constraints.txt pins {name}, which the package no longer needs")
     for name in sorted(pins.keys() & installed.keys()):
         if pins[name] != installed[name]:

@@ -362,6 +362,28 @@ def test_constraints_check_catches_a_missing_or_stale_pin(tmp_path: Path) -> Non
     assert "aiohttp==3.8.0, outside aiohttp>=3.9" in proc.stderr
 
 
+def test_constraints_check_covers_the_postgres_extra_only(tmp_path: Path) -> None:
+    """The image installs the postgres extra, so its dependencies are pinned; dev tools are not."""
+    pyproject = tmp_path / "pyproject.toml"
+    pyproject.write_text(
+        '[project]\nname = "x"\ndependencies = ["aiohttp>=3.9"]\n'
+        "[project.optional-dependencies]\n"
+        'postgres = ["psycopg>=3.2"]\n'
+        'dev = ["x[postgres]", "pytest>=8"]\n',
+        encoding="utf-8",
+    )
+    constraints = tmp_path / "constraints.txt"
+    constraints.write_text("aiohttp==3.9.0\n", encoding="utf-8")
+    proc = check_constraints("--pyproject", str(pyproject), "--constraints", str(constraints))
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == [
+        "check_constraints: psycopg>=3.2 (pyproject.toml) is not pinned in constraints.txt"
+    ]
+    constraints.write_text("aiohttp==3.9.0\npsycopg==3.3.9\n", encoding="utf-8")
+    proc = check_constraints("--pyproject", str(pyproject), "--constraints", str(constraints))
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_image_runs_as_a_fixed_non_root_uid() -> None:
     [user] = runtime("USER")
     assert user.split(":")[0] == UID
