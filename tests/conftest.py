@@ -1,9 +1,10 @@
 """Shared fixtures: simulated Marketo subscriptions and the daemon in subprocesses on
-loopback, clean global state. The helpers behind them live in tests/support."""
+loopback, a private PostgreSQL server, clean global state. The helpers behind them live
+in tests/support."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import structlog
 from orchestrator.config import Settings
 from orchestrator.simulator import Simulator
 from orchestrator.store import Store
+from tests.support.postgres import PostgresDatabase, PostgresServer, private_server
 from tests.support.processes import CliRunner, MakeRunner
 from tests.support.simulators import FAST_KNOBS, MakeSimulator, Simulators
 
@@ -57,6 +59,57 @@ async def daemons(tmp_path: Path, make_simulator: MakeSimulator) -> AsyncIterato
     yield make
     for runner in made:
         await runner.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A private PostgreSQL server, started once per session (per xdist worker).
+
+    Skipped without the server's programs, failed instead under
+    ORCHESTRATOR_REQUIRE_POSTGRES=1 (tests/support/postgres.py). Tests that use it
+    carry the `postgres` marker (added below where missing).
+    """
+    with private_server() as server:
+        yield server
+
+
+@pytest.fixture
+def make_postgres_database(
+    postgres_server: PostgresServer,
+) -> Iterator[Callable[[], PostgresDatabase]]:
+    """Factory: `make_postgres_database()` creates an empty database on the private server.
+
+    Each is dropped at teardown, sessions still in it ended; a server the test left
+    stopped is started again first, so the next test finds it running.
+    """
+    made: list[PostgresDatabase] = []
+
+    def make() -> PostgresDatabase:
+        made.append(postgres_server.create_database())
+        return made[-1]
+
+    yield make
+    if not postgres_server.running:
+        postgres_server.start()
+    for database in made:
+        postgres_server.drop_database(database.name)
+
+
+@pytest.fixture
+def postgres_database(
+    make_postgres_database: Callable[[], PostgresDatabase],
+) -> PostgresDatabase:
+    """A fresh database for this test: its `url` (a libpq URL on the server's socket)."""
+    return make_postgres_database()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that needs the PostgreSQL server is marked `postgres`, so that
+    `-m "not postgres"` leaves them all out."""
+    for item in items:
+        fixtures = getattr(item, "fixturenames", ())
+        if "postgres_server" in fixtures and item.get_closest_marker("postgres") is None:
+            item.add_marker(pytest.mark.postgres)
 
 
 @pytest.fixture(autouse=True)

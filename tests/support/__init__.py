@@ -8,4 +8,5 @@
 - simulators: Simulators (start, stop all), readers of the call log.
 - faults: injected faults, kills and foreign load shared by tests/reliability and bench/soak.py.
 - http: RecordingProxy, http_get, contains_any, metric_samples.
+- postgres: private_server, a PostgreSQL cluster per session; PostgresServer, PostgresDatabase.
 """
