@@ -1,11 +1,12 @@
 """The container artefacts agree with each other and with the code, without Docker.
 
-There is no Docker engine in CI, so these tests read the Dockerfile, the Compose
-file and the Kubernetes manifests as data and check what the linters of
-.ci/check-container cannot: the entrypoint, user, volume, ports, paths and
-probes line up, the shipped TOML files load through `load_settings`, and the
-image's healthcheck command really passes against a live /healthz (and fails
-against an unhealthy one).
+No container engine can run a container in CI: .ci/check-container builds the
+image with podman and runs the product inside its root filesystem. These tests
+read the Dockerfile, the Compose file and the Kubernetes manifests as data and
+check what that script cannot: the entrypoint, user, volume, ports, paths and
+probes line up across the three, the shipped TOML files load through
+`load_settings`, and the image's healthcheck command really passes against a
+live /healthz (and fails against an unhealthy one).
 
 PyYAML is not a dependency, so `read_yaml` below reads the small YAML subset
 these files use (block maps and lists, `|` scalars, JSON-style flow lists,
