@@ -89,6 +89,32 @@ def test_environment_overrides_file(tmp_path: Path) -> None:
     assert s.watch.force_polling is True
 
 
+def test_command_line_flags_win_over_the_environment_and_the_file(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        'data_dir = "/from/file"\n[logging]\nlevel = "error"\nformat = "json"\n',
+    )
+    env = {
+        **CREDS,
+        "ORCHESTRATOR_DATA_DIR": "/from/env",
+        "ORCHESTRATOR_LOGGING_LEVEL": "warning",
+    }
+    flags = {"data_dir": ("--data-dir", "/from/flag"), "logging.level": ("--log-level", "debug")}
+
+    s = load_settings(path, env, flags=flags)
+    assert s.data_dir == Path("/from/flag")
+    assert s.logging.level == "debug"
+    assert s.logging.format == "json", "a setting no flag names keeps the file's value"
+    without = load_settings(path, env)
+    assert (without.data_dir, without.logging.level) == (Path("/from/env"), "warning")
+
+
+def test_a_bad_flag_value_names_the_flag() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(None, CREDS, flags={"logging.format": ("--log-format", "yaml")})
+    assert info.value.key == "--log-format (sets logging.format)"
+
+
 def test_secret_from_file_and_never_shown(tmp_path: Path) -> None:
     secret_file = tmp_path / "secret"
     secret_file.write_text("file-secret-xyz\n")

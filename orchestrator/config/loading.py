@@ -12,6 +12,9 @@ variables are ignored (Kubernetes injects ORCHESTRATOR_PORT for a Service of tha
 name, which must not stop the daemon); `env_warnings` names those that look like
 a misspelling of a known one. An error in a value that came from the environment
 names the variable.
+
+Command-line flags that name a setting (`--data-dir`, `run --log-level`) come last,
+over the environment (`apply_flags`); an error in their value names the flag.
 """
 
 from __future__ import annotations
@@ -52,11 +55,14 @@ def load_settings(
     env: Mapping[str, str] | None = None,
     *,
     require_credentials: bool = True,
+    flags: Mapping[str, tuple[str, str]] | None = None,
 ) -> Settings:
-    """Defaults, then the TOML file at `path`, then `env`; validated."""
+    """Defaults, then the TOML file at `path`, then `env`, then the command line's
+    `flags` ("data_dir" or "section.key" -> (the flag, its value)); validated."""
     env = os.environ if env is None else env
     raw = read_toml(path) if path is not None else {}
     raw = apply_env(raw, env)
+    raw = apply_flags(raw, flags or {})
     settings = build_settings(raw)
     m = settings.marketo
     if m.client_secret_file and not m.client_secret:  # given as a key, not by the variable
@@ -74,7 +80,8 @@ def load_settings(
 
 
 def env_source(raw: dict[str, Any], key: str) -> str | None:
-    """The environment variable that set `key` ("section.key" or "data_dir"), if one did."""
+    """The environment variable (or flag) that set `key` ("section.key" or "data_dir"),
+    if one did."""
     section, _, name = key.partition(".")
     value = raw.get(section)
     if name and isinstance(value, dict):
@@ -142,6 +149,19 @@ def apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
     return merged
 
 
+def apply_flags(raw: dict[str, Any], flags: Mapping[str, tuple[str, str]]) -> dict[str, Any]:
+    """Overlay command-line flags onto the raw tables, over the environment.
+
+    A flag's value is a string like a variable's, typed and checked the same way, and
+    named by its flag in errors."""
+    merged = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for key, (flag, value) in flags.items():
+        section, _, name = key.rpartition(".")
+        table = table_of(merged, section) if section else merged
+        table[name] = EnvValue(flag, value)
+    return merged
+
+
 def table_of(raw: dict[str, Any], section: str) -> dict[str, Any]:
     """The section's table in `raw`, created if absent."""
     table = raw.setdefault(section, {})
@@ -164,7 +184,8 @@ def read_secret(path: str, key: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class EnvValue:
-    """A value from the environment: always a string, named by its variable in errors."""
+    """A value from the environment (or a command-line flag): always a string, named by
+    its variable (or flag) in errors."""
 
     var: str
     text: str
