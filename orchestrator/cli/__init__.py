@@ -4,6 +4,7 @@ part of the product that starts the simulator.
 
 - `main`: the parser, dispatch, and errors as one line and an exit code.
 - `flags`: what every command shares: the common flags, their types, the settings.
+- `usage`: what each --help says below the flags: examples and exit codes.
 - `run`: `run` and `simulator`; the data-dir lock (`lock_data_dir`).
 - `submit`: `submit` and its waiting display.
 - `inspect`: `status`, `check` (and its data-dir checks), `split`.

@@ -2,8 +2,11 @@
 common to the commands that read the settings, the flag types, and the settings
 those flags (and the environment) give.
 
-A usage error is one line naming the flag, exit 2 (`Parser`). The common flags are
+A usage error is one line naming the flag, exit 2 (`Parser`); `--help` keeps the
+line breaks of its examples and exit codes (`cli.usage`). The common flags are
 added in one place (`add_common_flags`), so a flag every command takes is added there.
+A flag that names a setting (`--data-dir`, `run --log-level`) wins over the file
+and the environment (`SETTING_FLAGS`).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 from orchestrator.config import Settings, env_warnings, load_settings, resolve_config_path
 from orchestrator.models import ExitCode
@@ -19,8 +22,23 @@ from orchestrator.models import ExitCode
 PROG = "marketo-orchestrator"
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The examples and exit codes keep their lines as written; a description of one
+    paragraph is wrapped to the terminal like the flags' help."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text:
+            return super()._fill_text(text, width, indent)
+        return argparse.HelpFormatter._fill_text(self, text, width, indent)
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line naming the flag, exit 2."""
+    """argparse, but a usage error is one line naming the flag, exit 2, and the text
+    below the flags (examples, exit codes) is printed as written."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(ExitCode.USAGE, f"{PROG}: usage error: {message} (see {self.prog} --help)\n")
@@ -35,17 +53,43 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
     """The flags of every command that reads the settings (run, status, submit, check)."""
     parser.add_argument(
         "--config",
+        metavar="PATH",
         help="TOML file (default: $ORCHESTRATOR_CONFIG, then ./config/orchestrator.toml)",
     )
+    parser.add_argument(
+        "--data-dir",
+        metavar="PATH",
+        type=non_empty,
+        help="the data directory, over data_dir in the file and $ORCHESTRATOR_DATA_DIR",
+    )
+
+
+# A flag's dest -> the setting it gives ("data_dir" or "section.key") and how errors name it.
+SETTING_FLAGS: Final = {
+    "data_dir": ("data_dir", "--data-dir"),
+    "log_level": ("logging.level", "--log-level"),
+    "log_format": ("logging.format", "--log-format"),
+}
 
 
 def load(args: argparse.Namespace, *, require_credentials: bool) -> Settings:
     """The settings for a command; a warning line on stderr for a misspelt variable."""
     path = resolve_config_path(args.config, os.environ)
-    settings = load_settings(path, os.environ, require_credentials=require_credentials)
+    flags = {
+        key: (flag, value)
+        for dest, (key, flag) in SETTING_FLAGS.items()
+        if (value := getattr(args, dest, None)) is not None
+    }
+    settings = load_settings(path, os.environ, require_credentials=require_credentials, flags=flags)
     for warning in env_warnings(os.environ):
         print(f"{PROG}: warning: {warning}", file=sys.stderr)
     return settings
+
+
+def non_empty(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
 
 
 def positive_int(text: str) -> int:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from orchestrator import client, logs
+from orchestrator.cli import usage
 from orchestrator.cli.flags import PROG, Parser, load, positive_int
 from orchestrator.config import (
     MIN_CHUNK_BYTES,
@@ -38,19 +39,33 @@ if TYPE_CHECKING:
 
 
 def add_status(sub: Subcommands) -> Parser:
-    status = sub.add_parser("status", help="files and chunks from the state store")
+    status = sub.add_parser(
+        "status",
+        help="files and chunks from the state store",
+        description="Files and their chunks from the state store in the data directory: "
+        "state, chunks done, rows, batch ids. Works while the daemon runs.",
+        epilog=usage.STATUS,
+    )
     status.add_argument("--json", action="store_true", help="the same JSON as GET /jobs")
     status.add_argument("--id", help="only the file handed over with this id")
-    status.add_argument("--file", help="only files of this name (a shell pattern: 'nightly-*')")
+    status.add_argument(
+        "--file",
+        metavar="PATTERN",
+        help="only files of this name (a shell pattern: 'nightly-*')",
+    )
     status.add_argument("--active", action="store_true", help="only files without a result yet")
-    status.add_argument("--limit", type=positive_int, help="at most this many files")
+    status.add_argument("--limit", type=positive_int, metavar="N", help="at most this many files")
     status.add_argument("--wide", action="store_true", help="one line per file, nothing cut")
     return status
 
 
 def add_check(sub: Subcommands) -> Parser:
     check = sub.add_parser(
-        "check", help="validate the configuration and the data directory; exit as run --once"
+        "check",
+        help="validate the configuration and the data directory; --credentials: a token too",
+        description="Validate the configuration and the data directory (creating nothing); "
+        "with --credentials, also get a token from Marketo with them.",
+        epilog=usage.CHECK,
     )
     check.add_argument(
         "--credentials", action="store_true", help="also get a Marketo token with them"
@@ -59,13 +74,28 @@ def add_check(sub: Subcommands) -> Parser:
 
 
 def add_split(sub: Subcommands) -> Parser:
-    split = sub.add_parser("split", help="run only the splitter")
-    split.add_argument("file", type=Path)
-    split.add_argument("--out", type=Path, required=True, help="directory for the chunk files")
+    split = sub.add_parser(
+        "split",
+        help="run only the splitter",
+        description="Cut FILE into chunk files in --out, each under --max-bytes with the "
+        "header repeated, and print one line per chunk. It reads no configuration and no "
+        "data directory: it writes only into --out.",
+        epilog=usage.SPLIT,
+    )
+    split.add_argument(
+        "file",
+        type=Path,
+        metavar="FILE",
+        help="the delimited file to cut (csv, tsv or ssv); read, never changed",
+    )
+    split.add_argument(
+        "--out", type=Path, required=True, metavar="DIR", help="directory for the chunk files"
+    )
     split.add_argument(
         "--max-bytes",
         type=int,
         default=None,
+        metavar="N",
         help=f"every chunk is smaller than this ({MIN_CHUNK_BYTES} to {MAX_CHUNK_BYTES_CAP}, "
         f"default {DEFAULT_MAX_CHUNK_BYTES})",
     )
@@ -86,7 +116,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         raise UsageError(
             "data_dir",
             f"no state store at {db}: no daemon has run with data_dir {settings.data_dir} "
-            "(is it the right one? --config, ORCHESTRATOR_DATA_DIR)",
+            "(is it the right one? --data-dir, --config, ORCHESTRATOR_DATA_DIR)",
         )
     snapshot = asyncio.run(status.read_snapshot(db, query))
     if args.json:

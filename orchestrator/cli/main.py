@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from orchestrator import __version__
-from orchestrator.cli import inspect, run, submit
+from orchestrator.cli import inspect, run, submit, usage
 from orchestrator.cli.flags import PROG, Parser, add_common_flags
 from orchestrator.errors import (
     ConfigError,
@@ -42,9 +42,20 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 
 def build_parser(argv: Sequence[str] = ()) -> Parser:
-    parser = Parser(prog=PROG, description="Load delimited files into Marketo's Bulk Import API.")
+    parser = Parser(
+        prog=PROG,
+        description="Load delimited files into Marketo's Bulk Import API.",
+        epilog=usage.MAIN,
+    )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    sub = parser.add_subparsers(
+        dest="command",
+        required=True,
+        parser_class=Parser,
+        title="commands",
+        metavar="COMMAND",
+        help=f"one of these; {PROG} COMMAND --help for its flags",
+    )
     # Each command's parser (in the order --help lists them), and whether the command
     # reads the settings: those take the common flags.
     for command, reads_settings in (

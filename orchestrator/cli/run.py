@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from orchestrator import dirlock, logs
+from orchestrator.cli import usage
 from orchestrator.cli.flags import PROG, Parser, load
 from orchestrator.config import Route, Secret, Settings, with_marketo
 from orchestrator.dirlock import DataDirLock
@@ -32,6 +33,9 @@ if TYPE_CHECKING:
     from orchestrator.cli.flags import Subcommands
 
 log = structlog.get_logger(__name__)
+
+# What logging.format takes (config.checks): --log-format offers the same.
+LOG_FORMATS = ("auto", "json", "console")
 
 # `run --simulate` without routes configured: one route per object type.
 DEMO_ROUTES = (
@@ -47,18 +51,42 @@ DEMO_ROUTES = (
 
 
 def add_run(sub: Subcommands) -> Parser:
-    run = sub.add_parser("run", help="run the daemon until SIGTERM/SIGINT")
+    run = sub.add_parser(
+        "run",
+        help="run the daemon until SIGTERM/SIGINT",
+        description="Run the daemon: claim each file dropped into inbox/<route>/, import it, "
+        "write its result; until SIGTERM/SIGINT, or with --once until the inbox is done.",
+        epilog=usage.RUN,
+    )
     run.add_argument(
         "--once", action="store_true", help="claim what is in the inbox, finish it, exit"
     )
     run.add_argument(
         "--simulate", action="store_true", help="use the bundled simulator; nothing goes to Marketo"
     )
+    run.add_argument(
+        "--log-level",
+        choices=tuple(logs.LEVELS),
+        help="over logging.level and $ORCHESTRATOR_LOGGING_LEVEL (default info)",
+    )
+    run.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        help="over logging.format and $ORCHESTRATOR_LOGGING_FORMAT "
+        "(default auto: console on a terminal, JSON lines otherwise)",
+    )
     return run
 
 
 def add_simulator(sub: Subcommands, argv: Sequence[str]) -> Parser:
-    sim = sub.add_parser("simulator", help="the bundled Marketo Bulk Import simulator")
+    sim = sub.add_parser(
+        "simulator",
+        help="the bundled Marketo Bulk Import simulator",
+        description="A stand-in for a Marketo subscription's Bulk Import API, on HOST:PORT. "
+        "It keeps its state in memory and reads no configuration and no data directory "
+        "(run --simulate starts one of its own that keeps its state in data_dir).",
+        epilog=usage.SIMULATOR,
+    )
     if "simulator" in argv:
         # Only this command needs the simulator (and aiohttp's server) imported.
         from orchestrator import simulator

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orchestrator import client, logs
+from orchestrator.cli import usage
 from orchestrator.cli.flags import PROG, Parser, duration, load, natural_int
 from orchestrator.cli.run import DEMO_ROUTES, lock_data_dir, run_to_end
 from orchestrator.config import Settings
@@ -31,20 +32,35 @@ if TYPE_CHECKING:
 
 
 def add_submit(sub: Subcommands) -> Parser:
-    submit = sub.add_parser("submit", help="hand a file over to the daemon; --wait for its result")
-    submit.add_argument("file", type=Path)
-    submit.add_argument("--route", required=True, help="the inbox sub-directory, e.g. leads")
+    submit = sub.add_parser(
+        "submit",
+        help="hand a file over to the daemon; --wait for its result",
+        description="Hand FILE to the daemon that watches the data directory (linked, or "
+        "copied, into inbox/<route>/ whole) and print its id; with --wait, its result.",
+        epilog=usage.SUBMIT,
+    )
+    submit.add_argument(
+        "file",
+        type=Path,
+        metavar="FILE",
+        help="the delimited file to import (csv, tsv or ssv); left where it is, unchanged",
+    )
+    submit.add_argument(
+        "--route", required=True, metavar="R", help="the route: its inbox sub-directory, e.g. leads"
+    )
     submit.add_argument("--id", help="the id to give the file (default: a fresh one)")
     submit.add_argument("--wait", action="store_true", help="block until the result exists")
     submit.add_argument(
         "--timeout",
         type=duration,
+        metavar="DURATION",
         help="with --wait: give up after this long (90, 90s, 15m, 2h, 1d); exit 4",
     )
     submit.add_argument("--json", action="store_true", help="print the result JSON")
     submit.add_argument(
         "--max-failed-rows",
         type=natural_int,
+        metavar="N",
         help="exit 1 when the file is complete but more rows than this failed",
     )
     submit.add_argument(
