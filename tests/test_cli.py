@@ -10,6 +10,7 @@ import argparse
 import json
 import re
 import shlex
+import socket
 from dataclasses import replace
 from pathlib import Path
 
@@ -196,3 +197,19 @@ async def test_run_log_flags_win_over_the_config_and_the_variables(
         assert len(loud.events()) == len(lines), "every line JSON"
     finally:
         await runner.close()
+
+
+async def test_simulator_on_a_taken_port_exits_1_with_one_line(tmp_path: Path) -> None:
+    runner = CliRunner(tmp_path / "cli")
+    runner.workdir.mkdir()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        try:
+            proc = await runner.run("simulator", "--port", port)
+        finally:
+            await runner.close()
+    assert proc.returncode == ExitCode.FAILED
+    [line] = proc.stderr().splitlines()
+    assert line.startswith(f"{PROG}: error: 127.0.0.1:{port}: "), line

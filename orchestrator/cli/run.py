@@ -183,5 +183,9 @@ def cmd_simulator(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stop.set)
         await simulator.serve(config, args.host, args.port, stop)
 
-    asyncio.run(serve())
-    return 0
+    try:
+        asyncio.run(serve())
+    except OSError as exc:  # the address is taken or not ours: one line, as run says it
+        print(f"{PROG}: error: {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
+        return ExitCode.FAILED
+    return ExitCode.COMPLETE

@@ -124,9 +124,10 @@ SPLIT: Final = epilog(
 
 SIMULATOR: Final = epilog(
     [("simulator --port 8090 --rows-per-second 500", "a slow subscription on :8090")],
-    codes=(ExitCode.COMPLETE, ExitCode.USAGE),
+    codes=(ExitCode.COMPLETE, ExitCode.FAILED, ExitCode.USAGE),
     meanings={
         ExitCode.COMPLETE: "stopped by SIGTERM or SIGINT",
+        ExitCode.FAILED: "HOST:PORT cannot be listened on (taken, or not this host's)",
         ExitCode.USAGE: "a knob's value is out of range",
     },
 )
