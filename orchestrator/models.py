@@ -117,6 +117,7 @@ class ChunkRecord:
     job_rows: int = 0  # records of the whole chunk
     job_bytes: int = 0  # bytes of the whole chunk file, header included
     attributed: bool = False  # failed and warned rows matched back to each file's share
+    unmatched_rows: int = 0  # ... of which no record matched (in every file's share, if shared)
 
     @property
     def submits(self) -> int:

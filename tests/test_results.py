@@ -50,7 +50,7 @@ RESULT_KEYS = {
 }  # fmt: skip
 CHUNK_KEYS = {
     "index", "rows", "bytes", "batch_id", "status", "rows_processed", "rows_failed",
-    "rows_with_warning", "submits", "message", "shared",
+    "rows_with_warning", "submits", "message", "shared", "unmatched_rows",
 }  # fmt: skip
 HEADER = "email,firstName\n"
 BIG = "x" * 300
@@ -802,7 +802,7 @@ async def test_matching_a_shared_chunk_again_after_a_crash_gives_the_same_result
     assert not (await store.chunks(file_id=pack.files["a.csv"].id))[0].attributed
 
     # Killed after every part is in place, before the shares were recorded.
-    async def crash(*args: object) -> None:
+    async def crash(*args: object, **kwargs: object) -> None:
         raise Crash("before the shares were recorded")
 
     monkeypatch.setattr(store, "set_shares", crash)
@@ -827,9 +827,9 @@ async def test_a_row_matching_no_record_is_kept_and_looking_for_it_stays_linear(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Every 5th record of two files' pieces failed, each followed in Marketo's file by a
-    row that is in no record: those keep their place (the piece the walk is in, a blank
-    line), the others their lines, and the records read stay a few times the chunk's, not
-    rows times records (about 400,000 here)."""
+    row that is in no record: those go to both files (a blank line, after each file's own
+    rows, counted in each), the others to their own file with their lines, and the records
+    read stay a few times the chunk's, not rows times records (about 400,000 here)."""
     monkeypatch.setattr(matching, "KEEP_RECORDS", 20)
     chunk = tmp_path / "chunk.csv"
     records = [[f"e{i}@x.com", f"N{i}"] for i in range(2000)]
@@ -848,17 +848,16 @@ async def test_a_row_matching_no_record_is_kept_and_looking_for_it_stays_linear(
     )
 
     found = tallies["failures"]
-    assert (found.rows, found.unmatched) == ({1: 400, 2: 400}, 400)
+    assert (found.rows, found.unmatched, found.total) == ({1: 600, 2: 600}, 400, 800)
     assert found.reads < 40_000
     for piece in pieces:
         rows = read_csv(piece.out_dir / part_name(9, "failures"))[1:]
         first = piece.first_row
-        assert rows[0::2] == [
+        assert rows[:200] == [
             [*records[i], "Invalid", str(i - first + 2)] for i in range(first, first + 1000, 5)
         ]
-        assert rows[1::2] == [
-            [f"ghost{i}", "G", "Invalid", ""] for i in range(first, first + 1000, 5)
-        ]
+        assert rows[200:] == [[f"ghost{i}", "G", "Invalid", ""] for i in range(0, 2000, 5)]
+    assert not list(tmp_path.glob("*/.*.tmp")), "no spill or temp file is left"
 
 
 async def finishing_peak(tmp_path: Path, rows: int) -> int:
@@ -1008,10 +1007,14 @@ def test_matching_in_c_gives_what_matching_record_by_record_gives(tmp_path: Path
     one_by_one = run("slow", None)
 
     assert in_c == one_by_one
-    assert sum(in_c[0].values()) == len(marketo) - 1
+    ghosts = [row for row in marketo if row[0] == "ghost"]
+    assert in_c[1] == len(ghosts)
+    assert sum(in_c[0].values()) == len(marketo) - 1 + 2 * len(ghosts)  # in each of three
     read_back = [read_csv(p)[1:] for p in sorted((tmp_path / "c").glob("*/part-7.failures.csv"))]
-    assert [row[:-1] for part in read_back for row in part] == marketo[1:]  # a lone CR quoted
-    assert in_c[1] == sum(1 for row in marketo if row[0] == "ghost")
+    matched = [row[:-1] for part in read_back for row in part if row[-1]]
+    assert matched == [row for row in marketo[1:] if row[0] != "ghost"]  # a lone CR quoted
+    for part in read_back:
+        assert [row[:-1] for row in part if not row[-1]] == ghosts
 
 
 def test_a_piece_that_comes_back_keeps_its_rows(tmp_path: Path) -> None:

@@ -108,7 +108,7 @@ async def test_open_creates_schema_with_wal_full_sync_and_foreign_keys(store: St
     assert await on_store_connection("journal_mode") == "wal"
     assert await on_store_connection("synchronous") == 2  # FULL
     assert await on_store_connection("foreign_keys") == 1
-    assert pragma(store.path, "user_version") == LATEST_VERSION == 6
+    assert pragma(store.path, "user_version") == LATEST_VERSION == 7
     assert await store.integrity_check() == "ok"
 
 

@@ -1,9 +1,11 @@
 """Attribution: a final chunk's failed and warned rows given back to the files in it.
 
 Each file's rows, with the lines they have in its source (found by the forward
-walk, `matching`), go to a part file in the file's own chunk directory, written
-whole or not at all; then the store records each file's share of the chunk's
-counters and the chunk as attributed. A chunk is attributed once, when it goes
+walk, `matching`), go to a part file in the file's own chunk directory, in the
+chunk's column layout (the source's), written whole or not at all; rows of a
+shared chunk that match no record go to every file's part (`Parts.spread`). Then
+the store records each file's share of the chunk's counters, the rows no record
+matched, and the chunk as attributed. A chunk is attributed once, when it goes
 final, while its files (the chunk, Marketo's, a pack's) are all there; finishing
 a file attributes only a final chunk that is not attributed yet (its attribution
 failed, a full disk say: the store's `attributed` flag tells).
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import io
 import os
 import shutil
 import time
@@ -33,7 +36,7 @@ from orchestrator.durable import fsync_dir
 from orchestrator.layout import part_name
 from orchestrator.models import FINAL_CHUNK_STATUSES, ChunkStatus, RejectRecord
 from orchestrator.results.matching import Match, Piece, Tally, walk
-from orchestrator.results.merge import COPY_BLOCK
+from orchestrator.results.merge import COPY_BLOCK, copy_rest
 from orchestrator.store import Store
 
 log = structlog.get_logger(__name__)
@@ -86,19 +89,23 @@ async def attribute_chunk(settings: Settings, store: Store, chunk_id: int) -> bo
                 member.rows_with_warning,
             )
             continue
+        # A shared chunk's rows that matched no record count in every file's share, so
+        # no file is told fewer rows failed than may be its own.
         its_failed = failed.get(member.file_id, 0)
         processed = member.rows - its_failed if member.status is ChunkStatus.COMPLETE else 0
-        shares[member.file_id] = (processed, its_failed, warned.get(member.file_id, 0))
-    await store.set_shares(chunk_id, shares)
+        shares[member.file_id] = (max(0, processed), its_failed, warned.get(member.file_id, 0))
     unmatched = tallies["failures"].unmatched + tallies["warnings"].unmatched
-    (log.warning if unmatched else log.info)(
+    await store.set_shares(chunk_id, shares, unmatched=unmatched)
+    unknown = sorted({*tallies["failures"].unknown, *tallies["warnings"].unknown})
+    (log.warning if unmatched or unknown else log.info)(
         "chunk_attributed",
         chunk=job.index,
         batch_id=job.batch_id,
         files=len(members),
-        rows_failed=sum(failed.values()),
-        rows_with_warning=sum(warned.values()),
+        rows_failed=tallies["failures"].total,
+        rows_with_warning=tallies["warnings"].total,
         unmatched=unmatched,
+        **({"unknown_columns": unknown} if unknown else {}),
         seconds=round(time.monotonic() - started, 3),
     )
     return True
@@ -113,8 +120,9 @@ def attribute(
     rows: int | None = None,
 ) -> dict[str, Tally]:
     """Write each piece's part files for every kind Marketo sent a file of; per kind, the
-    rows each file got. A part file of a piece that got no rows is removed. `rows`, the
-    chunk's records, lets the common case run in C (see `matching.Records._find`).
+    rows each file got (a shared chunk's unmatched rows in every file's). A part file of
+    a piece that got no rows is removed. `rows`, the chunk's records, lets the common
+    case run in C (see `matching.Records._find`).
 
     Blocking: run it in a thread."""
     delimiter = delimited.DELIMITERS[fmt]
@@ -124,9 +132,8 @@ def attribute(
         source = marketo.get(kind)
         found = Tally()
         if source is not None and source.exists():
-            write_parts(
-                chunk_id, kind, delimiter, walk(chunk_path, delimiter, ordered, source, found, rows)
-            )
+            matches = walk(chunk_path, delimiter, ordered, source, found, rows)
+            write_parts(chunk_id, kind, delimiter, matches, ordered)
         for piece in ordered:
             if piece.file_id not in found.rows:
                 (piece.out_dir / part_name(chunk_id, kind)).unlink(missing_ok=True)
@@ -135,15 +142,23 @@ def attribute(
 
 
 def write_parts(
-    chunk_id: int, kind: str, delimiter: str, matches: Generator[Match, None, None]
+    chunk_id: int,
+    kind: str,
+    delimiter: str,
+    matches: Generator[Match, None, None],
+    pieces: list[Piece],
 ) -> None:
-    """Every match into its piece's part file; a walk that fails leaves no temp file."""
+    """Every match into its piece's part file, and the rows no record matched into every
+    piece's; a walk that fails leaves no temp file."""
     parts = Parts(chunk_id, kind, delimiter)
     try:
+        if len(pieces) > 1:
+            parts.start_spill(pieces[0].out_dir)
         with closing(matches):
             for match in matches:
                 parts.write(match.piece, match.header, match.row)
         parts.close()
+        parts.spread(pieces)
     finally:
         parts.abort()
 
@@ -170,7 +185,8 @@ def reject_gaps(source: Path, rejects: Iterable[RejectRecord]) -> list[tuple[int
 class Parts:
     """One piece's part file open at a time (Marketo's rows come in piece order): written
     to a temp file, then fsynced and renamed into place whole when the next piece starts
-    or the walk ends."""
+    or the walk ends. Rows of no piece (a shared chunk's unmatched rows) go to a spill
+    file meanwhile, and `spread` adds them to every piece's part at the end."""
 
     def __init__(self, chunk_id: int, kind: str, delimiter: str) -> None:
         self.chunk_id = chunk_id
@@ -181,8 +197,16 @@ class Parts:
         self._tmp: Path | None = None
         self._csv: Writer | None = None
         self._done: set[int] = set()  # files whose part is in place
+        self._header: list[str] = []  # the parts' header (the walk's), without Source Line
+        self._spill: Path | None = None
+        self._spill_fh: IO[str] | None = None
+        self._spill_csv: Writer | None = None
 
-    def write(self, piece: Piece, header: list[str], row: list[str]) -> None:
+    def write(self, piece: Piece | None, header: list[str], row: list[str]) -> None:
+        self._header = header
+        if piece is None:
+            self._unmatched(row)
+            return
         if piece is not self._piece:
             self.close()
             self._piece = piece
@@ -215,11 +239,67 @@ class Parts:
         self._tmp = None
         self._done.add(self._piece.file_id)
 
+    def _unmatched(self, row: list[str]) -> None:
+        """A row no record matched, kept for every piece (in the first piece's directory,
+        the chunk owner's, until `spread`)."""
+        if self._spill_csv is None:
+            raise AssertionError("a row of no piece before any piece started")
+        assert self._spill_fh is not None
+        write_row(self._spill_csv, self._spill_fh, row, self.delimiter)
+
+    def start_spill(self, directory: Path) -> None:
+        """Where rows of no piece go until `spread`: opened before the walk."""
+        directory.mkdir(parents=True, exist_ok=True)
+        self._spill = directory / f".unmatched-{self.chunk_id}.{self.kind}.tmp"
+        # Open until spread() or abort().
+        self._spill_fh = open(self._spill, "w", encoding="utf-8", newline="")  # noqa: SIM115
+        self._spill_csv = csv.writer(self._spill_fh, delimiter=self.delimiter, lineterminator="\n")
+
+    def spread(self, pieces: list[Piece]) -> None:
+        """The rows no record matched, after each piece's own rows in its part (one made
+        for a piece that had none): each part written again whole. Only this walk's parts
+        are kept; one an earlier, interrupted walk left is written anew."""
+        if self._spill_fh is None or self._spill is None:
+            return
+        self._spill_fh.close()
+        self._spill_fh = None
+        if self._spill.stat().st_size == 0:
+            return
+        buffer = io.StringIO(newline="")
+        csv.writer(buffer, delimiter=self.delimiter, lineterminator="\n").writerow(
+            [*self._header, constants.SOURCE_LINE_COLUMN]
+        )
+        head = buffer.getvalue().encode("utf-8")
+        for piece in pieces:
+            target = piece.out_dir / part_name(self.chunk_id, self.kind)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self._tmp = target.with_name(f".{target.name}.tmp")
+            with open(self._tmp, "wb") as out:
+                if piece.file_id in self._done:
+                    with open(target, "rb") as own:
+                        copy_rest(own, out)
+                else:
+                    out.write(head)
+                with open(self._spill, "rb") as spill:
+                    copy_rest(spill, out)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(self._tmp, target)
+            fsync_dir(target.parent)
+            self._tmp = None
+            self._done.add(piece.file_id)
+
     def abort(self) -> None:
-        """A walk that failed leaves no temp file behind."""
+        """A walk that failed leaves no temp file behind (nor does one that ended)."""
         if self._fh is not None:
             self._fh.close()
             self._fh = None
         if self._tmp is not None:
             self._tmp.unlink(missing_ok=True)
             self._tmp = None
+        if self._spill_fh is not None:
+            self._spill_fh.close()
+            self._spill_fh = None
+        if self._spill is not None:
+            self._spill.unlink(missing_ok=True)
+            self._spill = None

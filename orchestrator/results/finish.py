@@ -40,8 +40,8 @@ from orchestrator.models import (
     FileStatus,
     RejectRecord,
 )
-from orchestrator.results.attribution import attribute_chunk
-from orchestrator.results.merge import reject_rows, write_merged
+from orchestrator.results.attribution import KINDS, attribute_chunk
+from orchestrator.results.merge import reject_rows, source_columns, write_merged
 from orchestrator.store import Store
 
 log = structlog.get_logger(__name__)
@@ -136,17 +136,23 @@ def write_outputs(
     delimiter = delimited.DELIMITERS[fmt]
     work = Path(file.work_path)
     source = work if os.path.lexists(work) else target  # moved already by an earlier run
+    parts = {kind: [layout.part_file(file.id, c.id, kind) for c in chunks] for kind in KINDS}
+    merging = rejects or any(p.exists() for kind in KINDS for p in parts[kind])
+    # Merged files carry the source's header in full, whatever Marketo's files left out.
+    columns = source_columns(source, delimiter) if merging else None
     failures_name = write_merged(
         target.with_name(target.name + ".failures.csv"),
-        [layout.part_file(file.id, c.id, "failures") for c in chunks],
+        parts["failures"],
         reject_rows(source, rejects, delimiter),
         delimiter,
+        columns,
     )
     warnings_name = write_merged(
         target.with_name(target.name + ".warnings.csv"),
-        [layout.part_file(file.id, c.id, "warnings") for c in chunks],
+        parts["warnings"],
         iter(()),
         delimiter,
+        columns,
     )
     crashpoint("results_written")
     if os.path.lexists(work):
@@ -178,7 +184,9 @@ def write_outputs(
 
 def chunk_summary(chunk: ChunkRecord) -> dict[str, Any]:
     """One batch as the file sees it: its share; `shared` describes the whole job when
-    other files' records were in it too (None for a chunk of its own)."""
+    other files' records were in it too (None for a chunk of its own); `unmatched_rows`
+    counts Marketo's failed and warned rows of the job that matched no record, and the
+    message then says what became of them."""
     if chunk.marketo_status:
         status = chunk.marketo_status
     else:
@@ -196,6 +204,27 @@ def chunk_summary(chunk: ChunkRecord) -> dict[str, Any]:
         "rows_failed": chunk.rows_failed,
         "rows_with_warning": chunk.rows_with_warning,
         "submits": chunk.submits,
-        "message": chunk.message,
+        "message": with_unmatched(chunk),
         "shared": shared,
+        "unmatched_rows": chunk.unmatched_rows,
     }
+
+
+def with_unmatched(chunk: ChunkRecord) -> str:
+    """The chunk's message, and a sentence on rows no record matched, if there were any."""
+    n = chunk.unmatched_rows
+    if not n:
+        return chunk.message
+    rows = f"{n} row{'' if n == 1 else 's'}"
+    if chunk.files > 1:
+        note = (
+            f"{rows} of Marketo's failures and warnings for this shared job matched no record"
+            f" of its files, so each of its {chunk.files} files lists and counts them"
+            " (Source Line empty)."
+        )
+    else:
+        note = (
+            f"{rows} of Marketo's failures and warnings matched no record of this chunk"
+            " (Source Line empty)."
+        )
+    return f"{chunk.message} {note}" if chunk.message else note

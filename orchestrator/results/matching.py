@@ -3,23 +3,31 @@ record it came from, and that record's file and source line.
 
 A chunk is one Marketo job; it may hold the records of several source files (a
 pack), each file's records one run of them (a piece). Marketo's failures and
-warnings files repeat each row it failed or warned, all columns as sent plus a
-reason, in the order of the import file. So one forward walk over the chunk's
-records, side by side with Marketo's rows, finds the record each row came from:
-its piece names the file, and its physical line in the chunk gives the line in
-that file's source (the piece's first line, plus the lines since the piece's first
-record, plus the lines of records the splitter set aside before it).
+warnings files repeat each row it failed or warned, plus a reason, in the order of
+the import file; but not always every column: Marketo leaves empty values, and
+their columns, out (a row that failed for an empty email comes back without the
+email column). So each row is first placed under the chunk's columns by name
+(`Placing`: names trimmed, as Marketo matches them; a column Marketo left out is
+empty), then one forward walk over the chunk's records, side by side with
+Marketo's rows, finds the record each row came from: its piece names the file, and
+its physical line in the chunk gives the line in that file's source (the piece's
+first line, plus the lines since the piece's first record, plus the lines of
+records the splitter set aside before it). When Marketo's header is the chunk's,
+rows are compared as they are.
 
 Memory: one record and one of Marketo's rows at a time, plus at most `KEEP_RECORDS`
 records (and `KEEP_CHARS` characters) kept while looking ahead; nothing grows with
 the chunk, the file or the share of failed rows.
 
-A row that matches no record is not lost: it goes to the piece the walk is in,
-with a blank source line. Looking for it read ahead to the end of the chunk, so
-the walk steps back to where it was. To keep that from making the cost rows times
-records, a chunk's walk may read at most `REREAD_FACTOR` times its records again;
-past that a row is looked for only among the next `KEEP_RECORDS` records (or
-`KEEP_CHARS` characters), so each such row costs a bounded amount.
+A row that matches no record is not lost, and never charged to a file that did not
+send it: in a chunk of one file it is that file's, with a blank source line; in a
+shared chunk it belongs to no file that can be named, so it goes to every file of
+the chunk (`Match.piece` None), counted in each. Looking for it read ahead to the
+end of the chunk, so the walk steps back to where it was. To keep that from making
+the cost rows times records, a chunk's walk may read at most `REREAD_FACTOR` times
+its records again; past that a row is looked for only among the next
+`KEEP_RECORDS` records (or `KEEP_CHARS` characters), so each such row costs a
+bounded amount.
 
 Pure reading: what the walk finds is written elsewhere (`attribution`). Blocking:
 run it in a thread.
@@ -36,6 +44,8 @@ from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Final
+
+from orchestrator.results.columns import Placing
 
 KEEP_RECORDS: Final = 1000  # records kept while looking ahead, to step back without rereading
 KEEP_CHARS: Final = 1 << 20  # ... and at most this many characters of them
@@ -57,18 +67,22 @@ class Piece:
 class Tally:
     """What one walk found: rows per file, and the rows no record matched."""
 
-    rows: dict[int, int] = field(default_factory=dict)
+    rows: dict[int, int] = field(default_factory=dict)  # a shared chunk's unmatched in each
     unmatched: int = 0
+    total: int = 0  # Marketo's rows
     reads: int = 0  # records read (or read again) to match them
+    unknown: tuple[str, ...] = ()  # Marketo's columns the chunk has not (not compared)
 
 
 @dataclass(frozen=True, slots=True)
 class Match:
     """One of Marketo's rows and where it came from."""
 
-    piece: Piece  # the piece of the record it matched, or the piece the walk is in
-    header: list[str]  # Marketo's header line
-    row: list[str]  # Marketo's row, then the source line ("" when no record matched)
+    # The piece of the record it matched (or of the chunk's one file); None: no record
+    # matched in a shared chunk, the row goes to every piece.
+    piece: Piece | None
+    header: list[str]  # the chunk's columns, then Marketo's reason column
+    row: list[str]  # the row under those columns, its reason, then the source line ("" if none)
 
 
 def walk(
@@ -84,31 +98,39 @@ def walk(
     the common case run in C (see `Records._find`)."""
     starts = [p.first_row for p in pieces]
     lines = Lines(pieces)
+    shared = len(pieces) > 1
     with (
         Records(chunk_path, delimiter, starts, rows) as records,
         open(source, encoding="utf-8-sig", newline="") as fh,
     ):
         marketo = csv.reader(fh, delimiter=delimiter)
-        header = next(marketo, None)
+        header = next((row for row in marketo if row), None)
         if header is None:
             return
+        placing = Placing.of(header, records.header)
+        tally.unknown = placing.unknown
         for row in marketo:
             if not row:
                 continue  # a blank line in Marketo's file is no row
-            wanted = row[:-1]
-            at = records.index
+            wanted = placing.place(row)
+            tally.total += 1
             found = records.search(wanted)
+            piece: Piece | None
             if found is None:
-                number = piece_at(starts, at)
+                piece = None if shared else pieces[0]
                 line = ""
                 tally.unmatched += 1
             else:
                 index, chunk_line = found
                 number = piece_at(starts, index)
+                piece = pieces[number]
                 line = str(lines.source_line(number, chunk_line, records.base_lines))
-            piece = pieces[number]
-            tally.rows[piece.file_id] = tally.rows.get(piece.file_id, 0) + 1
-            yield Match(piece, header, [*row, line])
+            if piece is not None:
+                tally.rows[piece.file_id] = tally.rows.get(piece.file_id, 0) + 1
+            yield Match(piece, placing.header, [*wanted, *row[-1:], line])
+        if shared and tally.unmatched:  # each file of the chunk lists and counts them
+            for each in pieces:
+                tally.rows[each.file_id] = tally.rows.get(each.file_id, 0) + tally.unmatched
         tally.reads = records.read
 
 
@@ -154,6 +176,7 @@ class Records:
         self.starts = {row: n for n, row in enumerate(starts)}
         self.ordered_starts = sorted(self.starts)
         self.base_lines: dict[int, int] = {}  # piece number -> chunk line of its first record
+        self.header: list[str] = []  # the chunk's header record ([] when it is gone)
         self.index = 0  # the next record's index
         self.read = 0  # records read or replayed, the first reading included
         self.first_pass = 0  # records in the chunk, as far as the first reading went
@@ -177,7 +200,7 @@ class Records:
         else:  # gone (it never should be before its rows are matched): no record matches
             self._fh = io.StringIO("")
         self._reader = csv.reader(self._fh, delimiter=self.delimiter)
-        next(self._reader, None)  # the header
+        self.header = next(self._reader, [])
         self._next_index = 0  # the index of the record the reader gives next
 
     def _advanced(self, count: int) -> None:

@@ -19,12 +19,16 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Final
+from typing import TYPE_CHECKING, BinaryIO, Final
 
 from orchestrator import constants
 from orchestrator.delimited import write_row
 from orchestrator.durable import fsync_dir
 from orchestrator.models import RejectRecord
+from orchestrator.results.columns import placed, places_of
+
+if TYPE_CHECKING:
+    from _csv import Writer
 
 # A set-aside record larger than this goes to the failures file copied, not parsed.
 RAW_REJECT_BYTES: Final = 1 << 20
@@ -36,43 +40,45 @@ def write_merged(
     parts: list[Path],
     extra: Iterator[tuple[list[str], list[str] | RawRecord]],
     delimiter: str,
+    columns: list[str] | None = None,
 ) -> str | None:
     """Concatenate part files (their header once), then `extra`'s (header, row) pairs,
     streaming, into a temp file renamed to `path`; the file name, or None when no row.
 
-    Each part starts with the same header line (Marketo's columns and the source line);
-    `extra`'s rows are fitted to it: data columns padded or cut, reason and line last
-    (a `RawRecord` is copied with its own fields, neither padded nor cut)."""
+    The header is `columns` (the source's, in full), then the reason column and the
+    source line. `attribution` writes parts in that layout, so they are copied as they
+    are; a part in another layout (an earlier release wrote Marketo's) has its rows
+    placed under the header's columns by name. Without `columns`, the first part's
+    header rules. `extra`'s rows are fitted to the header: data columns padded or cut,
+    reason and line last (a `RawRecord` is copied with its own fields, neither padded
+    nor cut)."""
     parts = [part for part in parts if part.exists()]
     first = next(extra, None)
     if not parts and first is None:
         return None  # most files: nothing failed or warned; no temp file made and removed
     extra = itertools.chain([] if first is None else [first], extra)
+    heads = [part_header(part, delimiter) for part in parts]
+    if columns is None:
+        columns = heads[0][0][:-2] if heads else first[0][:-2] if first else []
+    reason = (heads[0][0] if heads else first[0] if first else [""])[-2:-1]
+    header = [*columns, *reason, constants.SOURCE_LINE_COLUMN]
     tmp = path.with_name(f".{path.name}.tmp")
-    header: list[str] | None = None
     rows = False
     with open(tmp, "wb") as out:
-        for part in parts:
-            columns, head = part_header(part, delimiter)
+        text = io.TextIOWrapper(out, encoding="utf-8", newline="", write_through=True)
+        writer = csv.writer(text, delimiter=delimiter, lineterminator="\n")
+        writer.writerow(header)
+        for part, (names, head) in zip(parts, heads, strict=True):
             with open(part, "rb") as fh:
                 if fh.read(len(head)) != head:
                     fh.seek(0)  # not our header line: keep every byte rather than lose a row
-                elif header is not None:
-                    pass  # the header once, at the top
-                else:
-                    out.write(head)
-                if header is None:
-                    header = columns
+                elif places_of(names[:-2], columns) is not None:
+                    rows = replace_rows(fh, names[:-2], columns, writer, text, delimiter) or rows
+                    continue
                 rows = copy_rest(fh, out) > 0 or rows
-        text = io.TextIOWrapper(out, encoding="utf-8", newline="", write_through=True)
-        writer = csv.writer(text, delimiter=delimiter, lineterminator="\n")
-        for columns, row in extra:
-            if header is None:
-                header = columns
-                writer.writerow(header)
+        for _, row in extra:
             rows = True
             if isinstance(row, RawRecord):  # its own fields, as they are, then ours
-                text.flush()
                 with open(row.source, "rb") as fh:
                     fh.seek(row.offset)
                     copy_rest(fh, out, row.size)
@@ -92,6 +98,29 @@ def write_merged(
     os.replace(tmp, path)
     fsync_dir(path.parent)
     return path.name
+
+
+def replace_rows(
+    fh: BinaryIO,
+    names: list[str],
+    columns: list[str],
+    writer: Writer,
+    text: io.TextIOWrapper,
+    delimiter: str,
+) -> bool:
+    """The rest of a part whose data columns are `names`, each row placed under `columns`
+    by name (its reason and line kept last); whether there was a row."""
+    places = places_of(names, columns)
+    source = io.TextIOWrapper(fh, encoding="utf-8", newline="")
+    rows = False
+    try:
+        for row in csv.reader(source, delimiter=delimiter):
+            if row:
+                write_row(writer, text, [*placed(row[:-2], places), *row[-2:]], delimiter)
+                rows = True
+    finally:
+        source.detach()  # `fh` is the caller's to close
+    return rows
 
 
 def copy_rest(source: BinaryIO, out: BinaryIO, size: int | None = None) -> int:
@@ -125,6 +154,19 @@ def copy_rest(source: BinaryIO, out: BinaryIO, size: int | None = None) -> int:
         return copied
     out.seek(0, os.SEEK_END)
     return copied
+
+
+def source_columns(source: Path, delimiter: str) -> list[str] | None:
+    """The source's header, names trimmed as its chunks carry them; None when it cannot be
+    read. Asked only of a file that was split (whose header is sound)."""
+    if not source.is_file():
+        return None
+    try:
+        with open(source, encoding="utf-8-sig", newline="") as fh:
+            columns = next(csv.reader(fh, delimiter=delimiter), None)
+    except (ValueError, csv.Error):
+        return None
+    return None if not columns else [name.strip() for name in columns]
 
 
 def part_header(part: Path, delimiter: str) -> tuple[list[str], bytes]:

@@ -54,7 +54,7 @@ _VIEW_COLUMNS = """c.id, p.file_id, c.idx, c.path, p.rows, p.bytes, p.first_line
         AS rows_with_warning,
     c.message, c.failures_path, c.warnings_path, c.submitted_at, c.finished_at,
     c.unknown_outcomes, c.files, c.sealed, p.first_row, c.rows AS job_rows,
-    c.bytes AS job_bytes, c.attributed"""
+    c.bytes AS job_bytes, c.attributed, c.unmatched_rows"""
 
 
 def fetch_file(conn: sqlite3.Connection, file_id: int) -> FileRecord:

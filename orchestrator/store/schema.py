@@ -158,8 +158,11 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE files RENAME COLUMN job_id TO ticket",
         "CREATE INDEX files_by_ticket ON files (ticket)",
     ),
+    # v7: rows of Marketo's failures and warnings files that matched no record of the
+    # chunk (a shared chunk's are in every file's share and files).
+    ("ALTER TABLE chunks ADD COLUMN unmatched_rows INTEGER NOT NULL DEFAULT 0",),
 )
-# A new migration is appended (the next is v7); a released one is never renumbered.
+# A new migration is appended (the next is v8); a released one is never renumbered.
 LATEST_VERSION = len(_MIGRATIONS)
 
 

@@ -166,9 +166,12 @@ class ChunkTransitions(Runner):
 
         return await self._run("finish_chunk", body)
 
-    async def set_shares(self, chunk_id: int, shares: dict[int, tuple[int, int, int]]) -> None:
+    async def set_shares(
+        self, chunk_id: int, shares: dict[int, tuple[int, int, int]], *, unmatched: int = 0
+    ) -> None:
         """Each file's (processed, failed, warned) rows of a final chunk, by file id, once
-        its failures and warnings are matched back; the chunk is then `attributed`."""
+        its failures and warnings are matched back, and the rows that matched no record;
+        the chunk is then `attributed`."""
 
         def body(conn: sqlite3.Connection) -> None:
             chunk = fetch_chunk(conn, chunk_id)
@@ -178,7 +181,10 @@ class ChunkTransitions(Runner):
                 " WHERE chunk_id = ? AND file_id = ?",
                 [(*counts, chunk_id, file_id) for file_id, counts in shares.items()],
             )
-            conn.execute("UPDATE chunks SET attributed = 1 WHERE id = ?", (chunk_id,))
+            conn.execute(
+                "UPDATE chunks SET attributed = 1, unmatched_rows = ? WHERE id = ?",
+                (unmatched, chunk_id),
+            )
 
         await self._run("set_shares", body)
 
