@@ -34,7 +34,6 @@ import aiohttp
 from orchestrator import config
 from orchestrator.backoff import Backoff
 from orchestrator.clock import utc_now
-from orchestrator.errors import FatalError
 from orchestrator.marketo.auth import Identity, TokenSource
 from orchestrator.marketo.limits import DailyQuota, Limiter
 from orchestrator.marketo.retry import ClientObserver, NullObserver, RetryLoop, Transport
@@ -54,8 +53,8 @@ from orchestrator.marketo.wire import (
     PROGRAM_MEMBER_WARNINGS,
     batch_status,
     custom_object_root,
+    read_file,
     read_result,
-    stream_to_file,
 )
 from orchestrator.models import BatchStatus, ObjectType
 
@@ -331,14 +330,7 @@ class MarketoClient:
             ) as resp:
                 if resp.status == 404:
                     return False
-                if resp.status != 200 or resp.content_type == "application/json":
-                    await read_result(resp, operation, self._scrub)  # raises the error it carries
-                    raise FatalError(
-                        "invalid-response",
-                        "a JSON body where a file was expected",
-                        operation=operation,
-                    )
-                await stream_to_file(resp, dest)
+                await read_file(resp, dest, operation, self._scrub)
                 return True
 
         return await self._retry.call(operation, exchange)

@@ -11,9 +11,11 @@ of its answer; `marketo.retry` sends it, as often as is worth it.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Final, TypeVar
 from urllib.parse import quote
@@ -59,6 +61,9 @@ CONTENT_TYPES: Final = {"csv": "text/csv", "tsv": "text/tab-separated-values", "
 PROCESSED_KEYS: Final = ("numOfLeadsProcessed", "numOfObjectsProcessed")
 TOO_LARGE_MESSAGE: Final = "chunk too large: a bug in the splitter, please report"
 DOWNLOAD_BLOCK_BYTES: Final = 64 * 1024
+# A downloaded body at most this long that starts with "{" is read as a possible error
+# envelope (a few hundred bytes); a longer one is a file whatever its first character.
+ENVELOPE_MAX_BYTES: Final = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,13 +172,50 @@ def batch_status(result: Any, operation: str) -> BatchStatus:
         raise FatalError("invalid-response", "malformed counters", operation=operation) from None
 
 
-async def stream_to_file(resp: aiohttp.ClientResponse, dest: Path) -> None:
-    """Write the body to `dest.part` block by block, then rename it to `dest`."""
+async def read_file(resp: aiohttp.ClientResponse, dest: Path, operation: str, scrub: Scrub) -> None:
+    """A failures or warnings file streamed to `dest`, judged by its content: a body that
+    is a JSON envelope is the error it carries, anything else is the file, whatever the
+    Content-Type (Adobe's OpenAPI declares application/json for these CSV endpoints)."""
+    if resp.status != 200:
+        await read_result(resp, operation, scrub)  # raises the error the answer carries
+    await stream_to_file(
+        resp, dest, check=partial(refuse_envelope, operation=operation, scrub=scrub)
+    )
+
+
+def refuse_envelope(path: Path, *, operation: str, scrub: Scrub) -> None:
+    """Raise the error of a downloaded body that is a JSON envelope (starts with "{" and
+    parses as an object with `success` or `errors`); a file passes. Blocking."""
+    if path.stat().st_size > ENVELOPE_MAX_BYTES:
+        return
+    data = path.read_bytes()
+    if not data.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"{"):
+        return
+    try:
+        body = json.loads(data)
+    except ValueError:
+        return  # a file whose first column name starts with "{"
+    if not isinstance(body, dict) or not ("success" in body or "errors" in body):
+        return
+    if body.get("success") is True:
+        raise FatalError(
+            "invalid-response", "a JSON body where a file was expected", operation=operation
+        )
+    raise envelope_error(body, operation, scrub)
+
+
+async def stream_to_file(
+    resp: aiohttp.ClientResponse, dest: Path, check: Callable[[Path], None] | None = None
+) -> None:
+    """Write the body to `dest.part` block by block, then rename it to `dest`; `check`
+    (blocking) may refuse the part first by raising."""
     part = dest.with_name(dest.name + ".part")
     try:
         async with aiofiles.open(part, "wb") as fh:
             async for block in resp.content.iter_chunked(DOWNLOAD_BLOCK_BYTES):
                 await fh.write(block)
+        if check is not None:
+            await asyncio.to_thread(check, part)
         await asyncio.to_thread(os.replace, part, dest)
     except BaseException:
         await asyncio.to_thread(part.unlink, missing_ok=True)
