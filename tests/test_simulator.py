@@ -944,3 +944,58 @@ async def test_a_restart_keeps_headers_as_sent_and_warned_members(tmp_path: Path
     )
     assert car_job.outcome.failures is not None
     assert b"missing.dedupe.fields" in car_job.outcome.failures
+
+
+# -- failures and warnings files without empty values (issue 19) ------------------------------
+
+
+async def test_failure_and_warning_rows_leave_out_empty_values_with_the_knob(
+    simulator: Simulator, client: Client
+) -> None:
+    """The shape of a Marketo expert's example: a row that failed for an empty email comes
+    back without the email column. A column with a value in any row of the file stays."""
+    simulator.set_knobs(omit_empty_values=True)
+    data = (
+        b"firstName,lastName,email,phone\n"
+        b"Able,Baker,able@example.com,\n"
+        b"Benji,Nordstrom,,212-555-2323\n"
+        b"__WARN__,Cole,cole@example.com,\n"
+        b"__WARN__,,dee@example.com,\n"
+    )
+    batch_id = await client.batch(LEADS_PATH, data, format="csv")
+    base = f"{client.base}/bulk/v1/leads/batch/{batch_id}"
+    status = await client.wait_final(f"/bulk/v1/leads/batch/{batch_id}.json")
+    assert (status["numOfRowsFailed"], status["numOfRowsWithWarning"]) == (1, 2)
+
+    files = {}
+    for kind in ("failures", "warnings"):
+        async with client.session.get(f"{base}/{kind}.json", headers=client.headers()) as resp:
+            files[kind] = list(csv.reader(io.StringIO(await resp.text())))
+
+    (header, row) = files["failures"]
+    assert header == ["firstName", "lastName", "phone", "Import Failure Reason"]
+    assert row[:3] == ["Benji", "Nordstrom", "212-555-2323"]
+    assert "email" in row[3]
+    header, *warned = files["warnings"]
+    assert header == ["firstName", "lastName", "email", "Import Warning Reason"]
+    assert [w[:3] for w in warned] == [
+        ["__WARN__", "Cole", "cole@example.com"],
+        ["__WARN__", "", "dee@example.com"],
+    ]
+
+
+async def test_failures_are_served_with_the_content_type_knob(
+    simulator: Simulator, client: Client
+) -> None:
+    """Adobe's OpenAPI declares application/json for the failures and warnings endpoints;
+    the body is the same CSV file."""
+    simulator.set_knobs(files_content_type="application/json")
+    batch_id = await client.batch(LEADS_PATH, b"email\nnot-an-email\n", format="csv")
+    await client.wait_final(f"/bulk/v1/leads/batch/{batch_id}.json")
+    url = f"{client.base}/bulk/v1/leads/batch/{batch_id}/failures.json"
+    async with client.session.get(url, headers=client.headers()) as response:
+        assert response.content_type == "application/json"
+        text = await response.text()
+    assert text.startswith("email,Import Failure Reason\nnot-an-email,")
+    assert SimulatorConfig().files_content_type == "text/csv"
+    assert SimulatorConfig().omit_empty_values is False

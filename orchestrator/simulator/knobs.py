@@ -46,6 +46,14 @@ class SimulatorConfig:
     slow uplink would deliver them. `keep_records` False checks every row as usual
     (failures and warnings files alike) but forgets the records once their job is
     done, so a benchmark can send gigabytes without the simulator holding them.
+
+    Failures and warnings files: `omit_empty_values` leaves empty values, and their
+    columns, out of the rows (the file's header lists only the columns that have a
+    value in at least one of its rows, plus the reason). Adobe documents no per-row
+    shape; this is our reading of a Marketo expert's public write-up, where a row that
+    failed for an empty email came back without the email column. `files_content_type`
+    is the Content-Type they are served with: text/csv, or application/json as Adobe's
+    OpenAPI declares for these endpoints (the body is CSV either way).
     """
 
     client_id: str | None = None
@@ -86,6 +94,8 @@ class SimulatorConfig:
     dedupe_field: str = ""
     read_bytes_per_second: float = 0.0
     keep_records: bool = True
+    omit_empty_values: bool = False
+    files_content_type: str = "text/csv"
 
     def __post_init__(self) -> None:
         for f in fields(self):

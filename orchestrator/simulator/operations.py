@@ -12,6 +12,13 @@ Choices where Marketo's documentation is silent:
   object, or another integration): 1003 "Batch id N not found".
 - failures/warnings of a finished job that has none: HTTP 404 with a text body;
   of a job not finished yet: a 1003 envelope.
+- failures/warnings rows: every column as sent, by default; with the knob
+  `omit_empty_values`, empty values and their columns are left out (the header lists
+  only columns with a value in some row). Adobe documents no per-row shape: the
+  knob is our reading of a Marketo expert's public write-up, where a row that failed
+  for an empty email came back as `firstName,lastName,phone,Import Failure Reason`.
+  They are served as text/csv, or with the knob `files_content_type` as
+  application/json, the type Adobe's OpenAPI declares (the body stays CSV).
 """
 
 from __future__ import annotations
@@ -279,4 +286,5 @@ class BulkOperations:
         body = job.outcome.failures if kind == "failures" else job.outcome.warnings
         if body is None:
             return web.Response(status=404, text=f"No {kind} for batch id {job.batch_id}")
-        return web.Response(body=body, content_type="text/csv", charset="utf-8")
+        content_type = self._config().files_content_type
+        return web.Response(body=body, content_type=content_type, charset="utf-8")

@@ -140,9 +140,15 @@ class Job:
 
 
 def run_job(
-    job: Job, store: RecordStore, warn_marker: str, dedupe_field: str = ""
+    job: Job,
+    store: RecordStore,
+    warn_marker: str,
+    dedupe_field: str = "",
+    *,
+    omit_empty_values: bool = False,
 ) -> tuple[str, Outcome]:
-    """Import a finished job's rows; returns its final status and outcome."""
+    """Import a finished job's rows; returns its final status and outcome (failures and
+    warnings files without their empty values and columns with `omit_empty_values`)."""
     parsed, spec = job.parsed, job.spec
     if spec is None or parsed is None:
         return constants.STATUS_COMPLETE, Outcome()
@@ -187,17 +193,31 @@ def run_job(
         failed=failed,
         warned=len(warnings),
         message=message,
-        failures=write_rows(header, constants.FAILURE_REASON_COLUMN, failures, delimiter),
-        warnings=write_rows(header, constants.WARNING_REASON_COLUMN, warnings, delimiter),
+        failures=write_rows(
+            header, constants.FAILURE_REASON_COLUMN, failures, delimiter, omit_empty_values
+        ),
+        warnings=write_rows(
+            header, constants.WARNING_REASON_COLUMN, warnings, delimiter, omit_empty_values
+        ),
     )
 
 
 def write_rows(
-    header: list[str], reason: str, rows: list[list[str]], delimiter: str
+    header: list[str],
+    reason: str,
+    rows: list[list[str]],
+    delimiter: str,
+    omit_empty: bool = False,
 ) -> bytes | None:
-    """A failures or warnings file: header plus reason column, then the rows; None if none."""
+    """A failures or warnings file: header plus reason column, then the rows; None if none.
+    `omit_empty`: only the columns with a value in at least one row (see the knob)."""
     if not rows:
         return None
+    if omit_empty:
+        width = len(header)
+        kept = [i for i in range(width) if any(row[i] for row in rows if i < len(row) - 1)]
+        header = [header[i] for i in kept]
+        rows = [[*(row[i] for i in kept), row[-1]] for row in rows]
     out = io.StringIO()
     writer = csv.writer(out, delimiter=delimiter, lineterminator="\n")
     writer.writerow([*header, reason])
@@ -309,7 +329,11 @@ class JobQueue:
         # Not keeping records: the job's rows are checked against a store of their own.
         store = self.store if self.config.keep_records else RecordStore()
         job.status, job.outcome = run_job(
-            job, store, self.config.warn_marker, self.config.dedupe_field
+            job,
+            store,
+            self.config.warn_marker,
+            self.config.dedupe_field,
+            omit_empty_values=self.config.omit_empty_values,
         )
         job.finished_at = job.due_at
         job.parsed = None  # the rows are stored; keep memory flat on long runs
