@@ -100,13 +100,13 @@ class Files:
         )
 
     async def chunk(
-        self, file: FileRecord, index: int, lines: list[str], first_line: int
+        self, file: FileRecord, index: int, lines: list[str], first_line: int, header: str = HEADER
     ) -> ChunkRecord:
         """A chunk file of the source's header and `lines` (whole records)."""
         directory = self.settings.layout.chunk_dir(file.id)
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / f"chunk-{index:05d}.csv"
-        data = HEADER + "".join(lines)
+        data = header + "".join(lines)
         path.write_text(data, encoding="utf-8", newline="")
         return await self.store.add_chunk(
             file.id,
@@ -124,8 +124,10 @@ class Files:
         *,
         failures: Sequence[tuple[list[str], str]] = (),
         warnings: Sequence[tuple[list[str], str]] = (),
+        columns: Sequence[str] = ("email", "firstName"),
     ) -> ChunkRecord:
-        """Marketo took the chunk and said Complete, with these failed and warned rows."""
+        """Marketo took the chunk and said Complete, with these failed and warned rows (under
+        `columns`, Marketo's header before its reason column)."""
         await self.submit(chunk, batch_id)
         paths: dict[str, str | None] = {"failures": None, "warnings": None}
         for kind, rows, column in (
@@ -134,7 +136,7 @@ class Files:
         ):
             if rows:
                 path = Path(chunk.path).with_suffix(f".{kind}")
-                write_csv(path, [["email", "firstName", column], *[[*f, r] for f, r in rows]])
+                write_csv(path, [[*columns, column], *[[*f, r] for f, r in rows]])
                 paths[kind] = str(path)
         await self.store.set_chunk_files(
             chunk.id, failures_path=paths["failures"], warnings_path=paths["warnings"]
@@ -196,6 +198,11 @@ def read_csv(path: Path) -> list[list[str]]:
 
 def exists(path: str) -> bool:
     return Path(path).exists()
+
+
+def temp_files(root: Path) -> list[Path]:
+    """Temp files (ours start with "." and end in .tmp) anywhere under `root`."""
+    return list(root.rglob(".*.tmp"))
 
 
 def by_line(rows: list[list[str]]) -> list[list[str]]:
@@ -857,7 +864,7 @@ async def test_a_row_matching_no_record_is_kept_and_looking_for_it_stays_linear(
             [*records[i], "Invalid", str(i - first + 2)] for i in range(first, first + 1000, 5)
         ]
         assert rows[200:] == [[f"ghost{i}", "G", "Invalid", ""] for i in range(0, 2000, 5)]
-    assert not list(tmp_path.glob("*/.*.tmp")), "no spill or temp file is left"
+    assert temp_files(tmp_path) == [], "no spill or temp file is left"
 
 
 async def finishing_peak(tmp_path: Path, rows: int) -> int:
@@ -1034,3 +1041,248 @@ def test_a_piece_that_comes_back_keeps_its_rows(tmp_path: Path) -> None:
         ["a2", "r", ""],
     ]
     assert len(read_csv(b.out_dir / part_name(4, "failures"))) == 2
+
+
+# -- rows Marketo sent without their empty columns (issue 19) -----------------------------------
+
+WIDE = "email,firstName,lastName,phone\n"
+# The pack of two from issue 19: A's three rows import, B's second row fails for its empty
+# email, and Marketo's failures file leaves the empty column out. A holds a Benji too, with
+# an email: a column Marketo left out matches an empty source value only.
+ISSUE_PACK = {
+    "a.csv": [
+        WIDE,
+        "a1@x.com,Ann,Lee,212-555-0001\n",
+        "benji@x.com,Benji,Nordstrom,212-555-2323\n",
+        "a3@x.com,Abe,Cole,\n",
+    ],
+    "b.csv": [WIDE, "b1@x.com,Bea,Moss,212-555-1111\n", ",Benji,Nordstrom,212-555-2323\n"],
+}
+EMPTY_EMAIL = "Value for lookup field 'email' not found"
+WIDE_FAILURE_HEADER = [
+    "email",
+    "firstName",
+    "lastName",
+    "phone",
+    constants.FAILURE_REASON_COLUMN,
+    constants.SOURCE_LINE_COLUMN,
+]
+
+
+async def pack_of(files: Files, sources: dict[str, list[str]]) -> Pack:
+    """`sources` (header line first) claimed and packed into one sealed chunk, in order."""
+    store, claimed = files.store, {}
+    for name, lines in sources.items():
+        claimed[name] = await files.claim(name, "".join(lines))
+    first, *later = sources
+    owner = claimed[first]
+    directory = files.settings.layout.chunk_dir(owner.id)
+    directory.mkdir(parents=True)
+    path = directory / "chunk-00001.csv"
+    text = "".join(sources[first])
+    path.write_text(text, encoding="utf-8", newline="")
+    rows = len(sources[first]) - 1
+    chunk = await store.open_pack(
+        owner.id, path=str(path), rows=rows, bytes=len(text.encode()), first_line=2, file_rows=rows
+    )
+    for name in later:
+        records = "".join(sources[name][1:])
+        with path.open("a", encoding="utf-8", newline="") as fh:
+            fh.write(records)
+        text += records
+        await store.join_pack(
+            chunk.id,
+            claimed[name].id,
+            rows=len(sources[name]) - 1,
+            bytes=len(records.encode()),
+            first_line=2,
+            file_rows=len(sources[name]) - 1,
+        )
+    await store.seal_pack(chunk.id)
+    (chunk,) = await store.chunks(file_id=owner.id)
+    return Pack(chunk, claimed, text)
+
+
+async def test_a_row_marketo_sent_without_its_empty_column_goes_to_the_file_that_sent_it(
+    settings: Settings, store: Store, files: Files
+) -> None:
+    """Issue 19's pack of two: B's row that failed for an empty email came back as
+    `firstName,lastName,phone,Import Failure Reason`. Matched by column name it is B's,
+    on B's line 3; A, whose Benji has an email, is told of no failed row."""
+    pack = await pack_of(files, ISSUE_PACK)
+    await files.complete(
+        pack.chunk,
+        3001,
+        failures=[(["Benji", "Nordstrom", "212-555-2323"], EMPTY_EMAIL)],
+        columns=("firstName", "lastName", "phone"),
+    )
+
+    documents = await finish_all(settings, store, pack, order=("b.csv", "a.csv"))
+
+    counts = {n: (d["rows_processed"], d["rows_failed"]) for n, d in documents.items()}
+    assert counts == {"a.csv": (3, 0), "b.csv": (1, 1)}
+    assert documents["a.csv"]["failures_file"] is None
+    assert read_csv(settings.layout.done("leads") / "b.csv.failures.csv") == [
+        WIDE_FAILURE_HEADER,
+        ["", "Benji", "Nordstrom", "212-555-2323", EMPTY_EMAIL, "3"],
+    ]
+    assert [d["chunks"][0]["unmatched_rows"] for d in documents.values()] == [0, 0]
+
+
+async def test_chunks_whose_failures_files_have_different_headers_merge_under_the_full_header(
+    settings: Settings, store: Store, files: Files
+) -> None:
+    """Marketo left a different empty column out of each chunk's failures file: the merged
+    file has the source's header in full, every value under its own column, and the
+    record the splitter set aside fits the same header."""
+    lines = [
+        WIDE,  # 1
+        "a@x.com,Ann,Lee,\n",  # 2: fails, no phone
+        "b@x.com,Bob,Ray,212-555-0002\n",  # 3
+        f"c@x.com,{BIG},Cole,212-555-0003\n",  # 4: set aside
+        ",Cy,Cole,212-555-0005\n",  # 5: fails, no email
+        "d@x.com,Dee,Moss,212-555-0006\n",  # 6: warned, no value left out
+    ]
+    file = await files.claim("wide.csv", "".join(lines))
+    first = await files.chunk(file, 1, lines[1:3], first_line=2, header=WIDE)
+    second = await files.chunk(file, 2, lines[4:6], first_line=5, header=WIDE)
+    offset, size = len("".join(lines[:3]).encode()), len(lines[3].encode())
+    await store.add_reject(file.id, line=4, offset=offset, size=size, reason=REJECT_REASON)
+    await store.finish_split(file.id, rows=5, chunks_total=2)
+    await files.complete(
+        first,
+        1001,
+        failures=[(["a@x.com", "Ann", "Lee"], "1003 Invalid phone")],
+        columns=("email", "firstName", "lastName"),
+    )
+    await files.complete(
+        second,
+        1002,
+        failures=[(["Cy", "Cole", "212-555-0005"], EMPTY_EMAIL)],
+        warnings=[(["Dee", "Moss", "212-555-0006"], "Field truncated")],
+        columns=("firstName", "lastName", "phone"),
+    )
+    # The warnings file of that chunk has every column, in another order even.
+    (_, second_done) = await store.chunks(file_id=file.id)
+    assert second_done.warnings_path is not None
+    write_csv(
+        Path(second_done.warnings_path),
+        [
+            ["phone", "firstName", "lastName", "email", constants.WARNING_REASON_COLUMN],
+            ["212-555-0006", "Dee", "Moss", "d@x.com", "Field truncated"],
+        ],
+    )
+
+    _, document = await finish_file(settings, store, await store.get_file(file.id))
+
+    done = settings.layout.done("leads")
+    assert (document["rows_failed"], document["rows_with_warning"]) == (3, 1)
+    assert read_csv(done / "wide.csv.failures.csv") == [
+        WIDE_FAILURE_HEADER,
+        ["a@x.com", "Ann", "Lee", "", "1003 Invalid phone", "2"],
+        ["", "Cy", "Cole", "212-555-0005", EMPTY_EMAIL, "5"],
+        ["c@x.com", BIG, "Cole", "212-555-0003", REJECT_REASON, "4"],
+    ]
+    assert read_csv(done / "wide.csv.warnings.csv") == [
+        [*WIDE_FAILURE_HEADER[:4], constants.WARNING_REASON_COLUMN, constants.SOURCE_LINE_COLUMN],
+        ["d@x.com", "Dee", "Moss", "212-555-0006", "Field truncated", "6"],
+    ]
+    assert [c["unmatched_rows"] for c in document["chunks"]] == [0, 0]
+
+
+GHOST = (["ghost@x.com", "Gus"], "1003 Invalid email address")
+
+
+async def test_a_row_of_a_shared_job_that_matches_no_record_is_in_every_members_file(
+    settings: Settings, store: Store, files: Files
+) -> None:
+    """A row Marketo changed matches no record of the pack: it cannot be given to one file
+    honestly, so every file lists it (Source Line empty) and counts it, which keeps a
+    `--max-failed-rows` limit on the safe side; each chunk entry says how many."""
+    pack = await make_pack(files)
+    await files.complete(pack.chunk, 3001, failures=[*PACK_FAILURES, GHOST], warnings=PACK_WARNINGS)
+
+    documents = await finish_all(settings, store, pack)
+
+    counts = {
+        name: (d["rows_processed"], d["rows_failed"], d["chunks"][0]["rows_failed"])
+        for name, d in documents.items()
+    }
+    assert counts == {
+        "a.csv": (2, 3, 2),  # its own failed row and the ghost; its set-aside record
+        "b.csv": (0, 3, 3),
+        "c.csv": (1, 1, 1),
+        "d.csv": (0, 1, 1),
+    }
+    reason, line = constants.FAILURE_REASON_COLUMN, constants.SOURCE_LINE_COLUMN
+    ghost = [*GHOST[0], GHOST[1], ""]
+    done = settings.layout.done("leads")
+    assert read_csv(done / "c.csv.failures.csv") == [["email", "firstName", reason, line], ghost]
+    assert read_csv(done / "d.csv.failures.csv") == [["email", "firstName", reason, line], ghost]
+    assert read_csv(done / "b.csv.failures.csv")[1:] == [
+        ["b1@x.com", "Bo\nB", "Duplicate lead", "2"],
+        ["bad-b3", "Ben", "1003 Invalid email address", "5"],
+        ghost,
+    ]
+    assert ghost in read_csv(done / "a.csv.failures.csv")
+    for document in documents.values():
+        (chunk,) = document["chunks"]
+        assert chunk["unmatched_rows"] == 1
+        assert chunk["message"] == (
+            "1 row of Marketo's failures and warnings for this shared job matched no record"
+            " of its files, so each of its 4 files lists and counts them (Source Line empty)."
+        )
+    assert temp_files(settings.layout.chunks) == [], "no spill file is left"
+
+
+async def test_a_row_that_matches_no_record_of_a_chunk_of_one_file_stays_that_files(
+    settings: Settings, store: Store, files: Files
+) -> None:
+    file = await files.claim("own.csv", HEADER + "a@x.com,Ann\nb@x.com,Bob\n")
+    chunk = await files.chunk(file, 1, ["a@x.com,Ann\n", "b@x.com,Bob\n"], first_line=2)
+    await store.finish_split(file.id, rows=2, chunks_total=1)
+    await files.complete(chunk, 1001, failures=[(["b@x.com", "Bob"], "Invalid"), GHOST])
+
+    _, document = await finish_file(settings, store, await store.get_file(file.id))
+
+    assert document["rows_failed"] == 2  # Marketo's counter, as for any chunk of its own
+    (entry,) = document["chunks"]
+    assert entry["unmatched_rows"] == 1
+    assert entry["message"].endswith(
+        "1 row of Marketo's failures and warnings matched no record of this chunk"
+        " (Source Line empty)."
+    )
+    assert read_csv(settings.layout.done("leads") / "own.csv.failures.csv")[1:] == [
+        ["b@x.com", "Bob", "Invalid", "3"],
+        [*GHOST[0], GHOST[1], ""],
+    ]
+
+
+def test_a_part_in_another_layout_is_merged_by_column_name(tmp_path: Path) -> None:
+    """A part written in Marketo's layout (by a release before this one, say) is placed
+    under the source's columns by name; a part in the source's layout is copied."""
+    line = constants.SOURCE_LINE_COLUMN
+    ours, theirs = tmp_path / "part-1.failures.csv", tmp_path / "part-2.failures.csv"
+    write_csv(ours, [[*WIDE_FAILURE_HEADER[:5], line], ["a@x.com", "Ann", "Lee", "", "r1", "2"]])
+    write_csv(
+        theirs,
+        [
+            ["lastName", " firstName", constants.FAILURE_REASON_COLUMN, line],
+            ["Cole", "Cy", "r2", "5"],
+        ],
+    )
+
+    name = merge.write_merged(
+        tmp_path / "out.csv",
+        [ours, theirs],
+        iter(()),
+        ",",
+        ["email", "firstName", "lastName", "phone"],
+    )
+
+    assert name == "out.csv"
+    assert read_csv(tmp_path / "out.csv") == [
+        WIDE_FAILURE_HEADER,
+        ["a@x.com", "Ann", "Lee", "", "r1", "2"],
+        ["", "Cy", "Cole", "", "r2", "5"],
+    ]
