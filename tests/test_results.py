@@ -1286,3 +1286,45 @@ def test_a_part_in_another_layout_is_merged_by_column_name(tmp_path: Path) -> No
         ["a@x.com", "Ann", "Lee", "", "r1", "2"],
         ["", "Cy", "Cole", "", "r2", "5"],
     ]
+
+
+async def test_matching_again_after_a_crash_while_spreading_unmatched_rows_gives_the_same_results(
+    settings: Settings,
+    store: Store,
+    files: Files,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Killed after the unmatched row went to some members' parts but not all: the next
+    attribution writes every part anew (no member gets the row twice)."""
+    clean = make_settings(tmp_path / "clean")
+    async with await Store.open(tmp_path / "clean" / "state.db") as clean_store:
+        clean_files = Files(clean, clean_store)
+        clean_pack = await make_pack(clean_files)
+        await clean_files.complete(clean_pack.chunk, 3001, failures=[*PACK_FAILURES, GHOST])
+        await finish_all(clean, clean_store, clean_pack)
+
+    pack = await make_pack(files)
+    await files.complete(pack.chunk, 3001, failures=[*PACK_FAILURES, GHOST])
+    synced = 0
+    really_fsync_dir = attribution.fsync_dir
+
+    def crash_at_the_fifth_part(path: Path) -> None:
+        nonlocal synced
+        synced += 1  # a's and b's own parts, then the ghost in a's, b's and c's
+        really_fsync_dir(path)
+        if synced == 5:
+            raise Crash("before d's part had the unmatched row")
+
+    monkeypatch.setattr(attribution, "fsync_dir", crash_at_the_fifth_part)
+    with pytest.raises(Crash):
+        await attribute_chunk(settings, store, pack.chunk.id)
+    monkeypatch.undo()
+    c, d = pack.files["c.csv"].id, pack.files["d.csv"].id
+    assert settings.layout.part_file(c, pack.chunk.id, "failures").exists()
+    assert not settings.layout.part_file(d, pack.chunk.id, "failures").exists()
+
+    await finish_all(settings, store, pack)
+
+    assert outputs(settings) == outputs(clean)
+    assert temp_files(settings.layout.chunks) == []

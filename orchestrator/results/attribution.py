@@ -150,10 +150,9 @@ def write_parts(
 ) -> None:
     """Every match into its piece's part file, and the rows no record matched into every
     piece's; a walk that fails leaves no temp file."""
-    parts = Parts(chunk_id, kind, delimiter)
+    # Rows of no piece wait in the owner's directory (the chunk's) until every piece's done.
+    parts = Parts(chunk_id, kind, delimiter, pieces[0].out_dir if len(pieces) > 1 else None)
     try:
-        if len(pieces) > 1:
-            parts.start_spill(pieces[0].out_dir)
         with closing(matches):
             for match in matches:
                 parts.write(match.piece, match.header, match.row)
@@ -188,10 +187,13 @@ class Parts:
     or the walk ends. Rows of no piece (a shared chunk's unmatched rows) go to a spill
     file meanwhile, and `spread` adds them to every piece's part at the end."""
 
-    def __init__(self, chunk_id: int, kind: str, delimiter: str) -> None:
+    def __init__(
+        self, chunk_id: int, kind: str, delimiter: str, spill_dir: Path | None = None
+    ) -> None:
         self.chunk_id = chunk_id
         self.kind = kind
         self.delimiter = delimiter
+        self.spill_dir = spill_dir  # where rows of no piece wait; None: there are none
         self._piece: Piece | None = None
         self._fh: IO[str] | None = None
         self._tmp: Path | None = None
@@ -240,20 +242,19 @@ class Parts:
         self._done.add(self._piece.file_id)
 
     def _unmatched(self, row: list[str]) -> None:
-        """A row no record matched, kept for every piece (in the first piece's directory,
-        the chunk owner's, until `spread`)."""
+        """A row no record matched, kept in the spill file for every piece."""
         if self._spill_csv is None:
-            raise AssertionError("a row of no piece before any piece started")
+            if self.spill_dir is None:
+                raise AssertionError("a row of no piece in a chunk of one file")
+            self.spill_dir.mkdir(parents=True, exist_ok=True)
+            self._spill = self.spill_dir / f".unmatched-{self.chunk_id}.{self.kind}.tmp"
+            # Open until spread() or abort().
+            self._spill_fh = open(self._spill, "w", encoding="utf-8", newline="")  # noqa: SIM115
+            self._spill_csv = csv.writer(
+                self._spill_fh, delimiter=self.delimiter, lineterminator="\n"
+            )
         assert self._spill_fh is not None
         write_row(self._spill_csv, self._spill_fh, row, self.delimiter)
-
-    def start_spill(self, directory: Path) -> None:
-        """Where rows of no piece go until `spread`: opened before the walk."""
-        directory.mkdir(parents=True, exist_ok=True)
-        self._spill = directory / f".unmatched-{self.chunk_id}.{self.kind}.tmp"
-        # Open until spread() or abort().
-        self._spill_fh = open(self._spill, "w", encoding="utf-8", newline="")  # noqa: SIM115
-        self._spill_csv = csv.writer(self._spill_fh, delimiter=self.delimiter, lineterminator="\n")
 
     def spread(self, pieces: list[Piece]) -> None:
         """The rows no record matched, after each piece's own rows in its part (one made
@@ -263,8 +264,6 @@ class Parts:
             return
         self._spill_fh.close()
         self._spill_fh = None
-        if self._spill.stat().st_size == 0:
-            return
         buffer = io.StringIO(newline="")
         csv.writer(buffer, delimiter=self.delimiter, lineterminator="\n").writerow(
             [*self._header, constants.SOURCE_LINE_COLUMN]
