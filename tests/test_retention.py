@@ -163,6 +163,7 @@ async def test_a_v1_database_with_history_is_migrated_with_its_counts(tmp_path: 
     conn.execute("DROP TABLE pieces")
     for column in ("files", "sealed", "attributed"):
         conn.execute(f"ALTER TABLE chunks DROP COLUMN {column}")
+    conn.execute("ALTER TABLE chunks DROP COLUMN unmatched_rows")  # v7
     conn.execute("PRAGMA user_version = 1")
     conn.commit()
     conn.close()
@@ -176,6 +177,7 @@ async def test_a_v1_database_with_history_is_migrated_with_its_counts(tmp_path: 
         assert chunks
         assert all(c.unknown_outcomes == 0 for c in chunks)  # v4
         assert all(c.files == 1 and c.sealed and c.job_rows == c.rows for c in chunks)  # v5
+        assert all(c.unmatched_rows == 0 for c in chunks)  # v7
     conn = sqlite3.connect(db)
     try:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == LATEST_VERSION
