@@ -1,9 +1,10 @@
 """The simulator's gate: what a bulk call must get past before its operation runs.
 
 Access tokens (`Tokens`: one live token per client id, checked as a bearer
-token), Marketo's call limits (`Limits`: 615 calls in flight, 606 calls in the
-sliding window, 607 the quota), random fault injection (`Faults`, one seeded
-RNG) and the call log (`CallLog`, with the counters `Simulator.stats` reports).
+token), the API role's permissions (`check_permission`: 603), Marketo's call
+limits (`Limits`: 615 calls in flight, 606 calls in the sliding window, 607 the
+quota), random fault injection (`Faults`, one seeded RNG) and the call log
+(`CallLog`, with the counters `Simulator.stats` reports).
 This module holds their state and rules; the order of the checks is the
 simulator's request plumbing (`Simulator._checked`). Tokens and secrets never
 enter the call log, only the names of the fields that carried them.
@@ -27,10 +28,12 @@ from orchestrator.simulator.queue import Refusal
 MESSAGES = {
     "601": "Access token invalid",
     "602": "Access token expired",
+    "603": "Access denied",
     "606": "Max rate limit '{limit}' exceeded with in '{window}' secs",
     "607": "Daily quota reached",
     "608": "API Temporarily Unavailable",
     "611": "System error",
+    "610": "Requested resource not found",
     "615": "Concurrent access limit reached",
     "500": "Internal server error",
     "502": "Bad gateway",
@@ -52,6 +55,7 @@ class CallInfo:
     code: str | None = None  # Marketo error code of the answer
     batch_id: int | None = None
     form_keys: list[str] = field(default_factory=list)
+    digest: str = ""  # a create's file part (sha256, hex): tells copies of one chunk apart
     dropped: bool = False
     duration: float = 0.0
 
@@ -73,6 +77,21 @@ def credentials_ok(config: SimulatorConfig, client_id: str, secret: str) -> bool
     id_ok = config.client_id is None or secrets.compare_digest(client_id, config.client_id)
     secret_ok = config.client_secret is None or secrets.compare_digest(secret, config.client_secret)
     return id_ok and secret_ok
+
+
+def permitted(config: SimulatorConfig, operation: str, *, write: bool = True) -> bool:
+    """Whether the API role may make this call: custom object operations need the
+    Custom Object grant, the others (leads, program members) the Lead grant; a call
+    that changes or imports needs Read-Write, a read-only one (describe) either."""
+    family = "customobjects" if "CustomObject" in operation else "leads"
+    grants = config.grants
+    return family in grants or (not write and f"{family}:read" in grants)
+
+
+def check_permission(config: SimulatorConfig, operation: str, *, write: bool = True) -> None:
+    """Refusal 603 when the API role may not make this call (see `permitted`)."""
+    if not permitted(config, operation, write=write):
+        raise Refusal("603", MESSAGES["603"])
 
 
 def message(code: str, config: SimulatorConfig) -> str:

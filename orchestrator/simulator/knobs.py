@@ -12,6 +12,9 @@ from orchestrator import constants
 FAULT_CODES = ("601", "602", "606", "608", "611", "615")
 # Codes 500 and 502 inside an HTTP 200 envelope (`fault_envelope_<code>`); not HTTP statuses.
 ENVELOPE_FAULT_CODES = ("500", "502")
+# The API role's Read-Write grants (`permissions`), and every grant it may name.
+PERMISSIONS = ("leads", "customobjects")
+GRANTS = (*PERMISSIONS, "leads:read", "customobjects:read")
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +57,23 @@ class SimulatorConfig:
     failed for an empty email came back without the email column. `files_content_type`
     is the Content-Type they are served with: text/csv, or application/json as Adobe's
     OpenAPI declares for these endpoints (the body is CSV either way).
+
+    Creates and status calls as Marketo's documentation allows them to go:
+    `fault_502_after_create` (a fraction of creates) makes the job, then answers an
+    envelope with code 502 ("Bad gateway", which Adobe calls "likely a timeout"), so
+    the client cannot know the job exists. `create_failed_fraction` answers a
+    fraction of creates `"status": "Failed"` with a message, and makes no job (the
+    batch id is spent; its status says Failed). `forget_batches_after` (seconds, 0
+    never) forgets a batch id that long after its create, as Marketo does after
+    seven days: its status, failures and warnings answer 610 "Requested resource not
+    found" (Adobe documents no code for an unknown or expired batch id; 610 is its
+    code for a resource that does not exist). `permissions` is the API role's grants,
+    comma-separated: `leads` (Read-Write Lead) and `customobjects` (Read-Write Custom
+    Object), or `leads:read` and `customobjects:read` (Read-Only). Every Bulk Import
+    call (create, status, failures, warnings) needs the Read-Write grant of its object
+    (program members: Read-Write Lead), as Adobe's OpenAPI says; a call without it is
+    answered 603 "Access denied". Read-only calls (describe) take either grant. ""
+    grants nothing, as an IP allow-list that refuses the caller would.
     """
 
     client_id: str | None = None
@@ -96,6 +116,10 @@ class SimulatorConfig:
     keep_records: bool = True
     omit_empty_values: bool = False
     files_content_type: str = "text/csv"
+    fault_502_after_create: float = 0.0
+    create_failed_fraction: float = 0.0
+    forget_batches_after: float = 0.0
+    permissions: str = ",".join(PERMISSIONS)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -109,6 +133,17 @@ class SimulatorConfig:
             raise ValueError("knob 'rows_per_second' must be positive")
         if self.quota_reset_utc and time_of_day(self.quota_reset_utc) is None:
             raise ValueError("knob 'quota_reset_utc' must be HH:MM (UTC) or empty")
+        unknown = set(self.grants) - set(GRANTS)
+        if unknown:
+            raise ValueError(
+                f"knob 'permissions' grants {', '.join(sorted(unknown))}: "
+                f"not among {', '.join(GRANTS)}"
+            )
+
+    @property
+    def grants(self) -> frozenset[str]:
+        """The API role's grants, as `permissions` names them."""
+        return frozenset(g.strip() for g in self.permissions.split(",") if g.strip())
 
     @property
     def quota_reset(self) -> dt.timedelta | None:

@@ -19,6 +19,11 @@ Choices where Marketo's documentation is silent:
   for an empty email came back as `firstName,lastName,phone,Import Failure Reason`.
   They are served as text/csv, or with the knob `files_content_type` as
   application/json, the type Adobe's OpenAPI declares (the body stays CSV).
+- A batch id forgotten (`forget_batches_after`, Marketo's seven days): 610
+  "Requested resource not found" for its status, failures and warnings.
+- A create answered `Failed` (`create_failed_fraction`) carries a message for
+  leads and custom objects (their create responses have one in Adobe's OpenAPI),
+  none for program members (theirs has none).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from aiohttp import BodyPartReader, web
 
 from orchestrator import constants, delimited
 from orchestrator.models import ObjectType
-from orchestrator.simulator.gate import CallInfo
+from orchestrator.simulator.gate import MESSAGES, CallInfo
 from orchestrator.simulator.knobs import SimulatorConfig
 from orchestrator.simulator.queue import Job, JobQueue, Refusal, parse_upload
 from orchestrator.simulator.records import JobSpec
@@ -55,7 +60,12 @@ class Call:
     info: CallInfo
     client_id: str
     upload: Upload | None
+    fail_create: bool = False  # a create to answer `Failed`, making no job
 
+
+# The message of a create answered Failed (`create_failed_fraction`): Marketo's own
+# wording is not documented.
+CREATE_FAILED = "Import failed: the import job could not be created"
 
 Operation = Callable[[Call], Awaitable[web.StreamResponse]]
 # method, path, operationId (swagger-mapi.json), handler
@@ -129,6 +139,22 @@ def status_result(job: Job) -> dict[str, Any]:
         result["importTime"] = f"{round(took)} second(s)"
     if final:
         result["message"] = out.message
+    return result
+
+
+def created(job: Job) -> dict[str, Any]:
+    """A create's answer for `job`: Queued (Marketo says so even when it starts at once),
+    or Failed with its message."""
+    assert job.spec is not None
+    failed = job.status == constants.STATUS_FAILED
+    status = constants.STATUS_FAILED if failed else constants.STATUS_QUEUED
+    result: dict[str, Any] = {"batchId": job.batch_id}
+    if job.spec.object_type is ObjectType.CUSTOM_OBJECT:
+        result |= {"operation": "import", "objectApiName": job.spec.api_name, "status": status}
+    else:
+        result |= {"importId": str(job.batch_id), "status": status}
+    if failed and job.spec.object_type is not ObjectType.PROGRAM_MEMBERS:
+        result["message"] = job.outcome.message
     return result
 
 
@@ -217,25 +243,13 @@ class BulkOperations:
             list_id=int(list_id) if list_id is not None else None,
             partition=query.get("partitionName", ""),
         )
-        job = await self._submit(call, spec)
-        return self.envelope(
-            [{"batchId": job.batch_id, "importId": str(job.batch_id), "status": "Queued"}]
-        )
+        return self.envelope([created(await self._submit(call, spec))])
 
     async def _create_custom(self, call: Call) -> web.StreamResponse:
         api_name = call.request.match_info["api_name"]
         fmt = parse_format(call.request.query, upper=False)
-        job = await self._submit(call, JobSpec(ObjectType.CUSTOM_OBJECT, fmt, api_name=api_name))
-        return self.envelope(
-            [
-                {
-                    "batchId": job.batch_id,
-                    "operation": "import",
-                    "objectApiName": api_name,
-                    "status": "Queued",
-                }
-            ]
-        )
+        spec = JobSpec(ObjectType.CUSTOM_OBJECT, fmt, api_name=api_name)
+        return self.envelope([created(await self._submit(call, spec))])
 
     async def _create_members(self, call: Call) -> web.StreamResponse:
         query = call.request.query
@@ -245,10 +259,7 @@ class BulkOperations:
             raise Refusal("1003", "Required parameter 'programMemberStatus' is missing")
         program_id = call.request.match_info["program_id"]
         spec = JobSpec(ObjectType.PROGRAM_MEMBERS, fmt, program_id=program_id, member_status=status)
-        job = await self._submit(call, spec)
-        return self.envelope(
-            [{"batchId": job.batch_id, "importId": str(job.batch_id), "status": "Queued"}]
-        )
+        return self.envelope([created(await self._submit(call, spec))])
 
     async def _submit(self, call: Call, spec: JobSpec) -> Job:
         if call.upload is None or call.upload.data is None:
@@ -256,7 +267,10 @@ class BulkOperations:
         self._queue.check_room(spec)  # refuse before parsing a large file for nothing
         delimiter = delimited.DELIMITERS[spec.fmt.lower()]
         parsed = await asyncio.to_thread(parse_upload, call.upload.data, delimiter)
-        job = self._queue.submit(spec, parsed, call.client_id, self._clock())
+        if call.fail_create:
+            job = self._queue.failed_create(spec, call.client_id, self._clock(), CREATE_FAILED)
+        else:
+            job = self._queue.submit(spec, parsed, call.client_id, self._clock())
         call.info.batch_id = job.batch_id
         if self._on_change is not None:
             await self._on_change()  # the batch id is kept before the client learns it
@@ -266,6 +280,9 @@ class BulkOperations:
         batch_id = int(call.request.match_info["batch_id"])
         call.info.batch_id = batch_id
         job = self._queue.jobs.get(batch_id)
+        forget = self._config().forget_batches_after
+        if job is not None and forget > 0 and self._clock() - job.queued_at >= forget:
+            raise Refusal("610", MESSAGES["610"])
         api_name = call.request.match_info.get("api_name")
         if (
             job is None

@@ -276,6 +276,17 @@ class JobQueue:
         self._fill(now)
         return job
 
+    def failed_create(self, spec: JobSpec, owner: str, now: float, message: str) -> Job:
+        """A create answered `Failed`: its batch id is spent and says Failed, but no job
+        ever took a slot of the queue (or imported a row)."""
+        self.advance(now)
+        self.check_room(spec)
+        job = Job(self._take_id(), owner, spec, now, status=constants.STATUS_FAILED)
+        job.finished_at = now
+        job.outcome = Outcome(message=message)
+        self.jobs[job.batch_id] = job
+        return job
+
     def add_foreign(self, count: int, seconds: float, now: float) -> list[Job]:
         """Add up to `count` foreign jobs (as many as the queue has room for)."""
         self.advance(now)

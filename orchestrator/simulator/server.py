@@ -19,10 +19,11 @@ Choices where Marketo's documentation is silent (operations: see `simulator.oper
   reset or the last `quota_reset_utc`; without that knob the quota never
   resets), the slow delay, a dropped connection, injected 500/503, 413, a token
   in the query string or a form field (601, recorded as a violation), the
-  bearer token (601 missing or unknown, 602 expired), injected error codes,
-  then the operation (whose answer `drop_reply_fraction` may lose and
-  `late_reply_fraction` may hold back past the client's read timeout). Refused
-  calls are not counted in the window or the quota.
+  bearer token (601 missing or unknown, 602 expired), the API role's
+  permissions (603), injected error codes, then the operation (whose answer
+  `fault_502_after_create` may replace by a 502 envelope, `drop_reply_fraction`
+  lose and `late_reply_fraction` hold back past the client's read timeout).
+  Refused calls are not counted in the window or the quota.
 - Identity calls count toward no limit. A client_secret in the query string
   works but is recorded as violation "secret_in_url".
 
@@ -48,7 +49,13 @@ import structlog
 from aiohttp import web
 
 from orchestrator.simulator.control import Subscription
-from orchestrator.simulator.gate import MESSAGES, CallInfo, bearer, credentials_ok
+from orchestrator.simulator.gate import (
+    MESSAGES,
+    CallInfo,
+    bearer,
+    check_permission,
+    credentials_ok,
+)
 from orchestrator.simulator.knobs import SimulatorConfig
 from orchestrator.simulator.operations import BulkOperations, Call, Operation, Upload, read_upload
 from orchestrator.simulator.queue import Refusal
@@ -236,9 +243,16 @@ class Simulator(Subscription):
         if "access_token" in request.query or "access_token" in info.form_keys:
             raise Refusal("601", MESSAGES["601"])
         info.client_id = self._tokens.authenticate(request, self._clock())
+        check_permission(cfg, info.operation)
         faults.raise_injected(cfg)
         self._queue.advance(self._clock())
-        response = await handler(Call(request, info, info.client_id, upload))
+        if upload is not None and upload.data is not None:
+            info.digest = hashlib.sha256(upload.data).hexdigest()
+        fail = upload is not None and faults.chance(cfg.create_failed_fraction)
+        response = await handler(Call(request, info, info.client_id, upload, fail_create=fail))
+        made = upload is not None and not fail and info.batch_id is not None
+        if made and faults.chance(cfg.fault_502_after_create):
+            raise Refusal("502", MESSAGES["502"])  # the job exists: the client cannot know
         if faults.chance(self.config.drop_reply_fraction):
             return self._drop(request, info)
         if faults.chance(self.config.late_reply_fraction) or self._late_copy(upload, info):
