@@ -34,6 +34,9 @@ class ChunkStatus(StrEnum):
     SUBMITTED = "submitted"  # Marketo gave a batch id (Queued or Importing)
     COMPLETE = "complete"  # Marketo said Complete (failed rows are counted, not fatal)
     FAILED = "failed"  # Marketo said Failed, or a fatal error refused the chunk
+    # Marketo refused its status call for good (an expired batch id, say): the job may
+    # or may not have imported its rows, so it is neither failed nor sent again.
+    UNKNOWN = "unknown"
 
 
 class ExitCode(IntEnum):
@@ -48,7 +51,7 @@ class ExitCode(IntEnum):
 
 FINAL_FILE_STATUSES = frozenset({FileStatus.COMPLETE, FileStatus.FAILED})
 UNFINISHED_FILE_STATUSES = frozenset(set(FileStatus) - FINAL_FILE_STATUSES)
-FINAL_CHUNK_STATUSES = frozenset({ChunkStatus.COMPLETE, ChunkStatus.FAILED})
+FINAL_CHUNK_STATUSES = frozenset({ChunkStatus.COMPLETE, ChunkStatus.FAILED, ChunkStatus.UNKNOWN})
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +126,18 @@ class ChunkRecord:
     def submits(self) -> int:
         """Create calls that may have made a job: the unknown ones plus the answered one."""
         return self.unknown_outcomes + (1 if self.batch_id is not None else 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Marketo refusing the daemon's calls for a reason of configuration, as the daemon
+    last learnt it: `what` is "credentials" or the permission refused (603)."""
+
+    what: str
+    code: str  # Marketo's error code, or "http-401" and the like from the identity service
+    message: str
+    since: str  # ISO 8601 UTC: when the daemon learnt it
+    last: str  # ISO 8601 UTC: when Marketo last refused (the daemon keeps trying)
 
 
 @dataclass(frozen=True, slots=True)

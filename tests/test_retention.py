@@ -164,6 +164,7 @@ async def test_a_v1_database_with_history_is_migrated_with_its_counts(tmp_path: 
     for column in ("files", "sealed", "attributed"):
         conn.execute(f"ALTER TABLE chunks DROP COLUMN {column}")
     conn.execute("ALTER TABLE chunks DROP COLUMN unmatched_rows")  # v7
+    conn.execute("DROP TABLE refusals")  # (v9; v8's 'unknown' chunk status stays allowed)
     conn.execute("PRAGMA user_version = 1")
     conn.commit()
     conn.close()

@@ -9,13 +9,21 @@ import sqlite3
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from orchestrator.errors import StoreError
-from orchestrator.models import BatchStatus, ChunkStatus, FileRecord, FileStatus, RejectRecord
+from orchestrator.models import (
+    BatchStatus,
+    ChunkStatus,
+    FileRecord,
+    FileStatus,
+    Refusal,
+    RejectRecord,
+)
 from orchestrator.store import LATEST_VERSION, Claim, Recovery, Store
 from orchestrator.store.schema import _MIGRATIONS
 from tests.support.waiting import wait_until
@@ -108,7 +116,7 @@ async def test_open_creates_schema_with_wal_full_sync_and_foreign_keys(store: St
     assert await on_store_connection("journal_mode") == "wal"
     assert await on_store_connection("synchronous") == 2  # FULL
     assert await on_store_connection("foreign_keys") == 1
-    assert pragma(store.path, "user_version") == LATEST_VERSION == 7
+    assert pragma(store.path, "user_version") == LATEST_VERSION == 9
     assert await store.integrity_check() == "ok"
 
 
@@ -120,9 +128,58 @@ async def test_empty_v0_file_is_migrated_to_the_latest(db_path: Path) -> None:
     with sqlite3.connect(db_path) as conn:
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     conn.close()
-    assert tables == {"files", "chunks", "pieces", "rejects", "api_calls", "tallies"}
+    assert tables == {"files", "chunks", "pieces", "rejects", "api_calls", "tallies", "refusals"}
     async with await Store.open(db_path) as store:
         assert await store.get_file(file.id) == file
+
+
+async def test_v6_chunks_may_end_unknown_once_migrated_seen_by_every_connection(
+    db_path: Path,
+) -> None:
+    """Migrations 7 and 8 (issue 19): 'unknown' joins the chunk statuses the CHECK allows,
+    tallied like the others, without rebuilding the table; a connection opened before
+    the migration (a `status` reader beside the daemon) sees the new rule too."""
+    async with await Store.open(db_path) as store:
+        file = await split(store, await claim(store), 2)
+        [first, second] = await store.chunks(file_id=file.id)
+    conn = sqlite3.connect(db_path, isolation_level=None)  # back to what v6 left
+    conn.execute("DROP TABLE refusals")
+    conn.execute("DELETE FROM tallies WHERE name = 'chunks:unknown'")
+    conn.execute("PRAGMA writable_schema = ON")
+    conn.execute(
+        "UPDATE sqlite_master SET sql = replace(sql, ', ''unknown''', '') WHERE name = 'chunks'"
+    )
+    conn.execute("PRAGMA writable_schema = RESET")
+    conn.execute("PRAGMA user_version = 6")
+    conn.close()
+    older = sqlite3.connect(db_path, isolation_level=None)
+    with pytest.raises(sqlite3.IntegrityError, match="CHECK"):  # v6 knows no 'unknown'
+        older.execute("UPDATE chunks SET status = 'unknown' WHERE id = ?", (second.id,))
+    try:
+        async with await Store.open(db_path) as store:
+            unknown = await store.finish_chunk(
+                first.id, status=ChunkStatus.UNKNOWN, message="610", finished_at=T0
+            )
+            assert unknown.status is ChunkStatus.UNKNOWN
+            assert (await store.tallies())["chunks:unknown"] == 1
+            assert await store.refusals() == []
+            assert await store.integrity_check() == "ok"
+        older.execute("UPDATE chunks SET status = 'unknown' WHERE id = ?", (second.id,))
+        with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
+            older.execute("UPDATE chunks SET status = 'lost' WHERE id = ?", (second.id,))
+    finally:
+        older.close()
+    assert pragma(db_path, "user_version") == LATEST_VERSION
+
+
+async def test_refusals_are_replaced_as_a_whole(store: Store) -> None:
+    learnt = Refusal("Read-Write Lead", "603", "Access denied", T0, T0)
+    await store.set_refusals([learnt, replace(learnt, what="credentials", code="http-401")])
+    assert [r.what for r in await store.refusals()] == ["Read-Write Lead", "credentials"]
+    await store.set_refusals([learnt])
+    assert await store.refusals() == [learnt]
+    await store.set_refusals([])
+    assert await store.refusals() == []
 
 
 async def test_v1_files_get_an_id_from_their_claim_second_when_migrated(db_path: Path) -> None:

@@ -1,9 +1,10 @@
 """The state store: SQLite in WAL mode, the truth that directories mirror.
 
 `store` holds the `Store` and how it opens; the `Store` is made of `reads` (the
-queries), `transitions` (a file's way from claim to result) and `submissions` (a
-chunk's way through Marketo), all run by `connection` (the connection, its thread,
-the one transaction wrapper, SQLite's errors as ours). `schema` holds the tables
+queries), `transitions` (a file's way from claim to result), `submissions` (a
+chunk's way through Marketo) and `refusals` (what Marketo refuses the daemon),
+all run by `connection` (the connection, its thread, the one transaction
+wrapper, SQLite's errors as ours). `schema` holds the tables
 and their migrations; `rows` turns rows into records and keeps the transition rules.
 """
 

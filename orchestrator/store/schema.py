@@ -161,8 +161,36 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # v7: rows of Marketo's failures and warnings files that matched no record of the
     # chunk (a shared chunk's are in every file's share and files).
     ("ALTER TABLE chunks ADD COLUMN unmatched_rows INTEGER NOT NULL DEFAULT 0",),
+    # v8: a chunk whose outcome is unknown (Marketo refused its status call for good)
+    # ends 'unknown', a final status of its own, tallied like the others. SQLite cannot
+    # alter a CHECK, and rebuilding `chunks` would drop columns a later migration adds,
+    # so the table's stored definition gains the value in place, as SQLite's ALTER TABLE
+    # page allows for a change that leaves every stored row valid (writable_schema);
+    # RESET reloads this connection's schema, and re-creating an index moves the schema
+    # cookie, so that every other connection reloads it too.
+    (
+        "PRAGMA writable_schema = ON",
+        "UPDATE sqlite_master SET sql = replace(sql,"
+        " '''complete'', ''failed'')', '''complete'', ''failed'', ''unknown'')')"
+        " WHERE type = 'table' AND name = 'chunks'",
+        "PRAGMA writable_schema = RESET",
+        "DROP INDEX chunks_by_status",
+        "CREATE INDEX chunks_by_status ON chunks (status)",
+        "INSERT INTO tallies (name, n) VALUES ('chunks:unknown', 0)",
+    ),
+    # v9: what Marketo refuses the daemon for a reason of configuration (refused
+    # credentials, 603), as the daemon last learnt it, for `submit --wait` to read.
+    (
+        """CREATE TABLE refusals (
+            what TEXT PRIMARY KEY,
+            code TEXT NOT NULL,
+            message TEXT NOT NULL,
+            since TEXT NOT NULL,
+            last TEXT NOT NULL
+        )""",
+    ),
 )
-# A new migration is appended (the next is v8); a released one is never renumbered.
+# A new migration is appended (the next is v10); a released one is never renumbered.
 LATEST_VERSION = len(_MIGRATIONS)
 
 
