@@ -13,14 +13,17 @@
         │   ├── QueueFullError      1016: too many imports
         │   ├── ImportInProgressError  1019: an import to the same list is running
         │   ├── TransientError      5xx, 500/502/604/608/611/614/713/719, network, timeout
-        │   └── UnknownOutcomeError a create whose body was sent, then no answer (or a 5xx)
+        │   └── UnknownOutcomeError a create whose body was sent, then no answer (or a 5xx,
+        │                           or 500/502 inside the envelope)
         ├── QuotaExhaustedError     607: daily quota reached, wait for the reset
         └── FatalError              everything else; retrying will not help
             ├── CredentialsError    the identity service refused client id/secret
+            │   └── AccessDeniedError   603: the API role or an IP allow-list refuses the call
             └── ChunkTooLargeError  HTTP 413: a chunk we built is too large (our bug)
 
 Retryable or fatal is decided by class, from one table (`CODE_TO_ERROR`), never
-by matching message text.
+by matching message text; `UNKNOWN_ON_CREATE` names the codes that a create call
+cannot retry, because Marketo may have made the job before it answered them.
 """
 
 from __future__ import annotations
@@ -132,7 +135,8 @@ class TransientError(RetryableError):
 
 class UnknownOutcomeError(RetryableError):
     """A create call whose body was sent but whose answer never came (timeout, dropped
-    connection) or was an HTTP 5xx: Marketo may or may not hold the job.
+    connection), was an HTTP 5xx, or was an envelope with code 500 or 502
+    (`UNKNOWN_ON_CREATE`): Marketo may or may not hold the job.
 
     Never retried by the client: creating an import job is not idempotent. The
     scheduler resubmits the chunk at most `limits.max_resubmits` times.
@@ -155,6 +159,14 @@ class CredentialsError(FatalError):
     """
 
 
+class AccessDeniedError(CredentialsError):
+    """603: the token is good, but the API user's role lacks the permission the call needs
+    (Read-Write Lead, Read-Write Custom Object), or an IP allow-list refuses this address.
+
+    A configuration problem, not a bad file: handled exactly as refused credentials
+    (nothing fails, nothing new is sent) until a call of the kind refused succeeds."""
+
+
 class ChunkTooLargeError(FatalError):
     """HTTP 413 for a chunk: the splitter produced a file Marketo refuses (a bug of ours)."""
 
@@ -162,10 +174,11 @@ class ChunkTooLargeError(FatalError):
 # Marketo's error codes (REST API "Error Codes" reference) by the class that
 # handles them. A code that is not here is fatal.
 CODE_TO_ERROR: dict[str, type[MarketoError]] = {
-    "500": TransientError,  # Internal server error inside the envelope: retry
-    "502": TransientError,  # Bad gateway inside the envelope: retry with backoff (error page)
+    "500": TransientError,  # Internal server error inside the envelope: retry (not a create)
+    "502": TransientError,  # Bad gateway inside the envelope: retry with backoff (not a create)
     "601": AuthError,  # Access token invalid
     "602": AuthError,  # Access token expired
+    "603": AccessDeniedError,  # Access denied: the API role's permissions, or an IP allow-list
     "604": TransientError,  # Request timed out
     "606": RateLimitError,  # Max rate limit exceeded
     "607": QuotaExhaustedError,  # Daily quota reached
@@ -178,6 +191,11 @@ CODE_TO_ERROR: dict[str, type[MarketoError]] = {
     "1016": QueueFullError,  # Too many imports
     "1019": ImportInProgressError,  # Import in progress
 }
+
+# Codes that, answering a create, leave its outcome unknown: Adobe documents only the
+# 6xx codes as "not executed", and calls 502 "likely a timeout" (of a server behind the
+# one that answered, which may have made the job). Other calls retry them as above.
+UNKNOWN_ON_CREATE: frozenset[str] = frozenset({"500", "502"})
 
 
 def error_for_code(

@@ -21,6 +21,13 @@ scheduler's queue model). On Complete the failures and warnings files are
 downloaded when their counters are above zero; Failed ends the chunk with
 Marketo's message.
 
+A status call Marketo refuses for good (a fatal error: an expired batch id,
+Marketo keeps one seven days; a 610) ends the chunk `unknown`, never Failed:
+the job may have imported its rows, so it is not sent again either, and the
+result says why its outcome is unknown. Refused credentials and 603 are the
+configuration's fault: the batch is kept and asked again, at `max_interval`
+while the refusal lasts.
+
 A batch that is Complete stays complete whatever happens to its files: the rows
 were imported. A download that fails is tried again at the batch's next poll,
 up to `DOWNLOAD_TRIES` times; after that the chunk ends Complete and its message
@@ -46,7 +53,7 @@ from orchestrator import constants
 from orchestrator.clock import stamp, wait_for_any
 from orchestrator.config import Route, Settings
 from orchestrator.crashpoints import crashpoint
-from orchestrator.errors import CredentialsError, FatalError, MarketoError
+from orchestrator.errors import AccessDeniedError, CredentialsError, FatalError, MarketoError
 from orchestrator.filecache import FileCache
 from orchestrator.models import BatchStatus, ChunkRecord, ChunkStatus, FileRecord
 from orchestrator.store import Store
@@ -78,6 +85,7 @@ class Track:
     status: str = constants.STATUS_QUEUED
     behind: bool = False  # waits behind ours that fill the import slots: not polled
     queued_at_finishes: int | None = None  # Poller.finishes when Marketo last said Queued
+    refused: bool = False  # the last call was refused (credentials, 603): asked sparingly
     fetch_tries: dict[str, int] = field(default_factory=dict)  # by "failures"/"warnings"
 
 
@@ -183,9 +191,17 @@ class Poller:
             try:
                 return await step
             except CredentialsError as exc:
-                log.error("credentials_refused", error=str(exc))
+                # The configuration's fault, not the batch's: keep it, ask again sparingly.
+                denied = isinstance(exc, AccessDeniedError)
+                log.error("access_denied" if denied else "credentials_refused", error=str(exc))
+                track = self.tracks.get(chunk.id)
+                if track is not None:
+                    track.refused = True
+                    track.interval = self.settings.polling.max_interval
             except FatalError as exc:
-                await self.finish(chunk, ChunkStatus.FAILED, f"status unavailable: {exc}", None)
+                # Refused for good (an expired batch id, say): the rows may have landed.
+                why = f"Marketo refused its status call for good ({exc})"
+                await self.finish(chunk, ChunkStatus.UNKNOWN, why, None)
             except MarketoError as exc:
                 log.warning(
                     "poll_deferred",
@@ -206,6 +222,8 @@ class Poller:
         assert route is not None, "ask() answers only for a configured route"
         track = self.tracks[chunk.id]
         polling = self.settings.polling
+        if track.refused:  # answered again: back to the pace its status deserves
+            track.refused, track.interval = False, polling.interval
         if batch.status != constants.STATUS_QUEUED:
             self.note_start(track)
         if batch.status == constants.STATUS_COMPLETE:

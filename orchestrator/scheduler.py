@@ -23,6 +23,13 @@ until the chunk's own next job finishes (that job queued behind the lost one
 and carries the same rows), or, for a chunk that is not sent again, until the
 next of our jobs finishes.
 
+A create Marketo answers `Failed` made no job that holds a slot: the chunk ends
+Failed at once with Marketo's message, and the next chunk may take its place.
+Refused credentials and 603 (the API role or an IP allow-list) are the
+configuration's fault, not the chunk's: nothing fails, the chunk keeps the head
+of the queue, and every later create waits out a backoff (the next create is the
+probe that learns when the configuration is fixed).
+
 On 1016 the chunk keeps the head of the queue and everything waits out an
 exponential, jittered backoff. At most one of our jobs per static list
 (`listId`) is outstanding, since Marketo answers 1019 otherwise; a chunk whose
@@ -46,6 +53,7 @@ from orchestrator.clock import stamp, wait_for_any
 from orchestrator.config import Route, Settings
 from orchestrator.crashpoints import crashpoint
 from orchestrator.errors import (
+    AccessDeniedError,
     CredentialsError,
     FatalError,
     ImportInProgressError,
@@ -230,6 +238,8 @@ class Scheduler:
                 outstanding.append(chunk)
                 if list_id:
                     busy_lists.add(list_id)
+            elif outcome == "failed":  # Marketo refused the job at once: no slot taken
+                continue
             else:  # refused or list busy at Marketo: the rest of this file waits
                 blocked_files.add(chunk.file_id)
 
@@ -260,10 +270,12 @@ class Scheduler:
             except UnknownOutcomeError as exc:
                 return await self.unknown_outcome(chunk, exc)
             except CredentialsError as exc:
-                # Nothing can go until the configuration changes: wait, fail nothing.
+                # Nothing can go until the configuration changes (credentials, or the
+                # API role's permissions: 603): wait, fail nothing.
                 await self.store.mark_pending(chunk.id)
-                self.start_wait(self.queue_wait, "credentials")
-                log.error("credentials_refused", error=str(exc))
+                denied = isinstance(exc, AccessDeniedError)
+                self.start_wait(self.queue_wait, "access-denied" if denied else "credentials")
+                log.error("access_denied" if denied else "credentials_refused", error=str(exc))
                 return "queue-full"
             except FatalError as exc:
                 await self.refuse(chunk, str(exc))
@@ -286,6 +298,8 @@ class Scheduler:
                 marketo_status=batch.status,
                 submitted_at=stamp(),
             )
+            if batch.status == constants.STATUS_FAILED:
+                return await self.failed_at_create(record, batch)
             if self.observer:
                 self.observer.job_created(record.files)
             self.queue_wait = Wait()
@@ -300,6 +314,19 @@ class Scheduler:
             )
             self.on_submitted(record)
             return "submitted"
+
+    async def failed_at_create(self, chunk: ChunkRecord, batch: BatchStatus) -> str:
+        """Marketo answered the create `Failed`: the chunk ends now, with its message."""
+        message = batch.message or "Import failed when the job was created"
+        log.warning("chunk_failed_at_create", batch_id=batch.batch_id, error=message)
+        self.model.abandon(chunk.id)  # copies an unknown outcome may have left stay counted
+        self.queue_wait = Wait()  # Marketo answered: the queue itself is not in trouble
+        self.report_backoff()
+        finished = await self.store.finish_chunk(
+            chunk.id, status=ChunkStatus.FAILED, message=message, finished_at=stamp(), batch=batch
+        )
+        await self.on_chunk_final(finished)
+        return "failed"
 
     @property
     def max_resubmits(self) -> int:

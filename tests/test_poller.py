@@ -16,6 +16,7 @@ from structlog.testing import capture_logs
 
 from orchestrator.config import PollingSettings, Route, Settings
 from orchestrator.errors import (
+    AccessDeniedError,
     AuthError,
     CredentialsError,
     FatalError,
@@ -346,16 +347,38 @@ async def test_failed_finishes_the_chunk_with_marketos_message(harness: Harness)
     assert harness.client.downloads == []
 
 
-async def test_fatal_status_error_fails_the_chunk(harness: Harness) -> None:
-    await harness.submitted_chunks(LEADS, (101, 0))
-    error = FatalError("1004", "Batch not found", operation="status")
-    harness.client.script(101, error)
+@pytest.mark.parametrize(
+    "error",
+    [
+        FatalError("610", "Requested resource not found", operation="status"),
+        FatalError("1003", "Batch id 101 not found", operation="status"),
+        FatalError("invalid-response", "no batchId in the result", operation="status"),
+    ],
+    ids=lambda e: e.code,
+)
+async def test_status_refused_for_good_leaves_the_outcome_unknown_never_failed(
+    harness: Harness, error: FatalError
+) -> None:
+    """Issue 19, item 3: Marketo refusing a status call for good (an expired batch id,
+    a 610) says nothing of the rows, which may have landed: the chunk ends `unknown`,
+    with Marketo's code and message, and is never resubmitted (it is final)."""
+    await harness.submitted_chunks(LEADS, (101, 0), (102, 1))
+    harness.client.script(101, BatchStatus(101, "Importing", rows_processed=4), error)
+    harness.client.script(102, "Queued", "Queued")
 
+    assert await harness.poll_round() == [101, 102]
+    harness.clock.advance(INTERVAL)
     assert await harness.poll_round() == [101]
 
     chunk = await harness.chunk(101)
-    assert (chunk.status, chunk.message) == (ChunkStatus.FAILED, f"status unavailable: {error}")
+    assert chunk.status is ChunkStatus.UNKNOWN
+    assert chunk.message == f"Marketo refused its status call for good ({error})"
+    assert error.code in chunk.message
+    assert (chunk.marketo_status, chunk.rows_processed) == ("Importing", 4)  # its last word
     assert harness.finals == [chunk]
+    assert (await harness.chunk(102)).status is ChunkStatus.SUBMITTED
+    harness.clock.advance(MAX_INTERVAL)
+    assert 101 not in await harness.poll_round()  # final: never asked again
 
 
 @pytest.mark.parametrize(
@@ -364,7 +387,6 @@ async def test_fatal_status_error_fails_the_chunk(harness: Harness) -> None:
         TransientError("608", "API Temporarily Unavailable"),
         RateLimitError("606", "Max rate limit exceeded"),
         AuthError("601", "Access token invalid"),
-        CredentialsError("http-401", "client id or secret refused"),
     ],
     ids=lambda e: type(e).__name__,
 )
@@ -381,6 +403,39 @@ async def test_retryable_error_leaves_the_chunk_outstanding(
     assert await harness.intervals() == {101: INTERVAL}
 
     assert await harness.poll_round() == []  # tried again at the interval, not at once
+    harness.clock.advance(INTERVAL)
+    assert await harness.poll_round() == [101]
+    assert (await harness.chunk(101)).status is ChunkStatus.COMPLETE
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        CredentialsError("http-401", "client id or secret refused"),
+        AccessDeniedError("603", "Access denied", operation="getImportLeadStatusUsingGET"),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+async def test_refused_configuration_keeps_the_batch_and_asks_again_sparingly(
+    harness: Harness, error: MarketoError
+) -> None:
+    """Issue 19, item 4: refused credentials and 603 (the API role, an IP allow-list) are
+    the configuration's fault: the batch stays outstanding, asked again at
+    `max_interval` while refused, and at its own pace once Marketo answers."""
+    await harness.submitted_chunks(LEADS, (101, 0))
+    harness.client.script(101, error, error, "Importing", "Complete")
+
+    assert await harness.poll_round() == [101]
+    assert (await harness.chunk(101)).status is ChunkStatus.SUBMITTED
+    assert harness.finals == []
+    assert await harness.intervals() == {101: MAX_INTERVAL}
+    harness.clock.advance(INTERVAL)
+    assert await harness.poll_round() == []
+    harness.clock.advance(MAX_INTERVAL)
+    assert await harness.poll_round() == [101]  # refused again
+    harness.clock.advance(MAX_INTERVAL)
+    assert await harness.poll_round() == [101]  # Importing: answered
+    assert await harness.intervals() == {101: INTERVAL}
     harness.clock.advance(INTERVAL)
     assert await harness.poll_round() == [101]
     assert (await harness.chunk(101)).status is ChunkStatus.COMPLETE

@@ -16,6 +16,7 @@ import pytest
 
 from orchestrator.config import BackoffSettings, Route, Settings
 from orchestrator.errors import (
+    AccessDeniedError,
     CredentialsError,
     FatalError,
     ImportInProgressError,
@@ -52,11 +53,16 @@ class FakeSubmitter:
     def __init__(self) -> None:
         self.calls: list[str] = []
         self.errors: dict[str, deque[MarketoError]] = {}
+        self.failed: dict[str, str] = {}  # label -> message of a create answered Failed
         self._next_batch = 1001
 
     def refuse(self, label: str, *errors: MarketoError) -> None:
         """The next submits of chunk `label` raise `errors`, one each, then succeed."""
         self.errors.setdefault(label, deque()).extend(errors)
+
+    def fail(self, label: str, message: str) -> None:
+        """The next submit of chunk `label` is answered `"status": "Failed"`."""
+        self.failed[label] = message
 
     async def submit(self, route: Route, path: Path, fmt: str) -> BatchStatus:
         label = path.stem
@@ -64,7 +70,10 @@ class FakeSubmitter:
         queue = self.errors.get(label)
         if queue:
             raise queue.popleft()
-        batch = BatchStatus(self._next_batch, "Queued")
+        status, message = (
+            ("Failed", self.failed.pop(label)) if label in self.failed else ("Queued", "")
+        )
+        batch = BatchStatus(self._next_batch, status, message=message)
         self._next_batch += 1
         return batch
 
@@ -401,6 +410,50 @@ async def test_a_refused_shared_chunk_fails_for_every_file_in_it(harness: Harnes
     members = await harness.store.members(pack)
     assert [(m.status, m.message) for m in members] == [(ChunkStatus.FAILED, str(refused))] * 2
     assert harness.observer.jobs == [1]
+
+
+async def test_create_answered_failed_ends_its_chunk_at_once_and_takes_no_slot(
+    store: Store, tmp_path: Path
+) -> None:
+    """Issue 19, item 2: Marketo answers a create `Failed` (its status "can be Queued,
+    Importing, or Failed"): the chunk ends Failed now, with Marketo's message, holds
+    no queue slot, and the next chunk goes in the same pass."""
+    harness = make_harness(store, make_settings(tmp_path, queued_jobs=2))
+    await harness.add_file(LEADS, "a.csv", 3)
+    why = "Import failed: the file could not be read"
+    harness.client.fail("a1", why)
+
+    assert await harness.submit_ready() == ["a2", "a3"]
+
+    first = await harness.chunk("a1")
+    assert (first.status, first.marketo_status, first.message) == (
+        ChunkStatus.FAILED,
+        "Failed",
+        why,
+    )
+    assert (first.batch_id, first.submits) == (1001, 1)
+    assert [c.id for c in harness.finals] == [first.id]
+    assert harness.client.calls == ["a1", "a2", "a3"]
+    assert harness.observer.jobs == [1, 1], "no job was counted for the Failed create"
+    assert harness.observer.backoffs == []
+    assert await harness.outstanding() == 2
+
+
+async def test_access_denied_waits_and_fails_nothing(harness: Harness) -> None:
+    """Issue 19, item 4: 603 is the API role's (or an IP allow-list's) fault, not the
+    file's: the chunk keeps the head of the queue, everything waits out a backoff."""
+    a = await harness.add_file(LEADS, "a.csv", 2)
+    harness.client.refuse("a1", AccessDeniedError("603", "Access denied"))
+
+    assert await harness.submit_ready() == []
+    assert set((await harness.statuses()).values()) == {ChunkStatus.PENDING}
+    assert (await harness.store.get_file(a.id)).error is None
+    assert harness.finals == []
+    assert [r for r, _ in harness.observer.backoffs] == ["access-denied"]
+    harness.clock.advance(SURELY_WAITING)
+    assert await harness.submit_ready() == []
+    harness.clock.advance(SURELY_OVER - SURELY_WAITING)
+    assert await harness.submit_ready() == ["a1", "a2"]
 
 
 async def test_credentials_error_waits_and_fails_nothing(harness: Harness) -> None:

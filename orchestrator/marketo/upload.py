@@ -6,7 +6,10 @@ out (the connection was never made, or the upload stalled), the attempt failed
 and may be retried. After it, a timeout, a dropped connection, an HTTP 5xx or
 an unreadable answer is an unknown outcome: `UnknownOutcomeError`, which the
 retry loop does not retry (the scheduler resubmits, capped). An error envelope
-is Marketo's word that it did not execute the call, so that one is retried.
+is Marketo's word that it did not execute the call, so that one is retried;
+except codes 500 and 502 inside it (`errors.UNKNOWN_ON_CREATE`): Adobe documents
+only 6xx codes as not executed, and 502 as "likely a timeout" behind the server
+that answered, so those are unknown outcomes too.
 
 An upload is never cut off for taking long, only for making no progress:
 aiohttp's trace hook (`on_chunk_sent`) reports every block of the body leaving,
@@ -22,7 +25,7 @@ from typing import Any, Final
 
 import aiohttp
 
-from orchestrator.errors import TransientError, UnknownOutcomeError
+from orchestrator.errors import UNKNOWN_ON_CREATE, TransientError, UnknownOutcomeError
 from orchestrator.marketo.wire import CONTENT_TYPES, Exchange, Scrub, describe, read_result
 
 # An upload's expected time, for the token's minimum life: its size over this rate.
@@ -72,6 +75,10 @@ def upload_exchange(
             if exc.code.startswith("http-") or exc.code == "invalid-response":
                 # Not Marketo's envelope: whatever answered may have passed the body on.
                 raise unknown_outcome(operation, exc.code, exc.message) from None
+            if exc.code in UNKNOWN_ON_CREATE:
+                # Marketo's envelope, but not its word that the job was not made.
+                what = f"Marketo error {exc.code}: {exc.message}"
+                raise unknown_outcome(operation, exc.code, what, exc.request_id) from None
             raise
         except (TimeoutError, aiohttp.ClientError) as exc:
             if progress is not None and progress.body_sent:
@@ -84,12 +91,15 @@ def upload_exchange(
     return exchange
 
 
-def unknown_outcome(operation: str, code: str, what: str) -> UnknownOutcomeError:
+def unknown_outcome(
+    operation: str, code: str, what: str, request_id: str = ""
+) -> UnknownOutcomeError:
     return UnknownOutcomeError(
         code,
         f"the request was sent but its outcome is unknown ({what}); "
         "Marketo may or may not have created the import job",
         operation=operation,
+        request_id=request_id,
     )
 
 

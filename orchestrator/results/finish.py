@@ -47,6 +47,8 @@ from orchestrator.store import Store
 log = structlog.get_logger(__name__)
 
 RESULT_SUFFIX = ".result.json"
+# A chunk's "status" in result.json when Marketo refused to tell its outcome for good.
+UNKNOWN_STATUS = "Unknown"
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +58,10 @@ class Outcome:
 
 
 def outcome(file: FileRecord, chunks: list[ChunkRecord]) -> Outcome:
-    """complete when every chunk reached Marketo's Complete, else failed with one sentence why."""
+    """complete when every chunk reached Marketo's Complete, else failed with one sentence why.
+
+    A chunk whose outcome is unknown fails its file too (a pipeline must not read it
+    as complete), with a sentence that says so, and why."""
     if file.error:
         return Outcome(FileStatus.FAILED, file.error)
     for chunk in chunks:
@@ -66,6 +71,12 @@ def outcome(file: FileRecord, chunks: list[ChunkRecord]) -> Outcome:
                 others = chunk.files - 1
                 notes.append(f"shared with {others} other file{'' if others == 1 else 's'}")
             detail = f" ({', '.join(notes)})" if notes else ""
+            if chunk.status is ChunkStatus.UNKNOWN:
+                return Outcome(
+                    FileStatus.FAILED,
+                    f"the outcome of chunk {chunk.index}{detail} is unknown: {chunk.message}; "
+                    "its rows may or may not have been imported, and it was not sent again",
+                )
             why = chunk.message or "import failed"
             return Outcome(FileStatus.FAILED, f"chunk {chunk.index}{detail} failed: {why}")
     return Outcome(FileStatus.COMPLETE, None)
@@ -187,7 +198,9 @@ def chunk_summary(chunk: ChunkRecord) -> dict[str, Any]:
     other files' records were in it too (None for a chunk of its own); `unmatched_rows`
     counts Marketo's failed and warned rows of the job that matched no record, and the
     message then says what became of them."""
-    if chunk.marketo_status:
+    if chunk.status is ChunkStatus.UNKNOWN:
+        status = UNKNOWN_STATUS  # whatever Marketo said last, its last word is missing
+    elif chunk.marketo_status:
         status = chunk.marketo_status
     else:
         status = "NotSubmitted" if chunk.batch_id is None else str(chunk.status)
