@@ -17,7 +17,12 @@ keeps the name the caller gave.
 `Handle.result()` follows the file through the state store (read-only; it
 never creates one) and returns the `Result` once its result.json exists. A
 `TimedOut` error means no answer yet, not a lost file: the file waits in the
-inbox or in work/ and the daemon finishes it whenever it runs.
+inbox or in work/ and the daemon finishes it whenever it runs. `Refused` means
+the daemon recorded in the state store that Marketo refused it, since the file
+was handed over, for a reason of configuration (the credentials, or the API
+role's permissions: 603): nothing moves until that is fixed, and the file is not
+lost either. A refusal older than the hand-over does not count: the daemon may
+not have tried since the configuration was fixed.
 """
 
 from __future__ import annotations
@@ -35,15 +40,16 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from orchestrator import tickets
+from orchestrator.clock import stamp
 from orchestrator.durable import fsync_dir, write_atomic
 from orchestrator.errors import OrchestratorError, UsageError
 from orchestrator.layout import Layout
-from orchestrator.models import ExitCode, FileStatus
+from orchestrator.models import ExitCode, FileStatus, Refusal
 from orchestrator.spool.fs import is_ignored
 from orchestrator.status import file_entry
 from orchestrator.store import Store
 
-__all__ = ["FileFailed", "Handle", "Result", "TimedOut", "submit"]
+__all__ = ["FileFailed", "Handle", "Refused", "Result", "TimedOut", "submit"]
 
 T = TypeVar("T")
 POLL_SECONDS = 1.0  # how often a waiting handle reads the state store
@@ -53,6 +59,17 @@ Progress = Callable[[dict[str, Any] | None], None]
 
 class TimedOut(OrchestratorError):
     """No result within the timeout; the file is not lost (the message says where it waits)."""
+
+
+class Refused(OrchestratorError):
+    """Marketo refuses the daemon (credentials, or the API role: 603), as the daemon last
+    learnt it; the file waits, not lost, until the configuration is fixed."""
+
+    def __init__(self, refusal: Refusal, where: str) -> None:
+        self.refusal = refusal
+        super().__init__(
+            f"Marketo refuses the daemon since {refusal.since}: {refusal.message}; {where}"
+        )
 
 
 class FileFailed(OrchestratorError):
@@ -126,6 +143,7 @@ class Handle:
     name: str  # the caller's name, as result.json will show it
     inbox_name: str  # its unique name in inbox/<route>/ until the daemon claims it
     data_dir: Path
+    handed_over: str = ""  # ISO 8601 UTC; a refusal Marketo last made before it is stale
 
     @property
     def layout(self) -> Layout:
@@ -157,7 +175,9 @@ class Handle:
         poll: float = POLL_SECONDS,
         on_progress: Progress | None = None,
     ) -> Result:
-        """Wait for the file's result; `TimedOut` after `timeout` seconds (None: no limit).
+        """Wait for the file's result; `TimedOut` after `timeout` seconds (None: no limit),
+        `Refused` as soon as the daemon records that Marketo refused it after the
+        hand-over (credentials, 603).
 
         `on_progress` is called after every look with the file's entry (None while
         it is unclaimed)."""
@@ -173,6 +193,10 @@ class Handle:
                 found = await self._finished(entry)
                 if found is not None:
                     return found
+                refusals = await store.refusals() if store is not None else []
+                fresh = [r for r in refusals if r.last >= self.handed_over]
+                if fresh:
+                    raise Refused(fresh[0], self.where(entry, None))
                 if deadline is not None and time.monotonic() >= deadline:
                     raise TimedOut(self.where(entry, timeout))
                 wait = poll if deadline is None else min(poll, deadline - time.monotonic())
@@ -219,6 +243,7 @@ def submit(
 
     Raises UsageError for a mistake of the caller (no such file, a directory, no
     such route directory, an id in use), naming what is wrong."""
+    handed_over = stamp()  # before the file is in the inbox: the daemon may try it at once
     source = Path(path)
     layout = Layout(Path(data_dir))
     check_source(source)
@@ -245,7 +270,7 @@ def submit(
             part.unlink()
         raise UsageError(str(source), f"cannot hand it over: {exc.strerror or exc}") from None
     fsync_dir(inbox)
-    return Handle(file_id, route, source.name, inbox_name, Path(data_dir))
+    return Handle(file_id, route, source.name, inbox_name, Path(data_dir), handed_over)
 
 
 def check_source(source: Path) -> None:

@@ -93,10 +93,12 @@ class Daemon:
         return self.exit_code(outstanding)
 
     def exit_code(self, outstanding: int) -> ExitCode:
-        """Refused credentials, then work left over (--once), then a failed file (--once)."""
-        if self.upkeep.credentials_refused:
+        """Refused credentials (or 603), then work left over (--once), then a failed file
+        (--once)."""
+        refusal = self.upkeep.refusal()
+        if refusal:
             print(
-                f"marketo-orchestrator: error: {self.upkeep.credentials_refused}; "
+                f"marketo-orchestrator: error: {refusal}; "
                 "files wait in inbox/ (and claimed ones in work/) for the next run",
                 file=sys.stderr,
             )
@@ -180,6 +182,7 @@ class Daemon:
             for name, coro in pipeline.loops(stop, once=self.once):
                 start(coro, name)
             start(upkeep.token_keeper(stop, once=self.once), "token")
+            start(upkeep.watch_refusals(stop, once=self.once), "refusals")
             start(upkeep.persist_calls(stop), "api-calls")
             start(upkeep.retention(stop), "retention")
             if self.once:

@@ -1,5 +1,13 @@
 """Housekeeping beside the pipeline: the token, the day's API call count,
-readiness and retention.
+readiness, Marketo's refusals and retention.
+
+Refusals: what Marketo refuses for a reason of configuration (refused
+credentials, 603: the API role or an IP allow-list), as the client learns it
+from every call (`marketo.access`), is mirrored into the state store whenever it
+changes, empty again once calls succeed, so `submit --wait` and the Python API
+learn why nothing moves; readiness says it; `run --once` stops on it (exit 3,
+nothing failed). A long-running daemon keeps working at it: the scheduler's next
+create after a backoff, and the poller's next status call, are the probes.
 
 Retention: every `retention.interval` seconds, finished files that finished
 more than `retention.keep_days` ago leave the state store (with their chunks
@@ -103,6 +111,24 @@ class Upkeep:
         if self.client.has_token:
             self.credentials_refused = None
 
+    async def watch_refusals(self, stop: asyncio.Event, *, once: bool) -> None:
+        """Mirror Marketo's refusals into the state store at every change (at start:
+        none yet, whatever an earlier run left); with `once`, a refusal ends the run."""
+        access = self.client.access
+        while not stop.is_set():
+            access.changed.clear()
+            refusals = access.refusals
+            await self.store.set_refusals(refusals)
+            if refusals and once:
+                log.error("marketo_refused", error=refusals[0].message)
+                stop.set()
+                return
+            await wait_for_any(access.changed, stop, within=None)
+
+    def refusal(self) -> str | None:
+        """Why Marketo refuses the daemon (credentials, 603), or None."""
+        return self.credentials_refused or self.client.access.problem
+
     async def persist_calls(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             await wait_for_any(stop, within=PERSIST_SECONDS)
@@ -142,12 +168,13 @@ class Upkeep:
     def token_problem(self) -> str | None:
         """Why Marketo cannot be called now (readiness), or None.
 
-        Ready means the last identity call succeeded and the credentials were not
-        refused; a token that merely expired while the daemon was idle is no
-        problem (the next call fetches another)."""
+        Ready means the last identity call succeeded, the credentials were not
+        refused and no call is refused for the API role's permissions (603); a
+        token that merely expired while the daemon was idle is no problem (the next
+        call fetches another)."""
         ok = self.client.identity_ok
         if ok is None:
-            return self.credentials_refused or "no Marketo access token obtained yet"
+            return self.refusal() or "no Marketo access token obtained yet"
         if not ok:
-            return self.credentials_refused or "the last Marketo identity call failed"
-        return None
+            return self.refusal() or "the last Marketo identity call failed"
+        return self.client.access.problem

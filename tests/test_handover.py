@@ -415,6 +415,7 @@ async def test_check_validates_config_data_dir_and_credentials(
         "configuration",
         "data_dir",
         "credentials",
+        "permissions",
     ]
     assert not settings.data_dir.exists(), "check creates nothing"
 

@@ -4,7 +4,7 @@ a daemon owns. None takes data_dir's lock: each works beside a running daemon.
 - `status`: the snapshot of the state store, as a table or as JSON (`GET /jobs`).
 - `check`: the configuration, the data directory (`data_dir_problems`: what would
   stop a daemon there, found without creating anything) and, with --credentials,
-  a token from Marketo.
+  a token from Marketo and the API role's permission to import each route's object.
 - `split`: the splitter alone, into a directory of chunk files.
 """
 
@@ -24,6 +24,7 @@ from orchestrator.cli import usage
 from orchestrator.cli.flags import PROG, Parser, load, positive_int
 from orchestrator.config import (
     MIN_CHUNK_BYTES,
+    Route,
     Settings,
     chunk_bytes_problem,
     identity_url,
@@ -36,6 +37,7 @@ from orchestrator.models import ExitCode
 
 if TYPE_CHECKING:
     from orchestrator.cli.flags import Subcommands
+    from orchestrator.marketo import MarketoClient
 
 
 def add_status(sub: Subcommands) -> Parser:
@@ -68,7 +70,12 @@ def add_check(sub: Subcommands) -> Parser:
         epilog=usage.CHECK,
     )
     check.add_argument(
-        "--credentials", action="store_true", help="also get a Marketo token with them"
+        "--credentials",
+        action="store_true",
+        help="also get a Marketo token with them, and confirm the API role may import each "
+        "route's object (inferred: Marketo has no call that lists a role's permissions, so "
+        "one status call per object type, of a batch id that cannot exist, tells: 603 means "
+        "no permission, any other answer that the role may import); exit 3 naming the route",
     )
     return check
 
@@ -179,6 +186,11 @@ def data_dir_problems(settings: Settings) -> list[str]:
     return problems
 
 
+# The batch id whose status `check --credentials` asks for: no job has it. A status
+# call needs the same permission as an import (Adobe's OpenAPI) and creates nothing.
+PROBE_BATCH_ID = 0
+
+
 async def check_credentials(settings: Settings) -> int:
     from orchestrator.errors import CredentialsError, MarketoError
     from orchestrator.marketo import MarketoClient
@@ -192,7 +204,47 @@ async def check_credentials(settings: Settings) -> int:
         except MarketoError as exc:
             print(f"{PROG}: credentials: Marketo could not be reached: {exc}", file=sys.stderr)
             return ExitCode.FAILED
-    print(f"credentials: ok (a token from {identity_url(settings.marketo)})")
+        print(f"credentials: ok (a token from {identity_url(settings.marketo)})")
+        return await check_permissions(marketo, settings)
+
+
+async def check_permissions(marketo: MarketoClient, settings: Settings) -> int:
+    """Whether the API role may import each route's object, one status call per object type.
+
+    An inference: Marketo lists no role's permissions, but answers 603 to a call the
+    role may not make before it looks for the batch; so 603 means no permission, and
+    any other answer ("not found", most likely) that the role may import."""
+    from orchestrator.errors import AccessDeniedError, FatalError, MarketoError
+    from orchestrator.marketo import permission_of
+
+    first: dict[str, Route] = {}
+    for route in settings.routes:
+        first.setdefault(route.object, route)
+    granted, missing = [], []
+    for object_type, route in first.items():
+        permission = permission_of(route.object)
+        names = ", ".join(r.dir for r in settings.routes if r.object == object_type)
+        try:
+            await marketo.status(route, PROBE_BATCH_ID)
+        except AccessDeniedError as exc:
+            missing.append(
+                f"route {names} ({object_type}): the API role lacks {permission} "
+                f"(Marketo answered {exc.code} {exc.message!r}; or an IP allow-list "
+                "refuses this address)"
+            )
+            continue
+        except FatalError:
+            pass  # past the permission check: the batch is not found, as it cannot be
+        except MarketoError as exc:
+            print(f"{PROG}: permissions: Marketo could not be reached: {exc}", file=sys.stderr)
+            return ExitCode.FAILED
+        granted.append(f"{names}: {permission}")
+    for problem in missing:
+        print(f"{PROG}: permissions: {problem}", file=sys.stderr)
+    if missing:
+        return ExitCode.CREDENTIALS
+    shown = "; ".join(granted) or "no routes configured"
+    print(f"permissions: ok ({shown}; inferred from one status call per object type)")
     return ExitCode.COMPLETE
 
 

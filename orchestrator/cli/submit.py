@@ -150,7 +150,8 @@ async def wait_for_result(
     poll: float,
     noted: list[int] | None = None,
 ) -> client.Result | int:
-    """The file's result, or exit code 4 (timed out or interrupted, with where it waits).
+    """The file's result, or exit code 4 (timed out or interrupted, with where it waits),
+    or 3 once the daemon records that Marketo refuses it (credentials, 603).
 
     On a terminal, a live line on stderr shows what the file is doing meanwhile."""
     live = logs.LiveLine(sys.stderr) if sys.stderr.isatty() and timeout != 0 else None
@@ -169,8 +170,11 @@ async def wait_for_result(
         loop.add_signal_handler(sig, task.cancel)
     if noted:  # a signal came before these handlers: as if it came now
         task.cancel()
+    code = ExitCode.OUTSTANDING
     try:
         return await handle.result(timeout, poll=poll, on_progress=show)
+    except client.Refused as exc:
+        message, code = f"error: {exc}", ExitCode.CREDENTIALS
     except client.TimedOut as exc:
         message = str(exc)
     except asyncio.CancelledError:
@@ -179,4 +183,4 @@ async def wait_for_result(
         if live is not None:
             live.close()
     print(f"{PROG}: {message}", file=sys.stderr)
-    return ExitCode.OUTSTANDING
+    return code

@@ -4,10 +4,11 @@
 loop and the transport under it; `auth` the credentials and the token cache;
 `limits` the call limiter and the daily quota; `upload` the multipart upload and
 its unknown outcomes; `wire` paths, operation ids and the reading of envelopes
-and files.
+and files; `access` what Marketo refuses for a reason of configuration.
 """
 
 from orchestrator.marketo.bulk import MarketoClient
 from orchestrator.marketo.retry import ClientObserver
+from orchestrator.marketo.wire import permission_of
 
-__all__ = ["ClientObserver", "MarketoClient"]
+__all__ = ["ClientObserver", "MarketoClient", "permission_of"]

@@ -11,7 +11,9 @@ and shapes each operation's exchange; the parts do the rest:
 - `marketo.auth`: the credentials, the identity request and the token cache;
 - `marketo.limits`: calls per window and in flight, and the daily quota;
 - `marketo.upload`: the multipart upload, its stall watchdog, unknown outcomes;
-- `marketo.wire`: paths, operation ids, reading envelopes and files.
+- `marketo.wire`: paths, operation ids, reading envelopes and files;
+- `marketo.access`: what Marketo refuses for a reason of configuration (refused
+  credentials, 603), learnt from every call and cleared by the next success.
 
 The client secret travels only in the identity request's form body and the
 token only in the `Authorization` header; neither appears in a URL, a log line,
@@ -27,13 +29,15 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import aiohttp
 
 from orchestrator import config
 from orchestrator.backoff import Backoff
 from orchestrator.clock import utc_now
+from orchestrator.errors import AccessDeniedError, CredentialsError
+from orchestrator.marketo.access import CREDENTIALS, Access
 from orchestrator.marketo.auth import Identity, TokenSource
 from orchestrator.marketo.limits import DailyQuota, Limiter
 from orchestrator.marketo.retry import ClientObserver, NullObserver, RetryLoop, Transport
@@ -48,9 +52,11 @@ from orchestrator.marketo.wire import (
     LEAD_FAILURES,
     LEAD_STATUS,
     LEAD_WARNINGS,
+    PERMISSIONS,
     PROGRAM_MEMBER_FAILURES,
     PROGRAM_MEMBER_STATUS,
     PROGRAM_MEMBER_WARNINGS,
+    Exchange,
     batch_status,
     custom_object_root,
     read_file,
@@ -59,6 +65,8 @@ from orchestrator.marketo.wire import (
 from orchestrator.models import BatchStatus, ObjectType
 
 __all__ = ["ClientObserver", "MarketoClient"]
+
+T = TypeVar("T")
 
 
 class MarketoClient:
@@ -124,6 +132,7 @@ class MarketoClient:
             max_attempts=max_attempts,
             window=lim.api_window_seconds,
         )
+        self._access = Access()
 
     def __repr__(self) -> str:
         return f"<MarketoClient {self._base} client_id={self._client_id!r}>"
@@ -158,7 +167,17 @@ class MarketoClient:
 
     async def ensure_token(self) -> None:
         """Fetch a token if there is none; raises `MarketoError` if that fails."""
-        await self._tokens.get()
+        try:
+            await self._tokens.get()
+        except CredentialsError as exc:
+            self._access.refused(CREDENTIALS, exc)
+            raise
+        self._access.allowed(CREDENTIALS)
+
+    @property
+    def access(self) -> Access:
+        """What Marketo refuses now for a reason of configuration (credentials, 603)."""
+        return self._access
 
     @property
     def calls_today(self) -> int:
@@ -309,7 +328,7 @@ class MarketoClient:
             timeout=self._timeout,
             scrub=self._scrub,
         )
-        result = await self._retry.call(operation, exchange, min_life=expected_seconds(size))
+        result = await self._call(operation, exchange, min_life=expected_seconds(size))
         return batch_status(result, operation)
 
     async def _status(self, operation: str, url_path: str) -> BatchStatus:
@@ -319,7 +338,7 @@ class MarketoClient:
             ) as resp:
                 return await read_result(resp, operation, self._scrub)
 
-        return batch_status(await self._retry.call(operation, exchange), operation)
+        return batch_status(await self._call(operation, exchange), operation)
 
     async def _download(self, operation: str, url_path: str, dest: Path) -> bool:
         """GET a failures/warnings file, streamed to `dest` via `dest.part`."""
@@ -333,7 +352,25 @@ class MarketoClient:
                 await read_file(resp, dest, operation, self._scrub)
                 return True
 
-        return await self._retry.call(operation, exchange)
+        return await self._call(operation, exchange)
+
+    async def _call(
+        self, operation: str, exchange: Exchange[T], *, min_life: float | None = None
+    ) -> T:
+        """One call through the retry loop, learning from it what Marketo refuses: a
+        refusal is kept until a call needing the same thing succeeds (`marketo.access`)."""
+        permission = PERMISSIONS[operation]
+        try:
+            result = await self._retry.call(operation, exchange, min_life=min_life)
+        except AccessDeniedError as exc:
+            self._access.allowed(CREDENTIALS)  # 603: "authentication is successful but ..."
+            self._access.refused(permission, exc)
+            raise
+        except CredentialsError as exc:
+            self._access.refused(CREDENTIALS, exc)
+            raise
+        self._access.allowed(CREDENTIALS, permission)
+        return result
 
     def _scrub(self, text: str) -> str:
         """`text` with every secret used and the current token blanked out."""

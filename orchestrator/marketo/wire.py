@@ -31,7 +31,7 @@ from orchestrator.errors import (
     error_for_code,
     error_for_http_status,
 )
-from orchestrator.models import BatchStatus
+from orchestrator.models import BatchStatus, ObjectType
 
 T = TypeVar("T")
 
@@ -53,6 +53,40 @@ IMPORT_PROGRAM_MEMBERS: Final = "importProgramMemberUsingPOST"
 PROGRAM_MEMBER_STATUS: Final = "getImportProgramMemberStatusUsingGET"
 PROGRAM_MEMBER_FAILURES: Final = "getImportProgramMemberFailuresUsingGET"
 PROGRAM_MEMBER_WARNINGS: Final = "getImportProgramMemberWarningsUsingGET"
+
+# The permission of the API role each bulk operation needs (swagger-mapi.json: "Required
+# Permissions"); program members are leads to Marketo's roles.
+READ_WRITE_LEAD: Final = "Read-Write Lead"
+READ_WRITE_CUSTOM_OBJECT: Final = "Read-Write Custom Object"
+PERMISSIONS: Final = {
+    **dict.fromkeys((IMPORT_LEADS, LEAD_STATUS, LEAD_FAILURES, LEAD_WARNINGS), READ_WRITE_LEAD),
+    **dict.fromkeys(
+        (
+            IMPORT_PROGRAM_MEMBERS,
+            PROGRAM_MEMBER_STATUS,
+            PROGRAM_MEMBER_FAILURES,
+            PROGRAM_MEMBER_WARNINGS,
+        ),
+        READ_WRITE_LEAD,
+    ),
+    **dict.fromkeys(
+        (
+            IMPORT_CUSTOM_OBJECTS,
+            CUSTOM_OBJECT_STATUS,
+            CUSTOM_OBJECT_FAILURES,
+            CUSTOM_OBJECT_WARNINGS,
+        ),
+        READ_WRITE_CUSTOM_OBJECT,
+    ),
+}
+
+
+def permission_of(object_type: ObjectType) -> str:
+    """The permission importing `object_type` needs."""
+    if object_type is ObjectType.CUSTOM_OBJECT:
+        return READ_WRITE_CUSTOM_OBJECT
+    return READ_WRITE_LEAD
+
 
 # Content type of the multipart `file` part, by format (ssv has no type of its own).
 CONTENT_TYPES: Final = {"csv": "text/csv", "tsv": "text/tab-separated-values", "ssv": "text/csv"}
