@@ -20,6 +20,7 @@ from typing import Any, Final
 from orchestrator import logs
 from orchestrator.clock import wait_for_any
 from orchestrator.metrics import StoreReader
+from orchestrator.models import FINAL_CHUNK_STATUSES
 from orchestrator.status.snapshot import WAITING_FOR, Query, load_snapshot
 
 PROGRESS_SECONDS: Final = 1.0  # how often `live_progress` redraws the line
@@ -110,7 +111,7 @@ async def run_line(store: StoreReader, backoff: float, meter: RateMeter) -> str:
     rows = (await store.tallies()).get("rows:processed", 0)
     return progress_line(
         f"files {fraction(files['complete'] + files['failed'], sum(files.values()))}",
-        chunks=fraction(chunks["complete"] + chunks["failed"], sum(chunks.values())),
+        chunks=fraction(sum(chunks[str(s)] for s in FINAL_CHUNK_STATUSES), sum(chunks.values())),
         rows=str(rows),
         rate=meter.rate(rows),
         waiting=waiting_for({f["state"] for f in snap["files"]}, backoff),
