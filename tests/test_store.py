@@ -133,16 +133,16 @@ async def test_empty_v0_file_is_migrated_to_the_latest(db_path: Path) -> None:
         assert await store.get_file(file.id) == file
 
 
-async def test_v6_chunks_may_end_unknown_once_migrated_seen_by_every_connection(
+async def test_v7_chunks_may_end_unknown_once_migrated_seen_by_every_connection(
     db_path: Path,
 ) -> None:
-    """Migrations 7 and 8 (issue 19): 'unknown' joins the chunk statuses the CHECK allows,
+    """Migrations 8 and 9 (issue 19): 'unknown' joins the chunk statuses the CHECK allows,
     tallied like the others, without rebuilding the table; a connection opened before
     the migration (a `status` reader beside the daemon) sees the new rule too."""
     async with await Store.open(db_path) as store:
         file = await split(store, await claim(store), 2)
         [first, second] = await store.chunks(file_id=file.id)
-    conn = sqlite3.connect(db_path, isolation_level=None)  # back to what v6 left
+    conn = sqlite3.connect(db_path, isolation_level=None)  # back to what v7 left
     conn.execute("DROP TABLE refusals")
     conn.execute("DELETE FROM tallies WHERE name = 'chunks:unknown'")
     conn.execute("PRAGMA writable_schema = ON")
@@ -150,10 +150,10 @@ async def test_v6_chunks_may_end_unknown_once_migrated_seen_by_every_connection(
         "UPDATE sqlite_master SET sql = replace(sql, ', ''unknown''', '') WHERE name = 'chunks'"
     )
     conn.execute("PRAGMA writable_schema = RESET")
-    conn.execute("PRAGMA user_version = 6")
+    conn.execute("PRAGMA user_version = 7")
     conn.close()
     older = sqlite3.connect(db_path, isolation_level=None)
-    with pytest.raises(sqlite3.IntegrityError, match="CHECK"):  # v6 knows no 'unknown'
+    with pytest.raises(sqlite3.IntegrityError, match="CHECK"):  # v7 knows no 'unknown'
         older.execute("UPDATE chunks SET status = 'unknown' WHERE id = ?", (second.id,))
     try:
         async with await Store.open(db_path) as store:
@@ -340,8 +340,10 @@ async def main():
     f = await store.begin_claim(route="r", name="n", source_path="s", work_path="w",
                                 max_chunk_bytes=1, claimed_at="t")
     await store.start_split((await store.finish_claim(f.id)).id)
-    # Root ignores file modes but not RLIMIT_FSIZE: the WAL cannot grow past 256 KiB.
-    resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, resource.RLIM_INFINITY))
+    # Root ignores file modes but not RLIMIT_FSIZE: the WAL cannot grow past what the
+    # migrations left in it plus 256 KiB.
+    wal = Path(sys.argv[1] + "-wal").stat().st_size
+    resource.setrlimit(resource.RLIMIT_FSIZE, (wal + 256 * 1024, resource.RLIM_INFINITY))
     for k in range(1, 10_000):
         try:
             await store.add_chunk(f.id, index=k, path="x" * 2000, rows=1, bytes=1, first_line=k)
