@@ -27,16 +27,29 @@ DEFAULT_MAX_CHUNK_BYTES: Final = 9_500_000
 API_CALLS_PER_WINDOW: Final = 100
 API_WINDOW_SECONDS: Final = 20.0
 CONCURRENT_API_CALLS: Final = 10
-# Our defaults leave headroom for the other integrations (Marketo's best practices).
-DEFAULT_API_CALLS_PER_WINDOW: Final = 80
+# Our defaults leave the rest to other integrations. Integration best practices,
+# "Rate Limit": "limit each third-party integration to 50 calls per 20 seconds or
+# fewer"; "Concurrency Limit": "five or fewer concurrent requests".
+DEFAULT_API_CALLS_PER_WINDOW: Final = 50
 DEFAULT_CONCURRENT_API_CALLS: Final = 5
-# Default daily quota of a subscription (error 607); "resets daily at 12:00AM CST".
-DAILY_API_CALLS: Final = 50_000
+# A subscription's daily quota (error 607): "Each subscription is allocated 50,000 API
+# calls per day" (REST API page), shared by every API user; "resets daily at 12:00AM
+# CST" (error-code page).
+DAILY_QUOTA: Final = 50_000
+# Our default share of it left to the other integrations (limits.daily_reserve).
+DEFAULT_DAILY_RESERVE: Final = 5_000
 QUOTA_RESET_TZ: Final = "America/Chicago"
 # The other reading of "12:00AM CST": fixed UTC-6 all year (06:00 UTC).
 QUOTA_RESET_FIXED_OFFSET_HOURS: Final = -6
 # After a 607 at a reset we expected to have passed, probe this often.
 QUOTA_PROBE_SECONDS: Final = 300.0
+# Marketo's own count of the subscription's calls today (GET /rest/v1/stats/usage.json)
+# is read this often; a reading that failed is tried again after USAGE_RETRY_SECONDS.
+USAGE_READ_SECONDS: Final = 600.0
+USAGE_RETRY_SECONDS: Final = 60.0
+# Error-code page, response-level codes marked "*": "An API call that returns this
+# response code is not counted against your daily quota, or your rate limit."
+UNCOUNTED_CODES: Final = frozenset({"601", "602", "604", "605", "608", "611"})
 
 # Creating an import job is not idempotent: a chunk whose create had an unknown
 # outcome is sent again at most this often (limits.max_resubmits).

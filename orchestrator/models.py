@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from enum import IntEnum, StrEnum
 
 
@@ -149,3 +150,48 @@ class RejectRecord:
     size: int  # bytes
     reason: str
     offset: int = 0  # byte offset of the record in the source file
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaState:
+    """The subscription's daily API quota as one daemon reckons it at `as_of`.
+
+    The quota belongs to every integration of the subscription: `used` is Marketo's
+    own count of the day at the last reading (GET /rest/v1/stats/usage.json) plus our
+    calls since; no new job is created once it reaches `limit` (daily_quota -
+    daily_reserve), or while Marketo says 607 (`paused_until`). Times are aware, UTC."""
+
+    as_of: datetime
+    quota: int  # limits.daily_quota: the subscription's allocation
+    reserve: int  # limits.daily_reserve: left for other integrations
+    resets_at: datetime  # the coming reset (the later reading of "12:00AM CST")
+    marketo_count: int | None = None  # the subscription's calls today at the last reading
+    read_at: datetime | None = None  # when that was read; None: not read yet today
+    next_read_at: datetime | None = None  # when it is read again
+    ours_since: int = 0  # our counted calls since that reading (or since the reset)
+    ours_today: int = 0  # our counted calls in the quota day
+    paused_until: datetime | None = None  # 607: every call waits until then
+
+    @property
+    def used(self) -> int:
+        """The subscription's calls today, as far as we know."""
+        return (self.marketo_count or 0) + self.ours_since
+
+    @property
+    def limit(self) -> int:
+        """Calls the subscription may reach before we create no new job."""
+        return max(0, self.quota - self.reserve)
+
+    @property
+    def creates_paused(self) -> bool:
+        """No new job now: the budget is spent, or Marketo said 607."""
+        return self.paused_until is not None or self.used >= self.limit
+
+    @property
+    def resumes_at(self) -> datetime:
+        """When creates may go on: at the reset, or earlier if a new reading shows room."""
+        if self.paused_until is not None:
+            return self.paused_until
+        if self.next_read_at is not None and self.next_read_at < self.resets_at:
+            return self.next_read_at
+        return self.resets_at

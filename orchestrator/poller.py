@@ -12,8 +12,11 @@ only the first `limits.concurrent_jobs` of our outstanding jobs in submit order
   ours ahead finishes: they are not polled at all. When one moves up its first
   poll comes one interval later, since it started importing only just now.
 
-As the daily API budget nears (90 % spent) the jobs that can change are polled
-at `max_interval` only, so polling slows before submissions stop.
+As the daily budget nears (90 % of daily_quota - daily_reserve used by the whole
+subscription, as `QuotaState` reckons it) the jobs that can change are polled at
+`max_interval` only, so polling slows before submissions stop; once no new job
+is created, the jobs already at Marketo are still polled to their end that way,
+and their failures and warnings are still fetched.
 
 A job we saw Queued and then see Importing (or final) tells us a job ahead of
 it left Marketo's queue: `on_started` says so (the pipeline tells the
@@ -55,14 +58,14 @@ from orchestrator.config import Route, Settings
 from orchestrator.crashpoints import crashpoint
 from orchestrator.errors import AccessDeniedError, CredentialsError, FatalError, MarketoError
 from orchestrator.filecache import FileCache
-from orchestrator.models import BatchStatus, ChunkRecord, ChunkStatus, FileRecord
+from orchestrator.models import BatchStatus, ChunkRecord, ChunkStatus, FileRecord, QuotaState
 from orchestrator.store import Store
 
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 
-BUDGET_SLOWDOWN = 0.9  # share of limits.daily_api_calls after which polling slows
+BUDGET_SLOWDOWN = 0.9  # share of daily_quota - daily_reserve after which polling slows
 DOWNLOAD_TRIES = 3  # polls at which a Complete batch's failures/warnings file is asked for
 
 
@@ -73,7 +76,7 @@ class StatusSource(Protocol):
     async def download_failures(self, route: Route, batch_id: int, dest: Path) -> bool: ...
     async def download_warnings(self, route: Route, batch_id: int, dest: Path) -> bool: ...
     @property
-    def calls_today(self) -> int: ...
+    def quota(self) -> QuotaState: ...
 
 
 @dataclass
@@ -140,7 +143,8 @@ class Poller:
         chunks = await self.store.chunks(statuses=[ChunkStatus.SUBMITTED])
         chunks.sort(key=lambda c: (c.submitted_at or "", c.id))
         polling, lim = self.settings.polling, self.settings.limits
-        slow = self.client.calls_today >= BUDGET_SLOWDOWN * lim.daily_api_calls
+        quota = self.client.quota
+        slow = quota.creates_paused or quota.used >= BUDGET_SLOWDOWN * quota.limit
         now = self.clock()
         result = []
         for rank, chunk in enumerate(chunks):

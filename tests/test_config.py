@@ -48,10 +48,11 @@ def test_defaults_match_spec() -> None:
     assert s.limits.concurrent_jobs == 2
     assert s.limits.queued_jobs == 10
     assert s.limits.max_chunk_bytes == 9_500_000 < constants.MAX_FILE_BYTES
-    assert (s.limits.api_calls_per_window, s.limits.api_window_seconds) == (80, 20.0)
+    # Adobe: "limit each third-party integration to 50 calls per 20 seconds or fewer".
+    assert (s.limits.api_calls_per_window, s.limits.api_window_seconds) == (50, 20.0)
     assert s.limits.concurrent_api_calls == 5
     assert s.limits.max_resubmits == 2
-    assert s.limits.daily_api_calls == 50_000
+    assert (s.limits.daily_quota, s.limits.daily_reserve) == (50_000, 5_000)
     assert s.limits.quota_reset_tz == "America/Chicago"
     assert s.limits.pack_wait_seconds == 5.0
     assert (s.polling.interval, s.polling.max_interval) == (5.0, 30.0)
@@ -262,7 +263,9 @@ def test_config_path_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         ("[watch]\nsettle_seconds = 7200\n", "watch.settle_seconds"),
         ("[polling]\ninterval = inf\nmax_interval = inf\n", "polling.interval"),
         ("[limits]\napi_window_seconds = 0\n", "limits.api_window_seconds"),
-        ("[limits]\ndaily_api_calls = 0\n", "limits.daily_api_calls"),
+        ("[limits]\ndaily_quota = 0\n", "limits.daily_quota"),
+        ("[limits]\ndaily_reserve = -1\n", "limits.daily_reserve"),
+        ("[limits]\ndaily_quota = 1000\ndaily_reserve = 1000\n", "limits.daily_reserve"),
         ("[limits]\nmax_chunk_bytes = 255\n", "limits.max_chunk_bytes"),
         ("[retention]\nkeep_days = -1\n", "retention.keep_days"),
         ("[retention]\ninterval = 0\n", "retention.interval"),
@@ -276,6 +279,32 @@ def test_config_path_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 )
 def test_numeric_keys_out_of_range_are_named(tmp_path: Path, text: str, key: str) -> None:
     assert error_key(tmp_path, text) == key
+
+
+@pytest.mark.parametrize("where", ["file", "variable"])
+def test_the_old_daily_api_calls_key_is_an_error_naming_the_new_keys(
+    tmp_path: Path, where: str
+) -> None:
+    """The daily quota is the subscription's: `daily_api_calls` (our own budget) gave way
+    to `daily_quota` and `daily_reserve`, and a config still naming it says so."""
+    path = write(tmp_path, "[limits]\ndaily_api_calls = 40000\n") if where == "file" else None
+    env = {} if where == "file" else {"ORCHESTRATOR_LIMITS_DAILY_API_CALLS": "40000"}
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, {**CREDS, **env})
+    expected = {
+        "file": "limits.daily_api_calls",
+        "variable": "ORCHESTRATOR_LIMITS_DAILY_API_CALLS (sets limits.daily_api_calls)",
+    }
+    assert caught.value.key == expected[where]
+    assert "limits.daily_quota" in caught.value.problem
+    assert "limits.daily_reserve" in caught.value.problem
+    assert "unknown key" not in str(caught.value)
+
+
+def test_the_new_quota_keys_load_from_file_and_environment(tmp_path: Path) -> None:
+    path = write(tmp_path, "[limits]\ndaily_quota = 200000\ndaily_reserve = 20000\n")
+    s = load_settings(path, {**CREDS, "ORCHESTRATOR_LIMITS_DAILY_RESERVE": "0"})
+    assert (s.limits.daily_quota, s.limits.daily_reserve) == (200_000, 0)
 
 
 def test_every_numeric_key_has_a_range() -> None:

@@ -593,8 +593,30 @@ async def test_refused_credentials_fail_no_file_and_the_next_run_imports_it(
         ('[polling]\ninterval = "fast"\n', (), SECRET_ENV, "error: polling.interval: "),
         ("", (), {}, "error: marketo.client_secret: is required"),
         ("", ("--bogus",), SECRET_ENV, "usage error: unrecognized arguments: --bogus"),
+        (
+            "[limits]\ndaily_api_calls = 50000\n",
+            (),
+            SECRET_ENV,
+            "error: limits.daily_api_calls: is no longer a key: the daily quota belongs to "
+            "the whole subscription; set limits.daily_quota",
+        ),
+        (
+            "",
+            (),
+            {**SECRET_ENV, "ORCHESTRATOR_LIMITS_DAILY_API_CALLS": "50000"},
+            "error: ORCHESTRATOR_LIMITS_DAILY_API_CALLS (sets limits.daily_api_calls): is no "
+            "longer a key",
+        ),
     ],
-    ids=["unknown-key", "unknown-top-level-key", "wrong-type", "missing-secret", "unknown-flag"],
+    ids=[
+        "unknown-key",
+        "unknown-top-level-key",
+        "wrong-type",
+        "missing-secret",
+        "unknown-flag",
+        "old-daily-key",
+        "old-daily-variable",
+    ],
 )
 async def test_user_mistakes_exit_2_with_one_line_naming_the_key(
     cli: CliRunner,

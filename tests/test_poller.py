@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,7 @@ from orchestrator.errors import (
     TransientError,
 )
 from orchestrator.filecache import FileCache
-from orchestrator.models import BatchStatus, ChunkRecord, ChunkStatus
+from orchestrator.models import BatchStatus, ChunkRecord, ChunkStatus, QuotaState
 from orchestrator.poller import Poller
 from orchestrator.store import Store
 from tests.support.settings import CARS, LEADS, fast_settings
@@ -33,9 +34,24 @@ from tests.support.stages import FakeClock, claimed_file
 
 INTERVAL = 5.0
 MAX_INTERVAL = 40.0
-DAILY_CALLS = 1000
+DAILY_QUOTA, DAILY_RESERVE = 1100, 100  # 1000 calls of the subscription's before creates stop
+NOW = datetime(2026, 11, 23, 20, 0, tzinfo=UTC)
 
 Answer = BatchStatus | MarketoError
+
+
+def used_today(count: int, *, ours: int = 0) -> QuotaState:
+    """The quota once the subscription used `count` calls by Marketo's last reading and
+    we made `ours` since."""
+    return QuotaState(
+        as_of=NOW,
+        quota=DAILY_QUOTA,
+        reserve=DAILY_RESERVE,
+        resets_at=NOW + timedelta(hours=10),
+        marketo_count=count,
+        read_at=NOW,
+        ours_since=ours,
+    )
 
 
 class FakeStatusSource:
@@ -49,7 +65,7 @@ class FakeStatusSource:
         self.downloads: list[tuple[str, int, Path]] = []
         # Per kind, what the next downloads do: an error to raise, False for a 404.
         self.download_answers: dict[str, deque[MarketoError | bool]] = {}
-        self.calls_today = 0
+        self.quota = used_today(0)
 
     def script(self, batch_id: int, *answers: str | Answer) -> None:
         """Answers for the next polls of `batch_id`; a bare string is a status."""
@@ -147,7 +163,8 @@ def make_settings(tmp_path: Path, **limits: int) -> Settings:
         "http://marketo.invalid",
         tmp_path / "data",
         (LEADS, CARS),
-        **{"concurrent_jobs": 2, "daily_api_calls": DAILY_CALLS, **limits},
+        **{"concurrent_jobs": 2, "daily_quota": DAILY_QUOTA, "daily_reserve": DAILY_RESERVE}
+        | limits,
     )
     return replace(base, polling=PollingSettings(interval=INTERVAL, max_interval=MAX_INTERVAL))
 
@@ -262,19 +279,49 @@ async def test_near_the_daily_budget_jobs_are_polled_at_max_interval(harness: Ha
     harness.client.script(101, "Importing", "Importing")
     harness.client.script(102, "Importing", "Importing")
 
-    harness.client.calls_today = int(0.9 * DAILY_CALLS) - 1
+    limit = DAILY_QUOTA - DAILY_RESERVE
+    harness.client.quota = used_today(int(0.9 * limit) - 2, ours=1)  # the subscription's
     assert await harness.poll_round() == []
     harness.clock.advance(INTERVAL)
     assert await harness.poll_round() == [101, 102]
     assert await harness.intervals() == {101: 5.0, 102: 5.0, 103: math.inf}
 
-    harness.client.calls_today = int(0.9 * DAILY_CALLS)
+    harness.client.quota = used_today(int(0.9 * limit) - 2, ours=2)
     assert await harness.intervals() == {101: 40.0, 102: 40.0, 103: math.inf}
     harness.clock.advance(INTERVAL)
     assert await harness.poll_round() == []
     harness.clock.advance(MAX_INTERVAL - INTERVAL)
     assert await harness.poll_round() == [101, 102]
     assert 103 not in harness.client.polls
+
+
+async def test_once_no_job_is_created_jobs_at_marketo_are_polled_to_their_end_sparingly(
+    harness: Harness,
+) -> None:
+    """Item 5: the subscription reached daily_quota - daily_reserve (other integrations'
+    calls and ours): no new job goes, but ours at Marketo are polled at max_interval until
+    they end, and their failures are still fetched."""
+    (chunk,) = await harness.submitted_chunks(LEADS, (101, 0))
+    harness.client.quota = used_today(DAILY_QUOTA - DAILY_RESERVE)
+    assert harness.client.quota.creates_paused
+    complete = BatchStatus(101, "Complete", rows_processed=9, rows_failed=1)
+    harness.client.script(101, "Importing", complete)
+
+    assert await harness.poll_round() == [101]
+    assert await harness.intervals() == {101: MAX_INTERVAL}
+    harness.clock.advance(INTERVAL)
+    assert await harness.poll_round() == []
+    harness.clock.advance(MAX_INTERVAL - INTERVAL)
+    assert await harness.poll_round() == [101]
+
+    failures = Path(chunk.path).with_suffix(".failures")
+    assert harness.client.downloads == [("failures", 101, failures)]
+    done = await harness.chunk(101)
+    assert (done.status, done.rows_failed, done.failures_path) == (
+        ChunkStatus.COMPLETE,
+        1,
+        str(failures),
+    )
 
 
 # -- final answers --------------------------------------------------------------------------------

@@ -91,7 +91,10 @@ RANGES: dict[str, Range] = {
     "limits.max_resubmits": Range(
         0, low_ok=True, note="0 fails a file at its first unknown outcome"
     ),
-    "limits.daily_api_calls": Range(0),  # a subscription may buy more than 50,000
+    "limits.daily_quota": Range(0),  # a subscription may buy more than 50,000
+    "limits.daily_reserve": Range(
+        0, low_ok=True, note="0 leaves nothing of the quota to other integrations"
+    ),
     "limits.pack_wait_seconds": Range(
         0.0,
         3600.0,
@@ -182,6 +185,12 @@ def validate(settings: Settings, *, require_credentials: bool) -> None:
                 raise ConfigError(f"marketo.{key}", f"is required (set it or {env})")
     if lim.queued_jobs < lim.concurrent_jobs:
         raise ConfigError("limits.queued_jobs", "must be at least limits.concurrent_jobs")
+    if lim.daily_reserve >= lim.daily_quota:
+        raise ConfigError(
+            "limits.daily_reserve",
+            f"must be less than limits.daily_quota ({lim.daily_quota}): "
+            "no job could ever be created",
+        )
     try:
         ZoneInfo(lim.quota_reset_tz)
     except (ZoneInfoNotFoundError, ValueError):

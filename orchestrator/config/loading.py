@@ -33,6 +33,15 @@ from orchestrator.errors import ConfigError
 from orchestrator.models import ObjectType
 
 DEFAULT_CONFIG_PATH = Path("config/orchestrator.toml")
+# Keys taken away, with what replaced them: a config (file or variable) still naming one
+# is an error that says what to write instead, never an "unknown key" to guess at.
+RETIRED = {
+    "limits.daily_api_calls": (
+        "is no longer a key: the daily quota belongs to the whole subscription; set "
+        "limits.daily_quota (its daily allocation, Admin > Web Services; default 50000) "
+        "and limits.daily_reserve (the calls left for other integrations; default 5000)"
+    ),
+}
 ENV_NAMED = {
     "MARKETO_BASE_URL": ("marketo", "base_url"),
     "MARKETO_IDENTITY_URL": ("marketo", "identity_url"),
@@ -144,6 +153,8 @@ def apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
             continue
         rest = var.removeprefix("ORCHESTRATOR_").lower()
         section, _, key = rest.partition("_")
+        if f"{section}.{key}" in RETIRED:
+            raise ConfigError(f"{var} (sets {section}.{key})", RETIRED[f"{section}.{key}"])
         if section in SECTIONS and key in {f.name for f in fields(SECTIONS[section])}:
             table_of(merged, section)[key] = EnvValue(var, value)
     return merged
@@ -213,6 +224,8 @@ def build_section(name: str, cls: type[Any], table: Any) -> Any:
     types = {f.name: f.type for f in fields(cls)}
     values: dict[str, Any] = {}
     for key, value in table.items():
+        if f"{name}.{key}" in RETIRED:
+            raise ConfigError(f"{name}.{key}", RETIRED[f"{name}.{key}"])
         if key not in types:
             raise ConfigError(f"{name}.{key}", "unknown key")
         typ = {"int": int, "float": float, "bool": bool}.get(str(types[key]), str)

@@ -65,7 +65,10 @@ class LimitSettings:
     api_window_seconds: float = constants.API_WINDOW_SECONDS
     concurrent_api_calls: int = constants.DEFAULT_CONCURRENT_API_CALLS
     max_resubmits: int = constants.DEFAULT_MAX_RESUBMITS
-    daily_api_calls: int = constants.DAILY_API_CALLS
+    # The subscription's daily quota belongs to every integration: no new job is created
+    # once its usage (Marketo's count plus ours since) reaches daily_quota - daily_reserve.
+    daily_quota: int = constants.DAILY_QUOTA
+    daily_reserve: int = constants.DEFAULT_DAILY_RESERVE
     quota_reset_tz: str = constants.QUOTA_RESET_TZ
     # Small files of one route, format and header share a chunk (a pack); an open pack
     # is sealed once this long passes without a new file joining it (0: as soon as no

@@ -9,7 +9,9 @@ and shapes each operation's exchange; the parts do the rest:
 - `marketo.retry`: the one retry loop every call goes through, and the
   transport that sends a request and translates aiohttp's exceptions;
 - `marketo.auth`: the credentials, the identity request and the token cache;
-- `marketo.limits`: calls per window and in flight, and the daily quota;
+- `marketo.limits`: calls per window and in flight;
+- `marketo.quota`: the subscription's daily quota (Marketo's count of it, read
+  by `refresh_usage`, plus ours since) and the pause after a 607;
 - `marketo.upload`: the multipart upload, its stall watchdog, unknown outcomes;
 - `marketo.wire`: paths, operation ids, reading envelopes and files;
 - `marketo.access`: what Marketo refuses for a reason of configuration (refused
@@ -39,13 +41,15 @@ from orchestrator.clock import utc_now
 from orchestrator.errors import AccessDeniedError, CredentialsError
 from orchestrator.marketo.access import CREDENTIALS, Access
 from orchestrator.marketo.auth import Identity, TokenSource
-from orchestrator.marketo.limits import DailyQuota, Limiter
+from orchestrator.marketo.limits import Limiter
+from orchestrator.marketo.quota import DailyQuota
 from orchestrator.marketo.retry import ClientObserver, NullObserver, RetryLoop, Transport
 from orchestrator.marketo.upload import expected_seconds, upload_exchange
 from orchestrator.marketo.wire import (
     CUSTOM_OBJECT_FAILURES,
     CUSTOM_OBJECT_STATUS,
     CUSTOM_OBJECT_WARNINGS,
+    DAILY_USAGE,
     IMPORT_CUSTOM_OBJECTS,
     IMPORT_LEADS,
     IMPORT_PROGRAM_MEMBERS,
@@ -61,8 +65,9 @@ from orchestrator.marketo.wire import (
     custom_object_root,
     read_file,
     read_result,
+    usage_total,
 )
-from orchestrator.models import BatchStatus, ObjectType
+from orchestrator.models import BatchStatus, ObjectType, QuotaState
 
 __all__ = ["ClientObserver", "MarketoClient"]
 
@@ -73,7 +78,7 @@ class MarketoClient:
     """Bulk Import calls with tokens, limits, retries and error translation built in.
 
     One instance per process: it holds the token cache, the limiter and the
-    daily call count. Use it as an async context manager (or call `close`).
+    daily quota. Use it as an async context manager (or call `close`).
     """
 
     def __init__(
@@ -102,7 +107,7 @@ class MarketoClient:
             socket_factory=socket_factory,
         )
         self._timeout = self._transport.timeout
-        limiter = Limiter(
+        self._limiter = limiter = Limiter(
             lim.api_calls_per_window,
             lim.api_window_seconds,
             lim.concurrent_api_calls,
@@ -114,7 +119,8 @@ class MarketoClient:
         )
         self._tokens = TokenSource(self._identity.fetch, clock=clock, sleep=sleep)
         self._quota = DailyQuota(
-            lim.daily_api_calls,
+            lim.daily_quota,
+            lim.daily_reserve,
             lim.quota_reset_tz,
             wall_clock=wall_clock,
             sleep=sleep,
@@ -188,6 +194,28 @@ class MarketoClient:
     def calls_by_operation(self) -> Mapping[str, int]:
         """Requests sent, by swagger operation id (and "identity")."""
         return dict(self._transport.calls)
+
+    @property
+    def calls_in_window(self) -> int:
+        """Counted calls sent within the last `api_window_seconds`."""
+        return self._limiter.in_window
+
+    # -- The subscription's daily quota -------------------------------------
+
+    @property
+    def quota(self) -> QuotaState:
+        """The daily quota as reckoned now, without asking Marketo."""
+        return self._quota.state()
+
+    async def refresh_usage(self) -> QuotaState:
+        """Read Marketo's count of the subscription's calls today if a reading is due
+        (`marketo.quota`); the quota as reckoned now."""
+        return await self._quota.refresh(self.daily_usage)
+
+    async def daily_usage(self) -> int:
+        """The subscription's calls today, every API user's, as Marketo counts them."""
+        result = await self._get(DAILY_USAGE, "/rest/v1/stats/usage.json")
+        return usage_total(result, DAILY_USAGE)
 
     # -- Leads -------------------------------------------------------------
 
@@ -332,13 +360,18 @@ class MarketoClient:
         return batch_status(result, operation)
 
     async def _status(self, operation: str, url_path: str) -> BatchStatus:
+        return batch_status(await self._get(operation, url_path), operation)
+
+    async def _get(self, operation: str, url_path: str) -> Any:
+        """GET a JSON envelope; its `result`."""
+
         async def exchange(session: aiohttp.ClientSession, headers: dict[str, str]) -> Any:
             async with session.get(
                 self._base + url_path, headers=headers, timeout=self._timeout
             ) as resp:
                 return await read_result(resp, operation, self._scrub)
 
-        return batch_status(await self._call(operation, exchange), operation)
+        return await self._call(operation, exchange)
 
     async def _download(self, operation: str, url_path: str, dest: Path) -> bool:
         """GET a failures/warnings file, streamed to `dest` via `dest.part`."""
@@ -358,18 +391,21 @@ class MarketoClient:
         self, operation: str, exchange: Exchange[T], *, min_life: float | None = None
     ) -> T:
         """One call through the retry loop, learning from it what Marketo refuses: a
-        refusal is kept until a call needing the same thing succeeds (`marketo.access`)."""
-        permission = PERMISSIONS[operation]
+        refusal is kept until a call needing the same thing succeeds (`marketo.access`).
+        A call outside the Bulk Import (the usage reading) needs no import permission:
+        a 603 to it is that call's error only, not a refusal of the daemon's work."""
+        permission = PERMISSIONS.get(operation)
         try:
             result = await self._retry.call(operation, exchange, min_life=min_life)
         except AccessDeniedError as exc:
             self._access.allowed(CREDENTIALS)  # 603: "authentication is successful but ..."
-            self._access.refused(permission, exc)
+            if permission is not None:
+                self._access.refused(permission, exc)
             raise
         except CredentialsError as exc:
             self._access.refused(CREDENTIALS, exc)
             raise
-        self._access.allowed(CREDENTIALS, permission)
+        self._access.allowed(CREDENTIALS, *([permission] if permission else []))
         return result
 
     def _scrub(self, text: str) -> str:

@@ -2,13 +2,18 @@
 
 Every bulk call goes through the loop:
 
-    quota gate -> token -> limiter slot -> HTTP -> envelope -> result
-         ^                                                    |
-         +-- 601/602: refresh once (under the token lock) ----+
+    607 pause -> token -> limiter slot -> HTTP -> envelope -> count -> result
+         ^                                                             |
+         +-- 601/602: refresh once (under the token lock) -------------+
          +-- 606: hold every call for a full api_window_seconds, retry
          +-- 615/5xx/500/502/604/608/611/614/713/719/network/timeout: backoff, retry
-         +-- 607: pause every call until the quota resets (see `marketo.limits`), retry
+         +-- 607: pause every call until the quota resets (see `marketo.quota`), retry
     1016, 1019 and fatal errors: raised at once (the scheduler owns 1016/1019)
+
+Each call that went out counts once in the day's quota, answered or not, unless
+Marketo answered with a code it does not count (601, 602, 604, 605, 608, 611,
+`constants.UNCOUNTED_CODES`): then its slot in the window is given back too, so
+our window and day hold what Marketo's hold.
 
 An `UnknownOutcomeError` (an upload that may have created a job, see
 `marketo.upload`) is raised at once too: only the scheduler may resubmit.
@@ -35,6 +40,7 @@ import aiohttp
 import structlog
 
 import orchestrator
+from orchestrator import constants
 from orchestrator.backoff import Backoff
 from orchestrator.errors import (
     AuthError,
@@ -44,7 +50,8 @@ from orchestrator.errors import (
     TransientError,
 )
 from orchestrator.marketo.auth import TokenSource
-from orchestrator.marketo.limits import DailyQuota, Limiter
+from orchestrator.marketo.limits import Limiter, Slot
+from orchestrator.marketo.quota import DailyQuota
 from orchestrator.marketo.upload import on_chunk_sent
 from orchestrator.marketo.wire import Exchange, Scrub, describe
 
@@ -181,12 +188,17 @@ class RetryLoop:
         while True:
             generation = None
             try:
-                await self._quota.reserve(self._on_quota_pause)
+                await self._quota.wait(self._on_quota_pause)
                 token = await self._tokens.get(min_life)
                 generation = token.generation
                 headers = {"Authorization": f"Bearer {token.value}"}
-                async with self._limiter.slot():
-                    result = await self._transport.send(operation, exchange, headers)
+                async with self._limiter.slot() as slot:
+                    try:
+                        result = await self._transport.send(operation, exchange, headers)
+                    except BaseException as exc:  # it may have gone out all the same
+                        self._count(slot, exc.code if isinstance(exc, MarketoError) else None)
+                        raise
+                    self._count(slot, None)
                 self._quota.succeeded()
                 return result
             except MarketoError as exc:
@@ -222,6 +234,13 @@ class RetryLoop:
                         await self._sleep(delay)
                 else:  # fatal, 1016/1019 (the scheduler's), an unknown outcome
                     raise
+
+    def _count(self, slot: Slot, code: str | None) -> None:
+        """Count a call that went out, unless Marketo does not count its answer."""
+        if code in constants.UNCOUNTED_CODES:
+            slot.refund()
+        else:
+            self._quota.count()
 
     def _delay(self, exc: MarketoError, failures: int, started: float) -> float | None:
         """The wait before the next attempt, None when attempts or time ran out."""

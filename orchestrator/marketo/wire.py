@@ -53,6 +53,7 @@ IMPORT_PROGRAM_MEMBERS: Final = "importProgramMemberUsingPOST"
 PROGRAM_MEMBER_STATUS: Final = "getImportProgramMemberStatusUsingGET"
 PROGRAM_MEMBER_FAILURES: Final = "getImportProgramMemberFailuresUsingGET"
 PROGRAM_MEMBER_WARNINGS: Final = "getImportProgramMemberWarningsUsingGET"
+DAILY_USAGE: Final = "getDailyUsageUsingGET"  # GET /rest/v1/stats/usage.json
 
 # The permission of the API role each bulk operation needs (swagger-mapi.json: "Required
 # Permissions"); program members are leads to Marketo's roles.
@@ -236,6 +237,31 @@ def refuse_envelope(path: Path, *, operation: str, scrub: Scrub) -> None:
             "invalid-response", "a JSON body where a file was expected", operation=operation
         )
     raise envelope_error(body, operation, scrub)
+
+
+def usage_total(result: Any, operation: str) -> int:
+    """The subscription's calls today from a usage `result` (swagger: UsageData items of
+    `date`, `total` and per-user `count`s): the latest day's total, or the sum of its
+    users' counts when Marketo leaves the total out; 0 when it lists no day."""
+    if not isinstance(result, list):
+        raise FatalError("invalid-response", "no usage list in the result", operation=operation)
+    days = [item for item in result if isinstance(item, Mapping)]
+    if not days:
+        return 0
+    today = max(days, key=lambda item: str(item.get("date") or ""))
+    try:
+        if today.get("total") is not None:
+            return int(today["total"])
+        users = today.get("users")
+        return (
+            sum(int(u.get("count") or 0) for u in users if isinstance(u, Mapping))
+            if isinstance(users, list)
+            else 0
+        )
+    except (TypeError, ValueError):
+        raise FatalError(
+            "invalid-response", "malformed usage counts", operation=operation
+        ) from None
 
 
 async def stream_to_file(
