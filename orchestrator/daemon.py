@@ -184,6 +184,7 @@ class Daemon:
             start(upkeep.token_keeper(stop, once=self.once), "token")
             start(upkeep.watch_refusals(stop, once=self.once), "refusals")
             start(upkeep.persist_calls(stop), "api-calls")
+            start(upkeep.usage_keeper(stop), "usage")
             start(upkeep.retention(stop), "retention")
             if self.once:
                 start(self.drain(), "drain")

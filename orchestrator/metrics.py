@@ -31,7 +31,7 @@ from prometheus_client import (
 )
 
 from orchestrator import __version__
-from orchestrator.models import ChunkRecord, ChunkStatus, FileRecord, FileStatus
+from orchestrator.models import ChunkRecord, ChunkStatus, FileRecord, FileStatus, QuotaState
 
 PREFIX: Final = "marketo_orchestrator"
 ROW_OUTCOMES: Final = ("processed", "failed", "warned", "rejected")
@@ -58,6 +58,8 @@ class StoreReader(Protocol):
     ) -> list[FileRecord]: ...
 
     async def chunks_of(self, file_ids: Iterable[int]) -> list[ChunkRecord]: ...
+
+    async def quota(self) -> QuotaState | None: ...
 
 
 def error_code_label(code: str) -> str:
@@ -117,7 +119,29 @@ class Metrics:
         )
         self._api_calls_today = Gauge(
             f"{PREFIX}_api_calls_today",
-            "API calls counted against today's quota.",
+            "Our API calls counted against today's quota.",
+            registry=reg,
+        )
+        self._subscription_calls = Gauge(
+            f"{PREFIX}_subscription_api_calls_today",
+            "The subscription's API calls today, every integration's, as Marketo last "
+            "counted them (stats/usage.json).",
+            registry=reg,
+        )
+        self._quota_limit = Gauge(
+            f"{PREFIX}_daily_quota_limit",
+            "Calls the subscription may reach before no new job is created "
+            "(limits.daily_quota - limits.daily_reserve).",
+            registry=reg,
+        )
+        self._quota_paused = Gauge(
+            f"{PREFIX}_quota_creates_paused",
+            "1 while no new import job is created because of the daily quota.",
+            registry=reg,
+        )
+        self._quota_reset = Gauge(
+            f"{PREFIX}_quota_reset_timestamp_seconds",
+            "When the daily quota resets next (Unix time).",
             registry=reg,
         )
         self._errors = Counter(
@@ -191,6 +215,13 @@ class Metrics:
 
     def set_api_calls_today(self, n: int) -> None:
         self._api_calls_today.set(n)
+
+    def set_quota(self, state: QuotaState) -> None:
+        """The daily quota as the Marketo client reckons it."""
+        self._subscription_calls.set(state.marketo_count or 0)
+        self._quota_limit.set(state.limit)
+        self._quota_paused.set(1 if state.creates_paused else 0)
+        self._quota_reset.set(state.resets_at.timestamp())
 
     # Gauges read from the store.
 

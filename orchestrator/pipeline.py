@@ -93,6 +93,7 @@ class Pipeline:
             on_submitted=self.submitted,
             on_chunk_final=self.chunk_refused,
             files=self.files,
+            quota=client,
             observer=metrics,
         )
         self.poller = Poller(

@@ -30,6 +30,10 @@ configuration's fault, not the chunk's: nothing fails, the chunk keeps the head
 of the queue, and every later create waits out a backoff (the next create is the
 probe that learns when the configuration is fixed).
 
+Before each create the daily quota is asked (`orchestrator.quotagate`): once the
+subscription used daily_quota - daily_reserve, no new job is created until the
+quota resets or Marketo's count shows room again.
+
 On 1016 the chunk keeps the head of the queue and everything waits out an
 exponential, jittered backoff. At most one of our jobs per static list
 (`listId`) is outstanding, since Marketo answers 1019 otherwise; a chunk whose
@@ -63,6 +67,7 @@ from orchestrator.errors import (
 )
 from orchestrator.filecache import FileCache
 from orchestrator.models import BatchStatus, ChunkRecord, ChunkStatus, FileRecord
+from orchestrator.quotagate import QuotaGate, QuotaSource
 from orchestrator.store import Store
 
 log = structlog.get_logger(__name__)
@@ -151,10 +156,12 @@ class Scheduler:
     on_submitted: Callable[[ChunkRecord], None]
     on_chunk_final: Callable[[ChunkRecord], Awaitable[None]]
     files: FileCache = field(kw_only=True)  # shared with the poller (see orchestrator.filecache)
+    quota: QuotaSource | None = field(default=None, kw_only=True)  # None: no quota gate
     observer: Observer | None = None
     clock: Callable[[], float] = time.monotonic
     model: QueueModel = field(init=False)
     backoff: Backoff = field(init=False)
+    quota_gate: QuotaGate = field(init=False)
     queue_wait: Wait = field(default_factory=Wait)
     list_waits: dict[int, Wait] = field(default_factory=dict)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
@@ -163,6 +170,7 @@ class Scheduler:
         lim = self.settings.limits
         self.model = QueueModel(limit=min(lim.queued_jobs, constants.MAX_QUEUED_JOBS))
         self.backoff = Backoff(self.settings.backoff.initial, self.settings.backoff.max)
+        self.quota_gate = QuotaGate(self.quota, self.clock, self.observer)
 
     def wake(self) -> None:
         """Something changed: a chunk was added or a job finished."""
@@ -195,7 +203,8 @@ class Scheduler:
     def next_deadline(self) -> float | None:
         """Seconds until the earliest backoff ends, or None to wait for a wake-up."""
         now = self.clock()
-        ends = [w.until for w in (self.queue_wait, *self.list_waits.values()) if w.until > now]
+        waits = [self.queue_wait.until, self.quota_gate.until]
+        ends = [t for t in (*waits, *(w.until for w in self.list_waits.values())) if t > now]
         return max(0.0, min(ends) - now) if ends else None
 
     def backoff_remaining(self) -> float:
@@ -204,7 +213,7 @@ class Scheduler:
 
     async def submit_ready(self, stop: asyncio.Event) -> None:
         """Submit pending chunks in FIFO order while the model has room."""
-        if self.queue_wait.until > self.clock():
+        if self.queue_wait.until > self.clock() or self.quota_gate.closed():
             return
         pending = await self.store.chunks(statuses=[ChunkStatus.PENDING])
         outstanding = await self.store.chunks(statuses=OUTSTANDING)
@@ -231,6 +240,8 @@ class Scheduler:
                 await self.refuse(chunk, problem or "no route")
                 blocked_files.add(chunk.file_id)
                 continue
+            if not await self.quota_gate.allows():
+                return
             outcome = await self.submit(chunk, file, route, len(outstanding))
             if outcome == "queue-full":
                 return

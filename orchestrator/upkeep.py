@@ -1,5 +1,5 @@
-"""Housekeeping beside the pipeline: the token, the day's API call count,
-readiness, Marketo's refusals and retention.
+"""Housekeeping beside the pipeline: the token, the day's API call count, the
+daily quota, readiness, Marketo's refusals and retention.
 
 Refusals: what Marketo refuses for a reason of configuration (refused
 credentials, 603: the API role or an IP allow-list), as the client learns it
@@ -8,6 +8,12 @@ changes, empty again once calls succeed, so `submit --wait` and the Python API
 learn why nothing moves; readiness says it; `run --once` stops on it (exit 3,
 nothing failed). A long-running daemon keeps working at it: the scheduler's next
 create after a backoff, and the poller's next status call, are the probes.
+
+The daily quota: Marketo's own count of the subscription's calls today is read
+at the start and whenever a reading is due (`usage_keeper`; the scheduler reads
+it too before a create when it is due), and every `PERSIST_SECONDS` the quota as
+reckoned goes to the store (for `status`) and to /metrics, with the day's count
+of our own calls.
 
 Retention: every `retention.interval` seconds, finished files that finished
 more than `retention.keep_days` ago leave the state store (with their chunks
@@ -38,6 +44,7 @@ from orchestrator.store import Store
 log = structlog.get_logger(__name__)
 
 PERSIST_SECONDS = 5.0  # how often the day's API call count is written to the store
+USAGE_LOOK_SECONDS = 1.0  # the least time between two looks at whether a reading is due
 PRUNE_BATCH = 200  # finished files forgotten per transaction
 
 
@@ -129,18 +136,35 @@ class Upkeep:
         """Why Marketo refuses the daemon (credentials, 603), or None."""
         return self.credentials_refused or self.client.access.problem
 
+    async def usage_keeper(self, stop: asyncio.Event) -> None:
+        """Read Marketo's count of the subscription's calls today now and whenever a
+        reading is due, while the credentials hold (the token keeper sees to them)."""
+        await wait_for_any(self.token_settled, stop, within=None)
+        while not stop.is_set():
+            if self.client.identity_ok:
+                await self.client.refresh_usage()
+                await self.save_calls()
+            quota = self.client.quota
+            due = quota.next_read_at or quota.as_of
+            seconds = max(USAGE_LOOK_SECONDS, (due - quota.as_of).total_seconds())
+            await wait_for_any(stop, within=seconds)
+
     async def persist_calls(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             await wait_for_any(stop, within=PERSIST_SECONDS)
             await self.save_calls()
 
     async def save_calls(self) -> None:
+        """Our calls of the day and the quota as reckoned, to the store and /metrics."""
         used = self.client.calls_today
         delta = used - self.persisted_calls if used >= self.persisted_calls else used
         if delta:
             await self.store.add_api_calls(quota_day(self.settings), delta)
         self.persisted_calls = used
+        quota = self.client.quota
+        await self.store.save_quota(quota)
         self.metrics.set_api_calls_today(used)
+        self.metrics.set_quota(quota)
 
     async def retention(self, stop: asyncio.Event) -> None:
         """Prune finished files past `retention.keep_days`, now and every interval."""

@@ -159,12 +159,13 @@ async def test_a_v1_database_with_history_is_migrated_with_its_counts(tmp_path: 
     conn.execute("DROP INDEX files_by_ticket")
     conn.execute("ALTER TABLE files DROP COLUMN ticket")
     conn.execute("ALTER TABLE chunks DROP COLUMN unknown_outcomes")
-    # ...and no pieces, packs or shares (v5).
+    # ...and no pieces, packs or shares (v5), no kept daily quota (v7).
     conn.execute("DROP TABLE pieces")
     for column in ("files", "sealed", "attributed"):
         conn.execute(f"ALTER TABLE chunks DROP COLUMN {column}")
     conn.execute("ALTER TABLE chunks DROP COLUMN unmatched_rows")  # v7
     conn.execute("DROP TABLE refusals")  # (v9; v8's 'unknown' chunk status stays allowed)
+    conn.execute("DROP TABLE quota")
     conn.execute("PRAGMA user_version = 1")
     conn.commit()
     conn.close()

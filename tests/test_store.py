@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from orchestrator.models import (
     FileRecord,
     FileStatus,
     Refusal,
+    QuotaState,
     RejectRecord,
 )
 from orchestrator.store import LATEST_VERSION, Claim, Recovery, Store
@@ -116,7 +118,7 @@ async def test_open_creates_schema_with_wal_full_sync_and_foreign_keys(store: St
     assert await on_store_connection("journal_mode") == "wal"
     assert await on_store_connection("synchronous") == 2  # FULL
     assert await on_store_connection("foreign_keys") == 1
-    assert pragma(store.path, "user_version") == LATEST_VERSION == 9
+    assert pragma(store.path, "user_version") == LATEST_VERSION == 10
     assert await store.integrity_check() == "ok"
 
 
@@ -128,7 +130,7 @@ async def test_empty_v0_file_is_migrated_to_the_latest(db_path: Path) -> None:
     with sqlite3.connect(db_path) as conn:
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     conn.close()
-    assert tables == {"files", "chunks", "pieces", "rejects", "api_calls", "tallies", "refusals"}
+    assert tables == {"files", "chunks", "pieces", "rejects", "api_calls", "tallies", "refusals", "quota"}
     async with await Store.open(db_path) as store:
         assert await store.get_file(file.id) == file
 
@@ -753,6 +755,32 @@ async def test_api_calls_add_up_per_day_and_persist(store: Store) -> None:
         assert await store.api_calls("2026-11-25") == 0
     finally:
         await store.close()
+
+
+async def test_the_daily_quota_as_reckoned_is_kept_and_read_back(store: Store) -> None:
+    assert await store.quota() is None
+    at = datetime(2026, 11, 23, 20, 0, tzinfo=UTC)
+    state = QuotaState(
+        as_of=at,
+        quota=50_000,
+        reserve=5_000,
+        resets_at=datetime(2026, 11, 24, 6, 0, tzinfo=UTC),
+        marketo_count=44_990,
+        read_at=at - timedelta(minutes=3),
+        next_read_at=at + timedelta(minutes=7),
+        ours_since=12,
+        ours_today=812,
+    )
+    await store.save_quota(state)
+    await store.save_quota(replace(state, ours_since=13, paused_until=state.resets_at))
+    store = await reopen(store)
+    try:
+        kept = await store.quota()
+    finally:
+        await store.close()
+    assert kept == replace(state, ours_since=13, paused_until=state.resets_at)
+    assert kept is not None
+    assert (kept.used, kept.limit, kept.creates_paused) == (45_003, 45_000, True)
 
 
 # -- the event loop and crashes ------------------------------------------------------------------

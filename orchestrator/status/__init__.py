@@ -17,6 +17,7 @@ from orchestrator.status.snapshot import (
     jobs_snapshot,
     live_state,
     load_snapshot,
+    quota_entry,
     read_snapshot,
     totals,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "live_progress",
     "live_state",
     "load_snapshot",
+    "quota_entry",
     "read_snapshot",
     "run_line",
     "totals",

@@ -65,10 +65,15 @@ def fraction(done: int, total: int | None) -> str:
     return f"{done}/{'?' if total is None else total}"
 
 
-def waiting_for(states: Collection[str], backoff: float = 0.0) -> str | None:
-    """What work in these live states waits for (a backoff first), or None."""
+def waiting_for(
+    states: Collection[str], backoff: float = 0.0, quota: dict[str, Any] | None = None
+) -> str | None:
+    """What work in these live states waits for (a backoff first, then the daily quota
+    when it holds new jobs back from a file waiting for a slot), or None."""
     if backoff:
         return f"a backoff ({backoff:.0f}s)"
+    if quota and quota["creates_paused"] and "waiting" in states:
+        return f"the daily API quota (resets {quota['resets_at'][:16].replace('T', ' ')} UTC)"
     state = next((s for s in WAITING_ORDER if s in states), None)
     return None if state is None else WAITING_FOR[state]
 
@@ -114,7 +119,7 @@ async def run_line(store: StoreReader, backoff: float, meter: RateMeter) -> str:
         chunks=fraction(sum(chunks[str(s)] for s in FINAL_CHUNK_STATUSES), sum(chunks.values())),
         rows=str(rows),
         rate=meter.rate(rows),
-        waiting=waiting_for({f["state"] for f in snap["files"]}, backoff),
+        waiting=waiting_for({f["state"] for f in snap["files"]}, backoff, snap["quota"]),
     )
 
 

@@ -12,6 +12,9 @@
   tallies its triggers keep. `truncated` says more files matched than shown.
 - `live_state` and `WAITING_FOR`: what a file waits for now, in a word and in
   a phrase (the progress lines say the phrase).
+- `quota_entry`: the subscription's daily quota as the daemon last reckoned it
+  (`"quota"` in the snapshot): how much of it was used, when it resets, and,
+  while no new job is created for it, why (`"reason"`).
 
 Work paths and other internals stay out of the snapshot; the store holds no
 secrets, so none can leak from here.
@@ -24,9 +27,11 @@ import fnmatch
 from collections import Counter, defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
 
+from orchestrator.clock import stamp, utc_now
 from orchestrator.errors import StoreError
 from orchestrator.metrics import StoreReader
 from orchestrator.models import (
@@ -36,6 +41,7 @@ from orchestrator.models import (
     ChunkStatus,
     FileRecord,
     FileStatus,
+    QuotaState,
 )
 from orchestrator.store import Store
 
@@ -58,10 +64,11 @@ def jobs_snapshot(
     chunks: list[ChunkRecord],
     query: Query | None = None,
     tallies: Mapping[str, int] | None = None,
+    quota: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Files (active work first in claim order, then the latest finished) with their chunks
     (in file order), and totals by status: from the store's `tallies` when given
-    (everything it holds), else counted over `files` and `chunks`."""
+    (everything it holds), else counted over `files` and `chunks`; the `quota_entry`."""
     query = query or Query()
     by_file: dict[int, list[ChunkRecord]] = defaultdict(list)
     for chunk in chunks:
@@ -82,6 +89,7 @@ def jobs_snapshot(
         "files": shown[:limit],
         "totals": totals(files, chunks) if tallies is None else totals_from_tallies(tallies),
         "truncated": len(shown) > limit,
+        "quota": quota,
     }
 
 
@@ -212,6 +220,48 @@ def totals_from_tallies(tallies: Mapping[str, int]) -> dict[str, Any]:
     }
 
 
+def quota_entry(state: QuotaState | None, now: datetime | None = None) -> dict[str, Any] | None:
+    """The daily quota as the daemon last reckoned it; None before it ever did. Past its
+    reset the day it describes is over: nothing waits for it any more."""
+    if state is None:
+        return None
+    over = (now or utc_now()) >= state.resets_at
+    paused = state.creates_paused and not over
+    return {
+        "daily_quota": state.quota,
+        "daily_reserve": state.reserve,
+        "limit": state.limit,
+        "used": 0 if over else state.used,
+        "marketo_count": None if over else state.marketo_count,
+        "read_at": None if over or state.read_at is None else stamp(state.read_at),
+        "ours_today": state.ours_today,
+        "resets_at": stamp(state.resets_at),
+        "as_of": stamp(state.as_of),
+        "creates_paused": paused,
+        "reason": quota_reason(state) if paused else None,
+    }
+
+
+def quota_reason(state: QuotaState) -> str:
+    """Why no new import job is created, and until when."""
+    if state.paused_until is not None:
+        return (
+            "Marketo answered 607 (daily quota reached): every call waits until "
+            f"{stamp(state.paused_until)}"
+        )
+    again = ""
+    if state.next_read_at is not None and state.next_read_at < state.resets_at:
+        again = (
+            f" (or until Marketo's count, read again at {stamp(state.next_read_at)}, shows room)"
+        )
+    return (
+        f"the subscription used {state.used} of its {state.quota} daily API calls and "
+        f"{state.reserve} are left for other integrations (limits.daily_reserve): no new "
+        f"import job until the quota resets at {stamp(state.resets_at)}{again}; jobs at "
+        "Marketo are still polled"
+    )
+
+
 # The file statuses a file in each live state can have (live states are read from chunks).
 LIVE_STATES: Final = {
     "claimed": frozenset({FileStatus.CLAIMING, FileStatus.CLAIMED}),
@@ -269,7 +319,7 @@ async def load_snapshot(store: StoreReader, query: Query | None = None) -> dict[
         name_glob=None if query.name is None else glob_of(query.name),
     )
     chunks = await store.chunks_of(f.id for f in files)
-    return jobs_snapshot(files, chunks, bounded, tallies)
+    return jobs_snapshot(files, chunks, bounded, tallies, quota_entry(await store.quota()))
 
 
 async def read_snapshot(db_path: Path, query: Query | None = None) -> dict[str, Any]:

@@ -5,6 +5,7 @@ with every value whole; then a summary of the counts by status.
 
 from __future__ import annotations
 
+import textwrap
 from datetime import datetime
 from typing import Any, Final
 
@@ -73,6 +74,7 @@ def format_status_table(
         lines.append("(no files)")
     lines += truncation_note(snapshot)
     lines.append(summary_line(snapshot["totals"]))
+    lines += quota_note(snapshot, TABLE_WIDTH)
     return "\n".join(lines)
 
 
@@ -97,7 +99,17 @@ def wide_table(snapshot: dict[str, Any], now: datetime) -> str:
         lines.append("(no files)")
     lines += truncation_note(snapshot)
     lines.append(summary_line(snapshot["totals"]))
+    lines += quota_note(snapshot, None)
     return "\n".join(lines)
+
+
+def quota_note(snapshot: dict[str, Any], width: int | None) -> list[str]:
+    """While the daily quota holds new jobs back: why, and until when (wrapped to `width`)."""
+    quota = snapshot.get("quota")
+    if not quota or not quota["creates_paused"]:
+        return []
+    text = f"waiting for the daily quota: {quota['reason']}"
+    return textwrap.wrap(text, width, break_on_hyphens=False) if width else [text]
 
 
 def truncation_note(snapshot: dict[str, Any]) -> list[str]:

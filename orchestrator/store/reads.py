@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterable
+from datetime import datetime
 
 from orchestrator.models import (
     FINAL_FILE_STATUSES,
@@ -16,6 +17,7 @@ from orchestrator.models import (
     ChunkStatus,
     FileRecord,
     FileStatus,
+    QuotaState,
     RejectRecord,
 )
 from orchestrator.store.connection import Runner
@@ -206,6 +208,35 @@ class Reads(Runner):
             return int(row[0]) if row is not None else 0
 
         return await self._run("api_calls", body, write=False)
+
+    async def quota(self) -> QuotaState | None:
+        """The daily quota as the daemon last reckoned it; None before it did."""
+
+        def body(conn: sqlite3.Connection) -> QuotaState | None:
+            row = conn.execute(
+                "SELECT as_of, daily_quota, daily_reserve, resets_at, marketo_count, read_at,"
+                " next_read_at, ours_since, ours_today, paused_until FROM quota WHERE id = 1"
+            ).fetchone()
+            if row is None:
+                return None
+
+            def at(text: str | None) -> datetime | None:
+                return None if text is None else datetime.fromisoformat(text)
+
+            return QuotaState(
+                as_of=datetime.fromisoformat(row[0]),
+                quota=int(row[1]),
+                reserve=int(row[2]),
+                resets_at=datetime.fromisoformat(row[3]),
+                marketo_count=None if row[4] is None else int(row[4]),
+                read_at=at(row[5]),
+                next_read_at=at(row[6]),
+                ours_since=int(row[7]),
+                ours_today=int(row[8]),
+                paused_until=at(row[9]),
+            )
+
+        return await self._run("quota", body, write=False)
 
     async def integrity_check(self) -> str:
         """SQLite's full integrity check: "ok", or the problems it found."""

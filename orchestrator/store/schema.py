@@ -189,8 +189,25 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             last TEXT NOT NULL
         )""",
     ),
+    # v10: the subscription's daily quota as the daemon last reckoned it (one row), so
+    # `status` says why no new job is created and when the quota resets.
+    (
+        """CREATE TABLE quota (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            as_of TEXT NOT NULL,
+            daily_quota INTEGER NOT NULL,
+            daily_reserve INTEGER NOT NULL,
+            resets_at TEXT NOT NULL,
+            marketo_count INTEGER,
+            read_at TEXT,
+            next_read_at TEXT,
+            ours_since INTEGER NOT NULL,
+            ours_today INTEGER NOT NULL,
+            paused_until TEXT
+        )""",
+    ),
 )
-# A new migration is appended (the next is v10); a released one is never renumbered.
+# A new migration is appended (the next is v11); a released one is never renumbered.
 LATEST_VERSION = len(_MIGRATIONS)
 
 

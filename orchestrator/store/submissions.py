@@ -12,6 +12,7 @@ from __future__ import annotations
 import sqlite3
 from dataclasses import dataclass, replace
 
+from orchestrator.clock import stamp
 from orchestrator.models import (
     FINAL_CHUNK_STATUSES,
     FINAL_FILE_STATUSES,
@@ -20,6 +21,7 @@ from orchestrator.models import (
     ChunkStatus,
     FileRecord,
     FileStatus,
+    QuotaState,
 )
 from orchestrator.store.connection import Runner
 from orchestrator.store.rows import (
@@ -246,6 +248,31 @@ class ChunkTransitions(Runner):
             )
 
         await self._run("add_api_calls", body)
+
+    async def save_quota(self, state: QuotaState) -> None:
+        """Keep the daily quota as last reckoned (`quota` reads it back)."""
+        values = (
+            stamp(state.as_of),
+            state.quota,
+            state.reserve,
+            stamp(state.resets_at),
+            state.marketo_count,
+            stamp(state.read_at) if state.read_at else None,
+            stamp(state.next_read_at) if state.next_read_at else None,
+            state.ours_since,
+            state.ours_today,
+            stamp(state.paused_until) if state.paused_until else None,
+        )
+
+        def body(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT OR REPLACE INTO quota (id, as_of, daily_quota, daily_reserve, resets_at,"
+                " marketo_count, read_at, next_read_at, ours_since, ours_today, paused_until)"
+                " VALUES (1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                values,
+            )
+
+        await self._run("save_quota", body)
 
     # -- machinery ---------------------------------------------------------------------------
 
