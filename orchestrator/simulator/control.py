@@ -76,6 +76,7 @@ class Subscription:
             "tokens_issued": len(self._tokens.issued),
             "max_in_flight": limits.max_in_flight,
             "max_calls_in_window": limits.max_window,
+            "quota_used": limits.quota_used,  # our users' counted calls this quota day
             "dropped": call_log.dropped,
         }
 

@@ -3,8 +3,11 @@
 Access tokens (`Tokens`: one live token per client id, checked as a bearer
 token), the API role's permissions (`check_permission`: 603), Marketo's call
 limits (`Limits`: 615 calls in flight, 606 calls in the sliding window, 607 the
-quota), random fault injection (`Faults`, one seeded RNG) and the call log
+quota, and the day's usage that stats/usage.json reports), random fault injection (`Faults`, one seeded RNG) and the call log
 (`CallLog`, with the counters `Simulator.stats` reports).
+
+A call answered 601, 602, 604, 605, 608 or 611 is not counted in the window or
+the quota: Marketo's error-code page says it does not count those.
 This module holds their state and rules; the order of the checks is the
 simulator's request plumbing (`Simulator._checked`). Tokens and secrets never
 enter the call log, only the names of the fields that carried them.
@@ -17,6 +20,7 @@ import random
 import secrets
 import uuid
 from collections import Counter, deque
+from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +33,8 @@ MESSAGES = {
     "601": "Access token invalid",
     "602": "Access token expired",
     "603": "Access denied",
+    "604": "Request time-out",
+    "605": "HTTP Method not supported",
     "606": "Max rate limit '{limit}' exceeded with in '{window}' secs",
     "607": "Daily quota reached",
     "608": "API Temporarily Unavailable",
@@ -39,6 +45,9 @@ MESSAGES = {
     "502": "Bad gateway",
 }
 HTTP_FAULTS = ((500, "500 Internal Server Error"), (503, "503 Service Temporarily Unavailable"))
+# stats/usage.json names the API user behind every count; other integrations' calls
+# (`foreign_usage_today`) are this user's.
+FOREIGN_USER = "other-integrations@simulator"
 
 
 @dataclass(slots=True)
@@ -58,6 +67,7 @@ class CallInfo:
     digest: str = ""  # a create's file part (sha256, hex): tells copies of one chunk apart
     dropped: bool = False
     duration: float = 0.0
+    counted: bool = False  # in the window and the day's quota (Marketo counts it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +142,8 @@ class Tokens:
 
 
 class Limits:
-    """Marketo's call limits, checked on arrival (615, 606, 607), and their peaks."""
+    """Marketo's call limits, checked on arrival (615, 606, 607), their peaks, and the
+    day's usage by user."""
 
     def __init__(self) -> None:
         self.in_flight = 0
@@ -141,20 +152,24 @@ class Limits:
     def reset(self) -> None:
         """Forget the window, the quota used and the peaks; calls in flight stay counted."""
         self.window: deque[float] = deque()
-        self.quota_used = 0
+        self.quota_used = 0  # our users' counted calls this quota day
+        self.users: Counter[str] = Counter()  # of those, answered, by client id
         self.quota_day: dt.date | None = None  # the quota day (by quota_reset_utc) counted
         self.max_in_flight = 0
         self.max_window = 0
 
-    def roll_quota(self, wall: dt.datetime, config: SimulatorConfig) -> None:
-        """A new quota day began at `quota_reset_utc`: the count starts again."""
+    def roll_quota(self, wall: dt.datetime, config: SimulatorConfig) -> bool:
+        """Whether a new quota day began at `quota_reset_utc`: the count starts again."""
         reset = config.quota_reset
         if reset is None:
-            return
+            return False
         day = (wall.astimezone(dt.UTC) - reset).date()
-        if self.quota_day is not None and day > self.quota_day:
+        rolled = self.quota_day is not None and day > self.quota_day
+        if rolled:
             self.quota_used = 0
+            self.users.clear()
         self.quota_day = day
+        return rolled
 
     def enter(self) -> None:
         self.in_flight += 1
@@ -163,22 +178,44 @@ class Limits:
     def leave(self) -> None:
         self.in_flight -= 1
 
-    def admit(self, now: float, config: SimulatorConfig) -> None:
-        """Count a call in the window and the quota, or raise Refusal 615, 606 or 607.
+    def admit(self, now: float, config: SimulatorConfig) -> float:
+        """Count a call in the window and the quota (its stamp, for `refund`), or raise
+        Refusal 615, 606 or 607.
 
-        Another integration's calls (`foreign_in_flight`, `foreign_calls_per_window`)
-        take their share of both limits first."""
+        Other integrations' calls (`foreign_in_flight`, `foreign_calls_per_window`,
+        `foreign_usage_today`) take their share of the limits first."""
         if self.in_flight + config.foreign_in_flight > config.concurrency:
             raise Refusal("615", MESSAGES["615"])
         while self.window and self.window[0] <= now - config.rate_window:
             self.window.popleft()
         if len(self.window) + config.foreign_calls_per_window >= config.rate_limit:
             raise Refusal("606", message("606", config))
-        if self.quota_used >= config.daily_quota:
+        if self.quota_used + config.foreign_usage_today >= config.daily_quota:
             raise Refusal("607", MESSAGES["607"])
         self.window.append(now)
         self.quota_used += 1
         self.max_window = max(self.max_window, len(self.window))
+        return now
+
+    def refund(self, stamp: float) -> None:
+        """A call Marketo does not count after all (601, 602, 604, 605, 608, 611)."""
+        with suppress(ValueError):
+            self.window.remove(stamp)
+        self.quota_used = max(0, self.quota_used - 1)
+
+    def usage(self, wall: dt.datetime, config: SimulatorConfig) -> dict[str, Any]:
+        """Today's calls as stats/usage.json lists them (swagger: UsageData): the quota
+        day's date, every counted call of every user, and the count of each user."""
+        reset = config.quota_reset or dt.timedelta(0)
+        day = (wall.astimezone(dt.UTC) - reset).date()
+        users = [{"userId": f"{user}@simulator", "count": n} for user, n in self.users.items()]
+        if config.foreign_usage_today:
+            users.append({"userId": FOREIGN_USER, "count": config.foreign_usage_today})
+        return {
+            "date": f"{day.isoformat()}T00:00:00Z",
+            "total": self.quota_used + config.foreign_usage_today,
+            "users": users,
+        }
 
 
 class Faults:

@@ -1,4 +1,9 @@
-"""The knobs of one simulated subscription; the defaults are a fresh Marketo one."""
+"""The knobs of one simulated subscription; the defaults are a fresh Marketo one.
+
+`KNOB_HELP` says what each knob does, and what the simulator assumes where
+Marketo's documentation is silent; the standalone command's --help shows it, one
+flag per knob (`simulator.arguments`).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ from typing import Any
 from orchestrator import constants
 
 # Marketo error codes the fault knobs can answer with (`fault_<code>`).
-FAULT_CODES = ("601", "602", "606", "608", "611", "615")
+FAULT_CODES = ("601", "602", "606", "608", "611", "615", "604", "605")
 # Codes 500 and 502 inside an HTTP 200 envelope (`fault_envelope_<code>`); not HTTP statuses.
 ENVELOPE_FAULT_CODES = ("500", "502")
 # The API role's Read-Write grants (`permissions`), and every grant it may name.
@@ -87,7 +92,7 @@ class SimulatorConfig:
     max_importing: int = constants.MAX_IMPORTING_JOBS
     max_queued: int = constants.MAX_QUEUED_JOBS
     max_file_bytes: int = constants.MAX_FILE_BYTES
-    daily_quota: int = constants.DAILY_API_CALLS
+    daily_quota: int = constants.DAILY_QUOTA
     warn_marker: str = "__WARN__"
     seed: int | None = None
     omit_empty: bool = False
@@ -120,6 +125,10 @@ class SimulatorConfig:
     create_failed_fraction: float = 0.0
     forget_batches_after: float = 0.0
     permissions: str = ",".join(PERMISSIONS)
+    fault_604: float = 0.0
+    fault_605: float = 0.0
+    foreign_usage_today: int = 0
+    partitions: str = ""
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -144,6 +153,11 @@ class SimulatorConfig:
     def grants(self) -> frozenset[str]:
         """The API role's grants, as `permissions` names them."""
         return frozenset(g.strip() for g in self.permissions.split(",") if g.strip())
+
+    @property
+    def partition_names(self) -> tuple[str, ...]:
+        """`partitions` as names; empty: the subscription has no lead partitions set up."""
+        return tuple(name.strip() for name in self.partitions.split(",") if name.strip())
 
     @property
     def quota_reset(self) -> dt.timedelta | None:
@@ -188,3 +202,58 @@ def coerce_knob(name: str, value: Any, annotation: str) -> Any:
     if (base == "str" and isinstance(value, str)) or (base == "bool" and isinstance(value, bool)):
         return value
     raise ValueError(f"knob {name!r} must be {annotation}")
+
+
+# What each knob does (the standalone command's --help); a fraction knob is the share of
+# bulk calls (0.0 to 1.0) it applies to. Where Marketo's documentation is silent the
+# text says what the simulator assumes.
+KNOB_HELP: dict[str, str] = {
+    "client_id": "accept only this client id (default: any)",
+    "client_secret": "accept only this client secret (default: any)",
+    "token_ttl": "access token life in seconds",
+    "rows_per_second": "import speed",
+    "job_overhead": "seconds every job takes on top of its rows",
+    "rate_limit": "calls per rate_window (606 beyond)",
+    "rate_window": "the rate limit's sliding window, in seconds",
+    "concurrency": "calls in flight (615 beyond)",
+    "max_importing": "jobs importing at once",
+    "max_queued": "jobs queued, importing ones included (1016 beyond)",
+    "max_file_bytes": "largest request body accepted (HTTP 413 from it on)",
+    "daily_quota": "calls a quota day, every integration's together (607 beyond)",
+    "warn_marker": "a value that makes its row warn (the field is ignored)",
+    "seed": "seed of the fault knobs' random draws (default: unseeded)",
+    "omit_empty": "leave empty errors, warnings and result arrays out of envelopes",
+    "fault_500": "answer HTTP 500",
+    "fault_503": "answer HTTP 503",
+    "fault_601": "answer 601 Access token invalid (not counted, as Marketo does not)",
+    "fault_602": "answer 602 Access token expired (not counted)",
+    "fault_606": "answer 606 Max rate limit exceeded",
+    "fault_608": "answer 608 API Temporarily Unavailable (not counted)",
+    "fault_611": "answer 611 System error (not counted)",
+    "fault_615": "answer 615 Concurrent access limit reached",
+    "fault_604": "answer 604 Request time-out (not counted)",
+    "fault_605": "answer 605 HTTP Method not supported (not counted)",
+    "slow_fraction": "wait slow_seconds before answering",
+    "slow_seconds": "how long a slow call waits",
+    "drop_fraction": "close the connection without an answer (nothing done)",
+    "drop_reply_fraction": "do the call (a create queues its job), then close the connection",
+    "late_reply_fraction": "do the call, then hold the answer late_reply_seconds",
+    "late_reply_seconds": "how long a late answer is held",
+    "late_reply_copies": "hold the answer of the first N creates of every distinct file",
+    "fault_envelope_500": "answer HTTP 200 with error 500 in errors[]",
+    "fault_envelope_502": "answer HTTP 200 with error 502 in errors[]",
+    "foreign_calls_per_window": "another integration's calls in every rate window",
+    "foreign_in_flight": "another integration's calls always in flight",
+    "quota_reset_utc": "HH:MM UTC at which the daily quota resets on the simulator's wall "
+    'clock ("05:00" Chicago midnight in summer, "06:00" a fixed CST; default: never)',
+    "dedupe_field": "a custom object's dedupe field (default: the first column, trimmed); a "
+    "header that does not name it exactly fails every row (missing.dedupe.fields)",
+    "read_bytes_per_second": "read uploads at this pace, a slow uplink (0: no limit)",
+    "keep_records": "keep imported records (off: rows are checked, then forgotten)",
+    "foreign_usage_today": "calls other integrations spent today: stats/usage.json counts them "
+    "(as their user's count) and the quota refuses with 607 once they and ours reach "
+    "daily_quota; a new quota day starts them at 0",
+    "partitions": "the lead partitions the API user may import to, comma-separated (default: "
+    "none set up, partitionName is not checked). Assumed, per row: no partitionName fails it "
+    "with 1009, another name with 1008, a lead that lives in another partition with 1010",
+}

@@ -1,7 +1,8 @@
 """A stand-in Marketo subscription on aiohttp: identity, the Bulk Import API, a test API.
 
 Paths and shapes follow shared/marketo-openapi: swagger-identity.json for the
-token, swagger-mapi.json for the twelve /bulk/v1 import operations. Answers use
+token, swagger-mapi.json for the twelve /bulk/v1 import operations and the
+subscription's daily usage (GET /rest/v1/stats/usage.json). Answers use
 Marketo's envelope, HTTP 200 with `requestId`, `success`, `result`, `errors`
 (string codes) and `warnings`. The queue and rows live in `simulator.queue`
 (records in `simulator.records`); tokens, call limits, faults and the call log
@@ -9,23 +10,42 @@ in `simulator.gate`; the operation handlers in `simulator.operations`. This modu
 the HTTP face: the app, its start and stop, the state file, and the path every call
 takes through the gate to its operation.
 
-Choices where Marketo's documentation is silent (operations: see `simulator.operations`):
+Choices where Marketo's documentation is silent, about calls (about operations and
+rows: `simulator.operations`, `simulator.records`; --help shows all three):
 
 - A request body (Content-Length, the whole multipart request, not only its
   file part) of `max_file_bytes` or more: HTTP 413 with a text body, as the
   proxy in front of Marketo answers, before auth.
 - Every bulk call passes, in order: 615 (calls in flight, counted from arrival),
   606 (calls accepted in the sliding window), 607 (calls accepted since start,
-  reset or the last `quota_reset_utc`; without that knob the quota never
-  resets), the slow delay, a dropped connection, injected 500/503, 413, a token
-  in the query string or a form field (601, recorded as a violation), the
-  bearer token (601 missing or unknown, 602 expired), the API role's
-  permissions (603), injected error codes, then the operation (whose answer
-  `fault_502_after_create` may replace by a 502 envelope, `drop_reply_fraction`
-  lose and `late_reply_fraction` hold back past the client's read timeout).
-  Refused calls are not counted in the window or the quota.
+  reset or the last `quota_reset_utc`, plus `foreign_usage_today`; without
+  `quota_reset_utc` the quota never resets), the slow delay, a dropped
+  connection, injected 500/503, 413, a token in the query string or a form
+  field (601, recorded as a violation), the bearer token (601 missing or
+  unknown, 602 expired), the API role's permissions (603), injected error
+  codes, then the operation (whose answer `fault_502_after_create` may replace
+  by a 502 envelope, `drop_reply_fraction` may lose and `late_reply_fraction`
+  may hold back past the client's read timeout). Calls refused with 615, 606 or 607 are not
+  counted in the window or the quota, nor, as Marketo's error-code page says,
+  calls answered 601, 602, 604, 605, 608 or 611; every other call counts,
+  answered or not.
+- stats/usage.json passes the same limits and token checks, never the fault
+  knobs (they stand for trouble of the Bulk Import calls). It lists one day,
+  the quota day (by `quota_reset_utc`, else the UTC date) dated at its
+  midnight, with every call counted so far (itself included) and each user's
+  count: a client id as "<id>@simulator", other integrations' calls as one
+  user of their own. Its per-user counts are of answered calls; the total also
+  holds calls still in flight.
 - Identity calls count toward no limit. A client_secret in the query string
   works but is recorded as violation "secret_in_url".
+- Adobe's curl examples send `format` and `programMemberStatus` (and
+  `access_token`) as form fields of the multipart body: parameters are read
+  from the query string, then from the form. The token is accepted only in the
+  Authorization header (Adobe removed the access_token parameter on June 30,
+  2025), so the examples run with that header in place of `-F access_token`.
+- Status messages follow Adobe's examples: "Import succeeded, 3 records
+  imported (3 members)", "... 1 failed", "..., 1 warning."; for more than one
+  warning the simulator writes "N warnings." (assumed).
 
 The test API, in process and under /_sim/, is `simulator.control`'s
 `Subscription`, which `Simulator` extends; the standalone command's flags and
@@ -41,6 +61,7 @@ import math
 import socket
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from types import TracebackType
@@ -48,6 +69,7 @@ from types import TracebackType
 import structlog
 from aiohttp import web
 
+from orchestrator import constants
 from orchestrator.simulator.control import Subscription
 from orchestrator.simulator.gate import (
     MESSAGES,
@@ -64,6 +86,7 @@ from orchestrator.simulator.state import StateError, load_state, restore, save_s
 log = structlog.get_logger(__name__)
 
 TOKEN_PATH = "/identity/oauth/token"
+USAGE_PATH = "/rest/v1/stats/usage.json"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -106,6 +129,8 @@ class Simulator(Subscription):
             app.router.add_route(
                 method, path, self._logged(operation, partial(self._bulk, handler))
             )
+        usage = partial(self._bulk, self._usage, rest=True)
+        app.router.add_get(USAGE_PATH, self._logged("getDailyUsageUsingGET", usage))
         self.add_control_routes(app)
         return app
 
@@ -206,28 +231,50 @@ class Simulator(Subscription):
         return handle
 
     async def _bulk(
-        self, handler: Operation, request: web.Request, info: CallInfo
+        self, handler: Operation, request: web.Request, info: CallInfo, *, rest: bool = False
     ) -> web.StreamResponse:
+        """A call through the limits (`rest`: a REST call, free of the fault knobs), counted
+        unless Marketo would not count its answer."""
         self._limits.enter()
+        stamp: float | None = None
         try:
-            return await self._checked(handler, request, info)
+            if "access_token" in request.query:
+                info.client_id = self._tokens.owner(request.query["access_token"])
+                self._log.violation("token_in_url", info)
+            if self._limits.roll_quota(self.wall_clock(), self.config):
+                self.config = replace(self.config, foreign_usage_today=0)  # yesterday's
+            stamp = self._limits.admit(self._clock(), self.config)
+            return await (self._rest if rest else self._checked)(handler, request, info)
         except Refusal as refusal:
             info.code = refusal.code
+            if stamp is not None and refusal.code in constants.UNCOUNTED_CODES:
+                self._limits.refund(stamp)
+                stamp = None
             return self._operations.envelope(
                 [], [{"code": refusal.code, "message": refusal.message}]
             )
         finally:
+            if stamp is not None:
+                info.counted = True
+                self._limits.users[info.client_id or "unknown"] += 1
             self._limits.leave()
+
+    async def _rest(
+        self, handler: Operation, request: web.Request, info: CallInfo
+    ) -> web.StreamResponse:
+        if "access_token" in request.query:
+            raise Refusal("601", MESSAGES["601"])
+        info.client_id = self._tokens.authenticate(request, self._clock())
+        return await handler(Call(request, info, info.client_id, None))
+
+    async def _usage(self, call: Call) -> web.StreamResponse:
+        """GET /rest/v1/stats/usage.json: the subscription's calls today."""
+        return self._operations.envelope([self._limits.usage(self.wall_clock(), self.config)])
 
     async def _checked(
         self, handler: Operation, request: web.Request, info: CallInfo
     ) -> web.StreamResponse:
         cfg, faults = self.config, self._faults
-        if "access_token" in request.query:
-            info.client_id = self._tokens.owner(request.query["access_token"])
-            self._log.violation("token_in_url", info)
-        self._limits.roll_quota(self.wall_clock(), cfg)
-        self._limits.admit(self._clock(), cfg)
         if faults.chance(cfg.slow_fraction):
             await asyncio.sleep(cfg.slow_seconds)
         upload = await self._read_upload(request, info) if request.method == "POST" else None
