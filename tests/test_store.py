@@ -22,8 +22,8 @@ from orchestrator.models import (
     ChunkStatus,
     FileRecord,
     FileStatus,
-    Refusal,
     QuotaState,
+    Refusal,
     RejectRecord,
 )
 from orchestrator.store import LATEST_VERSION, Claim, Recovery, Store

@@ -4,9 +4,15 @@ Each handler gets a `Call` that already passed every check of the HTTP face
 (`simulator`: limits, faults, auth) and answers in Marketo's envelope, or raises
 `Refusal` for the face to wrap. Jobs themselves live in `simulator.queue`.
 
+Parameters are read from the query string, then from the multipart form (Adobe's
+curl examples send `format` and `programMemberStatus` as form fields). `format`
+is CSV when it is missing and is taken in either case ("Accepts one of: CSV,
+SSV, TSV. The format defaults to CSV", Bulk Import page; the lead page writes
+`csv`, the program-member example `format=csv` where its list says `CSV`).
+
 Choices where Marketo's documentation is silent:
 
-- A missing or invalid parameter (`format` in the wrong case, no
+- An invalid parameter (a `format` that is none of the three, no
   `programMemberStatus`, no `file` part, a `listId` that is not a number): 1003.
 - A batch id that is unknown, belongs to another object type (or another custom
   object, or another integration): 1003 "Batch id N not found".
@@ -32,7 +38,7 @@ import asyncio
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -50,6 +56,7 @@ from orchestrator.simulator.records import JobSpec
 class Upload:
     data: bytes | None  # the `file` part; None when there was none
     size: int
+    fields: dict[str, str] = field(default_factory=dict)  # the other (text) form fields
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +75,7 @@ class Call:
 CREATE_FAILED = "Import failed: the import job could not be created"
 
 Operation = Callable[[Call], Awaitable[web.StreamResponse]]
+FIELD_BYTES = 4096  # a form field other than the file is a parameter: kept up to this
 # method, path, operationId (swagger-mapi.json), handler
 Route = tuple[str, str, str, Operation]
 
@@ -101,12 +109,17 @@ async def read_upload(
         return Upload(None, 0)
     data: bytes | None = None
     size = 0
+    fields: dict[str, str] = {}
     try:
         reader = await request.multipart()
         while (part := await reader.next()) is not None:
             if not isinstance(part, BodyPartReader):
                 continue
             form_keys.append(part.name or "")
+            if part.name != "file" and part.filename is None:
+                text = await part.read(decode=True)  # a parameter: a few bytes
+                fields.setdefault(part.name or "", text[:FIELD_BYTES].decode("utf-8", "replace"))
+                continue
             if part.name != "file" or data is not None:
                 continue
             buffer = bytearray()
@@ -119,7 +132,7 @@ async def read_upload(
             data = bytes(buffer)
     except ValueError as exc:
         raise Refusal("1003", "Malformed multipart body") from exc
-    return Upload(data, size)
+    return Upload(data, size, fields)
 
 
 def status_result(job: Job) -> dict[str, Any]:
@@ -150,7 +163,8 @@ def created(job: Job) -> dict[str, Any]:
     status = constants.STATUS_FAILED if failed else constants.STATUS_QUEUED
     result: dict[str, Any] = {"batchId": job.batch_id}
     if job.spec.object_type is ObjectType.CUSTOM_OBJECT:
-        result |= {"operation": "import", "objectApiName": job.spec.api_name, "status": status}
+        # As Adobe's example shows it (the status answer adds "operation").
+        result |= {"status": status, "objectApiName": job.spec.api_name}
     else:
         result |= {"importId": str(job.batch_id), "status": status}
     if failed and job.spec.object_type is not ObjectType.PROGRAM_MEMBERS:
@@ -158,17 +172,20 @@ def created(job: Job) -> dict[str, Any]:
     return result
 
 
-def parse_format(query: Any, *, upper: bool) -> str:
-    """The `format` parameter; program members spell it in capitals, the others not."""
-    allowed = ("CSV", "TSV", "SSV") if upper else ("csv", "tsv", "ssv")
-    fmt = query.get("format")
-    if fmt is None:
-        raise Refusal("1003", "Required parameter 'format' is missing")
-    if fmt not in allowed:
-        raise Refusal(
-            "1003", f"Invalid value for parameter 'format', expected one of {'|'.join(allowed)}"
-        )
-    return str(fmt)
+def param(call: Call, name: str) -> str | None:
+    """A parameter from the query string, else from the multipart form."""
+    value = call.request.query.get(name)
+    if value is None and call.upload is not None:
+        value = call.upload.fields.get(name)
+    return value
+
+
+def parse_format(call: Call) -> str:
+    """The `format` parameter, in either case; CSV when it is missing."""
+    fmt = param(call, "format") or "csv"
+    if fmt.lower() not in delimited.DELIMITERS:
+        raise Refusal("1003", "Invalid value for parameter 'format', expected one of CSV|TSV|SSV")
+    return fmt
 
 
 class BulkOperations:
@@ -232,29 +249,27 @@ class BulkOperations:
         return envelope(result, errors, omit_empty=self._config().omit_empty)
 
     async def _create_leads(self, call: Call) -> web.StreamResponse:
-        query = call.request.query
-        list_id = query.get("listId")
+        list_id = param(call, "listId")
         if list_id is not None and not list_id.isdigit():
             raise Refusal("1003", "Invalid value for parameter 'listId'")
         spec = JobSpec(
             ObjectType.LEADS,
-            parse_format(query, upper=False),
-            lookup_field=query.get("lookupField") or "email",
+            parse_format(call),
+            lookup_field=param(call, "lookupField") or "email",
             list_id=int(list_id) if list_id is not None else None,
-            partition=query.get("partitionName", ""),
+            partition=param(call, "partitionName") or "",
         )
         return self.envelope([created(await self._submit(call, spec))])
 
     async def _create_custom(self, call: Call) -> web.StreamResponse:
         api_name = call.request.match_info["api_name"]
-        fmt = parse_format(call.request.query, upper=False)
+        fmt = parse_format(call)
         spec = JobSpec(ObjectType.CUSTOM_OBJECT, fmt, api_name=api_name)
         return self.envelope([created(await self._submit(call, spec))])
 
     async def _create_members(self, call: Call) -> web.StreamResponse:
-        query = call.request.query
-        fmt = parse_format(query, upper=True)
-        status = query.get("programMemberStatus", "")
+        fmt = parse_format(call)
+        status = param(call, "programMemberStatus") or ""
         if not status:
             raise Refusal("1003", "Required parameter 'programMemberStatus' is missing")
         program_id = call.request.match_info["program_id"]

@@ -35,7 +35,13 @@ from typing import Any
 from orchestrator import constants, delimited
 from orchestrator.models import ObjectType
 from orchestrator.simulator.knobs import SimulatorConfig
-from orchestrator.simulator.records import Columns, JobSpec, RecordStore, Warned
+from orchestrator.simulator.records import (
+    Columns,
+    JobSpec,
+    RecordStore,
+    Warned,
+    partition_problem,
+)
 
 FOREIGN_OWNER = "foreign"
 FIRST_BATCH_ID = 1001
@@ -144,11 +150,13 @@ def run_job(
     store: RecordStore,
     warn_marker: str,
     dedupe_field: str = "",
+    partitions: tuple[str, ...] = (),
     *,
     omit_empty_values: bool = False,
 ) -> tuple[str, Outcome]:
-    """Import a finished job's rows; returns its final status and outcome (failures and
-    warnings files without their empty values and columns with `omit_empty_values`)."""
+    """Import a finished job's rows; returns its final status and outcome. `partitions`:
+    the lead partitions the API user may import to (none: not checked); failures and
+    warnings files without their empty values and columns with `omit_empty_values`."""
     parsed, spec = job.parsed, job.spec
     if spec is None or parsed is None:
         return constants.STATUS_COMPLETE, Outcome()
@@ -160,13 +168,17 @@ def run_job(
         message = f"Import failed: field '{key}' is not a column of the file"
         return constants.STATUS_FAILED, Outcome(message=message)
     dedupe = dedupe_field or header[0].strip()
-    store_row = store.importer(spec, header, dedupe)
+    store_row = store.importer(spec, header, dedupe, partitioned=bool(partitions))
+    refused = partition_problem(spec, partitions)  # every row of the job alike
     failures: list[list[str]] = []
     warnings: list[list[str]] = []
     for row in parsed.rows:
         if len(row) != width:  # short rows are padded so the reason lands in its column
             reason = f"1003 Row has {len(row)} fields, the header has {width}"
             failures.append([*row, *[""] * (width - len(row)), reason])
+            continue
+        if refused:
+            failures.append([*row, refused])
             continue
         values = dict(zip(header, row, strict=True))
         ignored = [k for k, v in values.items() if v == warn_marker] if warn_marker in row else []
@@ -180,13 +192,13 @@ def run_job(
         elif ignored:
             warnings.append([*row, f"1005 Value ignored for field(s): {', '.join(ignored)}"])
     processed, failed = len(parsed.rows) - len(failures), len(failures)
+    message = f"{processed} records imported ({processed} members)"  # Adobe's words
     if failed:
-        message = (
-            f"Import completed with errors, {processed} records imported "
-            f"({processed} members), {failed} failed records"
-        )
+        message = f"Import completed with errors, {message}, {failed} failed"
     else:
-        message = f"Import succeeded, {processed} records imported ({processed} members)"
+        message = f"Import succeeded, {message}"
+    if warnings:  # "1 warning." in Adobe's example; the plural is assumed
+        message += f", {len(warnings)} warning{'s' if len(warnings) > 1 else ''}."
     delimiter = delimited.DELIMITERS[spec.fmt.lower()]
     return constants.STATUS_COMPLETE, Outcome(
         processed=processed,
@@ -344,6 +356,7 @@ class JobQueue:
             store,
             self.config.warn_marker,
             self.config.dedupe_field,
+            self.config.partition_names,
             omit_empty_values=self.config.omit_empty_values,
         )
         job.finished_at = job.due_at

@@ -84,6 +84,7 @@ def snapshot(queue: JobQueue, now: float, wall: float | None = None) -> dict[str
             "lists": {str(k): [*v] for k, v in store.lists.items()},
             "custom": store.custom,
             "members": store.members,
+            "partitions": {str(k): v for k, v in store.partitions.items()},
             "next_lead_id": store.next_lead_id,
         },
     }
@@ -112,6 +113,7 @@ def restore(queue: JobQueue, data: Any, now: float, wall: float | None = None) -
         store.members = {
             k: {kk: dict(vv) for kk, vv in v.items()} for k, v in records["members"].items()
         }
+        store.partitions = {int(k): str(v) for k, v in records.get("partitions", {}).items()}
         store.next_lead_id = int(records["next_lead_id"])
         waiting = deque(jobs[int(b)] for b in data["waiting"])
         importing = [jobs[int(b)] for b in data["importing"]]
