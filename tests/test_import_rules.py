@@ -10,7 +10,7 @@ Every import of our own package points down this picture, never up or sideways:
                   upkeep client .................. 4   own, it uses constants,
             spool  status ........................ 3   models, errors and
               store  marketo  metrics ............ 2   nothing else of ours
-     config logs splitter tickets dirlock filecache keys quotagate 1
+  config logs splitter tickets dirlock filecache keys quotagate 1
                   constants errors models clock
                   backoff crashpoints layout orchestrator 0
 
