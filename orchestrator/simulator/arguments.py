@@ -62,9 +62,10 @@ def choices_text() -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The standalone simulator's flags, one per knob; every knob defaults to a fresh
     subscription."""
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter  # keeps the lists' lines
     parser.usage = "%(prog)s [--host HOST] [--port PORT] [--KNOB VALUE ...]"
-    parser.epilog = choices_text()
+    # After whatever epilog the command has (examples, exit codes): the choices.
+    parser.epilog = "\n\n".join(text for text in (parser.epilog, choices_text()) if text)
     parser.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)"
     )
