@@ -130,7 +130,16 @@ async def test_empty_v0_file_is_migrated_to_the_latest(db_path: Path) -> None:
     with sqlite3.connect(db_path) as conn:
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     conn.close()
-    assert tables == {"files", "chunks", "pieces", "rejects", "api_calls", "tallies", "refusals", "quota"}
+    assert tables == {
+        "files",
+        "chunks",
+        "pieces",
+        "rejects",
+        "api_calls",
+        "tallies",
+        "refusals",
+        "quota",
+    }
     async with await Store.open(db_path) as store:
         assert await store.get_file(file.id) == file
 
@@ -146,6 +155,7 @@ async def test_v7_chunks_may_end_unknown_once_migrated_seen_by_every_connection(
         [first, second] = await store.chunks(file_id=file.id)
     conn = sqlite3.connect(db_path, isolation_level=None)  # back to what v7 left
     conn.execute("DROP TABLE refusals")
+    conn.execute("DROP TABLE quota")
     conn.execute("DELETE FROM tallies WHERE name = 'chunks:unknown'")
     conn.execute("PRAGMA writable_schema = ON")
     conn.execute(
