@@ -197,6 +197,19 @@ def test_missing_secret_file_names_variable(tmp_path: Path) -> None:
         ('[[routes]]\ndir = "a"\nobject = "leads"\npack = "no"\n', "routes[0].pack"),
         ('[[routes]]\ndir = "a"\nobject = "leads"\npack = 0\n', "routes[0].pack"),
         (
+            '[[routes]]\ndir = "a"\nobject = "leads"\nkey_columns = "email"\n',
+            "routes[0].key_columns",
+        ),
+        ('[[routes]]\ndir = "a"\nobject = "leads"\nkey_columns = [" "]\n', "routes[0].key_columns"),
+        (
+            '[[routes]]\ndir = "a"\nobject = "leads"\nkey_columns = ["email", "Email"]\n',
+            "routes[0].key_columns",
+        ),
+        (
+            '[[routes]]\ndir = "a"\nobject = "leads"\nunknown_columns = "ignore"\n',
+            "routes[0].unknown_columns",
+        ),
+        (
             '[[routes]]\ndir = "a"\nobject = "leads"\n[[routes]]\ndir = "a"\nobject = "leads"\n',
             "routes[1].dir",
         ),
@@ -388,3 +401,14 @@ def test_packing_keys(tmp_path: Path) -> None:
         load_settings(write(tmp_path, ""), {**CREDS, "ORCHESTRATOR_LIMITS_PACK_WAIT_SECONDS": "-1"})
     assert caught.value.key.startswith("ORCHESTRATOR_LIMITS_PACK_WAIT_SECONDS")
     assert "at least 0 seconds" in str(caught.value)
+
+
+def test_header_keys(tmp_path: Path) -> None:
+    text = (
+        '[[routes]]\ndir = "a"\nobject = "customobject"\napi_name = "car_c"\n'
+        'key_columns = [" vin ", "make"]\nunknown_columns = "fail"\n'
+        '[[routes]]\ndir = "b"\nobject = "leads"\n'
+    )
+    strict, default = load_settings(write(tmp_path, text), CREDS).routes
+    assert (strict.key_columns, strict.unknown_columns) == (("vin", "make"), "fail")
+    assert (default.key_columns, default.unknown_columns) == ((), "warn")

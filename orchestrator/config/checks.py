@@ -134,6 +134,7 @@ def chunk_bytes_problem(max_bytes: int) -> str | None:
 
 
 LEAD_ONLY = ("lookup_field", "list_id", "partition_name")
+UNKNOWN_COLUMNS = ("warn", "fail")  # what a header column that matches no field does
 
 
 def validate_route(where: str, route: Route) -> None:
@@ -146,6 +147,11 @@ def validate_route(where: str, route: Route) -> None:
         raise ConfigError(f"{where}.dir", "must be a plain directory name")
     if route.format and route.format not in FORMATS:
         raise ConfigError(f"{where}.format", "must be csv, tsv, ssv or empty")
+    if route.unknown_columns not in UNKNOWN_COLUMNS:
+        raise ConfigError(f"{where}.unknown_columns", 'must be "warn" or "fail"')
+    names = [name.strip() for name in route.key_columns]
+    if not all(names) or len({n.casefold() for n in names}) != len(names):
+        raise ConfigError(f"{where}.key_columns", "must name distinct, non-empty columns")
     if route.list_id < 0 or route.program_id < 0:
         key = "list_id" if route.list_id < 0 else "program_id"
         raise ConfigError(f"{where}.{key}", "must not be negative")

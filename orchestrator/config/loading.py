@@ -267,6 +267,13 @@ def parse_env(value: EnvValue, typ: type) -> Any:
     return value.text
 
 
+def names(key: str, value: Any) -> tuple[str, ...]:
+    """A TOML array of strings (column names), trimmed as the splitter trims a header."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(key, "must be an array of strings")
+    return tuple(v.strip() for v in value)
+
+
 def build_routes(raw: Any) -> tuple[Route, ...]:
     if not isinstance(raw, list):
         raise ConfigError("routes", "must be an array of tables ([[routes]])")
@@ -280,6 +287,9 @@ def build_routes(raw: Any) -> tuple[Route, ...]:
         for key, value in table.items():
             if key not in types:
                 raise ConfigError(f"{where}.{key}", "unknown key")
+            if str(types[key]) == "tuple[str, ...]":
+                values[key] = names(f"{where}.{key}", value)
+                continue
             typ = {"int": int, "bool": bool}.get(str(types[key]), str)
             values[key] = coerce(f"{where}.{key}", value, typ)
         for required in ("dir", "object"):

@@ -130,6 +130,10 @@ class Route:
     program_id: int = 0
     program_member_status: str = ""
     pack: bool = True  # small files share chunks (jobs); false: every file its own chunks
+    # The columns that name a record at Marketo; () = the object's own: leads the lookup
+    # field, custom objects their dedupe fields (as describe gives them), program members email.
+    key_columns: tuple[str, ...] = ()
+    unknown_columns: str = "warn"  # a header column that matches no Marketo field: warn | fail
 
     def format_for(self, filename: str) -> str:
         """The route's format, else the one the file's extension names (csv by default)."""

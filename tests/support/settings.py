@@ -98,6 +98,8 @@ def toml_value(value: object) -> str:
         return repr(value)
     if isinstance(value, str | Path):  # ObjectType is a StrEnum: its value
         return json.dumps(str(value))  # a TOML basic string
+    if isinstance(value, tuple):  # a route's key_columns
+        return "[" + ", ".join(toml_value(item) for item in value) + "]"
     raise TypeError(f"no TOML for {value!r}")
 
 
