@@ -2,8 +2,9 @@
 
 `MarketoClient` offers the twelve Bulk Import operations of
 `shared/marketo-openapi/swagger-mapi.json` as explicit methods (import, status,
-failures and warnings for leads, custom objects and program members), plus four
-route-level dispatchers for the scheduler and the poller. It builds its parts
+failures and warnings for leads, custom objects and program members), the three
+describe calls an import header is checked against, plus four route-level
+dispatchers for the scheduler and the poller. It builds its parts
 and shapes each operation's exchange; the parts do the rest:
 
 - `marketo.retry`: the one retry loop every call goes through, and the
@@ -50,6 +51,9 @@ from orchestrator.marketo.wire import (
     CUSTOM_OBJECT_STATUS,
     CUSTOM_OBJECT_WARNINGS,
     DAILY_USAGE,
+    DESCRIBE_CUSTOM_OBJECT,
+    DESCRIBE_LEADS,
+    DESCRIBE_PROGRAM_MEMBERS,
     IMPORT_CUSTOM_OBJECTS,
     IMPORT_LEADS,
     IMPORT_PROGRAM_MEMBERS,
@@ -60,9 +64,12 @@ from orchestrator.marketo.wire import (
     PROGRAM_MEMBER_FAILURES,
     PROGRAM_MEMBER_STATUS,
     PROGRAM_MEMBER_WARNINGS,
+    Description,
     Exchange,
     batch_status,
+    custom_object_describe_path,
     custom_object_root,
+    description,
     read_file,
     read_result,
     usage_total,
@@ -287,6 +294,26 @@ class MarketoClient:
     async def program_member_import_warnings(self, batch_id: int, dest: Path) -> bool:
         path = f"/bulk/v1/program/members/import/{int(batch_id)}/warnings.json"
         return await self._download(PROGRAM_MEMBER_WARNINGS, path, dest)
+
+    # -- Describe: the fields an import header may name ----------------------
+
+    async def describe_leads(self) -> Description:
+        """Lead fields (Describe Lead2), with the fields leads can be looked up by."""
+        return description(
+            await self._get(DESCRIBE_LEADS, "/rest/v1/leads/describe2.json"), DESCRIBE_LEADS
+        )
+
+    async def describe_custom_object(self, api_name: str) -> Description:
+        """A custom object's fields, its dedupe fields and its id field."""
+        path = custom_object_describe_path(api_name)
+        return description(await self._get(DESCRIBE_CUSTOM_OBJECT, path), DESCRIBE_CUSTOM_OBJECT)
+
+    async def describe_program_members(self) -> Description:
+        """Program member fields (a file may also name lead fields: see `describe_leads`)."""
+        path = "/rest/v1/programs/members/describe.json"
+        return description(
+            await self._get(DESCRIBE_PROGRAM_MEMBERS, path), DESCRIBE_PROGRAM_MEMBERS
+        )
 
     # -- Route-level dispatchers -------------------------------------------
 

@@ -89,6 +89,10 @@ def permission_of(object_type: ObjectType) -> str:
     return READ_WRITE_LEAD
 
 
+DESCRIBE_LEADS: Final = "describeUsingGET_6"  # Describe Lead2: /rest/v1/leads/describe2.json
+DESCRIBE_CUSTOM_OBJECT: Final = "describeUsingGET_1"
+DESCRIBE_PROGRAM_MEMBERS: Final = "describeProgramMemberUsingGET2"
+
 # Content type of the multipart `file` part, by format (ssv has no type of its own).
 CONTENT_TYPES: Final = {"csv": "text/csv", "tsv": "text/tab-separated-values", "ssv": "text/csv"}
 # The "rows processed" counter: leads (and program members) count leads,
@@ -109,9 +113,29 @@ class Grant:
     expires_in: float
 
 
+@dataclass(frozen=True, slots=True)
+class Description:
+    """An object as Marketo's describe call presents it, as far as an import header cares.
+
+    `fields` are the REST API names a header uses; `dedupe_fields` the fields that name
+    a record (custom objects, program members); `searchable` the single fields the
+    object can be looked up by (for leads: what describe offers as lookupField)."""
+
+    name: str
+    fields: tuple[str, ...]
+    dedupe_fields: tuple[str, ...] = ()
+    id_field: str = ""
+    searchable: tuple[str, ...] = ()
+
+
 def custom_object_root(api_name: str) -> str:
     """The custom-object import path prefix, the API name quoted as one segment."""
     return f"/bulk/v1/customobjects/{quote(api_name, safe='')}/import"
+
+
+def custom_object_describe_path(api_name: str) -> str:
+    """The custom object's describe path, the API name quoted as one segment."""
+    return f"/rest/v1/customobjects/{quote(api_name, safe='')}/describe.json"
 
 
 def describe(exc: BaseException) -> str:
@@ -280,3 +304,34 @@ async def stream_to_file(
     except BaseException:
         await asyncio.to_thread(part.unlink, missing_ok=True)
         raise
+
+
+def description(result: Any, operation: str) -> Description:
+    """The first item of a describe `result` as a `Description` (swagger: LeadAttribute2,
+    ObjectMetaData, ProgramMemberAttribute2 share the parts read here)."""
+    item = result[0] if isinstance(result, list) and result else None
+    if not isinstance(item, Mapping) or not isinstance(item.get("fields"), list):
+        raise FatalError(
+            "invalid-response", "no fields in the describe result", operation=operation
+        )
+    fields = tuple(
+        str(f["name"]) for f in item["fields"] if isinstance(f, Mapping) and f.get("name")
+    )
+    searchable = item.get("searchableFields")
+    single = [k for k in searchable if isinstance(k, list) and len(k) == 1] if searchable else []
+    return Description(
+        name=str(item.get("name") or item.get("apiName") or ""),
+        fields=fields,
+        dedupe_fields=tuple(flat_names(item.get("dedupeFields"))),
+        id_field=str(item.get("idField") or ""),
+        searchable=tuple(str(k[0]) for k in single),
+    )
+
+
+def flat_names(value: Any) -> list[str]:
+    """Field names from a list that may nest them (a compound key is a list of names)."""
+    if isinstance(value, str):
+        return [value] if value else []
+    if isinstance(value, list):
+        return [name for item in value for name in flat_names(item)]
+    return []
