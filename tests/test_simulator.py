@@ -440,6 +440,150 @@ async def test_padded_header_fails_every_custom_object_row_as_marketo_does(
     assert (status["numOfObjectsProcessed"], status["numOfRowsFailed"]) == (1, 0)
 
 
+ADOBE_CARS = (
+    b"color,make,model,vin\n"
+    b"red,bmw,2002,WBA4R7C55HK895912\n"
+    b"yellow,bmw,320i,WBA4R7C30HK896061\n"
+    b"blue,bmw,325i,WBS3U9C52HP970604\n"
+)
+
+
+async def test_adobes_padded_vin_example_fails_all_three_rows_as_adobe_shows(
+    simulator: Simulator, client: Client
+) -> None:
+    """Issue 19 item 4: car_c dedupes on vin, its declared dedupe field (no knob needed).
+    Adobe's " vin" file fails every row with missing.dedupe.fields; deduping on the first
+    column, as the simulator did, imported all three."""
+    padded = ADOBE_CARS.replace(b",vin\n", b", vin\n", 1)
+    batch_id = await client.batch(CUSTOM_PATH, padded, format="csv")
+    base = f"/bulk/v1/customobjects/car_c/import/{batch_id}"
+    status = await client.wait_final(f"{base}/status.json")
+    assert (status["numOfObjectsProcessed"], status["numOfRowsFailed"]) == (0, 3)
+    async with client.session.get(
+        f"{client.base}{base}/failures.json", headers=client.headers()
+    ) as response:
+        failures = await response.text()
+    assert failures == (  # Adobe's failures file, as its page shows it
+        "color,make,model, vin,Import Failure Reason\n"
+        "red,bmw,2002,WBA4R7C55HK895912,missing.dedupe.fields\n"
+        "yellow,bmw,320i,WBA4R7C30HK896061,missing.dedupe.fields\n"
+        "blue,bmw,325i,WBS3U9C52HP970604,missing.dedupe.fields\n"
+    )
+    assert simulator.records("customobject", api_name="car_c") == []
+
+
+async def test_adobes_cars_dedupe_on_vin_not_on_the_first_column(
+    simulator: Simulator, client: Client
+) -> None:
+    """Two red cars with different VINs are two records (the first column, color, once
+    made them one); a VIN sent again updates its record."""
+    two_red = ADOBE_CARS.replace(b"yellow", b"red")
+    batch_id = await client.batch(CUSTOM_PATH, two_red, format="csv")
+    await client.wait_final(f"/bulk/v1/customobjects/car_c/import/{batch_id}/status.json")
+    assert len(simulator.records("customobject", api_name="car_c")) == 3
+    again = b"color,make,model,vin\ngreen,bmw,2002,WBA4R7C55HK895912\n"
+    batch_id = await client.batch(CUSTOM_PATH, again, format="csv")
+    await client.wait_final(f"/bulk/v1/customobjects/car_c/import/{batch_id}/status.json")
+    cars = {r["vin"]: r["color"] for r in simulator.records("customobject", api_name="car_c")}
+    assert cars == {
+        "WBA4R7C55HK895912": "green",
+        "WBA4R7C30HK896061": "red",
+        "WBS3U9C52HP970604": "blue",
+    }
+
+
+async def test_a_compound_dedupe_key_needs_every_field(
+    simulator: Simulator, client: Client, session: aiohttp.ClientSession
+) -> None:
+    async with session.post(
+        f"{simulator.base_url}/_sim/faults",
+        json={
+            "custom_objects": {
+                "tyre_c": {
+                    "fields": ["vin", "position", "brand"],
+                    "dedupeFields": ["vin", "position"],
+                }
+            }
+        },
+    ) as response:
+        assert response.status == 200
+        assert (await response.json())["custom_objects"]["tyre_c"]["dedupeFields"] == [
+            "vin",
+            "position",
+        ]
+    path = "/bulk/v1/customobjects/tyre_c/import.json"
+    tyres = b"vin,position,brand\nV1,FL,a\nV1,FR,b\nV1,FL,c\n"
+    batch_id = await client.batch(path, tyres, format="csv")
+    await client.wait_final(f"/bulk/v1/customobjects/tyre_c/import/{batch_id}/status.json")
+    stored = simulator.records("customobject", api_name="tyre_c")
+    assert sorted((r["position"], r["brand"]) for r in stored) == [("FL", "c"), ("FR", "b")]
+    batch_id = await client.batch(path, b"vin,brand\nV2,a\n", format="csv")
+    status = await client.wait_final(f"/bulk/v1/customobjects/tyre_c/import/{batch_id}/status.json")
+    assert status["numOfRowsFailed"] == 1
+    cars = await client.create(CUSTOM_PATH, b"vin\nV9\n", format="csv")
+    assert error_code(cars) == "1013", "car_c is no longer declared: not found"
+
+
+async def test_describe_endpoints_answer_from_the_subscriptions_field_lists(
+    simulator: Simulator, client: Client
+) -> None:
+    leads = await client.get("/rest/v1/leads/describe2.json")
+    (lead,) = leads["result"]
+    assert lead["name"] == "API Lead"
+    names = [f["name"] for f in lead["fields"]]
+    assert {"email", "firstName", "lastName", "company", "note"} <= set(names)
+    assert ["email"] in lead["searchableFields"]
+    fields = {f["name"]: f for f in lead["fields"]}  # swagger's LeadAttribute2Fields
+    assert fields["firstName"] == {
+        "name": "firstName",
+        "displayName": "firstName",
+        "dataType": "string",
+        "length": 255,
+        "updateable": True,
+        "crmManaged": False,
+    }
+    assert (fields["id"]["dataType"], fields["id"]["updateable"]) == ("integer", False)
+
+    (car,) = (await client.get("/rest/v1/customobjects/car_c/describe.json"))["result"]
+    assert (car["name"], car["idField"], car["dedupeFields"]) == ("car_c", "marketoGUID", ["vin"])
+    assert [f["name"] for f in car["fields"]] == [
+        "createdAt", "marketoGUID", "updatedAt", "color", "make", "model", "vin"
+    ]  # fmt: skip
+    assert car["searchableFields"] == [["vin"], ["marketoGUID"]]
+
+    (member,) = (await client.get("/rest/v1/programs/members/describe.json"))["result"]
+    assert member["dedupeFields"] == ["leadId", "programId"]
+    assert "statusName" in [f["name"] for f in member["fields"]]
+
+    missing = await client.get("/rest/v1/customobjects/bike_c/describe.json")
+    assert (error_code(missing), missing["errors"][0]["message"]) == ("1013", "Object not found")
+    assert [c["operation"] for c in simulator.calls() if c["path"].startswith("/rest/")] == [
+        "describeUsingGET_6",
+        "describeUsingGET_1",
+        "describeProgramMemberUsingGET2",
+        "describeUsingGET_1",
+    ]
+
+    simulator.set_knobs(lead_fields=["email", "firstName"], program_member_fields=["leadId"])
+    (lead,) = (await client.get("/rest/v1/leads/describe2.json"))["result"]
+    assert [f["name"] for f in lead["fields"]] == ["email", "firstName"]
+    assert lead["searchableFields"] == [["email"]]
+
+
+async def test_a_lead_column_marketo_does_not_know_is_ignored(
+    simulator: Simulator, client: Client
+) -> None:
+    """Marketo drops such a column without a word: the row is stored, without it."""
+    body = b"email,firstName,favouriteColour\nada@example.com,Ada,green\n"
+    batch_id = await client.batch(LEADS_PATH, body, format="csv")
+    status = await client.wait_final(f"/bulk/v1/leads/batch/{batch_id}.json")
+    assert (status["numOfLeadsProcessed"], status["numOfRowsFailed"]) == (1, 0)
+    assert status["numOfRowsWithWarning"] == 0
+    (lead,) = simulator.records("leads")
+    assert (lead["email"], lead["firstName"]) == ("ada@example.com", "Ada")
+    assert "favouriteColour" not in lead
+
+
 async def test_program_member_with_invalid_email_is_a_warning_as_documented(
     simulator: Simulator, client: Client
 ) -> None:

@@ -12,6 +12,13 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from orchestrator import constants
+from orchestrator.simulator.fields import (
+    CAR,
+    LEAD_FIELDS,
+    PROGRAM_MEMBER_FIELDS,
+    CustomObject,
+    custom_objects_knob,
+)
 
 # Marketo error codes the fault knobs can answer with (`fault_<code>`).
 FAULT_CODES = ("601", "602", "606", "608", "611", "615", "604", "605")
@@ -47,9 +54,10 @@ class SimulatorConfig:
     so 606 and 615 come sooner, as they do when a subscription has other users.
     `quota_reset_utc` ("HH:MM", "" never) resets the daily quota at that time of
     day in UTC on the simulator's wall clock (`Simulator.wall_clock`), e.g. "05:00"
-    for Chicago midnight in summer, "06:00" for a fixed CST. `dedupe_field` names a
-    custom object's dedupe field ("" = the first column's name, trimmed); a file
-    whose header does not name it exactly fails every row (missing.dedupe.fields).
+    for Chicago midnight in summer, "06:00" for a fixed CST. `dedupe_field`, when
+    set, is every custom object's one dedupe field instead of its declared ones; a
+    file whose header does not name a dedupe field exactly fails every row
+    (missing.dedupe.fields).
     `read_bytes_per_second` (0: no limit) reads upload bodies at that pace, as a
     slow uplink would deliver them. `keep_records` False checks every row as usual
     (failures and warnings files alike) but forgets the records once their job is
@@ -79,6 +87,12 @@ class SimulatorConfig:
     (program members: Read-Write Lead), as Adobe's OpenAPI says; a call without it is
     answered 603 "Access denied". Read-only calls (describe) take either grant. ""
     grants nothing, as an IP allow-list that refuses the caller would.
+
+    The subscription's objects, as its describe calls answer (`simulator.fields`):
+    `lead_fields` (a column of a lead file that names none of them is ignored, as
+    Marketo ignores it; empty: every column is kept), `custom_objects` (each with its
+    fields and dedupe fields; records dedupe on those; an object not declared is not
+    found) and `program_member_fields`.
     """
 
     client_id: str | None = None
@@ -129,6 +143,9 @@ class SimulatorConfig:
     fault_605: float = 0.0
     foreign_usage_today: int = 0
     partitions: str = ""
+    lead_fields: tuple[str, ...] = LEAD_FIELDS
+    custom_objects: tuple[CustomObject, ...] = (CAR,)
+    program_member_fields: tuple[str, ...] = PROGRAM_MEMBER_FIELDS
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -164,6 +181,18 @@ class SimulatorConfig:
         """`quota_reset_utc` as the time since midnight UTC; None: the quota never resets."""
         return time_of_day(self.quota_reset_utc) if self.quota_reset_utc else None
 
+    def custom_object(self, api_name: str) -> CustomObject | None:
+        """The declared custom object of that API name, if there is one."""
+        return next((obj for obj in self.custom_objects if obj.name == api_name), None)
+
+    def dedupe_fields(self, api_name: str) -> tuple[str, ...]:
+        """What records of the custom object dedupe on: the `dedupe_field` knob when set,
+        else its declared dedupe fields (none for an object not declared)."""
+        if self.dedupe_field:
+            return (self.dedupe_field,)
+        obj = self.custom_object(api_name)
+        return obj.dedupe_fields if obj is not None else ()
+
     def with_knobs(self, **changes: Any) -> SimulatorConfig:
         """A copy with `changes` applied; unknown names and wrong types raise ValueError."""
         types = {f.name: str(f.type) for f in fields(self)}
@@ -178,6 +207,7 @@ class SimulatorConfig:
         """Every knob but the client secret, which shows only whether one is set."""
         knobs = {f.name: getattr(self, f.name) for f in fields(self)}
         knobs["client_secret"] = "***" if self.client_secret is not None else None
+        knobs["custom_objects"] = {obj.name: obj.public() for obj in self.custom_objects}
         return knobs
 
 
@@ -193,6 +223,12 @@ def coerce_knob(name: str, value: Any, annotation: str) -> Any:
     """Check (and widen int to float) one knob value against its annotation."""
     if value is None and annotation.endswith("| None"):
         return None
+    if annotation == "tuple[CustomObject, ...]":
+        return custom_objects_knob(value)
+    if annotation == "tuple[str, ...]":
+        if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise ValueError(f"knob {name!r} must be a list of field names")
     base = annotation.split(" |")[0]
     is_number = isinstance(value, int | float) and not isinstance(value, bool)
     if base == "float" and is_number:

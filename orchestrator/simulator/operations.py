@@ -1,4 +1,5 @@
-"""The simulator's twelve Bulk Import operations: create, status, failures and warnings.
+"""The simulator's twelve Bulk Import operations (create, status, failures and
+warnings) and the three describe calls an import header is checked against.
 
 Each handler gets a `Call` that already passed every check of the HTTP face
 (`simulator`: limits, faults, auth) and answers in Marketo's envelope, or raises
@@ -30,6 +31,8 @@ Choices where Marketo's documentation is silent:
 - A create answered `Failed` (`create_failed_fraction`) carries a message for
   leads and custom objects (their create responses have one in Adobe's OpenAPI),
   none for program members (theirs has none).
+- A custom object that is not declared (knob `custom_objects`): 1013 "Object not
+  found", for its describe and its import alike (see `simulator.fields`).
 """
 
 from __future__ import annotations
@@ -46,6 +49,12 @@ from aiohttp import BodyPartReader, web
 
 from orchestrator import constants, delimited
 from orchestrator.models import ObjectType
+from orchestrator.simulator.fields import (
+    NOT_FOUND,
+    custom_object_description,
+    lead_description,
+    member_description,
+)
 from orchestrator.simulator.gate import MESSAGES, CallInfo
 from orchestrator.simulator.knobs import SimulatorConfig
 from orchestrator.simulator.queue import Job, JobQueue, Refusal, parse_upload
@@ -224,6 +233,12 @@ class BulkOperations:
              partial(self._status, custom)),
             ("GET", f"{pm}/{batch}/status.json", "getImportProgramMemberStatusUsingGET",
              partial(self._status, members)),
+            ("GET", "/rest/v1/leads/describe2.json", "describeUsingGET_6",
+             self._describe_leads),
+            ("GET", "/rest/v1/customobjects/{api_name}/describe.json", "describeUsingGET_1",
+             self._describe_custom),
+            ("GET", "/rest/v1/programs/members/describe.json", "describeProgramMemberUsingGET2",
+             self._describe_members),
         ]  # fmt: skip
         files = [
             (leads, f"/bulk/v1/leads/batch/{batch}", "ImportLead"),
@@ -263,6 +278,8 @@ class BulkOperations:
 
     async def _create_custom(self, call: Call) -> web.StreamResponse:
         api_name = call.request.match_info["api_name"]
+        if self._config().custom_object(api_name) is None:
+            raise Refusal(*NOT_FOUND)
         fmt = parse_format(call)
         spec = JobSpec(ObjectType.CUSTOM_OBJECT, fmt, api_name=api_name)
         return self.envelope([created(await self._submit(call, spec))])
@@ -290,6 +307,18 @@ class BulkOperations:
         if self._on_change is not None:
             await self._on_change()  # the batch id is kept before the client learns it
         return job
+
+    async def _describe_leads(self, call: Call) -> web.StreamResponse:
+        return self.envelope([lead_description(self._config().lead_fields)])
+
+    async def _describe_custom(self, call: Call) -> web.StreamResponse:
+        obj = self._config().custom_object(call.request.match_info["api_name"])
+        if obj is None:
+            raise Refusal(*NOT_FOUND)
+        return self.envelope([custom_object_description(obj)])
+
+    async def _describe_members(self, call: Call) -> web.StreamResponse:
+        return self.envelope([member_description(self._config().program_member_fields)])
 
     def _find(self, call: Call, object_type: ObjectType) -> Job:
         batch_id = int(call.request.match_info["batch_id"])

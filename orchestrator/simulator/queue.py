@@ -149,7 +149,8 @@ def run_job(
     job: Job,
     store: RecordStore,
     warn_marker: str,
-    dedupe_field: str = "",
+    dedupe: tuple[str, ...] = (),
+    lead_fields: tuple[str, ...] = (),
     partitions: tuple[str, ...] = (),
     *,
     omit_empty_values: bool = False,
@@ -167,8 +168,7 @@ def run_job(
     if spec.object_type is not ObjectType.CUSTOM_OBJECT and not Columns.of(header, key).key:
         message = f"Import failed: field '{key}' is not a column of the file"
         return constants.STATUS_FAILED, Outcome(message=message)
-    dedupe = dedupe_field or header[0].strip()
-    store_row = store.importer(spec, header, dedupe, partitioned=bool(partitions))
+    store_row = store.importer(spec, header, dedupe, lead_fields, partitioned=bool(partitions))
     refused = partition_problem(spec, partitions)  # every row of the job alike
     failures: list[list[str]] = []
     warnings: list[list[str]] = []
@@ -351,13 +351,16 @@ class JobQueue:
         self.importing.remove(job)
         # Not keeping records: the job's rows are checked against a store of their own.
         store = self.store if self.config.keep_records else RecordStore()
+        config, spec = self.config, job.spec
+        dedupe = config.dedupe_fields(spec.api_name) if spec is not None else ()
         job.status, job.outcome = run_job(
             job,
             store,
-            self.config.warn_marker,
-            self.config.dedupe_field,
-            self.config.partition_names,
-            omit_empty_values=self.config.omit_empty_values,
+            config.warn_marker,
+            dedupe,
+            config.lead_fields,
+            config.partition_names,
+            omit_empty_values=config.omit_empty_values,
         )
         job.finished_at = job.due_at
         job.parsed = None  # the rows are stored; keep memory flat on long runs

@@ -3,8 +3,8 @@
 Each kind is keyed the way Marketo dedupes it: leads by the job's lookup field
 (emails case-insensitively; `lookupField=id` only updates existing leads), with
 an index per lookup field kept in step with every update; custom objects by
-their first column (the dedupe field); program members by email within their
-program. Static lists remember which leads an import added to them. A row that
+their declared dedupe fields (all of them: a compound key); program members by
+email within their program. Static lists remember which leads an import added to them. A row that
 cannot be stored says why, as Marketo's failures file would. The queue that
 runs the imports is `simulator.queue`.
 
@@ -22,6 +22,7 @@ assumptions where there is none:
   address fails it too ("Invalid email address") and so does a text in an
   integer field, as for program members: assumed, the lead page shows no
   example. A program member without an email fails with the lead's words.
+  A column that names no lead field is ignored (the row is stored without it).
 - Lead partitions (`partitions` knob; not checked without it), per row, with
   the error-code page's words: no partitionName fails the row ("Partition name
   must be specified", 1009), a name the API user has no access to ("Access
@@ -39,6 +40,8 @@ from functools import partial
 from typing import Any
 
 from orchestrator.models import ObjectType
+
+KEY_SEPARATOR = "\x1f"  # between the values of a compound dedupe key
 
 
 class Warned(str):
@@ -128,19 +131,37 @@ class RecordStore:
         self.next_lead_id = 1
 
     def importer(
-        self, spec: JobSpec, header: list[str], dedupe: str = "", *, partitioned: bool = False
+        self,
+        spec: JobSpec,
+        header: list[str],
+        dedupe: tuple[str, ...] = (),
+        lead_fields: tuple[str, ...] = (),
+        *,
+        partitioned: bool = False,
     ) -> Callable[[dict[str, str]], str | None]:
         """The function that stores one row of this job, or says why it fails (a `Warned`
-        answer: stored, with a warning); `partitioned`: the subscription has partitions."""
+        answer: stored, with a warning). `dedupe`: a custom object's dedupe fields (none:
+        its first column); `lead_fields`: the lead fields a row may set (none: any);
+        `partitioned`: the subscription has partitions."""
         if spec.object_type is ObjectType.LEADS:
             cols = Columns.of(header, spec.lookup_field)
-            return partial(self.import_lead, spec=spec, cols=cols, partitioned=partitioned)
+            known = frozenset(name.lower() for name in lead_fields)
+            return partial(
+                self.import_lead, spec=spec, cols=cols, known=known, partitioned=partitioned
+            )
         if spec.object_type is ObjectType.CUSTOM_OBJECT:
-            return partial(self.import_custom, api_name=spec.api_name, dedupe=dedupe or header[0])
+            dedupe = dedupe or (header[0].strip(),)
+            return partial(self.import_custom, api_name=spec.api_name, dedupe=dedupe)
         return partial(self.import_member, spec=spec, cols=Columns.of(header, "email"))
 
     def import_lead(
-        self, values: dict[str, str], *, spec: JobSpec, cols: Columns, partitioned: bool = False
+        self,
+        values: dict[str, str],
+        *,
+        spec: JobSpec,
+        cols: Columns,
+        known: frozenset[str] = frozenset(),
+        partitioned: bool = False,
     ) -> str | None:
         lookup = spec.lookup_field
         key = values.get(cols.key, "")
@@ -165,17 +186,22 @@ class RecordStore:
             return "Partition update not allowed"
         for name in cols.ids:
             values.pop(name, None)
+        if known:  # Marketo drops a column that names no lead field, without a word
+            values = {k: v for k, v in values.items() if k.lower() in known}
         self._update_lead(lead_id, values)
         if spec.list_id is not None:
             self.lists.setdefault(spec.list_id, {})[lead_id] = None
         return None
 
-    def import_custom(self, values: dict[str, str], *, api_name: str, dedupe: str) -> str | None:
-        if dedupe not in values:
+    def import_custom(
+        self, values: dict[str, str], *, api_name: str, dedupe: tuple[str, ...]
+    ) -> str | None:
+        if any(name not in values for name in dedupe):  # names as sent: " vin" is not vin
             return "missing.dedupe.fields"
-        key = values.get(dedupe, "")
-        if not key:
-            return f"1003 Value for dedupe field '{dedupe}' is missing"
+        empty = next((name for name in dedupe if not values[name]), None)
+        if empty is not None:
+            return f"1003 Value for dedupe field '{empty}' is missing"
+        key = KEY_SEPARATOR.join(values[name] for name in dedupe)
         self.custom.setdefault(api_name, {}).setdefault(key, {}).update(values)
         return None
 

@@ -1,8 +1,9 @@
 """A stand-in Marketo subscription on aiohttp: identity, the Bulk Import API, a test API.
 
 Paths and shapes follow shared/marketo-openapi: swagger-identity.json for the
-token, swagger-mapi.json for the twelve /bulk/v1 import operations and the
-subscription's daily usage (GET /rest/v1/stats/usage.json). Answers use
+token, swagger-mapi.json for the twelve /bulk/v1 import operations, the three
+/rest/v1 describe calls of the imported objects and the subscription's daily
+usage (GET /rest/v1/stats/usage.json). Answers use
 Marketo's envelope, HTTP 200 with `requestId`, `success`, `result`, `errors`
 (string codes) and `warnings`. The queue and rows live in `simulator.queue`
 (records in `simulator.records`); tokens, call limits, faults and the call log
