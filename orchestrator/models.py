@@ -85,6 +85,8 @@ class FileRecord:
     error: str | None = None
     result_path: str | None = None
     finished_at: str | None = None
+    # What its header check warned of (columns Marketo does not know): in result.json.
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,7 +11,8 @@
                                    the file cache forgets it
 
 - claimed: the spool recorded a claim; the split stage queues the file, split
-  one at a time in claim order.
+  one at a time in claim order, its header first checked against the catalogue
+  (the routes' objects as Marketo describes them).
 - chunk: the split stage recorded a chunk (or a set-aside record) in the store;
   the scheduler wakes and may submit it before the split ends.
 - small: a file whose split cut one chunk, on a route that packs: the packer puts
@@ -46,6 +47,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 from orchestrator import splitter
+from orchestrator.catalogue import Catalogue
 from orchestrator.clock import wait_for_any
 from orchestrator.config import Settings
 from orchestrator.filecache import FileCache
@@ -72,6 +74,8 @@ class Pipeline:
         self.store = store
         self.files = FileCache(store)
         self.spool = Spool(settings, store, self.claimed)
+        # The routes' objects as Marketo describes them: headers are checked against it.
+        self.catalogue = Catalogue(client)
         self.splitting = SplitStage(
             settings,
             store,
@@ -82,6 +86,7 @@ class Pipeline:
             on_drained=self.drained,
             on_caught_up=self.caught_up,
             observer=metrics,
+            header=self.catalogue,
         )
         self.packer = Packer(
             settings, store, on_sealed=self.pack_sealed, backlog=self.splitting.backlog

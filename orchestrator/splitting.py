@@ -22,6 +22,16 @@ chunks before its split ends (`on_chunk`).
   taking it, the stage says so (`on_drained`). Whenever the queue empties after
   a file, `on_caught_up`. `backlog` tells whether claimed files wait.
 
+- The header (`check_header`, one step before the cut): a file's header is checked
+  against the route's object as Marketo describes it (`header`, the catalogue) before
+  its first chunk is recorded, so before any job, small files too (before they join a
+  pack). A missing key column, or with `unknown_columns = "fail"` a column that
+  matches no field, fails the file with no chunk; other unknown columns are warned of
+  in the log and kept in the store for result.json. While Marketo cannot describe
+  the object (unreachable, limits, refused credentials or access) the file waits
+  with backoff, and so do the files claimed after it; the log says why. A split
+  again that recorded chunks before is not checked again.
+
 Each file's split ends with `on_split`: it may be finished now.
 """
 
@@ -38,9 +48,18 @@ from typing import Protocol
 import structlog
 
 from orchestrator import splitter
-from orchestrator.config import Settings
+from orchestrator.backoff import Backoff
+from orchestrator.catalogue import HeaderCheck, object_label
+from orchestrator.clock import wait_for_any
+from orchestrator.config import Route, Settings
 from orchestrator.crashpoints import crashpoint
-from orchestrator.errors import InputError
+from orchestrator.errors import (
+    CredentialsError,
+    InputError,
+    MarketoError,
+    QuotaExhaustedError,
+    RetryableError,
+)
 from orchestrator.models import FileRecord, FileStatus
 from orchestrator.store import Store
 
@@ -59,6 +78,12 @@ class Observer(Protocol):
     """What the split stage reports (orchestrator.metrics.Metrics)."""
 
     def rows(self, outcome: str, n: int) -> None: ...
+
+
+class HeaderChecker(Protocol):
+    """How a file's header is checked (orchestrator.catalogue.Catalogue)."""
+
+    async def check_file(self, route: Route, path: Path, fmt: str) -> HeaderCheck | None: ...
 
 
 SmallFile = Callable[[FileRecord, splitter.Chunk, splitter.SplitDone, str], Awaitable[object]]
@@ -80,8 +105,10 @@ class SplitStage:
     on_caught_up: Callable[[], Awaitable[None]] = _nothing  # no claimed file waits now
     observer: Observer | None = None
     cut: Cutter = splitter.split_file_async
+    header: HeaderChecker | None = None  # None: headers are not checked
     # File ids to split in claim order; None: run --once claimed everything.
     _queue: asyncio.Queue[int | None] = field(default_factory=asyncio.Queue)
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)  # run's: ends a header wait
 
     # -- the claim queue ---------------------------------------------------------
 
@@ -104,6 +131,7 @@ class SplitStage:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Split claimed files one at a time, in claim order, until `stop` is set."""
+        self._stop = stop
         while not stop.is_set():
             getter = asyncio.ensure_future(self._queue.get())
             stopper = asyncio.ensure_future(stop.wait())
@@ -142,7 +170,10 @@ class SplitStage:
         out.mkdir(parents=True, exist_ok=True)
         fmt = route.format_for(file.name)
         # A split again whose chunks were recorded before keeps them (they may be sent).
-        pack = route.pack and not (again and await self.store.chunks(file_id=file.id))
+        recorded = again and bool(await self.store.chunks(file_id=file.id))
+        if not recorded and not await self.check_header(file, route, fmt):
+            return
+        pack = route.pack and not recorded
         small = pack and await asyncio.to_thread(smaller_than, file.work_path, file.max_chunk_bytes)
         events = self.cut(
             Path(file.work_path), out, max_bytes=file.max_chunk_bytes, fmt=fmt, fsync=not small
@@ -169,6 +200,44 @@ class SplitStage:
             await self.store.set_file_error(file.id, message)
             await self.end_early(file.id)
             self.on_error(file.id)
+
+    async def check_header(self, file: FileRecord, route: Route, fmt: str) -> bool:
+        """Whether the file may be cut, its header checked (see the module's docstring).
+        False: it failed (its split ended), or the stage stopped while it waited."""
+        if self.header is None:
+            return True
+        backoff, attempt = Backoff(self.settings.backoff.initial, self.settings.backoff.max), 0
+        while True:
+            try:
+                verdict = await self.header.check_file(route, Path(file.work_path), fmt)
+                break
+            except MarketoError as exc:
+                if not describe_may_wait(exc):
+                    reason = f"Marketo could not describe {object_label(route)}: {exc}"
+                    await self.fail_before_cut(file.id, reason)
+                    return False
+                attempt += 1
+                delay = backoff.delay(attempt)
+                log.warning("header_check_waits", error=str(exc), retry_in=round(delay, 2))
+                await wait_for_any(self._stop, within=delay)
+                if self._stop.is_set():
+                    return False
+        if verdict is None:  # the header cannot be read: the splitter says why
+            return True
+        if verdict.error is not None:
+            await self.fail_before_cut(file.id, verdict.error)
+            return False
+        if verdict.warnings:
+            log.warning("header_columns_unknown", warnings=list(verdict.warnings))
+            await self.store.set_file_warnings(file.id, verdict.warnings)
+        return True
+
+    async def fail_before_cut(self, file_id: int, error: str) -> None:
+        """A file refused before any chunk of it was recorded, so before any job."""
+        log.error("file_refused", error=error)
+        await self.store.set_file_error(file_id, error)
+        await self.end_early(file_id)
+        self.on_error(file_id)
 
     async def record(self, file_id: int, event: splitter.SplitEvent) -> None:
         """One chunk cut, record set aside, or the end of a split: into the store."""
@@ -204,6 +273,13 @@ class SplitStage:
         await self.store.finish_split(
             file_id, rows=sum(c.rows for c in known), chunks_total=len(known)
         )
+
+
+def describe_may_wait(exc: MarketoError) -> bool:
+    """Whether a describe call's error is Marketo's state rather than the object's: worth
+    waiting out (unreachable, limits, quota, refused credentials, 603 access denied)."""
+    waits = (RetryableError, QuotaExhaustedError, CredentialsError)
+    return isinstance(exc, waits) or exc.code == "603"
 
 
 def smaller_than(path: str, limit: int) -> bool:

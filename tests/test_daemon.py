@@ -382,11 +382,10 @@ async def test_sigterm_mid_run_exits_0_and_a_restart_finishes_without_resubmitti
 async def test_sigterm_with_a_hung_submit_exits_0_and_the_unknown_outcome_is_resubmitted(
     make_simulator: MakeSimulator, cli: CliRunner, tmp_path: Path, data_dir: Path
 ) -> None:
-    # The simulator would answer after a minute: only cutting the call short ends the run.
-    sim = await make_simulator(**SIM_KNOBS, slow_fraction=1.0, slow_seconds=60.0)
+    sim = await make_simulator(**SIM_KNOBS)
     config = config_file(tmp_path, data_dir, sim.base_url, (LEADS,))
+    daemon = await described_then_slow(sim, cli, config, data_dir)
     drop_leads(data_dir, "stuck.csv", 20)
-    daemon = await start_daemon(cli, config)
     await wait_until(lambda: chunk_statuses(cli, config), "a submit in flight", process=daemon)
 
     daemon.terminate()
@@ -404,17 +403,17 @@ async def test_sigterm_with_a_hung_submit_exits_0_and_the_unknown_outcome_is_res
     assert second.returncode == 0, second.stderr()
     assert second.events("recovering")[0]["resubmit"] == 1
     assert result(data_dir, "done", "leads", "stuck.csv")["rows_processed"] == 20
-    assert len(imports(sim)) == 1
-    assert len(sim.records("leads")) == 20
+    assert len(imports(sim)) == 2, "the first file's job, and the stuck file's once"
+    assert len(sim.records("leads")) == 21
 
 
 async def test_second_sigint_forces_exit(
     make_simulator: MakeSimulator, cli: CliRunner, tmp_path: Path, data_dir: Path
 ) -> None:
-    sim = await make_simulator(**SIM_KNOBS, slow_fraction=1.0, slow_seconds=60.0)
+    sim = await make_simulator(**SIM_KNOBS)
     config = config_file(tmp_path, data_dir, sim.base_url, (LEADS,))
+    daemon = await described_then_slow(sim, cli, config, data_dir)
     drop_leads(data_dir, "stuck.csv", 20)
-    daemon = await start_daemon(cli, config)
     await wait_until(lambda: chunk_statuses(cli, config), "a submit in flight", process=daemon)
 
     daemon.process.send_signal(signal.SIGINT)
@@ -425,6 +424,20 @@ async def test_second_sigint_forces_exit(
     # At once, not after the drain: nothing was cut short, the daemon never stopped.
     assert not daemon.events("shutdown_cut_short")
     assert not daemon.events("daemon_stopped")
+
+
+async def described_then_slow(
+    sim: Simulator, cli: CliRunner, config: str, data_dir: Path
+) -> CliProcess:
+    """A long-running daemon that imported one file (so it holds the leads' description,
+    good for an hour), with the simulator then answering every call after a minute:
+    only cutting the next file's submit short ends a run."""
+    daemon = await start_daemon(cli, config)
+    drop_leads(data_dir, "first.csv", 1, prefix="first")
+    first = result_path(data_dir, "done", "leads", "first.csv")
+    await wait_until(first.exists, "the first file's result", process=daemon)
+    sim.set_knobs(slow_fraction=1.0, slow_seconds=60.0)
+    return daemon
 
 
 def seconds_between(start: str, end: str) -> float:

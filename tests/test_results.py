@@ -45,8 +45,9 @@ from tests.support.settings import CARS, LEADS, fast_settings
 from tests.support.stages import claimed_file
 
 RESULT_KEYS = {
-    "id", "file", "route", "object", "status", "error", "rows", "rows_processed", "rows_failed",
-    "rows_with_warning", "chunks", "failures_file", "warnings_file", "claimed_at", "finished_at",
+    "id", "file", "route", "object", "status", "error", "warnings", "rows", "rows_processed",
+    "rows_failed", "rows_with_warning", "chunks", "failures_file", "warnings_file",
+    "claimed_at", "finished_at",
 }  # fmt: skip
 CHUNK_KEYS = {
     "index", "rows", "bytes", "batch_id", "status", "rows_processed", "rows_failed",
@@ -297,6 +298,7 @@ async def test_complete_file_result_and_merged_failures(
         "object": "leads",
         "status": "complete",
         "error": None,
+        "warnings": [],
         "rows": 5,
         "rows_processed": 2,
         "rows_failed": 3,  # one per chunk, and the record the splitter set aside

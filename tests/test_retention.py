@@ -166,6 +166,7 @@ async def test_a_v1_database_with_history_is_migrated_with_its_counts(tmp_path: 
     conn.execute("ALTER TABLE chunks DROP COLUMN unmatched_rows")  # v7
     conn.execute("DROP TABLE refusals")  # (v9; v8's 'unknown' chunk status stays allowed)
     conn.execute("DROP TABLE quota")
+    conn.execute("ALTER TABLE files DROP COLUMN warnings")  # nor header warnings (v11)
     conn.execute("PRAGMA user_version = 1")
     conn.commit()
     conn.close()

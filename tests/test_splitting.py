@@ -17,9 +17,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from orchestrator import splitter
-from orchestrator.config import Settings
+from orchestrator.catalogue import HeaderCheck
+from orchestrator.config import Route, Settings
+from orchestrator.errors import CredentialsError, FatalError, MarketoError, TransientError
 from orchestrator.models import FileRecord, FileStatus
 from orchestrator.splitting import SplitStage
 from orchestrator.store import Store
@@ -348,3 +351,141 @@ async def test_run_is_caught_up_each_time_the_queue_empties(harness: Harness) ->
 
     assert harness.caught_up == [1, 3]
     assert harness.split == [first.id, *(f.id for f in later)]
+
+
+# -- the header, checked before the first chunk --------------------------------------------
+
+
+@dataclass
+class Headers:
+    """The catalogue's stand-in: a verdict per file name (none: a clean header), after
+    raising the errors queued in `trouble`, one per ask."""
+
+    verdicts: dict[str, HeaderCheck] = field(default_factory=dict)
+    trouble: list[MarketoError] = field(default_factory=list)
+    asked: list[str] = field(default_factory=list)
+
+    async def check_file(self, route: Route, path: Path, fmt: str) -> HeaderCheck | None:
+        name = path.name.split("-", 1)[1]  # the harness's work path: "<n>-<name>"
+        self.asked.append(name)
+        if self.trouble:
+            raise self.trouble.pop(0)
+        return self.verdicts.get(name, verdict())
+
+
+def verdict(*, missing: tuple[str, ...] = (), unknown: tuple[str, ...] = ()) -> HeaderCheck:
+    return HeaderCheck("leads", ("email",), missing, unknown, unknown_fails=False)
+
+
+async def test_a_missing_key_column_fails_the_file_before_any_chunk_is_recorded(
+    harness: Harness,
+) -> None:
+    no_key = verdict(missing=("email",))
+    headers = Headers({"big.csv": no_key, "small.csv": no_key})
+    harness.stage.header = headers
+
+    big = await harness.split_file("solo", "big.csv", leads(40, "b"))
+    small = await harness.split_file("leads", "small.csv", leads(2, "s"))
+
+    for file in (big, small):
+        assert file.error == "the header lacks the key column 'email' of leads"
+        assert (file.status, file.chunks_total) == (FileStatus.SPLIT, 0)
+        assert await harness.store.chunks(file_id=file.id) == []
+    assert harness.fsync == [], "never cut"
+    assert harness.woken == [], "nothing for the scheduler: no job"
+    assert harness.small == [], "a small file is checked before it joins a pack"
+    assert harness.refused == [big.id, small.id]
+
+
+async def test_unknown_columns_are_warned_of_and_kept_for_the_result(harness: Harness) -> None:
+    harness.stage.header = Headers({"a.csv": verdict(unknown=("emial",))})
+    with capture_logs() as logs:
+        file = await harness.split_file("solo", "a.csv", leads(2, "a"))
+
+    assert file.error is None
+    assert file.warnings == ("column 'emial' matches no field of leads",)
+    assert len(await harness.store.chunks(file_id=file.id)) == 1
+    (event,) = [e for e in logs if e["event"] == "header_columns_unknown"]
+    assert event["warnings"] == ["column 'emial' matches no field of leads"]
+
+
+async def test_while_marketo_cannot_describe_the_object_the_file_waits(harness: Harness) -> None:
+    """Unreachable, refused credentials, 603: Marketo's state, not the file's. The file
+    waits (with backoff) and goes on once Marketo answers; the log says why it waited."""
+    headers = Headers(
+        trouble=[
+            TransientError("608", "API Temporarily Unavailable"),
+            CredentialsError("http-401", "refused"),
+            FatalError("603", "Access denied"),
+        ]
+    )
+    harness.stage.header = headers
+    with capture_logs() as logs:
+        file = await harness.split_file("solo", "a.csv", leads(2, "a"))
+
+    assert headers.asked == ["a.csv"] * 4
+    assert file.error is None
+    assert len(await harness.store.chunks(file_id=file.id)) == 1
+    waits = [e for e in logs if e["event"] == "header_check_waits"]
+    assert [w["error"] for w in waits] == [
+        "Marketo error 608: API Temporarily Unavailable",
+        "Marketo error http-401: refused",
+        "Marketo error 603: Access denied",
+    ]
+    assert all(w["retry_in"] > 0 for w in waits)
+
+
+async def test_an_object_marketo_does_not_have_fails_the_file(harness: Harness) -> None:
+    harness.stage.header = Headers(trouble=[FatalError("1013", "Object not found")])
+    file = await harness.split_file("solo", "a.csv", leads(2, "a"))
+
+    assert file.error is not None
+    assert file.error.startswith("Marketo could not describe leads: ")
+    assert "Object not found" in file.error
+    assert await harness.store.chunks(file_id=file.id) == []
+
+
+async def test_a_stop_while_the_file_waits_leaves_it_to_split_again(harness: Harness) -> None:
+    headers = Headers(trouble=[TransientError("network", "no route")] * 1000)
+    harness.stage.header = headers
+    file = await harness.claim("solo", "a.csv", leads(2, "a"))
+    harness.stage.claimed(file.id)
+    stop = asyncio.Event()
+    running = asyncio.ensure_future(harness.stage.run(stop))
+    try:
+        await wait_until(lambda: len(headers.asked) >= 2, "a second ask after a wait")
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, 30)
+
+    after = await harness.store.get_file(file.id)
+    assert (after.status, after.error) == (FileStatus.SPLITTING, None), "recovered next start"
+    assert await harness.store.chunks(file_id=file.id) == []
+
+
+async def test_a_split_again_with_chunks_recorded_is_not_checked_again(harness: Harness) -> None:
+    """Its chunks may be at Marketo already: it passed its check before."""
+    headers = Headers({"big.csv": verdict(missing=("email",))})
+    file = await harness.claim("solo", "big.csv", leads(40, "b"))
+    out = harness.settings.layout.chunk_dir(file.id)
+    first = next(
+        e
+        for e in splitter.split_file(Path(file.work_path), out, max_bytes=LIMIT, fmt="csv")
+        if isinstance(e, splitter.Chunk)
+    )
+    await harness.store.start_split(file.id)
+    await harness.store.add_chunk(
+        file.id,
+        index=1,
+        path=str(first.path),
+        rows=first.rows,
+        bytes=first.bytes,
+        first_line=first.first_line,
+    )
+    harness.stage.header = headers
+
+    await harness.stage.split(await harness.store.get_file(file.id))
+
+    assert headers.asked == []
+    after = await harness.store.get_file(file.id)
+    assert (after.status, after.error) == (FileStatus.SPLIT, None)

@@ -118,7 +118,7 @@ async def test_open_creates_schema_with_wal_full_sync_and_foreign_keys(store: St
     assert await on_store_connection("journal_mode") == "wal"
     assert await on_store_connection("synchronous") == 2  # FULL
     assert await on_store_connection("foreign_keys") == 1
-    assert pragma(store.path, "user_version") == LATEST_VERSION == 10
+    assert pragma(store.path, "user_version") == LATEST_VERSION == 11
     assert await store.integrity_check() == "ok"
 
 
@@ -156,6 +156,7 @@ async def test_v7_chunks_may_end_unknown_once_migrated_seen_by_every_connection(
     conn = sqlite3.connect(db_path, isolation_level=None)  # back to what v7 left
     conn.execute("DROP TABLE refusals")
     conn.execute("DROP TABLE quota")
+    conn.execute("ALTER TABLE files DROP COLUMN warnings")
     conn.execute("DELETE FROM tallies WHERE name = 'chunks:unknown'")
     conn.execute("PRAGMA writable_schema = ON")
     conn.execute(

@@ -179,6 +179,7 @@ def write_outputs(
         "object": object_type,
         "status": str(result.status),
         "error": result.error,
+        "warnings": list(file.warnings),  # the header check's; [] when none
         "rows": file.rows or 0,
         "rows_processed": sum(c.rows_processed for c in chunks),
         "rows_failed": sum(c.rows_failed for c in chunks) + len(rejects),

@@ -10,6 +10,7 @@ here too, so each is written once.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Iterable
 from collections.abc import Set as AbstractSet
@@ -28,6 +29,7 @@ from orchestrator.models import (
 def file_record(row: sqlite3.Row) -> FileRecord:
     values = dict(zip(row.keys(), row, strict=True))
     values["status"] = FileStatus(values["status"])
+    values["warnings"] = tuple(json.loads(values["warnings"] or "[]"))
     return FileRecord(**values)
 
 

@@ -206,8 +206,10 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             paused_until TEXT
         )""",
     ),
+    # v11: what a file's header check warned of (a JSON array of sentences; NULL: none).
+    ("ALTER TABLE files ADD COLUMN warnings TEXT",),
 )
-# A new migration is appended (the next is v11); a released one is never renumbered.
+# A new migration is appended (the next is v12); a released one is never renumbered.
 LATEST_VERSION = len(_MIGRATIONS)
 
 

@@ -9,6 +9,7 @@ results finishes them, and retention at last forgets them.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -282,11 +283,7 @@ class FileTransitions(Runner):
             file = fetch_file(conn, file_id)
             if file.status is FileStatus.FINISHING and file.result_path == result_path:
                 return file
-            require(
-                file,
-                UNFINISHED_FILE_STATUSES - {FileStatus.FINISHING},
-                "reserve_result",
-            )
+            require(file, UNFINISHED_FILE_STATUSES - {FileStatus.FINISHING}, "reserve_result")
             holder = conn.execute(
                 "SELECT id FROM files WHERE result_path = ?", (result_path,)
             ).fetchone()
@@ -333,6 +330,17 @@ class FileTransitions(Runner):
             return fetch_file(conn, file_id)
 
         return await self._run("set_file_error", body)
+
+    async def set_file_warnings(self, file_id: int, warnings: Sequence[str]) -> FileRecord:
+        """Remember what an unfinished file's header check warned of (for result.json)."""
+
+        def body(conn: sqlite3.Connection) -> FileRecord:
+            require(fetch_file(conn, file_id), UNFINISHED_FILE_STATUSES, "set_file_warnings")
+            text = json.dumps(list(warnings)) if warnings else None
+            conn.execute("UPDATE files SET warnings = ? WHERE id = ?", (text, file_id))
+            return fetch_file(conn, file_id)
+
+        return await self._run("set_file_warnings", body)
 
     # -- retention ---------------------------------------------------------------------------
 
