@@ -2,9 +2,12 @@
 a daemon owns. None takes data_dir's lock: each works beside a running daemon.
 
 - `status`: the snapshot of the state store, as a table or as JSON (`GET /jobs`).
-- `check`: the configuration, the data directory (`data_dir_problems`: what would
-  stop a daemon there, found without creating anything) and, with --credentials,
-  a token from Marketo and the API role's permission to import each route's object.
+- `check`: the configuration (Marketo's base_url and client_id are required), the
+  data directory (`data_dir_problems`: what would stop a daemon there, found without
+  creating anything), with --credentials a token from Marketo and the API role's
+  permission to import each route's object, and with --file a file's header checked
+  against the route's object as Marketo describes it (the daemon's own check before
+  a file's first job, `orchestrator.catalogue`).
 - `split`: the splitter alone, into a directory of chunk files.
 """
 
@@ -32,7 +35,7 @@ from orchestrator.config import (
 )
 from orchestrator.constants import DEFAULT_MAX_CHUNK_BYTES, MAX_CHUNK_BYTES_CAP
 from orchestrator.delimited import FORMATS, format_of
-from orchestrator.errors import UsageError
+from orchestrator.errors import ConfigError, UsageError
 from orchestrator.models import ExitCode
 
 if TYPE_CHECKING:
@@ -77,6 +80,13 @@ def add_check(sub: Subcommands) -> Parser:
         "one status call per object type, of a batch id that cannot exist, tells: 603 means "
         "no permission, any other answer that the role may import); exit 3 naming the route",
     )
+    check.add_argument(
+        "--file",
+        type=Path,
+        help="also check this file's header against --route's object as Marketo describes "
+        "it: exit 1 naming each missing key column and each column Marketo does not know",
+    )
+    check.add_argument("--route", help="the route (inbox sub-directory) --file is meant for")
     return check
 
 
@@ -138,8 +148,18 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    """Configuration, data directory and, with --credentials, a token: each an `ok` line."""
-    settings = load(args, require_credentials=args.credentials)
+    """Configuration, data directory, with --credentials a token, with --file a header:
+    each an `ok` line."""
+    if (args.file is None) != (args.route is None):
+        raise UsageError(
+            "--file" if args.file is None else "--route", "--file and --route go together"
+        )
+    settings = load(args, require_credentials=args.credentials or args.file is not None)
+    for key in ("base_url", "client_id"):  # a daemon could not start without them
+        if not getattr(settings.marketo, key):
+            env = "MARKETO_" + key.upper()
+            raise ConfigError(f"marketo.{key}", f"is required (set it or {env})")
+    route = None if args.route is None else checked_route(settings, args.route, args.file)
     config = resolve_config_path(args.config, os.environ)
     print(f"configuration: ok ({config or 'built-in defaults'})")
     problems = data_dir_problems(settings)
@@ -149,10 +169,26 @@ def cmd_check(args: argparse.Namespace) -> int:
         return ExitCode.USAGE
     routes = ", ".join(r.dir for r in settings.routes) or "none configured"
     print(f"data_dir: ok ({settings.data_dir}; routes: {routes})")
-    if not args.credentials:
+    if not args.credentials and route is None:
         return ExitCode.COMPLETE
     logs.configure("warning", settings.logging.format, stream=sys.stderr)  # the client's chatter
-    return asyncio.run(check_credentials(settings))
+    code = asyncio.run(check_credentials(settings)) if args.credentials else ExitCode.COMPLETE
+    if code != ExitCode.COMPLETE or route is None:
+        return code
+    return asyncio.run(check_header(settings, route, args.file))
+
+
+def checked_route(settings: Settings, name: str, file: Path) -> Route:
+    """The route --route names, for the readable file --file names."""
+    route = settings.route(name)
+    if route is None:
+        known = ", ".join(r.dir for r in settings.routes) or "none configured"
+        raise UsageError("--route", f"no route {name!r} in the configuration (routes: {known})")
+    if not file.is_file():
+        raise UsageError(
+            str(file), "no such file" if not file.exists() else "is not a regular file"
+        )
+    return route
 
 
 def data_dir_problems(settings: Settings) -> list[str]:
@@ -245,6 +281,37 @@ async def check_permissions(marketo: MarketoClient, settings: Settings) -> int:
         return ExitCode.CREDENTIALS
     shown = "; ".join(granted) or "no routes configured"
     print(f"permissions: ok ({shown}; inferred from one status call per object type)")
+    return ExitCode.COMPLETE
+
+
+async def check_header(settings: Settings, route: Route, file: Path) -> int:
+    """The file's header against the route's object: 0 when it can be imported (columns
+    Marketo does not know are warned of), 1 naming each problem, 3 refused credentials."""
+    from orchestrator.catalogue import Catalogue, object_label, read_header
+    from orchestrator.errors import CredentialsError, MarketoError
+    from orchestrator.marketo import MarketoClient
+
+    columns = await asyncio.to_thread(read_header, file, route.format_for(file.name))
+    async with MarketoClient(settings, max_attempts=2) as marketo:
+        try:
+            verdict = await Catalogue(marketo).check(route, columns)
+        except CredentialsError as exc:
+            print(f"{PROG}: credentials: {exc}", file=sys.stderr)
+            return ExitCode.CREDENTIALS
+        except MarketoError as exc:
+            print(
+                f"{PROG}: header: Marketo could not describe {object_label(route)}: {exc}",
+                file=sys.stderr,
+            )
+            return ExitCode.FAILED
+    if not verdict.ok:
+        for problem in verdict.problems():
+            print(f"{PROG}: header: {problem}", file=sys.stderr)
+        return ExitCode.FAILED
+    for warning in verdict.warnings:
+        print(f"{PROG}: warning: {warning}", file=sys.stderr)
+    keys = ", ".join(repr(key) for key in verdict.keys)
+    print(f"header: ok ({file.name}: {len(columns)} columns of {verdict.object}; keys {keys})")
     return ExitCode.COMPLETE
 
 
