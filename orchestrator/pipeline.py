@@ -86,7 +86,7 @@ class Pipeline:
             on_drained=self.drained,
             on_caught_up=self.caught_up,
             observer=metrics,
-            header=self.catalogue,
+            catalogue=self.catalogue,
         )
         self.packer = Packer(
             settings, store, on_sealed=self.pack_sealed, backlog=self.splitting.backlog

@@ -21,11 +21,9 @@ chunks before its split ends (`on_chunk`).
 - The queue: `drained` queues a marker after everything `run --once` claimed;
   taking it, the stage says so (`on_drained`). Whenever the queue empties after
   a file, `on_caught_up`. `backlog` tells whether claimed files wait.
-
 - The header (`check_header`, one step before the cut): a file's header is checked
-  against the route's object as Marketo describes it (`header`, the catalogue) before
-  its first chunk is recorded, so before any job, small files too (before they join a
-  pack). A missing key column, or with `unknown_columns = "fail"` a column that
+  against the route's object as Marketo describes it (`catalogue`) before its first
+  chunk is recorded, so before any job, small files too (before they join a pack). A missing key column, or with `unknown_columns = "fail"` a column that
   matches no field, fails the file with no chunk; other unknown columns are warned of
   in the log and kept in the store for result.json. While Marketo cannot describe
   the object (unreachable, limits, refused credentials or access) the file waits
@@ -80,10 +78,11 @@ class Observer(Protocol):
     def rows(self, outcome: str, n: int) -> None: ...
 
 
-class HeaderChecker(Protocol):
-    """How a file's header is checked (orchestrator.catalogue.Catalogue)."""
+class FieldCatalogue(Protocol):
+    """The routes' objects as Marketo describes them (orchestrator.catalogue.Catalogue)."""
 
     async def check_file(self, route: Route, path: Path, fmt: str) -> HeaderCheck | None: ...
+    async def key_columns(self, route: Route) -> tuple[str, ...]: ...
 
 
 SmallFile = Callable[[FileRecord, splitter.Chunk, splitter.SplitDone, str], Awaitable[object]]
@@ -105,7 +104,7 @@ class SplitStage:
     on_caught_up: Callable[[], Awaitable[None]] = _nothing  # no claimed file waits now
     observer: Observer | None = None
     cut: Cutter = splitter.split_file_async
-    header: HeaderChecker | None = None  # None: headers are not checked
+    catalogue: FieldCatalogue | None = None  # None: headers are not checked
     # File ids to split in claim order; None: run --once claimed everything.
     _queue: asyncio.Queue[int | None] = field(default_factory=asyncio.Queue)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)  # run's: ends a header wait
@@ -204,12 +203,12 @@ class SplitStage:
     async def check_header(self, file: FileRecord, route: Route, fmt: str) -> bool:
         """Whether the file may be cut, its header checked (see the module's docstring).
         False: it failed (its split ended), or the stage stopped while it waited."""
-        if self.header is None:
+        if self.catalogue is None:
             return True
         backoff, attempt = Backoff(self.settings.backoff.initial, self.settings.backoff.max), 0
         while True:
             try:
-                verdict = await self.header.check_file(route, Path(file.work_path), fmt)
+                verdict = await self.catalogue.check_file(route, Path(file.work_path), fmt)
                 break
             except MarketoError as exc:
                 if not describe_may_wait(exc):

@@ -372,6 +372,9 @@ class Headers:
             raise self.trouble.pop(0)
         return self.verdicts.get(name, verdict())
 
+    async def key_columns(self, route: Route) -> tuple[str, ...]:
+        return ("email",)
+
 
 def verdict(*, missing: tuple[str, ...] = (), unknown: tuple[str, ...] = ()) -> HeaderCheck:
     return HeaderCheck("leads", ("email",), missing, unknown, unknown_fails=False)
@@ -382,7 +385,7 @@ async def test_a_missing_key_column_fails_the_file_before_any_chunk_is_recorded(
 ) -> None:
     no_key = verdict(missing=("email",))
     headers = Headers({"big.csv": no_key, "small.csv": no_key})
-    harness.stage.header = headers
+    harness.stage.catalogue = headers
 
     big = await harness.split_file("solo", "big.csv", leads(40, "b"))
     small = await harness.split_file("leads", "small.csv", leads(2, "s"))
@@ -398,7 +401,7 @@ async def test_a_missing_key_column_fails_the_file_before_any_chunk_is_recorded(
 
 
 async def test_unknown_columns_are_warned_of_and_kept_for_the_result(harness: Harness) -> None:
-    harness.stage.header = Headers({"a.csv": verdict(unknown=("emial",))})
+    harness.stage.catalogue = Headers({"a.csv": verdict(unknown=("emial",))})
     with capture_logs() as logs:
         file = await harness.split_file("solo", "a.csv", leads(2, "a"))
 
@@ -419,7 +422,7 @@ async def test_while_marketo_cannot_describe_the_object_the_file_waits(harness: 
             FatalError("603", "Access denied"),
         ]
     )
-    harness.stage.header = headers
+    harness.stage.catalogue = headers
     with capture_logs() as logs:
         file = await harness.split_file("solo", "a.csv", leads(2, "a"))
 
@@ -436,7 +439,7 @@ async def test_while_marketo_cannot_describe_the_object_the_file_waits(harness: 
 
 
 async def test_an_object_marketo_does_not_have_fails_the_file(harness: Harness) -> None:
-    harness.stage.header = Headers(trouble=[FatalError("1013", "Object not found")])
+    harness.stage.catalogue = Headers(trouble=[FatalError("1013", "Object not found")])
     file = await harness.split_file("solo", "a.csv", leads(2, "a"))
 
     assert file.error is not None
@@ -447,7 +450,7 @@ async def test_an_object_marketo_does_not_have_fails_the_file(harness: Harness) 
 
 async def test_a_stop_while_the_file_waits_leaves_it_to_split_again(harness: Harness) -> None:
     headers = Headers(trouble=[TransientError("network", "no route")] * 1000)
-    harness.stage.header = headers
+    harness.stage.catalogue = headers
     file = await harness.claim("solo", "a.csv", leads(2, "a"))
     harness.stage.claimed(file.id)
     stop = asyncio.Event()
@@ -482,7 +485,7 @@ async def test_a_split_again_with_chunks_recorded_is_not_checked_again(harness: 
         bytes=first.bytes,
         first_line=first.first_line,
     )
-    harness.stage.header = headers
+    harness.stage.catalogue = headers
 
     await harness.stage.split(await harness.store.get_file(file.id))
 
