@@ -81,12 +81,14 @@ async def test_603_fails_nothing_sends_nothing_and_work_goes_on_once_the_role_is
         assert await wait_until(lambda: refusals(settings), "the refusal in the state store") == [
             "Read-Write Lead"
         ]
-        creates = [c for c in sim.calls() if c["operation"] == "importLeadUsingPOST"]
-        assert creates, "the scheduler tried"
-        assert {c["code"] for c in creates} == {"603"}
+        # The header check asks first: Marketo refuses to describe leads to a role
+        # without a lead grant, so no create is even tried.
+        describes = [c for c in sim.calls() if c["operation"] == "describeUsingGET_6"]
+        assert describes, "the header check asked"
+        assert {c["code"] for c in describes} == {"603"}
         assert sim.jobs() == [], "nothing was made"
         async with await Store.open(settings.layout.state_db, check=False) as store:
-            assert {c.status for c in await store.chunks()} == {ChunkStatus.PENDING}
+            assert {c.status for c in await store.chunks()} <= {ChunkStatus.PENDING}
             assert all(f.error is None for f in await store.files())
         assert all_results(settings.data_dir) == [], "nothing failed"
 

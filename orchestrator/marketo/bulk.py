@@ -60,6 +60,7 @@ from orchestrator.marketo.wire import (
     LEAD_FAILURES,
     LEAD_STATUS,
     LEAD_WARNINGS,
+    DESCRIBE_REFUSES,
     PERMISSIONS,
     PROGRAM_MEMBER_FAILURES,
     PROGRAM_MEMBER_STATUS,
@@ -420,14 +421,16 @@ class MarketoClient:
         """One call through the retry loop, learning from it what Marketo refuses: a
         refusal is kept until a call needing the same thing succeeds (`marketo.access`).
         A call outside the Bulk Import (the usage reading) needs no import permission:
-        a 603 to it is that call's error only, not a refusal of the daemon's work."""
+        a 603 to it is that call's error only, not a refusal of the daemon's work. A 603
+        to a describe refuses the import permission too (`DESCRIBE_REFUSES`)."""
         permission = PERMISSIONS.get(operation)
         try:
             result = await self._retry.call(operation, exchange, min_life=min_life)
         except AccessDeniedError as exc:
             self._access.allowed(CREDENTIALS)  # 603: "authentication is successful but ..."
-            if permission is not None:
-                self._access.refused(permission, exc)
+            refused = permission or DESCRIBE_REFUSES.get(operation)
+            if refused is not None:
+                self._access.refused(refused, exc)
             raise
         except CredentialsError as exc:
             self._access.refused(CREDENTIALS, exc)

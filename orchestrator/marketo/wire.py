@@ -92,6 +92,14 @@ def permission_of(object_type: ObjectType) -> str:
 DESCRIBE_LEADS: Final = "describeUsingGET_6"  # Describe Lead2: /rest/v1/leads/describe2.json
 DESCRIBE_CUSTOM_OBJECT: Final = "describeUsingGET_1"
 DESCRIBE_PROGRAM_MEMBERS: Final = "describeProgramMemberUsingGET2"
+# A 603 to a describe means the role may not even read the object, so it cannot import
+# it either: the import permission is refused. A describe that succeeds proves only a
+# read grant, so it ends no refusal (only a call of PERMISSIONS does).
+DESCRIBE_REFUSES: Final = {
+    DESCRIBE_LEADS: READ_WRITE_LEAD,
+    DESCRIBE_PROGRAM_MEMBERS: READ_WRITE_LEAD,
+    DESCRIBE_CUSTOM_OBJECT: READ_WRITE_CUSTOM_OBJECT,
+}
 
 # Content type of the multipart `file` part, by format (ssv has no type of its own).
 CONTENT_TYPES: Final = {"csv": "text/csv", "tsv": "text/tab-separated-values", "ssv": "text/csv"}
