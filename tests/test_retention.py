@@ -167,6 +167,9 @@ async def test_a_v1_database_with_history_is_migrated_with_its_counts(tmp_path: 
     conn.execute("DROP TABLE refusals")  # (v9; v8's 'unknown' chunk status stays allowed)
     conn.execute("DROP TABLE quota")
     conn.execute("ALTER TABLE files DROP COLUMN warnings")  # nor header warnings (v11)
+    # No key order or conflicts either (v12).
+    conn.execute("DROP TABLE conflicts")
+    conn.execute("DROP TABLE key_order")
     conn.execute("PRAGMA user_version = 1")
     conn.commit()
     conn.close()

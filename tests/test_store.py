@@ -118,7 +118,7 @@ async def test_open_creates_schema_with_wal_full_sync_and_foreign_keys(store: St
     assert await on_store_connection("journal_mode") == "wal"
     assert await on_store_connection("synchronous") == 2  # FULL
     assert await on_store_connection("foreign_keys") == 1
-    assert pragma(store.path, "user_version") == LATEST_VERSION == 11
+    assert pragma(store.path, "user_version") == LATEST_VERSION == 12
     assert await store.integrity_check() == "ok"
 
 
@@ -139,6 +139,8 @@ async def test_empty_v0_file_is_migrated_to_the_latest(db_path: Path) -> None:
         "tallies",
         "refusals",
         "quota",
+        "key_order",
+        "conflicts",
     }
     async with await Store.open(db_path) as store:
         assert await store.get_file(file.id) == file
@@ -983,4 +985,147 @@ async def test_retention_prunes_a_shared_chunk_with_all_of_its_files(store: Stor
     assert await store.prune_finished(before=T2, limit=1) == 2
     assert await store.files() == []
     assert await store.chunks() == []
+    assert await store.integrity_check() == "ok"
+
+
+# -- the key rule: the order chunks are recorded in, their conflicts (issue 20) -------------------
+
+
+async def sent(store: Store, chunk_id: int, batch_id: int) -> None:
+    await store.mark_submitting(chunk_id)
+    await store.mark_submitted(
+        chunk_id, batch_id=batch_id, marketo_status="Queued", submitted_at=T1
+    )
+
+
+async def done(store: Store, chunk_id: int) -> None:
+    await store.finish_chunk(chunk_id, status=ChunkStatus.COMPLETE, message="", finished_at=T2)
+
+
+async def test_chunks_take_their_place_in_the_key_order_when_recorded_whole(store: Store) -> None:
+    """add_chunk places a chunk at once; a pack only when sealed (an open pack still
+    takes rows). The check takes them in that order; again is a no-op."""
+    (a, _), pack = await packed(store, ["a.csv", "b.csv"])
+    big = await claim(store, "big.csv", T1)
+    await store.start_split(big.id)
+    first = await add(store, big.id, 1)
+    assert [k.chunk_id for k in await store.unchecked()] == [first.id]
+    await store.seal_pack(pack)
+    second = await add(store, big.id, 2)
+    await add(store, big.id, 1)  # a split again after a crash: the same chunk
+    await store.seal_pack(pack)
+    order = await store.unchecked()
+    assert [k.chunk_id for k in order] == [first.id, pack, second.id]
+    assert [k.seq for k in order] == sorted(k.seq for k in order)
+    assert not any(k.final for k in order)
+    assert await store.holds() == {first.id: (), pack: (), second.id: ()}, "unchecked: held"
+    await store.record_conflicts(first.id, [])
+    await store.record_conflicts(first.id, [])
+    assert [k.chunk_id for k in await store.unchecked()] == [pack, second.id]
+    assert [k.chunk_id for k in await store.holding_before(order[2].seq)] == [first.id, pack]
+    assert a.id in {f.id for f in await store.files()}
+
+
+async def test_a_conflict_holds_the_later_chunk_until_the_earlier_is_done(store: Store) -> None:
+    a = await split(store, await claim(store, "a.csv", T0), 2)
+    b = await split(store, await claim(store, "b.csv", T1), 1)
+    a1, a2 = await store.chunks(file_id=a.id)
+    (b1,) = await store.chunks(file_id=b.id)
+    for chunk in (a1, a2):
+        await store.record_conflicts(chunk.id, [])
+    await store.record_conflicts(b1.id, [a2.id, a1.id])
+
+    holds = await store.holds()
+    assert list(holds) == [b1.id]
+    assert [(h.chunk_id, h.file, h.ticket, h.index) for h in holds[b1.id]] == [
+        (a1.id, "a.csv", a.ticket, 1),
+        (a2.id, "a.csv", a.ticket, 2),
+    ]
+    assert await store.holds([a1.id, a2.id]) == {}
+    assert await store.held_chunks() == 1
+    await sent(store, a1.id, 11)
+    await done(store, a1.id)
+    store = await reopen(store)  # the rule holds after a restart
+    try:
+        (still,) = (await store.holds())[b1.id]
+        assert (still.chunk_id, still.status, still.final) == (a2.id, ChunkStatus.PENDING, False)
+        await sent(store, a2.id, 12)
+        assert (await store.holds())[b1.id][0].status is ChunkStatus.SUBMITTED
+        await store.finish_chunk(a2.id, status=ChunkStatus.FAILED, message="x", finished_at=T2)
+        assert await store.holds() == {}
+        assert await store.held_chunks() == 0
+    finally:
+        await store.close()
+
+
+async def test_an_unknown_outcome_holds_keys_until_one_more_job_of_ours_ends(
+    store: Store,
+) -> None:
+    """A copy of a chunk whose create had an unknown outcome may still import after the
+    chunk's own resubmission finished, and one refused past max_resubmits may have
+    copies at Marketo: either is done once one more of our jobs ended after it."""
+    a = await split(store, await claim(store, "a.csv", T0), 2)
+    b = await split(store, await claim(store, "b.csv", T1), 2)
+    a1, a2 = await store.chunks(file_id=a.id)
+    b1, b2 = await store.chunks(file_id=b.id)
+    for chunk in (a1, a2, b1):
+        await store.record_conflicts(chunk.id, [])
+    await store.record_conflicts(b2.id, [a1.id, a2.id])
+    await store.mark_submitting(a1.id)
+    await store.mark_unknown_outcome(a1.id)
+    await sent(store, a1.id, 21)  # the resubmission
+    await done(store, a1.id)
+    await store.mark_submitting(a2.id)
+    await store.mark_unknown_outcome(a2.id)  # past the cap: refused, never sent again
+    await store.finish_chunk(a2.id, status=ChunkStatus.FAILED, message="cap", finished_at=T2)
+    holds = (await store.holds())[b2.id]
+    assert [(h.chunk_id, h.final) for h in holds] == [(a1.id, True), (a2.id, True)]
+
+    await sent(store, b1.id, 22)
+    store = await reopen(store)
+    try:
+        assert len((await store.holds())[b2.id]) == 2
+        await done(store, b1.id)  # one more of our jobs ended
+        assert await store.holds() == {}
+    finally:
+        await store.close()
+
+
+async def test_release_keys_takes_final_chunks_as_done_and_no_others(store: Store) -> None:
+    a = await split(store, await claim(store, "a.csv", T0), 2)
+    b = await split(store, await claim(store, "b.csv", T1), 1)
+    a1, a2 = await store.chunks(file_id=a.id)
+    (b1,) = await store.chunks(file_id=b.id)
+    await store.record_conflicts(b1.id, [a1.id, a2.id])
+    await store.mark_submitting(a1.id)
+    await store.mark_unknown_outcome(a1.id)
+    await sent(store, a1.id, 31)
+    await done(store, a1.id)
+    await store.release_keys([a1.id, a2.id])  # a2 is pending: not done, whatever is asked
+    assert [h.chunk_id for h in (await store.holds())[b1.id]] == [a2.id]
+
+
+async def test_retention_forgets_the_key_order_and_conflicts_of_what_it_prunes(
+    store: Store,
+) -> None:
+    a = await split(store, await claim(store, "a.csv", T0), 1)
+    b = await split(store, await claim(store, "b.csv", T0), 1)
+    (a1,) = await store.chunks(file_id=a.id)
+    (b1,) = await store.chunks(file_id=b.id)
+    await store.record_conflicts(a1.id, [])
+    await store.record_conflicts(b1.id, [a1.id])
+    for file, chunk in ((a, a1), (b, b1)):
+        await store.mark_submitting(chunk.id)
+        await store.mark_unknown_outcome(chunk.id)  # both still hold their keys
+        await store.finish_chunk(chunk.id, status=ChunkStatus.FAILED, message="x", finished_at=T1)
+        await store.reserve_result(file.id, result_path=f"/failed/{file.name}.result.json")
+        await store.finish_file(file.id, status=FileStatus.FAILED, error="x", finished_at=T1)
+    assert await store.prune_finished(before=T2, limit=10) == 2
+
+    def rows(conn: sqlite3.Connection) -> tuple[int, int]:
+        (order,) = conn.execute("SELECT count(*) FROM key_order").fetchone()
+        (conflicts,) = conn.execute("SELECT count(*) FROM conflicts").fetchone()
+        return int(order), int(conflicts)
+
+    assert await store._run("count", rows) == (0, 0)
     assert await store.integrity_check() == "ok"

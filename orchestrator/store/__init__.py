@@ -2,12 +2,12 @@
 
 `store` holds the `Store` and how it opens; the `Store` is made of `reads` (the
 queries), `transitions` (a file's way from claim to result), `submissions` (a
-chunk's way through Marketo) and `refusals` (what Marketo refuses the daemon),
-all run by `connection` (the connection, its thread, the one transaction
-wrapper, SQLite's errors as ours). `schema` holds the tables
+chunk's way through Marketo), `refusals` (what Marketo refuses the daemon) and
+`keyorder` (the key rule's conflicts), all run by `connection` (the connection, its
+thread, the one transaction wrapper, SQLite's errors as ours). `schema` holds the tables
 and their migrations; `rows` turns rows into records and keeps the transition rules.
 """
 
-from orchestrator.store.store import LATEST_VERSION, Claim, Recovery, Store
+from orchestrator.store.store import LATEST_VERSION, Claim, Hold, Keyed, Recovery, Store
 
-__all__ = ["LATEST_VERSION", "Claim", "Recovery", "Store"]
+__all__ = ["LATEST_VERSION", "Claim", "Hold", "Keyed", "Recovery", "Store"]

@@ -24,6 +24,7 @@ from orchestrator.models import (
     FileRecord,
     FileStatus,
 )
+from orchestrator.store.keyorder import enter_key_order
 
 
 def file_record(row: sqlite3.Row) -> FileRecord:
@@ -107,14 +108,16 @@ def insert_chunk(
 ) -> ChunkRecord:
     """A PENDING chunk of `file_id` alone, with its one piece; if (file_id, index) exists,
     that chunk unchanged, as the file sees it."""
-    conn.execute(
+    added = conn.execute(
         "INSERT INTO chunks (file_id, idx, path, rows, bytes, first_line, status, sealed)"
         " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (file_id, idx) DO NOTHING",
         (file_id, index, path, rows, bytes, first_line, ChunkStatus.PENDING, int(sealed)),
-    )
+    ).rowcount
     (chunk_id,) = conn.execute(
         "SELECT id FROM chunks WHERE file_id = ? AND idx = ?", (file_id, index)
     ).fetchone()
+    if added and sealed:
+        enter_key_order(conn, chunk_id)  # recorded whole: its keys are checked next
     conn.execute(
         "INSERT INTO pieces (chunk_id, file_id, seq, rows, bytes, first_row, first_line)"
         " VALUES (?, ?, 1, ?, ?, 0, ?) ON CONFLICT DO NOTHING",

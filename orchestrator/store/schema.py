@@ -208,8 +208,28 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     # v11: what a file's header check warned of (a JSON array of sentences; NULL: none).
     ("ALTER TABLE files ADD COLUMN warnings TEXT",),
+    # v12, the key rule (issue 20; see store.keyorder): a chunk recorded whole takes a place
+    # (`seq`) in `key_order`, unchecked until its conflicts with earlier chunks are known,
+    # and stays there while it holds its keys (until it is done). A conflict (earlier,
+    # later): later waits while earlier is in `key_order`. Chunks recorded before this
+    # migration have no place: no keys were kept for them.
+    (
+        """CREATE TABLE key_order (
+            chunk_id INTEGER PRIMARY KEY REFERENCES chunks (id),
+            seq INTEGER NOT NULL,
+            checked INTEGER NOT NULL DEFAULT 0
+        )""",
+        # Columns in the key's order: SQLite 3.40's quick_check misreads a WITHOUT ROWID
+        # table whose columns are declared in another order than its primary key.
+        """CREATE TABLE conflicts (
+            later INTEGER NOT NULL REFERENCES chunks (id),
+            earlier INTEGER NOT NULL REFERENCES chunks (id),
+            PRIMARY KEY (later, earlier)
+        ) WITHOUT ROWID""",
+        "CREATE INDEX conflicts_by_earlier ON conflicts (earlier)",
+    ),
 )
-# A new migration is appended (the next is v12); a released one is never renumbered.
+# A new migration is appended (the next is v13); a released one is never renumbered.
 LATEST_VERSION = len(_MIGRATIONS)
 
 

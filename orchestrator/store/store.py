@@ -10,6 +10,7 @@ of, one method per state transition:
 - `transitions.FileTransitions`: a file's way from its claim to its result;
 - `submissions.ChunkTransitions`: a chunk's way through Marketo, and recovery;
 - `refusals.RefusalRecords`: what Marketo refuses the daemon (credentials, 603).
+- `keyorder.KeyOrder`: the key rule's order of chunks, their conflicts and holds.
 
 All SQLite work runs in the one worker thread owned by the `Store`, so the event
 loop never waits on the disk. Each public method is one short transaction,
@@ -36,16 +37,17 @@ from pathlib import Path
 from types import TracebackType
 
 from orchestrator.store.connection import close_if_connected, connect, corrupt, open_error, use_wal
+from orchestrator.store.keyorder import Hold, Keyed, KeyOrder
 from orchestrator.store.reads import Reads
 from orchestrator.store.refusals import RefusalRecords
 from orchestrator.store.schema import LATEST_VERSION, check_version, migrate, read_version
 from orchestrator.store.submissions import ChunkTransitions, Recovery
 from orchestrator.store.transitions import Claim, FileTransitions
 
-__all__ = ["LATEST_VERSION", "Claim", "Recovery", "Store"]
+__all__ = ["LATEST_VERSION", "Claim", "Hold", "Keyed", "Recovery", "Store"]
 
 
-class Store(Reads, FileTransitions, ChunkTransitions, RefusalRecords):
+class Store(Reads, FileTransitions, ChunkTransitions, RefusalRecords, KeyOrder):
     """The state store; open with `await Store.open(path)`, close with `await close()`."""
 
     def __repr__(self) -> str:

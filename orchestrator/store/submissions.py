@@ -24,6 +24,7 @@ from orchestrator.models import (
     QuotaState,
 )
 from orchestrator.store.connection import Runner
+from orchestrator.store.keyorder import release_after_finish, release_after_job
 from orchestrator.store.rows import (
     check_batch,
     fetch_chunk,
@@ -164,6 +165,9 @@ class ChunkTransitions(Runner):
                 "UPDATE chunks SET status = ?, message = ?, finished_at = ? WHERE id = ?",
                 (status, message, finished_at, chunk_id),
             )
+            release_after_finish(conn, chunk_id, chunk.unknown_outcomes)
+            if chunk.status is ChunkStatus.SUBMITTED:  # one of our jobs ended at Marketo
+                release_after_job(conn, chunk_id)
             return fetch_chunk(conn, chunk_id)
 
         return await self._run("finish_chunk", body)

@@ -23,6 +23,7 @@ from orchestrator.models import (
     FileStatus,
 )
 from orchestrator.store.connection import Runner
+from orchestrator.store.keyorder import enter_key_order, forget_chunks
 from orchestrator.store.rows import (
     check_finish,
     fetch_chunk,
@@ -266,8 +267,13 @@ class FileTransitions(Runner):
         """An open pack takes no more files: the scheduler may send it. Again is a no-op."""
 
         def body(conn: sqlite3.Connection) -> ChunkRecord:
-            conn.execute("UPDATE chunks SET sealed = 1 WHERE id = ?", (chunk_id,))
-            return fetch_chunk(conn, chunk_id)
+            sealed = conn.execute(
+                "UPDATE chunks SET sealed = 1 WHERE id = ? AND sealed = 0", (chunk_id,)
+            ).rowcount
+            record = fetch_chunk(conn, chunk_id)
+            if sealed:
+                enter_key_order(conn, chunk_id)  # whole now: its keys are checked next
+            return record
 
         return await self._run("seal_pack", body)
 
@@ -376,6 +382,7 @@ class FileTransitions(Runner):
                 going.update(int(m[1]) for m in mates)
                 chunk_ids.update(int(m[0]) for m in mates)
             ids = [(i,) for i in sorted(going)]
+            forget_chunks(conn, sorted(chunk_ids))
             conn.executemany("DELETE FROM rejects WHERE file_id = ?", ids)
             conn.executemany("DELETE FROM pieces WHERE chunk_id = ?", [(c,) for c in chunk_ids])
             conn.executemany("DELETE FROM chunks WHERE id = ?", [(c,) for c in chunk_ids])
