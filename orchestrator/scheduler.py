@@ -38,6 +38,12 @@ On 1016 the chunk keeps the head of the queue and everything waits out an
 exponential, jittered backoff. At most one of our jobs per static list
 (`listId`) is outstanding, since Marketo answers 1019 otherwise; a chunk whose
 list is busy is passed over by chunks of other lists, never by its own file.
+
+The key rule (`orchestrator.keyorder`, `limits.key_order`): a chunk is sent only
+once its conflicts with earlier chunks are known and every earlier chunk that shares
+a record key with it is done. A held chunk holds the rest of its file, and lets
+later, unrelated work (other files) pass it; chunks without conflicts go in FIFO
+order as before. The conflicts are found beside the submits (`check_keys`).
 """
 
 from __future__ import annotations
@@ -66,6 +72,7 @@ from orchestrator.errors import (
     UnknownOutcomeError,
 )
 from orchestrator.filecache import FileCache
+from orchestrator.keyorder import KeyRule
 from orchestrator.models import BatchStatus, ChunkRecord, ChunkStatus, FileRecord
 from orchestrator.quotagate import QuotaGate, QuotaSource
 from orchestrator.store import Store
@@ -164,17 +171,21 @@ class Scheduler:
     quota_gate: QuotaGate = field(init=False)
     queue_wait: Wait = field(default_factory=Wait)
     list_waits: dict[int, Wait] = field(default_factory=dict)
+    keys: KeyRule = field(init=False)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
+    _recorded: asyncio.Event = field(default_factory=asyncio.Event)  # a chunk to check
 
     def __post_init__(self) -> None:
         lim = self.settings.limits
         self.model = QueueModel(limit=min(lim.queued_jobs, constants.MAX_QUEUED_JOBS))
         self.backoff = Backoff(self.settings.backoff.initial, self.settings.backoff.max)
         self.quota_gate = QuotaGate(self.quota, self.clock, self.observer)
+        self.keys = KeyRule(self.settings, self.store, self.clock)
 
     def wake(self) -> None:
         """Something changed: a chunk was added or a job finished."""
         self._wake.set()
+        self._recorded.set()
 
     def job_finished(self, chunk_id: int | None = None) -> None:
         """One of our jobs ended at Marketo."""
@@ -194,18 +205,32 @@ class Scheduler:
         self.wake()
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Submit whenever there is room, until `stop` is set."""
+        """Submit whenever there is room (finding conflicts beside), until `stop` is set."""
+        async with asyncio.TaskGroup() as group:
+            if self.keys.on:
+                group.create_task(self.check_keys(stop), name="key-check")
+            while not stop.is_set():
+                self._wake.clear()
+                await self.submit_ready(stop)
+                await wait_for_any(self._wake, stop, within=self.next_deadline())
+
+    async def check_keys(self, stop: asyncio.Event) -> None:
+        """Find each recorded chunk's conflicts as it comes, until `stop` is set."""
         while not stop.is_set():
-            self._wake.clear()
-            await self.submit_ready(stop)
-            await wait_for_any(self._wake, stop, within=self.next_deadline())
+            self._recorded.clear()
+            if await self.keys.check.run(stop):
+                self._wake.set()
+            await wait_for_any(self._recorded, stop, within=None)
 
     def next_deadline(self) -> float | None:
         """Seconds until the earliest backoff ends, or None to wait for a wake-up."""
         now = self.clock()
         waits = [self.queue_wait.until, self.quota_gate.until]
-        ends = [t for t in (*waits, *(w.until for w in self.list_waits.values())) if t > now]
-        return max(0.0, min(ends) - now) if ends else None
+        ends = [t - now for t in (*waits, *(w.until for w in self.list_waits.values())) if t > now]
+        release = self.keys.next_deadline()  # copies that may be at Marketo taken as gone
+        if release is not None:
+            ends.append(release)
+        return max(0.0, min(ends)) if ends else None
 
     def backoff_remaining(self) -> float:
         """Seconds until the queue's backoff ends (0 when none runs)."""
@@ -217,6 +242,7 @@ class Scheduler:
             return
         pending = await self.store.chunks(statuses=[ChunkStatus.PENDING])
         outstanding = await self.store.chunks(statuses=OUTSTANDING)
+        held = await self.keys.holds(len(outstanding))
         busy_lists = {self.list_of(await self.files.get(c.file_id)) for c in outstanding} - {0}
         blocked_files: set[int] = set()
         for chunk in pending:
@@ -238,6 +264,9 @@ class Scheduler:
                 problem = self.past_cap(chunk)
             if problem or route is None:
                 await self.refuse(chunk, problem or "no route")
+                blocked_files.add(chunk.file_id)
+                continue
+            if chunk.id in held:  # the key rule: the rest of its file waits too
                 blocked_files.add(chunk.file_id)
                 continue
             if not await self.quota_gate.allows():
@@ -400,6 +429,7 @@ class Scheduler:
             await self.store.finish_chunk(
                 other.id, status=ChunkStatus.FAILED, message=note, finished_at=stamp()
             )
+        self._wake.set()  # chunks it held back may go now
         await self.on_chunk_final(finished)
 
     def list_of(self, file: FileRecord) -> int:

@@ -8,7 +8,7 @@ Every import of our own package points down this picture, never up or sideways:
         pipeline ................................. 5    ▼
      splitting scheduler packer poller results ... 4   simulator: a program of its
                   upkeep client .................. 4   own, it uses constants,
-       spool  status  catalogue .............. 3   models, errors and
+    spool status catalogue keyorder ........ 3   models, errors and
               store  marketo  metrics ............ 2   nothing else of ours
   config logs splitter tickets dirlock filecache keys quotagate 1
                   constants errors models clock
@@ -45,7 +45,7 @@ RANKS: dict[str, int] = {
             "orchestrator constants errors models clock backoff crashpoints layout durable delimited",  # leaves
             "config logs splitter tickets dirlock filecache keys quotagate",
             "store marketo metrics",
-            "spool status catalogue",
+            "spool status catalogue keyorder",
             "splitting scheduler packer poller results upkeep client",  # stages, upkeep, hand-over
             "pipeline",
             "daemon",

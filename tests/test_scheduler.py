@@ -7,6 +7,7 @@ backoffs are crossed by advancing the fake clock, not by waiting.
 from __future__ import annotations
 
 import asyncio
+import shutil
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -26,6 +27,7 @@ from orchestrator.errors import (
     UnknownOutcomeError,
 )
 from orchestrator.filecache import FileCache
+from orchestrator.keys import LEAD_NAMESPACE, KeySet, key_hash, keys_path
 from orchestrator.models import BatchStatus, ChunkRecord, ChunkStatus, FileRecord, ObjectType
 from orchestrator.scheduler import QueueModel, Scheduler
 from orchestrator.store import Store
@@ -106,36 +108,56 @@ class Harness:
     _claims: int = 0
 
     async def add_file(
-        self, route: Route, name: str, chunks: int, *, order: Sequence[int] | None = None
+        self,
+        route: Route,
+        name: str,
+        chunks: int,
+        *,
+        order: Sequence[int] | None = None,
+        keys: Sequence[str] | None = None,
     ) -> FileRecord:
         """A claimed, split file of `chunks` chunks, claimed after every earlier one.
 
-        `order` is the order the chunks are recorded in (default 1, 2, ...)."""
+        `order` is the order the chunks are recorded in (default 1, 2, ...). With `keys`
+        (one string per chunk, its emails joined by spaces) each chunk's key file is
+        written beside it before it is recorded, as the split stage does."""
         self._claims += 1
         stem = name.removesuffix(".csv")
         began = await claimed_file(self.store, route.dir, name, number=self._claims)
         for index in order or range(1, chunks + 1):
+            path = self.chunk_path(began.id, f"{stem}{index}")
+            if keys is not None:
+                write_keys(path, keys[index - 1])
             await self.store.add_chunk(
                 began.id,
                 index=index,
-                path=f"/data/work/chunks/{began.id}/{stem}{index}.csv",
+                path=str(path),
                 rows=10,
                 bytes=900,
                 first_line=2 + 10 * (index - 1),
             )
         return await self.store.finish_split(began.id, rows=10 * chunks, chunks_total=chunks)
 
-    async def add_pack(self, route: Route, names: Sequence[str], *, seal: bool = True) -> int:
+    def chunk_path(self, file_id: int, label: str) -> Path:
+        return self.scheduler.settings.layout.chunk_dir(file_id) / f"{label}.csv"
+
+    async def add_pack(
+        self, route: Route, names: Sequence[str], *, seal: bool = True, keys: str | None = None
+    ) -> int:
         """Small files packed into one chunk (labelled by the first's stem + "p"), each
-        claimed after every earlier one; the chunk's id."""
+        claimed after every earlier one; the chunk's id. With `keys`, the pack's key file
+        is written before it is sealed."""
         files = []
         for name in names:
             self._claims += 1
             files.append(await claimed_file(self.store, route.dir, name, number=self._claims))
         owner, stem = files[0], names[0].removesuffix(".csv")
+        path = self.chunk_path(owner.id, f"{stem}p")
+        if keys is not None:
+            write_keys(path, keys)
         pack = await self.store.open_pack(
             owner.id,
-            path=f"/data/work/chunks/{owner.id}/{stem}p.csv",
+            path=str(path),
             rows=2,
             bytes=60,
             first_line=2,
@@ -150,8 +172,10 @@ class Harness:
         return pack.id
 
     async def submit_ready(self) -> list[str]:
-        """One scheduling pass; the chunks it submitted, in order."""
+        """One scheduling pass (the conflicts of chunks recorded since found first, as
+        the run loop's check does beside it); the chunks it submitted, in order."""
         before = len(self.submitted)
+        await self.scheduler.keys.check.run()
         await self.scheduler.submit_ready(asyncio.Event())
         return self.submitted[before:]
 
@@ -174,7 +198,14 @@ class Harness:
         self.scheduler.job_finished(chunk.id)
 
 
-def make_settings(tmp_path: Path, **limits: int) -> Settings:
+def write_keys(chunk: Path, emails: str) -> None:
+    """The key file of a chunk of lead rows with these emails (split by spaces)."""
+    chunk.parent.mkdir(parents=True, exist_ok=True)
+    hashes = [key_hash(LEAD_NAMESPACE, [email]) for email in emails.split()]
+    KeySet.of(h for h in hashes if h is not None).save(keys_path(chunk), fsync=False)
+
+
+def make_settings(tmp_path: Path, **limits: int | bool) -> Settings:
     base = fast_settings("http://marketo.invalid", tmp_path / "data", ROUTES, **limits)
     return replace(base, backoff=BACKOFF)
 
@@ -598,3 +629,209 @@ def test_queue_model_own_limit_caps_what_foreign_slots_leave() -> None:
     assert model.capacity(0) == 3
     model = QueueModel(limit=3, foreign=8)
     assert model.capacity(1) == 1
+
+
+# -- the key rule (issue 20, items 3 and 6) ------------------------------------------------------
+# Key files are written by hand beside the chunks, as the split stage leaves them.
+
+
+async def test_without_conflicts_fifo_is_unchanged_and_both_slots_stay_busy(
+    store: Store, tmp_path: Path
+) -> None:
+    harness = make_harness(store, make_settings(tmp_path, queued_jobs=2))
+    await harness.add_file(LEADS, "a.csv", 2, keys=["a1@x.com a2@x.com", "a3@x.com"])
+    await harness.add_file(CARS, "b.csv", 1, keys=["b1@x.com"])
+    await harness.add_file(LEADS, "c.csv", 2, keys=["c1@x.com", "c2@x.com"])
+
+    assert await harness.submit_ready() == ["a1", "a2"]
+    await harness.job_done("a1")
+    assert await harness.submit_ready() == ["b1"]
+    await harness.job_done("a2")
+    await harness.job_done("b1")
+    assert await harness.submit_ready() == ["c1", "c2"]
+    assert harness.client.calls == ["a1", "a2", "b1", "c1", "c2"]
+    assert await store.holds() == {}
+
+
+async def test_a_chunk_sharing_keys_with_an_earlier_unfinished_one_waits_until_it_completes(
+    harness: Harness,
+) -> None:
+    await harness.add_file(LEADS, "a.csv", 1, keys=["ann@x.com bob@x.com"])
+    await harness.add_file(LEADS, "b.csv", 1, keys=["BOB@x.com  cat@x.com"])  # bob, folded
+
+    assert await harness.submit_ready() == ["a1"]
+    b1 = await harness.chunk("b1")
+    (hold,) = (await harness.store.holds())[b1.id]
+    assert (hold.file, hold.index, hold.status) == ("a.csv", 1, ChunkStatus.SUBMITTED)
+    assert await harness.submit_ready() == []
+
+    await harness.job_done("a1")
+    assert await harness.submit_ready() == ["b1"]
+
+
+async def test_later_unrelated_work_passes_a_held_chunk(harness: Harness) -> None:
+    await harness.add_file(LEADS, "a.csv", 1, keys=["ann@x.com"])
+    await harness.add_file(LEADS, "b.csv", 1, keys=["ann@x.com"])
+    await harness.add_file(LEADS, "c.csv", 1, keys=["cat@x.com"])
+    await harness.add_file(CARS, "d.csv", 1)  # a route without key columns: no key file
+
+    assert await harness.submit_ready() == ["a1", "c1", "d1"]
+    await harness.job_done("c1")
+    assert await harness.submit_ready() == []
+    await harness.job_done("a1")
+    assert await harness.submit_ready() == ["b1"]
+    assert harness.client.calls == ["a1", "c1", "d1", "b1"]
+
+
+async def test_a_held_chunk_holds_the_rest_of_its_file(harness: Harness) -> None:
+    await harness.add_file(LEADS, "a.csv", 1, keys=["ann@x.com"])
+    await harness.add_file(LEADS, "b.csv", 3, keys=["bob@x.com", "ann@x.com", "cat@x.com"])
+
+    # b3 shares nothing, but chunk order within a file is kept: it waits behind b2.
+    assert await harness.submit_ready() == ["a1", "b1"]
+    await harness.job_done("b1")
+    assert await harness.submit_ready() == []
+    await harness.job_done("a1")
+    assert await harness.submit_ready() == ["b2", "b3"]
+
+
+async def test_a_pack_sealed_after_a_chunk_it_meets_waits_for_that_chunk(
+    harness: Harness,
+) -> None:
+    """A pack goes in its oldest file's place in the FIFO, but is checked when sealed:
+    a later file's chunk recorded before the seal that shares keys with it goes first."""
+    pack = await harness.add_pack(LEADS, ["a.csv", "b.csv"], seal=False, keys="ann@x.com")
+    await harness.add_file(LEADS, "c.csv", 2, keys=["ann@x.com", "cat@x.com"])
+    assert await harness.submit_ready() == ["c1", "c2"]
+    await harness.store.seal_pack(pack)
+    assert await harness.submit_ready() == []
+    await harness.job_done("c2")
+    assert await harness.submit_ready() == []
+    await harness.job_done("c1")
+    assert await harness.submit_ready() == ["ap"]
+
+
+async def test_an_unchecked_chunk_is_never_sent(harness: Harness) -> None:
+    """Recorded, but killed before its conflicts were found: it waits for its check."""
+    await harness.add_file(LEADS, "a.csv", 1, keys=["ann@x.com"])
+    await harness.scheduler.submit_ready(asyncio.Event())  # no check ran
+    assert harness.submitted == []
+    assert await harness.submit_ready() == ["a1"]
+
+
+async def test_a_refused_chunk_holds_nothing(harness: Harness) -> None:
+    await harness.add_file(LEADS, "a.csv", 1, keys=["ann@x.com"])
+    await harness.add_file(LEADS, "b.csv", 1, keys=["ann@x.com"])
+    harness.client.refuse("a1", FatalError("1003", "Invalid file format", operation="import"))
+
+    assert await harness.submit_ready() == []
+    assert (await harness.chunk("a1")).status is ChunkStatus.FAILED
+    assert await harness.submit_ready() == ["b1"]
+
+
+async def test_an_unknown_outcome_holds_its_keys_until_its_resubmission_and_one_more_job_end(
+    harness: Harness,
+) -> None:
+    """A copy of a1 may be queued ahead of its resubmission and still import after it:
+    b1 (same key) waits for one more of our jobs to end after a1's resubmission."""
+    await harness.add_file(LEADS, "a.csv", 1, keys=["ann@x.com"])
+    await harness.add_file(LEADS, "b.csv", 1, keys=["ann@x.com"])
+    await harness.add_file(LEADS, "c.csv", 1, keys=["cat@x.com"])
+    harness.client.refuse("a1", unknown())
+
+    assert await harness.submit_ready() == []
+    harness.clock.advance(SURELY_OVER)
+    assert await harness.submit_ready() == ["a1", "c1"]
+    await harness.job_done("a1")  # the resubmission finished
+    assert await harness.submit_ready() == []
+    b1 = await harness.chunk("b1")
+    (hold,) = (await harness.store.holds())[b1.id]
+    assert (hold.file, hold.status, hold.final) == ("a.csv", ChunkStatus.COMPLETE, True)
+    await harness.job_done("c1")  # one more of our jobs ended after it
+    assert await harness.submit_ready() == ["b1"]
+
+
+async def test_with_nothing_of_ours_at_marketo_copies_are_taken_as_gone_after_a_while(
+    harness: Harness,
+) -> None:
+    """No job of ours will end to say a copy of a1 left Marketo: after a1's own last
+    job's time at Marketo (at least polling.max_interval) b1 goes, not never."""
+    await harness.add_file(LEADS, "a.csv", 1, keys=["ann@x.com"])
+    await harness.add_file(LEADS, "b.csv", 1, keys=["ann@x.com"])
+    harness.client.refuse("a1", unknown())
+    await harness.submit_ready()
+    harness.clock.advance(SURELY_OVER)
+    assert await harness.submit_ready() == ["a1"]
+    await harness.job_done("a1")
+
+    assert await harness.submit_ready() == []
+    wait = harness.scheduler.next_deadline()
+    assert wait is not None
+    assert wait >= harness.scheduler.settings.polling.max_interval
+    harness.clock.advance(wait / 2)
+    assert await harness.submit_ready() == []
+    harness.clock.advance(wait)
+    assert await harness.submit_ready() == ["b1"]
+    assert harness.scheduler.next_deadline() is None
+
+
+async def test_after_a_restart_the_rule_still_holds(store: Store, tmp_path: Path) -> None:
+    """Conflicts live in the store; a chunk recorded but not checked before the kill is
+    checked by the new scheduler before it can go."""
+    settings = make_settings(tmp_path)
+    before = make_harness(store, settings)
+    await before.add_file(LEADS, "a.csv", 1, keys=["ann@x.com"])
+    await before.add_file(LEADS, "b.csv", 1, keys=["ann@x.com"])
+    assert await before.submit_ready() == ["a1"]
+    await before.add_file(LEADS, "c.csv", 1, keys=["ann@x.com"])  # recorded, never checked
+
+    store = await Store.open(store.path)  # a new process: new store connection, scheduler
+    try:
+        after = make_harness(store, settings)
+        after._claims = before._claims
+        assert await after.submit_ready() == []
+        assert await after.outstanding() == 1
+        c1 = await after.chunk("c1")
+        assert [h.file for h in (await store.holds())[c1.id]] == ["a.csv", "b.csv"]
+        await after.job_done("a1")
+        assert await after.submit_ready() == ["b1"]
+        await after.job_done("b1")
+        assert await after.submit_ready() == ["c1"]
+    finally:
+        await store.close()
+
+
+async def test_a_final_chunk_whose_key_file_went_with_its_file_meets_every_later_one(
+    store: Store, tmp_path: Path
+) -> None:
+    """A finished file takes its chunk directory along; a chunk of it that still holds
+    its keys (an unknown outcome) is checked from memory while its set is cached, and
+    after a restart is taken to meet any chunk recorded afterwards."""
+    settings = make_settings(tmp_path)
+    harness = make_harness(store, settings)
+    a = await harness.add_file(LEADS, "a.csv", 1, keys=["ann@x.com"])
+    await harness.add_file(LEADS, "c.csv", 1, keys=["cat@x.com"])
+    harness.client.refuse("a1", unknown())
+    await harness.submit_ready()
+    harness.clock.advance(SURELY_OVER)
+    assert await harness.submit_ready() == ["a1", "c1"]
+    await harness.job_done("a1")
+    shutil.rmtree(settings.layout.chunk_dir(a.id))
+    await harness.add_file(LEADS, "b.csv", 1, keys=["bob@x.com"])
+    assert await harness.submit_ready() == ["b1"], "a1's keys were still in memory"
+
+    restarted = make_harness(store, settings)
+    restarted._claims = harness._claims
+    await restarted.add_file(LEADS, "d.csv", 1, keys=["dan@x.com"])
+    assert await restarted.submit_ready() == []
+    d1 = await restarted.chunk("d1")
+    assert [h.file for h in (await store.holds())[d1.id]] == ["a.csv"]
+    await restarted.job_done("c1")
+    assert await restarted.submit_ready() == ["d1"]
+
+
+async def test_key_order_off_sends_in_plain_fifo_order(store: Store, tmp_path: Path) -> None:
+    harness = make_harness(store, make_settings(tmp_path, key_order=False))
+    await harness.add_file(LEADS, "a.csv", 1, keys=["ann@x.com"])
+    await harness.add_file(LEADS, "b.csv", 1, keys=["ann@x.com"])
+    assert await harness.submit_ready() == ["a1", "b1"]

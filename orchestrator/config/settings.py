@@ -74,6 +74,10 @@ class LimitSettings:
     # is sealed once this long passes without a new file joining it (0: as soon as no
     # claimed file waits to be split).
     pack_wait_seconds: float = 5.0
+    # The key rule (SPEC section 5): a chunk waits while an earlier chunk that shares a
+    # record key with it is not done. False sends in plain FIFO order (benchmarks, or an
+    # emergency: rows of one key may then import at once, and the older value may win).
+    key_order: bool = True
 
 
 @dataclass(frozen=True, slots=True)

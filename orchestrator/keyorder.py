@@ -1,0 +1,223 @@
+"""The key rule as the scheduler applies it: conflicts found once, and who waits for whom.
+
+SPEC section 5: two of our jobs whose record keys meet never import at once, and
+files go in claim order, so for one key the last row wins. The split stage saves
+each chunk's keys beside it (`orchestrator.keys`) before the store records the chunk;
+then:
+
+- `ConflictCheck` takes the chunks recorded whole (a pack once sealed) in the order
+  they were recorded, intersects each one's keys with those of every earlier chunk
+  that still holds its keys, and records a conflict (earlier -> later) for each that
+  meets it, the chunk then checked (`Store.record_conflicts`). It runs in a worker
+  thread, beside the scheduler's submits: an unchecked chunk is simply not sent yet,
+  and a kill before its check only means the check runs again.
+- `KeyRule` tells the scheduler which pending chunks wait (`Store.holds`): unchecked,
+  or an earlier chunk that meets them is not done. A chunk is done once final, and,
+  if a create of it had an unknown outcome, once one more of our jobs finished after
+  it (a copy of it may still import until then; the store keeps that count). When
+  nothing of ours is at Marketo no job will finish to say so: after the held-back
+  chunk's own last job's time at Marketo (`backoff.max` if it never had one) the rule
+  takes its copies as gone (`release_idle`), rather than wait forever.
+
+Key sets are read from their files; the last `CACHED_SETS` used stay in memory (800 KB
+each for 100,000 keys). A chunk whose key file is missing has no keys (a route without
+key columns), unless it is final: then its file finished and took the key file along,
+and the chunk is taken to meet every later one until it is done. A key file that
+cannot be read is taken to meet everything, with a warning.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import structlog
+
+from orchestrator.config import Settings
+from orchestrator.keys import KeySet, keys_path
+from orchestrator.store import Hold, Keyed, Store
+
+log = structlog.get_logger(__name__)
+
+CACHED_SETS = 8  # key sets kept in memory between checks
+
+
+class KeySetCache:
+    """Key sets by chunk id, read from their files; the `size` last used stay in memory."""
+
+    def __init__(self, size: int = CACHED_SETS) -> None:
+        self.size = size
+        self._sets: OrderedDict[int, KeySet] = OrderedDict()
+
+    def get(self, chunk: Keyed) -> KeySet | None:
+        """The chunk's keys; None when they cannot be known (see the module's docstring)."""
+        found = self._sets.get(chunk.chunk_id)
+        if found is not None:
+            self._sets.move_to_end(chunk.chunk_id)
+            return found
+        path = keys_path(Path(chunk.path))
+        try:
+            if not path.is_file():
+                return None if chunk.final else KeySet.of(())
+            found = KeySet.load(path)
+        except OSError as exc:
+            log.warning("keys_unreadable", path=str(path), error=str(exc))
+            return None
+        self.put(chunk.chunk_id, found)
+        return found
+
+    def put(self, chunk_id: int, keys: KeySet) -> None:
+        self._sets[chunk_id] = keys
+        self._sets.move_to_end(chunk_id)
+        while len(self._sets) > self.size:
+            self._sets.popitem(last=False)
+
+    def keep(self, chunk_ids: Iterable[int]) -> None:
+        """Forget the sets of every chunk but these (the others hold no keys any more)."""
+        wanted = set(chunk_ids)
+        for chunk_id in [c for c in self._sets if c not in wanted]:
+            del self._sets[chunk_id]
+
+    def __len__(self) -> int:
+        return len(self._sets)
+
+
+def meeting(cache: KeySetCache, chunk: Keyed, earlier: list[Keyed]) -> list[int]:
+    """The ids of the `earlier` chunks whose keys meet `chunk`'s (blocking: a thread)."""
+    own = cache.get(chunk)
+    if own is not None and not len(own):
+        return []  # no keys: it meets nothing
+    probe = None if own is None else set(own.hashes)
+    met = []
+    for other in earlier:
+        theirs = cache.get(other)
+        if probe is None or theirs is None or not probe.isdisjoint(theirs.hashes):
+            met.append(other.chunk_id)
+    cache.keep([chunk.chunk_id, *(c.chunk_id for c in earlier)])
+    return met
+
+
+@dataclass
+class ConflictCheck:
+    """Finds each recorded chunk's conflicts once, in the order chunks were recorded."""
+
+    store: Store
+    cache: KeySetCache = field(default_factory=KeySetCache)
+
+    async def run(self, stop: asyncio.Event | None = None) -> int:
+        """Check every chunk not checked yet (those recorded meanwhile too), or until
+        `stop` is set; how many were checked."""
+        checked = 0
+        while todo := await self.store.unchecked():
+            for chunk in todo:
+                if stop is not None and stop.is_set():
+                    return checked
+                await self.check(chunk)
+                checked += 1
+        return checked
+
+    async def check(self, chunk: Keyed) -> None:
+        earlier = await self.store.holding_before(chunk.seq)
+        started = time.perf_counter()
+        met = await asyncio.to_thread(meeting, self.cache, chunk, earlier)
+        await self.store.record_conflicts(chunk.chunk_id, met)
+        emit = log.info if met else log.debug
+        emit(
+            "keys_checked",
+            chunk_id=chunk.chunk_id,
+            against=len(earlier),
+            conflicts=len(met),
+            seconds=round(time.perf_counter() - started, 3),
+        )
+
+
+Holds = dict[int, tuple[Hold, ...]]
+
+
+@dataclass
+class KeyRule:
+    """Which pending chunks the key rule holds back, for the scheduler."""
+
+    settings: Settings
+    store: Store
+    clock: Callable[[], float] = time.monotonic
+    check: ConflictCheck = field(init=False)
+    release_at: float | None = None  # when copies that may be at Marketo are taken as gone
+    _told: set[int] = field(default_factory=set)  # held chunks logged as such
+
+    def __post_init__(self) -> None:
+        self.check = ConflictCheck(self.store)
+
+    @property
+    def on(self) -> bool:
+        return self.settings.limits.key_order
+
+    async def holds(self, outstanding: int) -> Holds:
+        """The pending chunks that may not go now, each with what it waits for. With
+        nothing of ours at Marketo, chunks done but for copies that may still be there
+        are taken as done once `release_at` passed."""
+        if not self.on:
+            return {}
+        holds = await self.store.holds()
+        if await self.release_idle(holds, outstanding):
+            holds = await self.store.holds()
+        self.tell(holds)
+        return holds
+
+    async def release_idle(self, holds: Holds, outstanding: int) -> bool:
+        stale = {h.chunk_id: h for waits in holds.values() for h in waits if h.final}
+        if outstanding or not stale:
+            self.release_at = None
+            return False
+        now = self.clock()
+        if self.release_at is None:
+            self.release_at = now + max(self.copy_time(h) for h in stale.values())
+            return False
+        if now < self.release_at:
+            return False
+        self.release_at = None
+        await self.store.release_keys(stale)
+        log.warning("keys_released_idle", chunks=sorted(stale))
+        return True
+
+    def copy_time(self, hold: Hold) -> float:
+        """How long a copy of a held-back chunk may still import: its own last job's time
+        at Marketo (a copy queued ahead of that job carries the same rows); backoff.max if
+        it never had a job."""
+        seconds = job_seconds(hold.submitted_at, hold.finished_at)
+        floor = self.settings.polling.max_interval
+        return self.settings.backoff.max if seconds is None else max(seconds, floor)
+
+    def next_deadline(self) -> float | None:
+        """Seconds until held copies are taken as gone, or None."""
+        return None if self.release_at is None else max(0.0, self.release_at - self.clock())
+
+    def tell(self, holds: Holds) -> None:
+        """Log each chunk once when it is first held back by another."""
+        for chunk_id, waits in holds.items():
+            if waits and chunk_id not in self._told:
+                first = waits[0]
+                log.info(
+                    "chunk_held",
+                    chunk_id=chunk_id,
+                    waits_for_file=first.file,
+                    waits_for_chunk=first.index,
+                    waits_for=len(waits),
+                )
+        self._told = {c for c, waits in holds.items() if waits}
+
+
+def job_seconds(submitted_at: str | None, finished_at: str | None) -> float | None:
+    """Seconds between two stamps, or None when either is missing or unreadable."""
+    if not submitted_at or not finished_at:
+        return None
+    try:
+        delta = datetime.fromisoformat(finished_at) - datetime.fromisoformat(submitted_at)
+    except ValueError:
+        return None
+    return max(0.0, delta.total_seconds())
