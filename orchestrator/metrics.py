@@ -31,7 +31,14 @@ from prometheus_client import (
 )
 
 from orchestrator import __version__
-from orchestrator.models import ChunkRecord, ChunkStatus, FileRecord, FileStatus, QuotaState
+from orchestrator.models import (
+    ChunkRecord,
+    ChunkStatus,
+    FileRecord,
+    FileStatus,
+    Hold,
+    QuotaState,
+)
 
 PREFIX: Final = "marketo_orchestrator"
 ROW_OUTCOMES: Final = ("processed", "failed", "warned", "rejected")
@@ -60,6 +67,12 @@ class StoreReader(Protocol):
     async def chunks_of(self, file_ids: Iterable[int]) -> list[ChunkRecord]: ...
 
     async def quota(self) -> QuotaState | None: ...
+
+    async def holds(
+        self, chunk_ids: Iterable[int] | None = None
+    ) -> dict[int, tuple[Hold, ...]]: ...
+
+    async def held_chunks(self) -> int: ...
 
 
 def error_code_label(code: str) -> str:
@@ -171,6 +184,11 @@ class Metrics:
         self._backoff_waits = Counter(
             f"{PREFIX}_backoff_waits_total", "Backoff waits, by reason.", ["reason"], registry=reg
         )
+        self._held = Gauge(
+            f"{PREFIX}_chunks_held",
+            "Chunks the key rule holds back: an earlier chunk sharing record keys is not done.",
+            registry=reg,
+        )
         self._backoff_current = Gauge(
             f"{PREFIX}_backoff_current_seconds",
             "The scheduler's current backoff wait (0 when none).",
@@ -250,8 +268,10 @@ class Metrics:
         self._jobs_outstanding.set(tallies.get(f"chunks:{ChunkStatus.SUBMITTED.value}", 0))
 
     async def refresh_from_store(self, store: StoreReader) -> None:
-        """Read the store's tallies (a few rows, whatever the history) and set the gauges."""
+        """Read the store's tallies (a few rows, whatever the history) and the chunks held
+        back (chunks in flight only), and set the gauges."""
         self.update_from_tallies(await store.tallies())
+        self._held.set(await store.held_chunks())
 
     def render(self) -> bytes:
         """The registry in Prometheus text format."""

@@ -197,3 +197,23 @@ class QuotaState:
         if self.next_read_at is not None and self.next_read_at < self.resets_at:
             return self.next_read_at
         return self.resets_at
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """An earlier chunk a pending chunk waits for under the key rule (SPEC section 5): they
+    share a record key and it is not done yet (`Store.holds`)."""
+
+    chunk_id: int
+    file_id: int  # the chunk's owner (a pack's oldest file)
+    file: str  # that file's name
+    ticket: str  # its hand-over id
+    index: int  # the chunk's index in that file
+    status: ChunkStatus
+    submitted_at: str | None  # its last job's times at Marketo, if it had one
+    finished_at: str | None
+
+    @property
+    def final(self) -> bool:
+        """Final, held only because a copy of it may still be at Marketo."""
+        return self.status in FINAL_CHUNK_STATUSES

@@ -618,3 +618,51 @@ async def test_run_and_file_progress_lines_are_one_renderer(
     line = file_line(cars, RateMeter(clock))
     assert line == "claimed  chunks 0/?  rows 0/?  waiting for: the splitter"
     assert file_line(None, RateMeter(clock)) == "unclaimed  waiting for: a daemon to claim it"
+
+
+async def test_a_held_chunk_shows_as_held_and_what_it_waits_for(
+    get: Get, store: Store, populated: Populated
+) -> None:
+    """The key rule (issue 20): cars.tsv's only chunk shares record keys with big.csv's
+    pending chunk 3, so it is held: the file's state, its chunk's `held_by`, the table's
+    line below it, `?status=held` and the metrics' gauge say so."""
+    cars = populated.cars
+    await store.start_split(cars.id)
+    waiting = await store.add_chunk(
+        cars.id, index=1, path="/w/2-cars.tsv.1", rows=5, bytes=200, first_line=2
+    )
+    await store.finish_split(cars.id, rows=5, chunks_total=1)
+    for chunk in populated.chunks:
+        await store.record_conflicts(chunk.id, [])
+    await store.record_conflicts(waiting.id, [populated.chunks[2].id])
+
+    data = json.loads((await get("/jobs"))[2])
+    big, held = data["files"]
+    assert big["state"] == "queued"
+    assert (big["held"], big["chunks"][2]["held_by"]) == (None, None)
+    assert held["state"] == "held"
+    waits_for = [{"id": "big-1", "file": "big.csv", "chunk": 3}]
+    assert held["held"] == {"chunk": 1, "waits_for": waits_for}
+    assert held["chunks"][0]["held_by"] == waits_for
+    only = json.loads((await get("/jobs?status=held"))[2])
+    assert [f["file"] for f in only["files"]] == ["cars.tsv"]
+
+    table = format_status_table(data)
+    assert "held: chunk 1 waits for big.csv chunk 3 (id big-1): they share record keys" in table
+    assert all(len(line) <= TABLE_WIDTH for line in table.splitlines())
+    assert "cars-1: held: chunk 1 waits for big.csv chunk 3" in format_status_table(data, wide=True)
+    entry = (await load_snapshot(store, Query(ticket="cars-1")))["files"][0]
+    assert file_line(entry, RateMeter()).endswith(
+        "waiting for: an earlier job sharing record keys with it"
+    )
+    parsed = metric_samples((await get("/metrics"))[2])
+    assert value(parsed, "marketo_orchestrator_chunks_held") == 1
+
+    await store.mark_submitting(populated.chunks[2].id)
+    await store.finish_chunk(
+        populated.chunks[2].id, status=ChunkStatus.FAILED, message="x", finished_at=LATER
+    )
+    data = json.loads((await get("/jobs"))[2])
+    assert [(f["state"], f["held"]) for f in data["files"]] == [("queued", None), ("waiting", None)]
+    parsed = metric_samples((await get("/metrics"))[2])
+    assert value(parsed, "marketo_orchestrator_chunks_held") == 0

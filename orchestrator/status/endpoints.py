@@ -140,7 +140,7 @@ class StatusServer:
 
 JOBS_LIMIT_MAX: Final = 1000
 STATES: Final = frozenset(
-    {str(s) for s in FileStatus} | {"packing", "waiting", "queued", "importing"}
+    {str(s) for s in FileStatus} | {"packing", "waiting", "held", "queued", "importing"}
 )
 
 

@@ -31,6 +31,7 @@ WAITING_ORDER: Final = (
     "importing",
     "queued",
     "waiting",
+    "held",
     "packing",
     "splitting",
     "claimed",

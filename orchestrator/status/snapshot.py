@@ -15,6 +15,10 @@
 - `quota_entry`: the subscription's daily quota as the daemon last reckoned it
   (`"quota"` in the snapshot): how much of it was used, when it resets, and,
   while no new job is created for it, why (`"reason"`).
+- The key rule: a pending chunk that waits for an earlier chunk sharing record keys
+  with it (`Store.holds`) says which (`held_by`: file, id and chunk), its file which
+  of its chunks is held first (`held`), and the file's state is `held` where it
+  would be `waiting`.
 
 Work paths and other internals stay out of the snapshot; the store holds no
 secrets, so none can leak from here.
@@ -41,6 +45,7 @@ from orchestrator.models import (
     ChunkStatus,
     FileRecord,
     FileStatus,
+    Hold,
     QuotaState,
 )
 from orchestrator.store import Store
@@ -69,11 +74,18 @@ def jobs_snapshot(
     """Files (active work first in claim order, then the latest finished) with their chunks
     (in file order), and totals by status: from the store's `tallies` when given
     (everything it holds), else counted over `files` and `chunks`; the `quota_entry`."""
+    holds: Holds | None = None,
+) -> dict[str, Any]:
+    """Files (active work first in claim order, then the latest finished) with their chunks
+    (in file order), and totals by status: from the store's `tallies` when given
+    (everything it holds), else counted over `files` and `chunks`. `holds`: what the
+    key rule's held chunks wait for (`Store.holds`)."""
     query = query or Query()
+    holds = holds or {}
     by_file: dict[int, list[ChunkRecord]] = defaultdict(list)
     for chunk in chunks:
         by_file[chunk.file_id].append(chunk)
-    entries = [file_entry(f, sorted(by_file[f.id], key=lambda c: c.index)) for f in files]
+    entries = [file_entry(f, sorted(by_file[f.id], key=lambda c: c.index), holds) for f in files]
     active = sorted(
         (e for e in entries if e["status"] not in FINAL),
         key=lambda e: (e["claimed_at"], e["file_id"]),
@@ -107,12 +119,13 @@ def matches(entry: dict[str, Any], query: Query) -> bool:
     return wanted is None or entry["status"] in wanted or entry["state"] in wanted
 
 
-def live_state(file: FileRecord, chunks: list[ChunkRecord]) -> str:
+def live_state(file: FileRecord, chunks: list[ChunkRecord], *, held: bool = False) -> str:
     """What a file waits for now, in a word.
 
     claimed, splitting; packing (its records are in a pack that waits for more small
     files); then, while its chunks are at Marketo: importing (one of them is), queued
-    (submitted, waiting in Marketo's queue), waiting (for a slot in our queue or a
+    (submitted, waiting in Marketo's queue), held (a chunk of it waits for an earlier
+    job sharing record keys with it: `held`), waiting (for a slot in our queue or a
     backoff); finishing; complete or failed."""
     if file.status in (FileStatus.CLAIMING, FileStatus.CLAIMED):
         return "claimed"
@@ -128,7 +141,7 @@ def live_state(file: FileRecord, chunks: list[ChunkRecord]) -> str:
         return "splitting"
     if any(not c.sealed for c in chunks):
         return "packing"
-    return "waiting"
+    return "held" if held else "waiting"
 
 
 # What a file in each live state waits for (progress lines).
@@ -138,21 +151,29 @@ WAITING_FOR: Final = {
     "splitting": "the splitter",
     "packing": "more small files to share a job (limits.pack_wait_seconds)",
     "waiting": "a queue slot",
+    "held": "an earlier job sharing record keys with it",
     "queued": "Marketo's queue",
     "importing": "Marketo's import",
     "finishing": "the result file",
 }
 
 
-def file_entry(file: FileRecord, chunks: list[ChunkRecord]) -> dict[str, Any]:
+Holds = Mapping[int, tuple[Hold, ...]]
+
+
+def file_entry(
+    file: FileRecord, chunks: list[ChunkRecord], holds: Holds | None = None
+) -> dict[str, Any]:
     final = file.status in FINAL_FILE_STATUSES
+    waits = {c.id: hold_entries(holds.get(c.id, ())) for c in chunks} if holds else {}
+    first = next((c for c in chunks if waits.get(c.id)), None)
     return {
         "id": file.ticket,
         "file_id": file.id,
         "route": file.route,
         "file": file.name,
         "status": file.status.value,
-        "state": live_state(file, chunks),
+        "state": live_state(file, chunks, held=first is not None),
         "error": file.error,
         "rows": file.rows,
         "rows_processed": sum(c.rows_processed for c in chunks),
@@ -164,8 +185,14 @@ def file_entry(file: FileRecord, chunks: list[ChunkRecord]) -> dict[str, Any]:
         "claimed_at": file.claimed_at,
         "finished_at": file.finished_at,
         "result": result_in_data_dir(file.result_path) if final else None,
-        "chunks": [chunk_entry(c) for c in chunks],
+        "held": None if first is None else {"chunk": first.index, "waits_for": waits[first.id]},
+        "chunks": [chunk_entry(c, waits.get(c.id)) for c in chunks],
     }
+
+
+def hold_entries(holds: tuple[Hold, ...]) -> list[dict[str, Any]]:
+    """The earlier chunks a held chunk waits for: file, hand-over id, chunk index."""
+    return [{"id": h.ticket, "file": h.file, "chunk": h.index} for h in holds]
 
 
 def result_in_data_dir(path: str | None) -> str | None:
@@ -176,7 +203,7 @@ def result_in_data_dir(path: str | None) -> str | None:
     return "/".join(Path(path).parts[-3:])
 
 
-def chunk_entry(chunk: ChunkRecord) -> dict[str, Any]:
+def chunk_entry(chunk: ChunkRecord, held_by: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     return {
         "index": chunk.index,
         "rows": chunk.rows,
@@ -190,6 +217,7 @@ def chunk_entry(chunk: ChunkRecord) -> dict[str, Any]:
         "message": chunk.message,
         "submit_attempts": chunk.submit_attempts,
         "shared": shared_entry(chunk),
+        "held_by": held_by or None,
     }
 
 
@@ -268,6 +296,7 @@ LIVE_STATES: Final = {
     "splitting": frozenset({FileStatus.SPLITTING}),
     "packing": frozenset({FileStatus.SPLIT}),
     "waiting": frozenset({FileStatus.SPLITTING, FileStatus.SPLIT}),
+    "held": frozenset({FileStatus.SPLITTING, FileStatus.SPLIT}),
     "queued": frozenset({FileStatus.SPLITTING, FileStatus.SPLIT}),
     "importing": frozenset({FileStatus.SPLITTING, FileStatus.SPLIT}),
 }
@@ -319,7 +348,9 @@ async def load_snapshot(store: StoreReader, query: Query | None = None) -> dict[
         name_glob=None if query.name is None else glob_of(query.name),
     )
     chunks = await store.chunks_of(f.id for f in files)
-    return jobs_snapshot(files, chunks, bounded, tallies, quota_entry(await store.quota()))
+    holds = await store.holds(c.id for c in chunks if c.status is ChunkStatus.PENDING)
+    quota = quota_entry(await store.quota())
+    return jobs_snapshot(files, chunks, bounded, tallies, quota, holds)
 
 
 async def read_snapshot(db_path: Path, query: Query | None = None) -> dict[str, Any]:

@@ -47,8 +47,9 @@ def format_status_table(
     """The snapshot as a table with a summary line.
 
     Narrow (default): at most 100 columns; a long file name wraps inside its
-    column, never cut; below each file a line with its id and batch ids, and
-    its error if it has one. Wide: one line per file, every value whole."""
+    column, never cut; below each file a line with its id and batch ids, its
+    error if it has one, and what its held chunk waits for if one is held (the
+    key rule). Wide: one line per file, every value whole."""
     now = now or utc_now()
     if wide:
         return wide_table(snapshot, now)
@@ -70,6 +71,8 @@ def format_status_table(
         lines.append(detail.rstrip())
         if entry["error"]:
             lines.append(fit(f"{INDENT}error: {entry['error']}", TABLE_WIDTH))
+        if entry.get("held"):
+            lines.append(fit(f"{INDENT}held: {held_reason(entry['held'])}", TABLE_WIDTH))
     if not snapshot["files"]:
         lines.append("(no files)")
     lines += truncation_note(snapshot)
@@ -95,6 +98,8 @@ def wide_table(snapshot: dict[str, Any], now: datetime) -> str:
     for entry in snapshot["files"]:
         if entry["error"]:
             lines.append(f"{entry['id']}: error: {entry['error'].translate(FLATTEN)}")
+        if entry.get("held"):
+            lines.append(f"{entry['id']}: held: {held_reason(entry['held']).translate(FLATTEN)}")
     if not snapshot["files"]:
         lines.append("(no files)")
     lines += truncation_note(snapshot)
@@ -110,6 +115,17 @@ def quota_note(snapshot: dict[str, Any], width: int | None) -> list[str]:
         return []
     text = f"waiting for the daily quota: {quota['reason']}"
     return textwrap.wrap(text, width, break_on_hyphens=False) if width else [text]
+
+
+def held_reason(held: dict[str, Any]) -> str:
+    """`chunk 2 waits for big.csv chunk 3 (id ...)`: the first earlier chunk it shares
+    record keys with, and how many more."""
+    first, *more = held["waits_for"]
+    also = f" and {len(more)} more" if more else ""
+    return (
+        f"chunk {held['chunk']} waits for {first['file']} chunk {first['chunk']}"
+        f" (id {first['id']}){also}: they share record keys"
+    )
 
 
 def truncation_note(snapshot: dict[str, Any]) -> list[str]:

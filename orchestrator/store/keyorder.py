@@ -31,7 +31,7 @@ import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from orchestrator.models import FINAL_CHUNK_STATUSES, ChunkStatus
+from orchestrator.models import FINAL_CHUNK_STATUSES, ChunkStatus, Hold
 from orchestrator.store.connection import Runner
 
 _FINAL = tuple(str(s) for s in sorted(FINAL_CHUNK_STATUSES))
@@ -45,25 +45,6 @@ class Keyed:
     seq: int
     path: str
     final: bool
-
-
-@dataclass(frozen=True, slots=True)
-class Hold:
-    """An earlier chunk a pending chunk waits for: it shares keys and is not done."""
-
-    chunk_id: int
-    file_id: int  # the chunk's owner (a pack's oldest file)
-    file: str  # that file's name
-    ticket: str  # its hand-over id
-    index: int  # the chunk's index in that file
-    status: ChunkStatus
-    submitted_at: str | None  # its last job's times at Marketo, if it had one
-    finished_at: str | None
-
-    @property
-    def final(self) -> bool:
-        """Final, held only because a copy of it may still be at Marketo."""
-        return self.status in FINAL_CHUNK_STATUSES
 
 
 # -- writes other transitions make (run in the store's thread) ----------------------------------

@@ -36,8 +36,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 
+from orchestrator.models import Hold
 from orchestrator.store.connection import close_if_connected, connect, corrupt, open_error, use_wal
-from orchestrator.store.keyorder import Hold, Keyed, KeyOrder
+from orchestrator.store.keyorder import Keyed, KeyOrder
 from orchestrator.store.reads import Reads
 from orchestrator.store.refusals import RefusalRecords
 from orchestrator.store.schema import LATEST_VERSION, check_version, migrate, read_version
