@@ -1146,3 +1146,176 @@ async def test_failures_are_served_with_the_content_type_knob(
     assert text.startswith("email,Import Failure Reason\nnot-an-email,")
     assert SimulatorConfig().files_content_type == "text/csv"
     assert SimulatorConfig().omit_empty_values is False
+
+
+# -- rows applied as a job imports; reverse order; twin records (issue 20, item 5) -------------
+
+LEAD = JobSpec(ObjectType.LEADS, "csv")
+
+
+def leads(*rows: tuple[str, str]) -> ParsedFile:
+    return ParsedFile(["email", "title"], [list(row) for row in rows])  # title: a lead field
+
+
+def history(queue: JobQueue, email: str) -> list[tuple[float, int, str]]:
+    return [(round(t, 6), b, v["title"]) for t, b, v in queue.store.history_of("leads", email)]
+
+
+def value_of(queue: JobQueue, email: str) -> list[str]:
+    return [r["title"] for r in queue.store.records("leads") if r["email"].lower() == email.lower()]
+
+
+async def test_two_jobs_importing_at_once_interleave_their_rows() -> None:
+    """Rows are applied as a job imports (10 a second here), so two jobs that import
+    together touch records in turns: the later job's row for s lands first, and the
+    older job's row, applied after it, wins."""
+    queue = JobQueue(SimulatorConfig(job_overhead=0.0, rows_per_second=10.0))
+    first = queue.submit(
+        LEAD, leads(("a@x.com", "1"), ("b@x.com", "1"), ("s@x.com", "old")), "c", now=0.0
+    )
+    second = queue.submit(
+        LEAD, leads(("S@x.com", "new"), ("c@x.com", "2"), ("d@x.com", "2")), "c", now=0.05
+    )
+    queue.advance(0.2)
+    assert (first.status, second.status) == ("Importing", "Importing")
+    assert value_of(queue, "a@x.com") == value_of(queue, "b@x.com") == ["1"]
+    assert value_of(queue, "S@x.com") == ["new"], "applied while both jobs import"
+    assert value_of(queue, "d@x.com") == []
+
+    queue.advance(1.0)
+    assert (first.status, second.status) == ("Complete", "Complete")
+    assert history(queue, "s@x.com") == [
+        (0.15, second.batch_id, "new"),
+        (0.3, first.batch_id, "old"),
+    ]
+    assert value_of(queue, "S@x.com") == ["old"]
+    applied = sorted((t, b) for rows in queue.store.history.values() for t, b, _ in rows)
+    assert [b for _, b in applied] == [first.batch_id, second.batch_id] * 3
+    assert first.outcome.processed == second.outcome.processed == 3
+
+
+async def test_the_reverse_knob_applies_a_jobs_rows_last_first() -> None:
+    rows = leads(("s@x.com", "1"), ("t@x.com", "1"), ("s@x.com", "2"), ("bad", "x"))
+    for reverse, won in ((False, "2"), (True, "1")):
+        queue = JobQueue(SimulatorConfig(job_overhead=0.0, rows_per_second=10.0))
+        queue.reconfigure(queue.config.with_knobs(reverse_rows=reverse), now=0.0)
+        job = queue.submit(LEAD, rows, "c", now=0.0)
+        queue.advance(1.0)
+        assert value_of(queue, "s@x.com") == [won]
+        order = [v for _, _, v in history(queue, "s@x.com")]
+        assert order == (["2", "1"] if reverse else ["1", "2"])
+        # The failures file keeps the file's order whatever order the rows went in.
+        assert job.outcome.failed == 1
+        assert job.outcome.failures is not None
+        assert job.outcome.failures.splitlines()[1].startswith(b"bad,x,Invalid email address")
+
+
+async def test_two_jobs_adding_one_new_key_within_the_window_make_twins_then_1007() -> None:
+    """Marketo makes twin records when two imports add the same new key at nearly the
+    same time; every later row by that key fails with 1007."""
+    queue = JobQueue(SimulatorConfig(job_overhead=0.0, rows_per_second=10.0, twin_window=1.0))
+    queue.submit(LEAD, leads(("n@x.com", "a"), ("o@x.com", "a")), "c", now=0.0)
+    queue.submit(
+        LEAD,
+        leads(
+            ("N@x.com", "b"),
+        ),
+        "c",
+        now=0.05,
+    )
+    queue.advance(1.0)
+    assert sorted(value_of(queue, "n@x.com")) == ["a", "b"]
+    assert len(queue.store.leads) == 3
+
+    later = queue.submit(LEAD, leads(("n@x.com", "c"), ("o@x.com", "c")), "c", now=5.0)
+    queue.advance(10.0)
+    assert (later.outcome.processed, later.outcome.failed) == (1, 1)
+    assert later.outcome.failures is not None
+    assert b"1007 Multiple leads match the lookup criteria" in later.outcome.failures
+    assert value_of(queue, "o@x.com") == ["c"]
+
+    # Custom objects: the same idea, by the dedupe field.
+    cars = JobSpec(ObjectType.CUSTOM_OBJECT, "csv", api_name="car_c")
+    queue.submit(cars, ParsedFile(["vin", "color"], [["V1", "red"]]), "c", now=20.0)
+    queue.submit(cars, ParsedFile(["vin", "color"], [["V1", "blue"]]), "c", now=20.0)
+    queue.advance(21.0)
+    assert sorted(r["color"] for r in queue.store.records("customobject", api_name="car_c")) == [
+        "blue",
+        "red",
+    ]
+    again = queue.submit(cars, ParsedFile(["vin", "color"], [["V1", "green"]]), "c", now=30.0)
+    queue.advance(31.0)
+    assert again.outcome.failures is not None
+    assert b"1007" in again.outcome.failures
+
+
+async def test_no_twins_outside_the_window_or_without_the_knob() -> None:
+    for window, second_at in ((1.0, 2.0), (0.0, 0.05)):
+        queue = JobQueue(
+            SimulatorConfig(job_overhead=0.0, rows_per_second=10.0, twin_window=window)
+        )
+        queue.submit(
+            LEAD,
+            leads(
+                ("n@x.com", "a"),
+            ),
+            "c",
+            now=0.0,
+        )
+        second = queue.submit(
+            LEAD,
+            leads(
+                ("n@x.com", "b"),
+            ),
+            "c",
+            now=second_at,
+        )
+        queue.advance(5.0)
+        assert value_of(queue, "n@x.com") == ["b"], (window, second_at)
+        assert second.outcome.failed == 0
+        assert len(queue.store.leads) == 1
+
+
+async def test_history_under_sim_and_in_process(simulator: Simulator, client: Client) -> None:
+    first = await client.batch(LEADS_PATH, b"email,firstName\nann@x.com,Ann\n", format="csv")
+    await client.wait_final(f"/bulk/v1/leads/batch/{first}.json")
+    second = await client.batch(LEADS_PATH, b"email,firstName\nANN@x.com,Anna\n", format="csv")
+    await client.wait_final(f"/bulk/v1/leads/batch/{second}.json")
+
+    applied = simulator.history("leads", "ann@x.com")
+    assert [(h["batch_id"], h["values"]["firstName"]) for h in applied] == [
+        (first, "Ann"),
+        (second, "Anna"),
+    ]
+    assert applied[0]["t"] < applied[1]["t"]
+    async with client.session.get(
+        f"{client.base}/_sim/history", params={"object": "leads", "key": "Ann@X.com"}
+    ) as response:
+        assert response.status == 200
+        assert await response.json() == applied
+    async with client.session.get(
+        f"{client.base}/_sim/history", params={"object": "nothing", "key": "x"}
+    ) as response:
+        assert response.status == 400
+
+
+async def test_a_restart_goes_on_with_a_partly_applied_job() -> None:
+    """run --simulate's state file keeps how far an importing job got: the rows applied
+    before the stop are not applied again, those after go on, in the order it began."""
+    config = SimulatorConfig(job_overhead=0.0, rows_per_second=10.0, reverse_rows=True)
+    queue = JobQueue(config)
+    rows = leads(("a@x.com", "1"), ("bad", "x"), ("c@x.com", "1"), ("a@x.com", "2"))
+    job = queue.submit(LEAD, rows, "c", now=0.0)
+    queue.advance(0.25)  # two of four applied: a=2, then c
+    assert job.status == "Importing"
+    data = json.loads(json.dumps(snapshot(queue, now=0.25, wall=1000.0)))
+
+    fresh = JobQueue(config.with_knobs(reverse_rows=False))  # the job keeps its own order
+    restore(fresh, data, now=50.0, wall=1000.0)
+    assert history(fresh, "a@x.com") == [(round(50.0 - 0.25 + 0.1, 6), job.batch_id, "2")]
+    fresh.advance(50.0 + 1.0)
+    done = fresh.jobs[job.batch_id]
+    assert (done.status, done.outcome.processed, done.outcome.failed) == ("Complete", 3, 1)
+    assert [v for _, _, v in history(fresh, "a@x.com")] == ["2", "1"]
+    assert value_of(fresh, "a@x.com") == ["1"]
+    assert len(fresh.store.history_of("leads", "c@x.com")) == 1

@@ -4,8 +4,8 @@
 records, the tokens, the call limits, the faults and the call log) and offers
 the test API over them twice: as methods, for a test in the same process
 (`sim.records("leads")`, `sim.set_knobs(...)`), and over HTTP under /_sim/
-(JSON, no auth, not in the call log) for one in another: GET records, calls,
-stats, tokens, jobs, config; POST faults, foreign, reset. `Simulator`
+(JSON, no auth, not in the call log) for one in another: GET records, history,
+calls, stats, tokens, jobs, config; POST faults, foreign, reset. `Simulator`
 (`simulator.server`) is a `Subscription` served over HTTP.
 """
 
@@ -24,7 +24,7 @@ from orchestrator.simulator.knobs import SimulatorConfig
 from orchestrator.simulator.queue import JobQueue
 
 SIM_PREFIX = "/_sim"
-VIEWS = ("records", "calls", "stats", "tokens", "jobs", "config")  # GET /_sim/<view>
+VIEWS = ("records", "history", "calls", "stats", "tokens", "jobs", "config")  # GET /_sim/<view>
 ACTIONS = ("faults", "foreign", "reset")  # POST /_sim/<action>
 
 
@@ -57,6 +57,28 @@ class Subscription:
         return self._queue.store.records(
             object_type, api_name=api_name, program_id=program_id, list_id=list_id
         )
+
+    def history(
+        self,
+        object_type: str,
+        key: str,
+        *,
+        lookup_field: str = "email",
+        api_name: str | None = None,
+        program_id: str | int | None = None,
+    ) -> list[dict[str, Any]]:
+        """Every row stored under one record key, in the order applied: `t` (seconds
+        since the simulator started), the job's `batch_id` and the row's `values`. A lead
+        by its lookup field's value, a custom object's record by its dedupe value
+        (api_name), a program member by email (program_id)."""
+        self._queue.advance(self._clock())
+        applied = self._queue.store.history_of(
+            object_type, key, lookup_field=lookup_field, api_name=api_name, program_id=program_id
+        )
+        return [
+            {"t": round(t - self._t0, 6), "batch_id": batch_id, "values": values}
+            for t, batch_id, values in applied
+        ]
 
     def calls(self) -> list[dict[str, Any]]:
         return [asdict(info) for info in self._log.calls]
@@ -118,8 +140,8 @@ class Subscription:
 
     async def _sim_get(self, request: web.Request) -> web.StreamResponse:
         name = request.path.removeprefix(f"{SIM_PREFIX}/")
+        query = request.query
         if name == "records":
-            query = request.query
             try:
                 list_id = int(query["list_id"]) if "list_id" in query else None
                 body: Any = self.records(
@@ -127,6 +149,17 @@ class Subscription:
                     api_name=query.get("api_name"),
                     program_id=query.get("program_id"),
                     list_id=list_id,
+                )
+            except ValueError as exc:
+                return bad_request(exc)
+        elif name == "history":
+            try:
+                body = self.history(
+                    query.get("object", ""),
+                    query.get("key", ""),
+                    lookup_field=query.get("lookup_field", "email"),
+                    api_name=query.get("api_name"),
+                    program_id=query.get("program_id"),
                 )
             except ValueError as exc:
                 return bad_request(exc)

@@ -93,6 +93,13 @@ class SimulatorConfig:
     Marketo ignores it; empty: every column is kept), `custom_objects` (each with its
     fields and dedupe fields; records dedupe on those; an object not declared is not
     found) and `program_member_fields`.
+
+    Rows are applied one at a time while their job imports (`simulator.importing`).
+    `reverse_rows` applies each job's rows last first (Marketo documents no order
+    inside a job). `twin_window` (seconds, 0 never): a job that adds a record whose key
+    another job added less than this long ago makes a twin record, as Marketo does
+    when two imports add one new key at once (leads and custom objects); a later row
+    by that key then fails with 1007 (`simulator.records`).
     """
 
     client_id: str | None = None
@@ -146,6 +153,8 @@ class SimulatorConfig:
     lead_fields: tuple[str, ...] = LEAD_FIELDS
     custom_objects: tuple[CustomObject, ...] = (CAR,)
     program_member_fields: tuple[str, ...] = PROGRAM_MEMBER_FIELDS
+    reverse_rows: bool = False
+    twin_window: float = 0.0
 
     def __post_init__(self) -> None:
         for f in fields(self):

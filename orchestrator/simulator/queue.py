@@ -8,12 +8,10 @@ the clock, lazily: `JobQueue.advance(now)` replays every start and finish that
 happened up to `now`, in time order, so readers see what a background worker
 would have produced, deterministically and without one.
 
-A job imports for `job_overhead + rows / rows_per_second` seconds. When it
-finishes its rows are checked and stored insert-or-update (`simulator.records`);
-rows that fail or warn go to failures/warnings files in the job's delimiter,
-with Marketo's reason column last. A file that cannot be imported at all (not
-UTF-8, no header, a header without the lookup field, or without `email` for
-program members) ends the job `Failed` with a message.
+A job imports for `job_overhead + rows / rows_per_second` seconds, its rows
+applied one at a time as it goes (`simulator.importing`): rows of two jobs
+importing at once are applied in turns, in time order. A file that cannot be
+imported at all ends the job `Failed` with a message.
 
 Foreign jobs stand for another integration's imports. They are ordinary jobs
 of the queue: they hold an outstanding slot from the moment they are added,
@@ -31,17 +29,15 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-# delimited also raises the csv module's field limit: Marketo takes far larger fields.
-from orchestrator import constants, delimited
-from orchestrator.models import ObjectType
-from orchestrator.simulator.knobs import SimulatorConfig
-from orchestrator.simulator.records import (
-    Columns,
-    JobSpec,
-    RecordStore,
-    Warned,
-    partition_problem,
+from orchestrator import (
+    constants,
+    delimited,  # noqa: F401 (raises csv's field limit for parse_upload)
 )
+from orchestrator.simulator.importing import Importing, Outcome, ParsedFile
+from orchestrator.simulator.knobs import SimulatorConfig
+from orchestrator.simulator.records import JobSpec, RecordStore
+
+__all__ = ["Importing", "Job", "JobQueue", "Outcome", "ParsedFile", "Refusal", "parse_upload"]
 
 FOREIGN_OWNER = "foreign"
 FIRST_BATCH_ID = 1001
@@ -57,15 +53,6 @@ class Refusal(Exception):
         super().__init__(f"{code} {message}")
         self.code = code
         self.message = message
-
-
-@dataclass(frozen=True, slots=True)
-class ParsedFile:
-    """An uploaded file read with the csv module; `error` set when it cannot be imported."""
-
-    header: list[str] = field(default_factory=list)
-    rows: list[list[str]] = field(default_factory=list)
-    error: str | None = None
 
 
 def parse_upload(data: bytes, delimiter: str) -> ParsedFile:
@@ -86,18 +73,6 @@ def parse_upload(data: bytes, delimiter: str) -> ParsedFile:
     return ParsedFile(header=header, rows=records[1:])
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What a finished job reports and leaves behind."""
-
-    processed: int = 0
-    failed: int = 0
-    warned: int = 0
-    message: str = ""
-    failures: bytes | None = None
-    warnings: bytes | None = None
-
-
 @dataclass(slots=True, eq=False)
 class Job:
     """One import job; mutable state owned by `JobQueue`. `spec` None: a foreign job."""
@@ -114,6 +89,15 @@ class Job:
     due_at: float = 0.0
     finished_at: float | None = None
     outcome: Outcome = field(default_factory=Outcome)
+    overhead: float = 0.0  # job_overhead and rows_per_second when it started
+    rate: float = 1.0
+    run: Importing | None = None  # its rows being applied, while it imports
+
+    def next_event(self) -> float:
+        """When its next row is applied, or, with none left, when it finishes."""
+        if self.run is not None and self.run.remaining and self.started_at is not None:
+            return self.started_at + self.overhead + (self.run.applied + 1) / self.rate
+        return self.due_at
 
     @property
     def object_name(self) -> str:
@@ -143,98 +127,6 @@ class Job:
             "program_id": spec.program_id if spec else "",
             "list_id": spec.list_id if spec else None,
         }
-
-
-def run_job(
-    job: Job,
-    store: RecordStore,
-    warn_marker: str,
-    dedupe: tuple[str, ...] = (),
-    lead_fields: tuple[str, ...] = (),
-    partitions: tuple[str, ...] = (),
-    *,
-    omit_empty_values: bool = False,
-) -> tuple[str, Outcome]:
-    """Import a finished job's rows; returns its final status and outcome. `partitions`:
-    the lead partitions the API user may import to (none: not checked); failures and
-    warnings files without their empty values and columns with `omit_empty_values`."""
-    parsed, spec = job.parsed, job.spec
-    if spec is None or parsed is None:
-        return constants.STATUS_COMPLETE, Outcome()
-    if parsed.error:
-        return constants.STATUS_FAILED, Outcome(message=f"Import failed: {parsed.error}")
-    header, width = parsed.header, len(parsed.header)
-    key = spec.lookup_field if spec.object_type is ObjectType.LEADS else "email"
-    if spec.object_type is not ObjectType.CUSTOM_OBJECT and not Columns.of(header, key).key:
-        message = f"Import failed: field '{key}' is not a column of the file"
-        return constants.STATUS_FAILED, Outcome(message=message)
-    store_row = store.importer(spec, header, dedupe, lead_fields, partitioned=bool(partitions))
-    refused = partition_problem(spec, partitions)  # every row of the job alike
-    failures: list[list[str]] = []
-    warnings: list[list[str]] = []
-    for row in parsed.rows:
-        if len(row) != width:  # short rows are padded so the reason lands in its column
-            reason = f"1003 Row has {len(row)} fields, the header has {width}"
-            failures.append([*row, *[""] * (width - len(row)), reason])
-            continue
-        if refused:
-            failures.append([*row, refused])
-            continue
-        values = dict(zip(header, row, strict=True))
-        ignored = [k for k, v in values.items() if v == warn_marker] if warn_marker in row else []
-        for name in ignored:
-            del values[name]
-        failure = store_row(values)
-        if isinstance(failure, Warned):
-            warnings.append([*row, str(failure)])
-        elif failure:
-            failures.append([*row, failure])
-        elif ignored:
-            warnings.append([*row, f"1005 Value ignored for field(s): {', '.join(ignored)}"])
-    processed, failed = len(parsed.rows) - len(failures), len(failures)
-    message = f"{processed} records imported ({processed} members)"  # Adobe's words
-    if failed:
-        message = f"Import completed with errors, {message}, {failed} failed"
-    else:
-        message = f"Import succeeded, {message}"
-    if warnings:  # "1 warning." in Adobe's example; the plural is assumed
-        message += f", {len(warnings)} warning{'s' if len(warnings) > 1 else ''}."
-    delimiter = delimited.DELIMITERS[spec.fmt.lower()]
-    return constants.STATUS_COMPLETE, Outcome(
-        processed=processed,
-        failed=failed,
-        warned=len(warnings),
-        message=message,
-        failures=write_rows(
-            header, constants.FAILURE_REASON_COLUMN, failures, delimiter, omit_empty_values
-        ),
-        warnings=write_rows(
-            header, constants.WARNING_REASON_COLUMN, warnings, delimiter, omit_empty_values
-        ),
-    )
-
-
-def write_rows(
-    header: list[str],
-    reason: str,
-    rows: list[list[str]],
-    delimiter: str,
-    omit_empty: bool = False,
-) -> bytes | None:
-    """A failures or warnings file: header plus reason column, then the rows; None if none.
-    `omit_empty`: only the columns with a value in at least one row (see the knob)."""
-    if not rows:
-        return None
-    if omit_empty:
-        width = len(header)
-        kept = [i for i in range(width) if any(row[i] for row in rows if i < len(row) - 1)]
-        header = [header[i] for i in kept]
-        rows = [[*(row[i] for i in kept), row[-1]] for row in rows]
-    out = io.StringIO()
-    writer = csv.writer(out, delimiter=delimiter, lineterminator="\n")
-    writer.writerow([*header, reason])
-    writer.writerows(rows)
-    return out.getvalue().encode("utf-8")
 
 
 class JobQueue:
@@ -311,13 +203,23 @@ class JobQueue:
         return added
 
     def advance(self, now: float) -> None:
-        """Replay every finish (and the starts it allows) up to `now`, in time order."""
+        """Replay every row applied, finish and the starts it allows up to `now`, in
+        time order (two jobs at the same moment: the older first)."""
         while self.importing:
-            job = min(self.importing, key=lambda j: (j.due_at, j.batch_id))
-            if job.due_at > now:
+            job = min(self.importing, key=lambda j: (j.next_event(), j.batch_id))
+            at = job.next_event()
+            if at > now:
                 return
-            self._finish(job)
-            self._fill(job.due_at)
+            if job.run is None or not job.run.remaining:
+                self._finish(job)
+                self._fill(job.due_at)
+                continue
+            # Its rows up to the next event of another job (or now) go in one stretch.
+            others = [(j.next_event(), j.batch_id) for j in self.importing if j is not job]
+            until = min(others, default=(now, job.batch_id))
+            while job.run.remaining and (at, job.batch_id) <= until and at <= now:
+                job.run.apply_next(at)
+                at = job.next_event()
 
     def _take_id(self) -> int:
         batch_id = self.next_batch_id
@@ -342,25 +244,45 @@ class JobQueue:
         if job.deadline is not None:
             job.due_at = max(at, job.deadline)
         else:
-            job.due_at = at + self.config.job_overhead + job.rows / self.config.rows_per_second
+            job.overhead, job.rate = self.config.job_overhead, self.config.rows_per_second
+            job.due_at = at + job.overhead + job.rows / job.rate
+            job.run = self._importing(job)
         self.importing.append(job)
         mine = sum(1 for j in self.importing if j.owner == job.owner)
         self.max_importing[job.owner] = max(self.max_importing.get(job.owner, 0), mine)
 
+    def _importing(self, job: Job) -> Importing | None:
+        """The import of a job of ours that starts now; None for a foreign one."""
+        if job.spec is None or job.parsed is None:
+            return None
+        cfg = self.config
+        # Not keeping records: the job's rows are checked against a store of their own.
+        store = self.store if cfg.keep_records else RecordStore()
+        return Importing.begin(
+            job.spec,
+            job.parsed,
+            store,
+            job.batch_id,
+            warn_marker=cfg.warn_marker,
+            dedupe=cfg.dedupe_fields(job.spec.api_name),
+            lead_fields=cfg.lead_fields,
+            partitions=cfg.partition_names,
+            reverse=cfg.reverse_rows,
+            twin_window=cfg.twin_window,
+            omit_empty_values=cfg.omit_empty_values,
+        )
+
+    def resume(self, job: Job, progress: dict[str, Any]) -> None:
+        """A job a state file left importing goes on where it was (`Importing.progress`)."""
+        job.run = self._importing(job)
+        if job.run is not None:
+            job.run.resume(progress)
+
     def _finish(self, job: Job) -> None:
         self.importing.remove(job)
-        # Not keeping records: the job's rows are checked against a store of their own.
-        store = self.store if self.config.keep_records else RecordStore()
-        config, spec = self.config, job.spec
-        dedupe = config.dedupe_fields(spec.api_name) if spec is not None else ()
-        job.status, job.outcome = run_job(
-            job,
-            store,
-            config.warn_marker,
-            dedupe,
-            config.lead_fields,
-            config.partition_names,
-            omit_empty_values=config.omit_empty_values,
-        )
+        if job.run is not None:
+            job.status, job.outcome = job.run.finish()
+        else:
+            job.status, job.outcome = constants.STATUS_COMPLETE, Outcome()
         job.finished_at = job.due_at
-        job.parsed = None  # the rows are stored; keep memory flat on long runs
+        job.parsed, job.run = None, None  # the rows are stored; keep memory flat on long runs

@@ -30,6 +30,16 @@ assumptions where there is none:
   ("Partition update not allowed", 1010). A lead remembers the partition it
   was created in; one created without partitions lives in none of them and is
   updated from any.
+- Twin records (leads, custom objects; the `twin_window` knob): Adobe's lead pages
+  and Marketo's knowledge base say two imports adding one new key at nearly the same
+  time can each create a record. A row whose key a record got from another job less
+  than `twin_window` seconds ago makes a second record; from then on every row by
+  that key fails with 1007 "Multiple leads match the lookup criteria" (custom
+  objects: "Multiple records match the dedupe fields", assumed), as later calls by a
+  key with twins do at Marketo.
+
+Every row stored is remembered per key (`history`): when (the queue's clock), by
+which job, with which values, so a test can tell which row of which job won.
 """
 
 from __future__ import annotations
@@ -118,6 +128,15 @@ class Columns:
         return None
 
 
+# A record's key as history and twins know it: (object, scope, value as matched), the
+# scope being the lookup field (leads), the object's API name, or the program id.
+Key = tuple[str, str, str]
+# One row stored: the queue's clock reading, the job's batch id, the values.
+Applied = tuple[float, int, dict[str, str]]
+TWINS = "1007 Multiple leads match the lookup criteria"
+CUSTOM_TWINS = "1007 Multiple records match the dedupe fields"
+
+
 class RecordStore:
     """Records the imports left behind, each kind keyed the way Marketo dedupes it."""
 
@@ -129,6 +148,28 @@ class RecordStore:
         self.partitions: dict[int, str] = {}  # lead id -> the partition it was created in
         self._indexes: dict[str, dict[str, int]] = {}  # lookup field -> value -> lead id
         self.next_lead_id = 1
+        self.history: dict[Key, list[Applied]] = {}
+        self.created: dict[Key, tuple[float, int]] = {}  # when and by which job, per key
+        self.twinned: set[Key] = set()  # keys with twin records: rows by them fail
+        self.custom_twins: dict[str, list[dict[str, str]]] = {}  # apiName -> twin records
+        self.now, self.batch_id, self.twin_window = 0.0, 0, 0.0
+
+    def moment(self, now: float, batch_id: int, twin_window: float = 0.0) -> None:
+        """The next row is applied at `now` by job `batch_id` (history, twins)."""
+        self.now, self.batch_id, self.twin_window = now, batch_id, twin_window
+
+    def applied(self, key: Key, values: dict[str, str]) -> None:
+        self.history.setdefault(key, []).append((self.now, self.batch_id, dict(values)))
+
+    def added(self, key: Key) -> None:
+        self.created.setdefault(key, (self.now, self.batch_id))
+
+    def twin(self, key: Key) -> bool:
+        """Whether a row adding `key` now makes a twin: another job added it just before."""
+        made = self.created.get(key)
+        return (
+            made is not None and made[1] != self.batch_id and self.now - made[0] < self.twin_window
+        )
 
     def importer(
         self,
@@ -176,12 +217,19 @@ class RecordStore:
                 return "1004 Lead not found"
         else:
             lead_id = self._index(lookup).get(normalise(lookup, key))
+        found: Key = (ObjectType.LEADS.value, lookup.lower(), normalise(lookup, key))
+        if found in self.twinned:
+            return TWINS
+        if lead_id is not None and self.twin(found):
+            self.twinned.add(found)
+            lead_id = None  # Marketo did not see the other job's record yet: a twin
         if lead_id is None:
             lead_id = self.next_lead_id
             self.next_lead_id += 1
             self.leads[lead_id] = {}
             if partitioned:
                 self.partitions[lead_id] = spec.partition
+            self.added(found)
         elif partitioned and self.partitions.get(lead_id, spec.partition) != spec.partition:
             return "Partition update not allowed"
         for name in cols.ids:
@@ -191,6 +239,7 @@ class RecordStore:
         self._update_lead(lead_id, values)
         if spec.list_id is not None:
             self.lists.setdefault(spec.list_id, {})[lead_id] = None
+        self.applied(found, values)
         return None
 
     def import_custom(
@@ -202,7 +251,18 @@ class RecordStore:
         if empty is not None:
             return f"1003 Value for dedupe field '{empty}' is missing"
         key = KEY_SEPARATOR.join(values[name] for name in dedupe)
-        self.custom.setdefault(api_name, {}).setdefault(key, {}).update(values)
+        found: Key = (ObjectType.CUSTOM_OBJECT.value, api_name, key)
+        if found in self.twinned:
+            return CUSTOM_TWINS
+        records = self.custom.setdefault(api_name, {})
+        if key in records and self.twin(found):
+            self.twinned.add(found)
+            self.custom_twins.setdefault(api_name, []).append(dict(values))
+        else:
+            if key not in records:
+                self.added(found)
+            records.setdefault(key, {}).update(values)
+        self.applied(found, values)
         return None
 
     def import_member(self, values: dict[str, str], *, spec: JobSpec, cols: Columns) -> str | None:
@@ -215,6 +275,7 @@ class RecordStore:
         member = self.members.setdefault(spec.program_id, {}).setdefault(email.lower(), {})
         member.update(values)
         member["programMemberStatus"] = spec.member_status
+        self.applied((ObjectType.PROGRAM_MEMBERS.value, spec.program_id, email.lower()), values)
         if cols.email_problem(values):
             return Warned("Invalid email address")
         return None
@@ -232,7 +293,8 @@ class RecordStore:
         if kind == ObjectType.LEADS:
             return [{"id": lead_id, **lead} for lead_id, lead in self.leads.items()]
         if kind == ObjectType.CUSTOM_OBJECT:
-            return [dict(row) for row in self.custom.get(api_name or "", {}).values()]
+            rows = [*self.custom.get(api_name or "", {}).values()]
+            return [dict(row) for row in rows + self.custom_twins.get(api_name or "", [])]
         if kind == ObjectType.PROGRAM_MEMBERS:
             members = self.members.get(str(program_id or ""), {})
             return [{"programId": str(program_id), **m} for m in members.values()]
@@ -240,6 +302,28 @@ class RecordStore:
             ids = self.lists.get(list_id or 0, {})
             return [{"id": lead_id, **self.leads[lead_id]} for lead_id in ids]
         raise ValueError(f"unknown object {kind!r}")
+
+    def history_of(
+        self,
+        kind: str,
+        key: str,
+        *,
+        lookup_field: str = "email",
+        api_name: str | None = None,
+        program_id: str | int | None = None,
+    ) -> list[Applied]:
+        """Every row stored under one record key, in the order applied: a lead by its
+        lookup field's value (email by default), a custom object's record by its dedupe
+        value (api_name), a program member by email (program_id)."""
+        if kind == ObjectType.LEADS:
+            found = (kind, lookup_field.lower(), normalise(lookup_field, key))
+        elif kind == ObjectType.CUSTOM_OBJECT:
+            found = (kind, api_name or "", key)
+        elif kind == ObjectType.PROGRAM_MEMBERS:
+            found = (kind, str(program_id or ""), key.lower())
+        else:
+            raise ValueError(f"unknown object {kind!r}")
+        return list(self.history.get(found, []))
 
     def _index(self, lookup: str) -> dict[str, int]:
         name = lookup.lower()

@@ -3,8 +3,9 @@
 A real Marketo keeps its jobs and records while a client restarts; so does the
 simulator when it is given a state file (the CLI gives data_dir/simulator.json).
 `snapshot` turns the job queue (jobs with their uploaded rows while outstanding,
-outcomes and failures/warnings files once finished, the next batch id, peaks) and
-the stored records into JSON-ready data; `restore` builds them again. Tokens, the
+how far an importing job got with them, outcomes and failures/warnings files once
+finished, the next batch id, peaks) and the stored records (with each key's history
+and its twins) into JSON-ready data; `restore` builds them again. Tokens, the
 call log and the call limits are not kept: a restarted client gets a new token, as
 it would after a token expired. Nor are the knobs (`SimulatorConfig`, with the
 counts `late_reply_copies` keeps): they belong to the process that sets them, and
@@ -33,7 +34,7 @@ from typing import Any
 from orchestrator.durable import write_atomic
 from orchestrator.models import ObjectType
 from orchestrator.simulator.queue import Job, JobQueue, Outcome, ParsedFile
-from orchestrator.simulator.records import JobSpec, RecordStore
+from orchestrator.simulator.records import JobSpec, Key, RecordStore
 
 VERSION = 1
 
@@ -62,6 +63,9 @@ def snapshot(queue: JobQueue, now: float, wall: float | None = None) -> dict[str
             "started_at": age(job.started_at),
             "due_at": age(job.due_at) if job.started_at is not None else None,
             "finished_at": age(job.finished_at),
+            "overhead": job.overhead,
+            "rate": job.rate,
+            "run": None if job.run is None else job.run.progress(),
             "outcome": {
                 **asdict(outcome),
                 "failures": text(outcome.failures),
@@ -86,6 +90,13 @@ def snapshot(queue: JobQueue, now: float, wall: float | None = None) -> dict[str
             "members": store.members,
             "partitions": {str(k): v for k, v in store.partitions.items()},
             "next_lead_id": store.next_lead_id,
+            "history": [
+                [list(key), [[age(t), batch, values] for t, batch, values in rows]]
+                for key, rows in store.history.items()
+            ],
+            "created": [[list(key), age(t), batch] for key, (t, batch) in store.created.items()],
+            "twinned": [list(key) for key in store.twinned],
+            "custom_twins": store.custom_twins,
         },
     }
 
@@ -101,6 +112,7 @@ def restore(queue: JobQueue, data: Any, now: float, wall: float | None = None) -
             return None if age is None else now - float(age) - downtime
 
         jobs = {int(j["batch_id"]): job_from(j, at) for j in data["jobs"]}
+        progress_of = {int(j["batch_id"]): j["run"] for j in data["jobs"] if j.get("run")}
         records = data["records"]
         store = RecordStore()
         store.leads = {int(k): dict(v) for k, v in records["leads"].items()}
@@ -115,6 +127,7 @@ def restore(queue: JobQueue, data: Any, now: float, wall: float | None = None) -
         }
         store.partitions = {int(k): str(v) for k, v in records.get("partitions", {}).items()}
         store.next_lead_id = int(records["next_lead_id"])
+        restore_keys(store, records, at)
         waiting = deque(jobs[int(b)] for b in data["waiting"])
         importing = [jobs[int(b)] for b in data["importing"]]
         next_batch_id = int(data["next_batch_id"])
@@ -127,6 +140,10 @@ def restore(queue: JobQueue, data: Any, now: float, wall: float | None = None) -
     queue.importing = importing
     queue.next_batch_id = next_batch_id
     queue.max_outstanding, queue.max_importing = peaks
+    for job in importing:  # on where it was, against the records restored
+        progress = progress_of.get(job.batch_id)
+        if progress is not None:
+            queue.resume(job, progress)
 
 
 def job_from(data: dict[str, Any], at: Callable[[float | None], float | None]) -> Job:
@@ -152,7 +169,38 @@ def job_from(data: dict[str, Any], at: Callable[[float | None], float | None]) -
         due_at=at(data["due_at"]) or 0.0,
         finished_at=at(data["finished_at"]),
         outcome=Outcome(**{f.name: outcome[f.name] for f in fields(Outcome)}),
+        overhead=float(data.get("overhead", 0.0)),
+        rate=float(data.get("rate", 1.0)),
     )
+
+
+def restore_keys(
+    store: RecordStore, records: dict[str, Any], at: Callable[[float | None], float | None]
+) -> None:
+    """Each key's history, creation and twins (none in a state saved before they were
+    kept), times back on this process's clock."""
+
+    def key(data: list[Any]) -> Key:
+        kind, scope, value = (str(part) for part in data)
+        return kind, scope, value
+
+    def when(age: float) -> float:
+        moment = at(age)
+        assert moment is not None
+        return moment
+
+    store.history = {
+        key(k): [
+            (when(t), int(b), {str(n): str(v) for n, v in vals.items()}) for t, b, vals in rows
+        ]
+        for k, rows in records.get("history", [])
+    }
+    store.created = {key(k): (when(t), int(b)) for k, t, b in records.get("created", [])}
+    store.twinned = {key(k) for k in records.get("twinned", [])}
+    store.custom_twins = {
+        str(api): [dict(row) for row in rows]
+        for api, rows in records.get("custom_twins", {}).items()
+    }
 
 
 def text(data: bytes | None) -> str | None:

@@ -70,16 +70,12 @@ def jobs_snapshot(
     query: Query | None = None,
     tallies: Mapping[str, int] | None = None,
     quota: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Files (active work first in claim order, then the latest finished) with their chunks
-    (in file order), and totals by status: from the store's `tallies` when given
-    (everything it holds), else counted over `files` and `chunks`; the `quota_entry`."""
     holds: Holds | None = None,
 ) -> dict[str, Any]:
     """Files (active work first in claim order, then the latest finished) with their chunks
     (in file order), and totals by status: from the store's `tallies` when given
-    (everything it holds), else counted over `files` and `chunks`. `holds`: what the
-    key rule's held chunks wait for (`Store.holds`)."""
+    (everything it holds), else counted over `files` and `chunks`; the `quota_entry`.
+    `holds`: what the key rule's held chunks wait for (`Store.holds`)."""
     query = query or Query()
     holds = holds or {}
     by_file: dict[int, list[ChunkRecord]] = defaultdict(list)
