@@ -13,12 +13,19 @@ import pytest
 from structlog.testing import capture_logs
 
 from orchestrator.config import Route, Settings
-from orchestrator.models import ObjectType
+from orchestrator.filecache import FileCache
+from orchestrator.keys import LEAD_NAMESPACE, KeySet, key_hash, keys_path
+from orchestrator.marketo import MarketoClient
+from orchestrator.models import ChunkRecord, ObjectType
+from orchestrator.poller import Poller
+from orchestrator.scheduler import Scheduler
 from orchestrator.simulator import Simulator
+from orchestrator.store import Store
 from tests.support.daemons import LockedDaemon
 from tests.support.data import all_results, drop_leads, drop_workload, result, write_csv
 from tests.support.settings import CARS, CLIENT_ID, LEADS, MEMBERS, SIM_KNOBS, fast_settings
 from tests.support.simulators import MakeSimulator, imports
+from tests.support.stages import claimed_file
 from tests.support.waiting import wait_until
 
 RESULT_KEYS = {
@@ -290,3 +297,76 @@ async def test_polls_are_spent_only_where_a_status_can_change(
     early = [c for c in polls if float(c["t"]) < started[c["batch_id"]]]
     assert early == []
     assert len(polls) <= 4 * len(started), "a handful of polls per job, not one per interval each"
+
+
+# -- the key rule: the scheduler and the poller against the simulator (issue 20) --------------
+
+
+async def test_the_key_rule_holds_a_chunk_until_the_earlier_one_sharing_a_key_is_done(
+    make_simulator: MakeSimulator, tmp_path: Path
+) -> None:
+    """old.csv's last chunk ends with s@x.com = old; new.csv, claimed after it, starts
+    with S@x.com = new. Marketo imports two jobs at once and applies rows as it goes:
+    without the rule new.csv's job would import beside old.csv's last and its row land
+    first, so the older value would win. Key files are written by hand beside the
+    chunks, as the split stage leaves them; other.csv shares no key and passes."""
+    sim = await make_simulator(job_overhead=0.3, rows_per_second=50.0)
+    settings = fast_settings(sim.base_url, tmp_path / "data", (LEADS,))
+    store = await Store.open(tmp_path / "state.db")
+    number = itertools.count(1)
+
+    async def add_file(name: str, chunks: list[list[tuple[str, str]]]) -> None:
+        file = await claimed_file(store, "leads", name, number=next(number))
+        for index, rows in enumerate(chunks, 1):
+            path = settings.layout.chunk_dir(file.id) / f"chunk-{index:05d}.csv"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(f"{e},{v}\n" for e, v in [("email", "v"), *rows]))
+            hashes = (key_hash(LEAD_NAMESPACE, [email]) for email, _ in rows)
+            KeySet.of(h for h in hashes if h is not None).save(keys_path(path), fsync=False)
+            await store.add_chunk(
+                file.id, index=index, path=str(path), rows=len(rows), bytes=0, first_line=2
+            )
+        await store.finish_split(file.id, rows=sum(map(len, chunks)), chunks_total=len(chunks))
+
+    def users(start: int, value: str) -> list[tuple[str, str]]:
+        return [(f"u{n}@x.com", value) for n in range(start, start + 5)]
+
+    await add_file(
+        "old.csv", [users(0, "old"), users(5, "old"), [*users(10, "old"), ("s@x.com", "old")]]
+    )
+    await add_file("new.csv", [[("S@x.com", "new"), *users(20, "new")]])
+    await add_file("other.csv", [users(30, "other")])
+
+    finals: list[ChunkRecord] = []
+    files = FileCache(store)
+    stop = asyncio.Event()
+    async with MarketoClient(settings) as client:
+
+        async def final(chunk: ChunkRecord) -> None:
+            scheduler.job_finished(chunk.id)
+            finals.append(chunk)
+
+        poller = Poller(settings, store, client, on_chunk_final=final, files=files)
+        scheduler = Scheduler(
+            settings,
+            store,
+            client,
+            on_submitted=poller.submitted,
+            on_chunk_final=final,
+            files=files,
+        )
+        async with asyncio.TaskGroup() as group:
+            group.create_task(scheduler.run(stop))
+            group.create_task(poller.run(stop))
+            await wait_until(lambda: len(finals) == 5, "every chunk final", within=60.0)
+            stop.set()
+    await store.close()
+
+    jobs = {job["batch_id"]: job for job in sim.jobs()}
+    batch = {Path(c.path).parent.name + "/" + Path(c.path).stem: c.batch_id for c in finals}
+    last_old, new, other = batch["1/chunk-00003"], batch["2/chunk-00001"], batch["3/chunk-00001"]
+    assert jobs[new]["started_at"] >= jobs[last_old]["finished_at"]
+    assert other < new, "other.csv shares no key: it passed the held chunk"
+    applied = sim.history("leads", "s@x.com")
+    assert [(h["batch_id"], h["values"]["v"]) for h in applied] == [(last_old, "old"), (new, "new")]
+    assert [r["v"] for r in sim.records("leads") if r["email"].lower() == "s@x.com"] == ["new"]
