@@ -320,7 +320,7 @@ async def test_the_key_rule_holds_a_chunk_until_the_earlier_one_sharing_a_key_is
         for index, rows in enumerate(chunks, 1):
             path = settings.layout.chunk_dir(file.id) / f"chunk-{index:05d}.csv"
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("".join(f"{e},{v}\n" for e, v in [("email", "v"), *rows]))
+            path.write_text("".join(f"{e},{v}\n" for e, v in [("email", "title"), *rows]))
             hashes = (key_hash(LEAD_NAMESPACE, [email]) for email, _ in rows)
             KeySet.of(h for h in hashes if h is not None).save(keys_path(path), fsync=False)
             await store.add_chunk(
@@ -368,5 +368,8 @@ async def test_the_key_rule_holds_a_chunk_until_the_earlier_one_sharing_a_key_is
     assert jobs[new]["started_at"] >= jobs[last_old]["finished_at"]
     assert other < new, "other.csv shares no key: it passed the held chunk"
     applied = sim.history("leads", "s@x.com")
-    assert [(h["batch_id"], h["values"]["v"]) for h in applied] == [(last_old, "old"), (new, "new")]
-    assert [r["v"] for r in sim.records("leads") if r["email"].lower() == "s@x.com"] == ["new"]
+    assert [(h["batch_id"], h["values"]["title"]) for h in applied] == [
+        (last_old, "old"),
+        (new, "new"),
+    ]
+    assert [r["title"] for r in sim.records("leads") if r["email"].lower() == "s@x.com"] == ["new"]

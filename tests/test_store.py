@@ -156,6 +156,8 @@ async def test_v7_chunks_may_end_unknown_once_migrated_seen_by_every_connection(
         file = await split(store, await claim(store), 2)
         [first, second] = await store.chunks(file_id=file.id)
     conn = sqlite3.connect(db_path, isolation_level=None)  # back to what v7 left
+    conn.execute("DROP TABLE conflicts")  # v12
+    conn.execute("DROP TABLE key_order")
     conn.execute("DROP TABLE refusals")
     conn.execute("DROP TABLE quota")
     conn.execute("ALTER TABLE files DROP COLUMN warnings")
