@@ -10,7 +10,7 @@ Every import of our own package points down this picture, never up or sideways:
                   upkeep client .................. 4   own, it uses constants,
     spool status catalogue keyorder ........ 3   models, errors and
               store  marketo  metrics ............ 2   nothing else of ours
-  config logs splitter tickets dirlock filecache keys quotagate 1
+  config logs splitter tickets dirlock filecache keys quotagate queuemodel 1
                   constants errors models clock
                   backoff crashpoints layout orchestrator 0
 
@@ -43,7 +43,7 @@ RANKS: dict[str, int] = {
     for rank, units in enumerate(
         [
             "orchestrator constants errors models clock backoff crashpoints layout durable delimited",  # leaves
-            "config logs splitter tickets dirlock filecache keys quotagate",
+            "config logs splitter tickets dirlock filecache keys quotagate queuemodel",
             "store marketo metrics",
             "spool status catalogue keyorder",
             "splitting scheduler packer poller results upkeep client",  # stages, upkeep, hand-over

@@ -29,7 +29,8 @@ from orchestrator.errors import (
 from orchestrator.filecache import FileCache
 from orchestrator.keys import LEAD_NAMESPACE, KeySet, key_hash, keys_path
 from orchestrator.models import BatchStatus, ChunkRecord, ChunkStatus, FileRecord, ObjectType
-from orchestrator.scheduler import QueueModel, Scheduler
+from orchestrator.queuemodel import QueueModel
+from orchestrator.scheduler import Scheduler
 from orchestrator.store import Store
 from tests.support.settings import CARS, LEADS, fast_settings
 from tests.support.stages import FakeClock, claimed_file
