@@ -6,6 +6,8 @@
     ├── InputError                  a source file cannot be split (file, offset, line)
     ├── StoreError                  the state store cannot be opened or written (path)
     ├── DataDirInUse                another daemon owns data_dir (CLI: exit 2)
+    ├── CoordinationUnavailable     the coordination database cannot be reached (wait)
+    ├── LeaseLost                   this daemon was taken as dead: register again first
     └── MarketoError                Marketo said no, or could not be reached (code)
         ├── RetryableError          worth trying again after a wait
         │   ├── AuthError           601, 602: token invalid or expired
@@ -88,6 +90,16 @@ class DataDirInUse(OrchestratorError):
             f"({who}); one daemon per data directory: stop that one first, or give this "
             "one its own data_dir"
         )
+
+
+class CoordinationUnavailable(OrchestratorError):
+    """The coordination database (PostgreSQL) cannot be reached or refused a statement:
+    nothing new is sent until it answers again. The message never holds a password."""
+
+
+class LeaseLost(OrchestratorError):
+    """Another daemon took this one as dead (its lease ran out): it registers again, with
+    a new epoch, before it sends anything."""
 
 
 class MarketoError(OrchestratorError):

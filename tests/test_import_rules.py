@@ -9,7 +9,7 @@ Every import of our own package points down this picture, never up or sideways:
      splitting scheduler packer poller results ... 4   simulator: a program of its
                   upkeep client .................. 4   own, it uses constants,
     spool status catalogue keyorder ........ 3   models, errors and
-              store  marketo  metrics ............ 2   nothing else of ours
+     store  marketo  metrics coordination ...... 2   nothing else of ours
   config logs splitter tickets dirlock filecache keys quotagate queuemodel 1
                   constants errors models clock
                   backoff crashpoints layout orchestrator 0
@@ -44,7 +44,7 @@ RANKS: dict[str, int] = {
         [
             "orchestrator constants errors models clock backoff crashpoints layout durable delimited",  # leaves
             "config logs splitter tickets dirlock filecache keys quotagate queuemodel",
-            "store marketo metrics",
+            "store marketo metrics coordination",
             "spool status catalogue keyorder",
             "splitting scheduler packer poller results upkeep client",  # stages, upkeep, hand-over
             "pipeline",

@@ -1,0 +1,492 @@
+"""Admission: which chunk of which daemon may become a Marketo job now.
+
+Every daemon registers each chunk it records (`register_chunk`: its file's claim time
+from the database's clock, its key hashes, and the edges from every earlier
+unfinished chunk that shares a key with it). A daemon asks before every create
+(`admit`), in one short transaction that first locks the subscription's row in a
+statement of its own (so admissions take turns and each sees the others' commits:
+counting and claiming in one snapshot is what overshoots), then checks, in order:
+
+1. its lease (a daemon taken as dead admits nothing until it registers again);
+2. the 607 pause, the 606 hold and the shared 1016 backoff;
+3. the subscription's daily usage against the quota less the reserve;
+4. the shared queue model: jobs outstanding of all daemons, slots others hold, and
+   jobs lost creates may have made, against the strictest `queued_jobs`;
+5. the key rule: no unfinished chunk it has an edge from;
+6. one outstanding job per static list;
+7. FIFO across daemons: no earlier chunk (by claim time) of a live, sending daemon
+   that could go now.
+Then it takes the lowest free slot (the partial unique index on slots makes the
+database refuse an 11th outstanding job whatever the code above believes) and marks
+the chunk `creating` under the daemon's epoch, and commits. The HTTP create happens
+after, outside any transaction; its batch id is recorded (`created`) only while the
+daemon still holds that epoch.
+
+The answers a create can get map to `not_created` (definitely not made: the slot is
+free again; on 1016 the model learns that others hold the rest of the queue and every
+daemon backs off together), `unknown_outcome` (maybe made: counted as a job nobody can
+see until a job of that chunk finishes), and, once the job ends, `finished`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from orchestrator import constants
+from orchestrator.coordination.leases import Limits, strictest
+from orchestrator.errors import LeaseLost
+
+Conn = psycopg.Connection[Any]
+
+UNFINISHED = ("pending", "creating", "submitted")
+TWO_64 = 1 << 64
+TWO_63 = 1 << 63
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """A chunk may be created now, in `slot`, under `epoch`."""
+
+    chunk: int  # the coordination database's id of the chunk
+    slot: int
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class Deferral:
+    """Not now: why, and when to ask again (None: when something changes)."""
+
+    reason: str
+    seconds: float | None = None
+
+
+def signed(key: int) -> int:
+    """A 64-bit key hash (unsigned) as PostgreSQL's bigint."""
+    return key - TWO_64 if key >= TWO_63 else key
+
+
+# -- registering ------------------------------------------------------------------------
+
+
+def register_chunk(
+    conn: Conn,
+    subscription: str,
+    instance: str,
+    *,
+    file_ref: int,
+    chunk_ref: int,
+    index: int,
+    list_id: int,
+    object: str,
+    api_name: str,
+    keys: Iterable[int],
+) -> int:
+    """Record a chunk (idempotent: again returns the same id) with its keys and the
+    edges from every earlier unfinished chunk that shares one; its id."""
+    # Registrations take turns, so a chunk always sees every earlier chunk's keys.
+    conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", ("register:" + subscription,))
+    found = conn.execute(
+        """SELECT id FROM marketo_orchestrator.chunks
+           WHERE subscription = %s AND instance = %s AND chunk_ref = %s""",
+        (subscription, instance, chunk_ref),
+    ).fetchone()
+    if found is not None:
+        return int(found[0])
+    conn.execute(
+        """INSERT INTO marketo_orchestrator.files (subscription, instance, file_ref)
+           VALUES (%s, %s, %s) ON CONFLICT DO NOTHING""",
+        (subscription, instance, file_ref),
+    )
+    row = conn.execute(
+        """INSERT INTO marketo_orchestrator.chunks (subscription, instance, file_ref,
+               chunk_ref, idx, claimed_at, list_id, object, api_name, state)
+           SELECT %s, %s, %s, %s, %s, f.claimed_at, %s, %s, %s, 'pending'
+           FROM marketo_orchestrator.files AS f
+           WHERE f.subscription = %s AND f.instance = %s AND f.file_ref = %s
+           RETURNING id""",
+        (
+            subscription,
+            instance,
+            file_ref,
+            chunk_ref,
+            index,
+            list_id,
+            object,
+            api_name,
+            subscription,
+            instance,
+            file_ref,
+        ),
+    ).fetchone()
+    assert row is not None  # the file row was inserted above
+    chunk = int(row[0])
+    with conn.cursor().copy("COPY marketo_orchestrator.keys (chunk, key) FROM STDIN") as copy:
+        for key in keys:
+            copy.write_row((chunk, signed(key)))
+    conn.execute(
+        """INSERT INTO marketo_orchestrator.edges (held, blocker)
+           SELECT DISTINCT %(c)s, other.chunk
+           FROM marketo_orchestrator.keys AS mine
+           JOIN marketo_orchestrator.keys AS other
+             ON other.key = mine.key AND other.chunk < mine.chunk
+           JOIN marketo_orchestrator.chunks AS b ON b.id = other.chunk
+           JOIN marketo_orchestrator.subscriptions AS s ON s.id = b.subscription
+           WHERE mine.chunk = %(c)s
+             AND (b.state IN ('pending', 'creating', 'submitted')
+                  OR s.finished_jobs < b.blocks_until_finished)""",
+        {"c": chunk},
+    )
+    return chunk
+
+
+def file_claimed_at(conn: Conn, subscription: str, instance: str, file_ref: int) -> dt.datetime:
+    """The file's claim time by the database's clock (registered now if it was not)."""
+    conn.execute(
+        """INSERT INTO marketo_orchestrator.files (subscription, instance, file_ref)
+           VALUES (%s, %s, %s) ON CONFLICT DO NOTHING""",
+        (subscription, instance, file_ref),
+    )
+    row = conn.execute(
+        """SELECT claimed_at FROM marketo_orchestrator.files
+           WHERE subscription = %s AND instance = %s AND file_ref = %s""",
+        (subscription, instance, file_ref),
+    ).fetchone()
+    assert row is not None
+    value: dt.datetime = row[0]
+    return value
+
+
+# -- admitting -------------------------------------------------------------------------
+
+
+def admit(
+    conn: Conn,
+    subscription: str,
+    instance: str,
+    epoch: int,
+    chunk: int,
+    *,
+    quota_since: dt.datetime,
+    quota_resets_in: float,
+) -> Grant | Deferral:
+    """May `chunk` (this daemon's, pending) be created now? See the module docstring."""
+    model = conn.execute(
+        """SELECT foreign_slots, orphans, backoff_until, backoff_reason, hold_until,
+                  paused_until, usage_total, usage_read_at, clock_timestamp()
+           FROM marketo_orchestrator.subscriptions WHERE id = %s FOR UPDATE""",
+        (subscription,),
+    ).fetchone()
+    assert model is not None  # registered with the daemon
+    foreign, orphans, backoff_until, reason, hold_until, paused_until = model[:6]
+    usage_total, usage_read_at, now = model[6:]
+    require_lease(conn, subscription, instance, epoch)
+    for until, why in (
+        (paused_until, "607: the daily quota is spent"),
+        (hold_until, "606: the call window is full"),
+        (backoff_until, f"backoff after {reason or 'an error'}"),
+    ):
+        if until is not None and until > now:
+            return Deferral(why, (until - now).total_seconds())
+    limits = strictest(conn, subscription)
+    assert limits is not None  # this daemon's lease is valid, so one is alive
+    used = usage(conn, subscription, usage_total, usage_read_at, quota_since)
+    if used >= limits.daily_quota - limits.daily_reserve:
+        return Deferral(
+            f"the subscription used {used} of its {limits.daily_quota} calls today "
+            f"({limits.daily_reserve} are left for others)",
+            quota_resets_in,
+        )
+    room = queue_room(conn, subscription, limits, int(foreign), int(orphans))
+    if room <= 0:
+        return Deferral("Marketo's queue is full (all daemons' jobs and others')")
+    candidate = conn.execute(
+        """SELECT state, claimed_at, idx, list_id, file_ref
+           FROM marketo_orchestrator.chunks WHERE id = %s AND instance = %s""",
+        (chunk, instance),
+    ).fetchone()
+    if candidate is None or candidate[0] != "pending":
+        return Deferral(f"chunk {chunk} is not pending here")
+    _, claimed_at, index, list_id, file_ref = candidate
+    blocker = first_blocker(conn, chunk)
+    if blocker is not None:
+        return Deferral(f"shares keys with {blocker}, not finished")
+    if list_id and list_busy(conn, subscription, int(list_id)):
+        return Deferral(f"an import to list {list_id} is outstanding")
+    ahead = earlier_ready(conn, subscription, (claimed_at, instance, file_ref, index))
+    if ahead is not None:
+        return Deferral(f"FIFO: {ahead} was claimed earlier")
+    slot = free_slot(conn, subscription)
+    if slot is None:
+        return Deferral("every queue slot is taken")
+    conn.execute(
+        """UPDATE marketo_orchestrator.chunks SET state = 'creating', slot = %s, epoch = %s
+           WHERE id = %s""",
+        (slot, epoch, chunk),
+    )
+    return Grant(chunk, slot, epoch)
+
+
+def require_lease(conn: Conn, subscription: str, instance: str, epoch: int) -> None:
+    row = conn.execute(
+        """SELECT 1 FROM marketo_orchestrator.daemons
+           WHERE subscription = %s AND instance = %s AND epoch = %s AND alive
+             AND lease_until > clock_timestamp()""",
+        (subscription, instance, epoch),
+    ).fetchone()
+    if row is None:
+        raise LeaseLost(f"{instance}: lease lost (epoch {epoch})")
+
+
+def usage(
+    conn: Conn,
+    subscription: str,
+    total: int | None,
+    read_at: dt.datetime | None,
+    since: dt.datetime,
+) -> int:
+    """Calls the subscription made today: Marketo's own count when read today, plus every
+    counted call of ours since that reading (or since the quota day began)."""
+    base, after = (total or 0, read_at) if read_at is not None and read_at >= since else (0, since)
+    row = conn.execute(
+        """SELECT count(*) FROM marketo_orchestrator.calls
+           WHERE subscription = %s AND counted AND at > %s""",
+        (subscription, after),
+    ).fetchone()
+    return base + int(row[0] if row else 0)
+
+
+def queue_room(conn: Conn, subscription: str, limits: Limits, foreign: int, orphans: int) -> int:
+    """How many more jobs Marketo's queue takes from all daemons together."""
+    row = conn.execute(
+        """SELECT count(*) FILTER (WHERE state IN ('creating', 'submitted')),
+                  coalesce(sum(unknown_outcomes), 0)
+           FROM marketo_orchestrator.chunks
+           WHERE subscription = %s AND state IN ('pending', 'creating', 'submitted')""",
+        (subscription,),
+    ).fetchone()
+    assert row is not None  # an aggregate always has its row
+    outstanding, phantoms = int(row[0]), int(row[1]) + orphans
+    room = min(limits.queued_jobs, constants.MAX_QUEUED_JOBS - foreign - phantoms)
+    if outstanding == 0:
+        room = max(room, 1)  # nothing will finish to free a slot: probe one
+    return room - outstanding
+
+
+def first_blocker(conn: Conn, chunk: int) -> str | None:
+    """An unfinished chunk this one waits for by the key rule, described; None if none."""
+    row = conn.execute(
+        """SELECT b.instance, b.chunk_ref, b.batch_id
+           FROM marketo_orchestrator.edges AS e
+           JOIN marketo_orchestrator.chunks AS b ON b.id = e.blocker
+           JOIN marketo_orchestrator.subscriptions AS s ON s.id = b.subscription
+           WHERE e.held = %s
+             AND (b.state IN ('pending', 'creating', 'submitted')
+                  OR s.finished_jobs < b.blocks_until_finished)
+           ORDER BY b.id LIMIT 1""",
+        (chunk,),
+    ).fetchone()
+    if row is None:
+        return None
+    batch = f", batch {row[2]}" if row[2] is not None else ""
+    return f"chunk {row[1]} of {row[0]}{batch}"
+
+
+def list_busy(conn: Conn, subscription: str, list_id: int) -> bool:
+    row = conn.execute(
+        """SELECT 1 FROM marketo_orchestrator.chunks
+           WHERE subscription = %s AND list_id = %s AND state IN ('creating', 'submitted')
+           LIMIT 1""",
+        (subscription, list_id),
+    ).fetchone()
+    return row is not None
+
+
+def earlier_ready(conn: Conn, subscription: str, position: tuple[Any, ...]) -> str | None:
+    """The first chunk of a live, sending daemon that was claimed before `position`
+    (claim time, instance, file, chunk index) and could go now; None if none."""
+    row = conn.execute(
+        """SELECT c.instance, c.chunk_ref
+           FROM marketo_orchestrator.chunks AS c
+           JOIN marketo_orchestrator.daemons AS d
+             ON d.subscription = c.subscription AND d.instance = c.instance
+           WHERE c.subscription = %(s)s AND c.state = 'pending'
+             AND d.alive AND d.lease_until > clock_timestamp() AND d.paused_reason = ''
+             AND (c.claimed_at, c.instance, c.file_ref, c.idx)
+                 < (%(t)s, %(i)s, %(f)s, %(x)s)
+             AND NOT EXISTS (
+                 SELECT 1 FROM marketo_orchestrator.edges AS e
+                 JOIN marketo_orchestrator.chunks AS b ON b.id = e.blocker
+                 JOIN marketo_orchestrator.subscriptions AS s ON s.id = b.subscription
+                 WHERE e.held = c.id
+                   AND (b.state IN ('pending', 'creating', 'submitted')
+                        OR s.finished_jobs < b.blocks_until_finished))
+             AND (c.list_id = 0 OR NOT EXISTS (
+                 SELECT 1 FROM marketo_orchestrator.chunks AS l
+                 WHERE l.subscription = c.subscription AND l.list_id = c.list_id
+                   AND l.state IN ('creating', 'submitted')))
+           ORDER BY c.claimed_at, c.instance, c.file_ref, c.idx
+           LIMIT 1""",
+        {"s": subscription, "t": position[0], "i": position[1], "f": position[2], "x": position[3]},
+    ).fetchone()
+    return None if row is None else f"chunk {row[1]} of {row[0]}"
+
+
+def free_slot(conn: Conn, subscription: str) -> int | None:
+    row = conn.execute(
+        """SELECT s FROM generate_series(0, %s) AS s
+           WHERE s NOT IN (SELECT slot FROM marketo_orchestrator.chunks
+                           WHERE subscription = %s AND state IN ('creating', 'submitted'))
+           ORDER BY s LIMIT 1""",
+        (constants.MAX_QUEUED_JOBS - 1, subscription),
+    ).fetchone()
+    return None if row is None else int(row[0])
+
+
+# -- what the create's answer says --------------------------------------------------------
+
+
+def created(conn: Conn, subscription: str, grant: Grant, batch_id: int) -> bool:
+    """Record the batch id, only while the daemon still holds the grant's epoch."""
+    row = conn.execute(
+        """UPDATE marketo_orchestrator.chunks AS c SET state = 'submitted', batch_id = %s
+           FROM marketo_orchestrator.daemons AS d
+           WHERE c.id = %s AND c.state = 'creating' AND c.epoch = %s
+             AND d.subscription = c.subscription AND d.instance = c.instance
+             AND d.epoch = %s AND d.alive AND d.lease_until > clock_timestamp()
+           RETURNING 1""",
+        (batch_id, grant.chunk, grant.epoch, grant.epoch),
+    ).fetchone()
+    if row is None:
+        return False
+    conn.execute(
+        """UPDATE marketo_orchestrator.subscriptions
+           SET backoff_attempts = 0, backoff_until = NULL, backoff_reason = ''
+           WHERE id = %s""",
+        (subscription,),
+    )
+    return True
+
+
+def not_created(
+    conn: Conn,
+    subscription: str,
+    grant: Grant,
+    *,
+    reason: str,
+    delay: Callable[[int], float] | None = None,
+    queue_full: bool = False,
+    unknown: bool = False,
+) -> None:
+    """The create did not leave a job we know of: the chunk is pending again.
+
+    `queue_full` (1016): the rest of the queue is others'; `unknown`: it may have made a
+    job nobody can see; `delay(attempts)`: the shared backoff to start (None: none)."""
+    conn.execute(
+        """UPDATE marketo_orchestrator.chunks
+           SET state = 'pending', slot = NULL, epoch = NULL,
+               unknown_outcomes = unknown_outcomes + %s
+           WHERE id = %s AND state = 'creating' AND epoch = %s""",
+        (1 if unknown else 0, grant.chunk, grant.epoch),
+    )
+    if queue_full:
+        room = conn.execute(
+            """SELECT count(*) FILTER (WHERE c.state IN ('creating', 'submitted')),
+                      coalesce(sum(c.unknown_outcomes), 0) + max(s.orphans)
+               FROM marketo_orchestrator.chunks AS c
+               JOIN marketo_orchestrator.subscriptions AS s ON s.id = c.subscription
+               WHERE c.subscription = %s AND c.state IN ('pending', 'creating', 'submitted')""",
+            (subscription,),
+        ).fetchone()
+        outstanding, phantoms = (int(room[0]), int(room[1] or 0)) if room else (0, 0)
+        others = constants.MAX_QUEUED_JOBS - outstanding - phantoms
+        conn.execute(
+            """UPDATE marketo_orchestrator.subscriptions
+               SET foreign_slots = greatest(foreign_slots, %s) WHERE id = %s""",
+            (others, subscription),
+        )
+    if delay is not None:
+        row = conn.execute(
+            """UPDATE marketo_orchestrator.subscriptions
+               SET backoff_attempts = backoff_attempts + 1 WHERE id = %s
+               RETURNING backoff_attempts""",
+            (subscription,),
+        ).fetchone()
+        attempts = int(row[0]) if row else 1
+        conn.execute(
+            """UPDATE marketo_orchestrator.subscriptions
+               SET backoff_until = clock_timestamp() + make_interval(secs => %s),
+                   backoff_reason = %s
+               WHERE id = %s""",
+            (delay(attempts), reason, subscription),
+        )
+
+
+def dropped(conn: Conn, subscription: str, chunk: int) -> None:
+    """A chunk its daemon will never send (its file failed, or past max_resubmits): it no
+    longer holds FIFO or keys, but copies lost creates may have made still count until
+    one more job finishes."""
+    conn.execute(
+        """UPDATE marketo_orchestrator.chunks AS c
+           SET state = 'dropped', slot = NULL, finished_at = clock_timestamp(),
+               blocks_until_finished = CASE WHEN c.unknown_outcomes > 0
+                   THEN s.finished_jobs + 1 ELSE 0 END
+           FROM marketo_orchestrator.subscriptions AS s
+           WHERE c.id = %s AND s.id = c.subscription
+             AND c.state IN ('pending', 'creating')""",
+        (chunk,),
+    )
+    conn.execute(
+        """UPDATE marketo_orchestrator.subscriptions AS s
+           SET orphans = s.orphans + c.unknown_outcomes
+           FROM marketo_orchestrator.chunks AS c
+           WHERE c.id = %s AND s.id = c.subscription AND c.state = 'dropped'""",
+        (chunk,),
+    )
+
+
+def finished(conn: Conn, subscription: str, chunk: int) -> bool:
+    """A job ended at Marketo (Complete or Failed): its slot is free, the copies of its
+    chunk queued ahead of it ended too, and by FIFO one lost copy of another. False if
+    it was recorded already (another daemon polled it first)."""
+    row = conn.execute(
+        """UPDATE marketo_orchestrator.chunks
+           SET state = 'done', slot = NULL, unknown_outcomes = 0,
+               finished_at = clock_timestamp()
+           WHERE id = %s AND state = 'submitted' RETURNING 1""",
+        (chunk,),
+    ).fetchone()
+    if row is None:
+        return False
+    conn.execute("DELETE FROM marketo_orchestrator.keys WHERE chunk = %s", (chunk,))
+    conn.execute(
+        """UPDATE marketo_orchestrator.subscriptions
+           SET foreign_slots = greatest(0, foreign_slots - 1),
+               orphans = greatest(0, orphans - 1),
+               finished_jobs = finished_jobs + 1
+           WHERE id = %s""",
+        (subscription,),
+    )
+    return True
+
+
+def job_left(conn: Conn, subscription: str) -> None:
+    """A job of ours Marketo kept queued started: one of others' jobs left the queue."""
+    conn.execute(
+        """UPDATE marketo_orchestrator.subscriptions
+           SET foreign_slots = greatest(0, foreign_slots - 1) WHERE id = %s""",
+        (subscription,),
+    )
+
+
+def chunk_id(conn: Conn, subscription: str, instance: str, chunk_ref: int) -> int | None:
+    row = conn.execute(
+        """SELECT id FROM marketo_orchestrator.chunks
+           WHERE subscription = %s AND instance = %s AND chunk_ref = %s""",
+        (subscription, instance, chunk_ref),
+    ).fetchone()
+    return None if row is None else int(row[0])
