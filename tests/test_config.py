@@ -412,3 +412,16 @@ def test_header_keys(tmp_path: Path) -> None:
     strict, default = load_settings(write(tmp_path, text), CREDS).routes
     assert (strict.key_columns, strict.unknown_columns) == (("vin", "make"), "fail")
     assert (default.key_columns, default.unknown_columns) == ((), "warn")
+def test_coordination_url_from_the_environment_and_never_shown(tmp_path: Path) -> None:
+    url = "postgresql://orch:pg-s3cret@db.example:5432/coord"
+    s = load_settings(None, {**CREDS, "ORCHESTRATOR_COORDINATION_URL": url})
+    assert s.coordination.url == url
+    assert s.coordination.lease_seconds == 30.0
+    assert "pg-s3cret" not in repr(s)
+    with pytest.raises(ConfigError) as info:
+        load_settings(None, {**CREDS, "ORCHESTRATOR_COORDINATION_URL": "mysql://u:pg-s3cret@h/db"})
+    assert info.value.key == "coordination.url"
+    assert "pg-s3cret" not in str(info.value)
+    assert error_key(tmp_path, "[coordination]\nlease_seconds = 0.5\n") == (
+        "coordination.lease_seconds"
+    )

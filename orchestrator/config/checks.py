@@ -109,6 +109,7 @@ RANGES: dict[str, Range] = {
     "watch.settle_seconds": Range(0.0, 3600.0, low_ok=True, unit=SECONDS),
     "retention.keep_days": Range(0.0, low_ok=True, unit="days", note="0 keeps every file"),
     "retention.interval": Range(0.0, DAY, unit=SECONDS),
+    "coordination.lease_seconds": Range(1.0, 3600.0, low_ok=True, unit=SECONDS),
 }
 ROUTE_IDS = ("list_id", "program_id")
 MAX_MARKETO_ID = 2**31 - 1  # Marketo's ids are 32-bit integers
@@ -196,6 +197,12 @@ def validate(settings: Settings, *, require_credentials: bool) -> None:
             "limits.daily_reserve",
             f"must be less than limits.daily_quota ({lim.daily_quota}): "
             "no job could ever be created",
+        )
+    url = settings.coordination.url
+    if url and (urlsplit(url).scheme not in ("postgresql", "postgres")):
+        # Never echo the URL: it may hold a password.
+        raise ConfigError(
+            "coordination.url", "must be a postgresql:// URL (or empty: this daemon alone)"
         )
     try:
         ZoneInfo(lim.quota_reset_tz)

@@ -105,6 +105,17 @@ class RetentionSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class CoordinationSettings:
+    """Several daemons on one subscription (SPEC section 3, [coordination])."""
+
+    # "" = this daemon alone; postgresql://user@host:5432/db = share the subscription
+    # with every daemon naming that database. The URL may hold a password: never shown.
+    url: str = field(default="", repr=False)
+    instance: str = ""  # this daemon's name among them; default: host name and data_dir
+    lease_seconds: float = 30.0  # a daemon silent this long is taken as dead
+
+
+@dataclass(frozen=True, slots=True)
 class HttpSettings:
     listen: str = "127.0.0.1:9400"
 
@@ -153,6 +164,7 @@ class Settings:
     backoff: BackoffSettings = field(default_factory=BackoffSettings)
     watch: WatchSettings = field(default_factory=WatchSettings)
     retention: RetentionSettings = field(default_factory=RetentionSettings)
+    coordination: CoordinationSettings = field(default_factory=CoordinationSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     routes: tuple[Route, ...] = ()
@@ -174,6 +186,7 @@ SECTIONS: dict[str, type[Any]] = {
     "backoff": BackoffSettings,
     "watch": WatchSettings,
     "retention": RetentionSettings,
+    "coordination": CoordinationSettings,
     "http": HttpSettings,
     "logging": LoggingSettings,
 }
