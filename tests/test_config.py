@@ -420,7 +420,7 @@ def test_coordination_url_from_the_environment_and_never_shown(tmp_path: Path) -
     assert "pg-s3cret" not in repr(s)
     with pytest.raises(ConfigError) as info:
         load_settings(None, {**CREDS, "ORCHESTRATOR_COORDINATION_URL": "mysql://u:pg-s3cret@h/db"})
-    assert info.value.key == "coordination.url"
+    assert info.value.key == "ORCHESTRATOR_COORDINATION_URL (sets coordination.url)"
     assert "pg-s3cret" not in str(info.value)
     assert error_key(tmp_path, "[coordination]\nlease_seconds = 0.5\n") == (
         "coordination.lease_seconds"
