@@ -268,9 +268,12 @@ def parse_env(value: EnvValue, typ: type) -> Any:
 
 
 def names(key: str, value: Any) -> tuple[str, ...]:
-    """A TOML array of strings (column names), trimmed as the splitter trims a header."""
+    """A TOML array of non-empty strings (column names), trimmed as the splitter trims a
+    header."""
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ConfigError(key, "must be an array of strings")
+        raise ConfigError(key, 'must be an array of strings, e.g. ["email"]')
+    if not all(v.strip() for v in value):
+        raise ConfigError(key, "must not hold an empty column name")
     return tuple(v.strip() for v in value)
 
 
