@@ -9,8 +9,8 @@ Every import of our own package points down this picture, never up or sideways:
      splitting scheduler packer poller results ... 4   simulator: a program of its
                   upkeep client .................. 4   own, it uses constants,
     spool status catalogue keyorder ........ 3   models, errors and
-     store  marketo  metrics coordination ...... 2   nothing else of ours
-  config logs splitter tickets dirlock filecache keys quotagate queuemodel 1
+  splitter store marketo metrics coordination 2   nothing else of ours
+  config logs tickets dirlock filecache keys quotagate queuemodel 1
                   constants errors models clock
                   backoff crashpoints layout orchestrator 0
 
@@ -43,8 +43,8 @@ RANKS: dict[str, int] = {
     for rank, units in enumerate(
         [
             "orchestrator constants errors models clock backoff crashpoints layout durable delimited",  # leaves
-            "config logs splitter tickets dirlock filecache keys quotagate queuemodel",
-            "store marketo metrics coordination",
+            "config logs tickets dirlock filecache keys quotagate queuemodel",
+            "splitter store marketo metrics coordination",  # the splitter reads keys (keys.py)
             "spool status catalogue keyorder",
             "splitting scheduler packer poller results upkeep client",  # stages, upkeep, hand-over
             "pipeline",

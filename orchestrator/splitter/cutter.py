@@ -18,11 +18,12 @@ Decisions (the issue left these open; the scanning ones are in `splitter.scan`):
   naming them, since Marketo matches names exactly and would fail every row
   (missing.dedupe.fields). A header without such names is copied unchanged.
 
-The cutter decides which bytes go into which chunk; writing a chunk file whole
-(temp name, fsync, rename) is `splitter.writer`'s part. Each record is placed
-(or set aside) in one of two places: `_place_region`, for the run of whole records
-inside one block (copied at C speed), and `_finish_pending`, for the one record
-that ran on from an earlier block (or is the file's last).
+The cutter finds the records; which chunk each goes to is `splitter.placing`'s part
+(and `splitter.repeats`' for a route with key columns), writing a chunk file whole
+(temp name, fsync, rename) `splitter.writer`'s. Each record is handed over in one of
+two places: `_place_region`, for the run of whole records inside one block (copied at
+C speed), and `_finish_pending`, for the one record that ran on from an earlier block
+(or is the file's last).
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ from typing import Final
 import structlog
 
 from orchestrator.errors import InputError
+from orchestrator.splitter.keyed import KeyRule, RowKeys, key_indexes
+from orchestrator.splitter.placing import Placement, Rejected
+from orchestrator.splitter.repeats import KeyedPlacement
 from orchestrator.splitter.scan import (
     DEFAULT_BLOCK_SIZE,
     LF,
@@ -45,9 +49,6 @@ from orchestrator.splitter.scan import (
     Validator,
     delimiter_for,
     empty_file_error,
-    ends_between,
-    first_end,
-    last_end,
     parse_header,
     read_blocks,
     scan_block,
@@ -62,16 +63,6 @@ _ASYNC_AHEAD: Final = 2
 
 
 @dataclass(frozen=True, slots=True)
-class Rejected:
-    """A record set aside because header plus record would reach max_bytes."""
-
-    line: int  # source line where the record starts
-    offset: int  # byte offset of the record in the source
-    size: int  # bytes of the record, its line ending included
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
 class SplitDone:
     """The last event: totals for the whole source file."""
 
@@ -79,6 +70,7 @@ class SplitDone:
     chunks: int
     rejected: int
     header: tuple[str, ...]  # header column names
+    moved: int = 0  # records moved to the file's tail chunks (a key repeated nearby)
 
 
 # What a split yields, in source order; `Chunk` (a finished chunk file) is the writer's.
@@ -96,18 +88,28 @@ class _Cutter:
     is only measured until it ends and then reported as rejected.
     """
 
-    def __init__(self, source: Path, out_dir: Path, *, max_bytes: int, fmt: str, fsync: bool):
+    def __init__(
+        self,
+        source: Path,
+        out_dir: Path,
+        *,
+        max_bytes: int,
+        fmt: str,
+        fsync: bool,
+        keys: KeyRule | None,
+    ):
         self._source = source
         self._fmt = fmt
         self._max_bytes = max_bytes
+        self._keys = keys
         self._writer = ChunkWriter(out_dir, fmt, fsync=fsync)
+        self._placement: Placement | None = None  # made once the header is known
         self._validator = Validator(source)
         self._columns: tuple[str, ...] | None = None
         self._room = 0  # most data bytes a chunk can take
         self._line = 1  # physical line at the start of the next block
         self._end = 0  # offset of the end of what was fed
         self._rows = 0
-        self._rejected = 0
         self._pending: list[bytes] = []
         self._pending_size = 0
         self._pending_parity = 0
@@ -143,12 +145,15 @@ class _Cutter:
             raise empty_file_error(self._source)
         if self._pending_size:
             yield from self._finish_pending(b"")
-        if self._writer.open:
-            yield self._writer.close()
-        assert self._columns is not None  # set by the first record, checked above
-        yield SplitDone(self._rows, self._writer.chunks, self._rejected, self._columns)
+        placing = self._placing()  # made with the header, checked above
+        yield from placing.finish()
+        assert self._columns is not None
+        moved = placing.moved if isinstance(placing, KeyedPlacement) else 0
+        yield SplitDone(self._rows, placing.chunks, placing.rejected, self._columns, moved)
 
     def abort(self) -> None:
+        if self._placement is not None:
+            self._placement.abort()
         self._writer.abort()
 
     def _hold(self, data: bytes, parity: int) -> None:
@@ -193,44 +198,20 @@ class _Cutter:
             return
         self._require_room()
         self._rows += 1
-        if self._too_large or size > self._room:
-            self._too_large = False
-            yield self._reject(line, self._pending_offset, size)
-            return
-        if self._writer.fill + size > self._room:
-            yield self._writer.close()
-        self._writer.write_record(pieces, line)
+        self._too_large = False  # measured only: `size` says it is too large
+        yield from self._placing().record(pieces, size, line, self._pending_offset)
 
     def _place_region(
         self, data: bytes, offset: int, span: tuple[int, int], line: int, ends: int
     ) -> Iterator[SplitEvent]:
-        """Place data[pos:end], whole records (`ends` of them), into chunks.
-
-        `offset` is the source offset of data[0]; `line` the source line at pos.
-        """
-        pos, end = span
+        """Place data[pos:end], whole records (`ends` of them), into chunks."""
         self._require_room()
         self._rows += ends
-        view = memoryview(data)
-        while pos < end:
-            space = self._room - self._writer.fill
-            if end - pos <= space:
-                self._writer.write(view[pos:end], line, ends)
-                return
-            cut = last_end(data, pos, pos + space)
-            if cut > pos:
-                rows = ends_between(data, pos, cut, end, ends)
-                self._writer.write(view[pos:cut], line, rows)
-            else:  # the next record does not fit in what is left of this chunk
-                cut = first_end(data, pos, 0)
-                if cut - pos <= self._room:
-                    yield self._writer.close()
-                    continue
-                yield self._reject(line, offset + pos, cut - pos)
-                rows = 1
-            ends -= rows
-            line += data.count(LF, pos, cut)
-            pos = cut
+        yield from self._placing().region(data, offset, span, line, ends)
+
+    def _placing(self) -> Placement:
+        assert self._placement is not None  # made with the header, before any record
+        return self._placement
 
     def _set_header(self, raw: bytes) -> None:
         self._columns = parse_header(raw, self._fmt, self._source)
@@ -245,6 +226,19 @@ class _Cutter:
             )
         self._writer.header = raw
         self._room = self._max_bytes - 1 - len(raw)
+        if self._keys is not None and (indexes := key_indexes(self._keys, self._columns)):
+            self._placement = KeyedPlacement(
+                self._writer, self._max_bytes, RowKeys(self._keys, indexes, self._fmt)
+            )
+        else:
+            if self._keys is not None:
+                log.warning(
+                    "key_columns_missing",
+                    file=str(self._source),
+                    key_columns=list(self._keys.columns),
+                    note="rows of this file are not checked for repeated keys",
+                )
+            self._placement = Placement(self._writer, self._max_bytes)
 
     def _require_room(self) -> None:
         if self._room < 1:
@@ -254,15 +248,6 @@ class _Cutter:
                 f"no record fits under max_bytes={self._max_bytes}",
                 line=1,
             )
-
-    def _reject(self, line: int, offset: int, size: int) -> Rejected:
-        self._rejected += 1
-        header = len(self._writer.header)
-        reason = (
-            f"record of {size} bytes is too large: with the {header}-byte header a chunk "
-            f"would be {header + size} bytes, and chunks must stay under {self._max_bytes}"
-        )
-        return Rejected(line, offset, size, reason)
 
 
 # --- public entry points --------------------------------------------------------
@@ -276,11 +261,14 @@ def split_file(
     fmt: str,
     fsync: bool = False,
     block_size: int = DEFAULT_BLOCK_SIZE,
+    keys: KeyRule | None = None,
 ) -> Generator[SplitEvent, None, None]:
     """Cut `source` into `out_dir/chunk-NNNNN.<fmt>`, yielding events as it goes.
 
     Yields a `Chunk` once its file is complete and in place, a `Rejected` for
-    each record too large for any chunk, and `SplitDone` last. Raises
+    each record too large for any chunk, and `SplitDone` last. With `keys`, each
+    chunk's key set is saved beside it and a record whose key is repeated nearby
+    goes to a tail chunk at the end (`splitter.repeats`). Raises
     `InputError` for a file that cannot be split; a chunk being written is then
     removed (chunks already yielded stay). Closing the generator early also
     removes the chunk being written. Blocking: run it in a worker thread.
@@ -291,14 +279,14 @@ def split_file(
         raise ValueError(f"max_bytes must be at least 2, not {max_bytes}")
     if block_size < 4:
         raise ValueError(f"block_size must be at least 4, not {block_size}")
-    return _split(source, out_dir, max_bytes=max_bytes, fmt=fmt, fsync=fsync, block_size=block_size)
+    cutter = _Cutter(source, out_dir, max_bytes=max_bytes, fmt=fmt, fsync=fsync, keys=keys)
+    return _split(cutter, source, out_dir, block_size)
 
 
 def _split(
-    source: Path, out_dir: Path, *, max_bytes: int, fmt: str, fsync: bool, block_size: int
+    cutter: _Cutter, source: Path, out_dir: Path, block_size: int
 ) -> Generator[SplitEvent, None, None]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    cutter = _Cutter(source, out_dir, max_bytes=max_bytes, fmt=fmt, fsync=fsync)
     try:
         with source.open("rb") as fh:
             for data, offset in read_blocks(fh, source, block_size):
@@ -309,7 +297,13 @@ def _split(
 
 
 async def split_file_async(
-    source: Path, out_dir: Path, *, max_bytes: int, fmt: str, fsync: bool = False
+    source: Path,
+    out_dir: Path,
+    *,
+    max_bytes: int,
+    fmt: str,
+    fsync: bool = False,
+    keys: KeyRule | None = None,
 ) -> AsyncGenerator[SplitEvent, None]:
     """`split_file` in a worker thread, its events handed over as they come.
 
@@ -328,7 +322,7 @@ async def split_file_async(
         with contextlib.suppress(RuntimeError):  # the loop is gone: nobody to tell
             loop.call_soon_threadsafe(handoff.put_nowait, item)
 
-    events = split_file(source, out_dir, max_bytes=max_bytes, fmt=fmt, fsync=fsync)
+    events = split_file(source, out_dir, max_bytes=max_bytes, fmt=fmt, fsync=fsync, keys=keys)
 
     def work() -> None:
         try:

@@ -4,6 +4,15 @@ A chunk is written to `chunk-NNNNN.<fmt>.tmp`, optionally fsynced, then renamed
 into place and only then announced (a `Chunk`), so a chunk that was announced is
 whole and a failed or abandoned split leaves no partial file.
 
+A chunk of a route with key columns has files beside it, each written whole (and
+fsynced with the chunk) before the chunk is renamed into place, so they exist
+whenever the chunk does:
+- `<chunk>.keys`: its key set (`orchestrator.keys`), which the submission rule reads;
+- `<chunk>.gaps`: (source line, lines) of each record moved out of the chunk's stretch
+  of the source to a tail chunk, like records set aside (only when some were);
+- `<chunk>.lines`: the source line of each of its records, for a tail chunk, whose
+  records come from all over the source.
+
 The writer knows nothing of records or quotes: the cutter (`splitter.cutter`)
 decides which bytes go into which chunk, in whole records, and the writer only
 appends them. An OSError while writing names the chunk file: write(2) and close(2)
@@ -17,12 +26,22 @@ import contextlib
 import csv
 import io
 import os
-from collections.abc import Iterator
+import sys
+from array import array
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from orchestrator.durable import fsync_dir
+from orchestrator.keys import keys_path
 from orchestrator.splitter.scan import delimiter_for, line_ending
+
+if TYPE_CHECKING:
+    from orchestrator.splitter.keyed import KeyCollector
+
+GAPS_SUFFIX = ".gaps"
+LINES_SUFFIX = ".lines"
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +56,7 @@ class Chunk:
     # Bytes of its header line (as written: trimmed names, line ending included); the
     # records are the rest, so packing appends `path` from this offset to another chunk.
     header_bytes: int
+    keys: int | None = None  # keys in its key set (`<chunk>.keys`); None: no key columns
 
 
 class ChunkWriter:
@@ -59,6 +79,10 @@ class ChunkWriter:
         return self._index
 
     @property
+    def out_dir(self) -> Path:
+        return self._out_dir
+
+    @property
     def open(self) -> bool:
         return self._file is not None
 
@@ -78,8 +102,15 @@ class ChunkWriter:
             self.write(piece, line, 0)
         self._rows += 1
 
-    def close(self) -> Chunk:
-        """Finish the open chunk: flush, fsync if asked, rename into place."""
+    def close(
+        self,
+        keys: KeyCollector | None = None,
+        *,
+        gaps: array[int] | None = None,
+        lines: array[int] | None = None,
+    ) -> Chunk:
+        """Finish the open chunk: flush, fsync if asked, rename into place; its key set,
+        gaps and line map (see the module docstring) written beside it first."""
         assert self._file is not None  # only called with a chunk open
         assert self._tmp is not None
         with naming(self._tmp):
@@ -89,12 +120,27 @@ class ChunkWriter:
             self._file.close()
         self._file = None
         path = self._tmp.with_suffix("")
+        count = None
+        if keys is not None:
+            count = write_numbers(keys_path(path), keys.sorted_buckets(), fsync=self._fsync)
+        if gaps:
+            write_numbers(gaps_path(path), [gaps], fsync=self._fsync)
+        if lines is not None:
+            write_numbers(lines_path(path), [lines], fsync=self._fsync)
         os.replace(self._tmp, path)
         self._tmp = None
         if self._fsync:
             fsync_dir(self._out_dir)
         size = len(self.header) + self.fill
-        chunk = Chunk(self._index, path, self._rows, size, self._first_line, len(self.header))
+        chunk = Chunk(
+            self._index,
+            path,
+            self._rows,
+            size,
+            self._first_line,
+            len(self.header),
+            count,
+        )
         self.fill = 0
         return chunk
 
@@ -118,6 +164,49 @@ class ChunkWriter:
         self._file = self._tmp.open("wb")
         with naming(self._tmp):
             self._file.write(self.header)
+
+
+def gaps_path(chunk_path: Path) -> Path:
+    """Where a chunk's gaps live: (line, lines) pairs of the records moved out of it."""
+    return chunk_path.with_name(chunk_path.name + GAPS_SUFFIX)
+
+
+def lines_path(chunk_path: Path) -> Path:
+    """Where a tail chunk's line map lives: the source line of each of its records."""
+    return chunk_path.with_name(chunk_path.name + LINES_SUFFIX)
+
+
+def write_numbers(path: Path, parts: Iterable[array[int]], *, fsync: bool) -> int:
+    """Arrays of unsigned 64-bit numbers, one after the other, to `path`, little-endian,
+    whole (temp name, rename; the caller fsyncs the directory), as `KeySet.save` writes
+    a key set; how many numbers."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    count = 0
+    with naming(tmp), open(tmp, "wb") as fh:
+        for part in parts:
+            if sys.byteorder != "little":
+                part = array("Q", part)
+                part.byteswap()
+            part.tofile(fh)
+            count += len(part)
+        if fsync:
+            fh.flush()
+            os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return count
+
+
+def read_numbers(path: Path) -> array[int]:
+    """What `write_numbers` wrote; empty when there is no such file."""
+    numbers = array("Q")
+    try:
+        with open(path, "rb") as fh:
+            numbers.frombytes(fh.read())
+    except FileNotFoundError:
+        return numbers
+    if sys.byteorder != "little":
+        numbers.byteswap()
+    return numbers
 
 
 @contextlib.contextmanager
