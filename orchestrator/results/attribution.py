@@ -19,6 +19,7 @@ import io
 import os
 import shutil
 import time
+from array import array
 from collections.abc import Generator, Iterable
 from contextlib import closing
 from pathlib import Path
@@ -29,7 +30,7 @@ import structlog
 if TYPE_CHECKING:
     from _csv import Writer
 
-from orchestrator import constants, delimited
+from orchestrator import constants, delimited, splitter
 from orchestrator.config import Settings
 from orchestrator.delimited import format_of, write_row
 from orchestrator.durable import fsync_dir
@@ -62,6 +63,10 @@ async def attribute_chunk(settings: Settings, store: Store, chunk_id: int) -> bo
         file = await store.get_file(member.file_id)
         rejects = await store.rejects(member.file_id)
         gaps = await asyncio.to_thread(reject_gaps, Path(file.work_path), rejects)
+        lines = None
+        if len(members) == 1:  # rows moved to tail chunks: never from a shared chunk
+            moved, lines = await asyncio.to_thread(moved_rows, Path(job.path))
+            gaps = sorted(gaps + moved)
         pieces.append(
             Piece(
                 file_id=member.file_id,
@@ -69,6 +74,7 @@ async def attribute_chunk(settings: Settings, store: Store, chunk_id: int) -> bo
                 first_line=member.first_line,
                 out_dir=settings.layout.chunk_dir(member.file_id),
                 gaps=tuple(gaps),
+                lines=lines,
             )
         )
     marketo = {
@@ -160,6 +166,16 @@ def write_parts(
         parts.spread(pieces)
     finally:
         parts.abort()
+
+
+def moved_rows(chunk: Path) -> tuple[list[tuple[int, int]], array[int] | None]:
+    """What the splitter wrote beside a chunk of a route with key columns: (line, lines
+    spanned) of the records moved out of its stretch of the source, and for a tail chunk
+    the source line of each of its records (None for any other chunk)."""
+    numbers = splitter.read_numbers(splitter.gaps_path(chunk))
+    gaps = list(zip(numbers[::2], numbers[1::2], strict=True))
+    lines_file = splitter.lines_path(chunk)
+    return gaps, splitter.read_numbers(lines_file) if lines_file.exists() else None
 
 
 def reject_gaps(source: Path, rejects: Iterable[RejectRecord]) -> list[tuple[int, int]]:

@@ -12,8 +12,10 @@ empty), then one forward walk over the chunk's records, side by side with
 Marketo's rows, finds the record each row came from: its piece names the file, and
 its physical line in the chunk gives the line in that file's source (the piece's
 first line, plus the lines since the piece's first record, plus the lines of
-records the splitter set aside before it). When Marketo's header is the chunk's,
-rows are compared as they are.
+records the splitter set aside, or moved to a tail chunk, before it). A tail
+chunk's records come from all over the source: the splitter wrote each one's
+line beside it (`Piece.lines`), looked up by the record's place. When Marketo's
+header is the chunk's, rows are compared as they are.
 
 Memory: one record and one of Marketo's rows at a time, plus at most `KEEP_RECORDS`
 records (and `KEEP_CHARS` characters) kept while looking ahead; nothing grows with
@@ -40,7 +42,7 @@ import csv
 import io
 import itertools
 from collections import deque
-from collections.abc import Generator, Iterator
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Final
@@ -60,7 +62,9 @@ class Piece:
     first_row: int  # its first record among the chunk's records, from 0
     first_line: int  # source line (in its own file) of that record
     out_dir: Path  # the file's own chunk directory
-    gaps: tuple[tuple[int, int], ...] = ()  # (line, lines spanned) of records set aside
+    # (line, lines spanned) of records set aside, or moved out of the chunk, by line
+    gaps: tuple[tuple[int, int], ...] = ()
+    lines: Sequence[int] | None = None  # a tail chunk's: the source line of each record
 
 
 @dataclass(slots=True)
@@ -124,7 +128,11 @@ def walk(
                 index, chunk_line = found
                 number = piece_at(starts, index)
                 piece = pieces[number]
-                line = str(lines.source_line(number, chunk_line, records.base_lines))
+                mapped = piece.lines
+                if mapped is not None and index - starts[number] < len(mapped):
+                    line = str(mapped[index - starts[number]])
+                else:
+                    line = str(lines.source_line(number, chunk_line, records.base_lines))
             if piece is not None:
                 tally.rows[piece.file_id] = tally.rows.get(piece.file_id, 0) + 1
             yield Match(piece, placing.header, [*wanted, *row[-1:], line])
