@@ -27,9 +27,19 @@ pack. Small files are packed in the order they were split (claim order):
   its first file does not wait hours for the pack to fill. Not while claimed files
   wait to be split (`backlog`, the split stage's): then the pack fills as fast as
   files are split, and sealing it early would only make more jobs.
+- Keys (a route with key columns: the splitter saved each small file's key set beside
+  its chunk). A pack never holds two rows of one key: a file whose keys meet its
+  pack's is not joined, the pack is sealed and the file opens the next. And chunks are
+  recorded in the order their rows were claimed: before rows whose keys meet an open
+  pack's are recorded anywhere else (a chunk of a big file, `meet`, or another pack
+  taking a small file), that pack is sealed. A pack's key set is saved beside it
+  (fsynced) before the seal is committed; a pack left open by a kill gets its key set
+  from its own records when recovery seals it.
 
 Cost per small file: one append of its records, one fsync, one transaction; the pack
-is never read back.
+is never read back (but after a kill, for its keys). A pack's keys are kept as an
+array while it is open (8 bytes a key); a file's keys are compared with each open
+pack's in C (`splitter.meets`).
 """
 
 from __future__ import annotations
@@ -38,7 +48,8 @@ import asyncio
 import os
 import shutil
 import time
-from collections.abc import Callable
+from array import array
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,9 +57,10 @@ import structlog
 
 from orchestrator import splitter
 from orchestrator.clock import wait_for_any
-from orchestrator.config import Settings
+from orchestrator.config import Route, Settings
 from orchestrator.crashpoints import crashpoint
 from orchestrator.durable import fsync_dir
+from orchestrator.keys import KeySet, keys_path
 from orchestrator.models import ChunkRecord, FileRecord
 from orchestrator.store import Store
 
@@ -80,6 +92,7 @@ class OpenPack:
     files: int
     opened: float  # monotonic time its first file opened it
     last_join: float  # monotonic time the last file joined (or opened it)
+    keys: array[int] | None = None  # its files' key hashes; None: a route without keys
 
     def due(self, wait: float, *, backlog: bool) -> float:
         """When it is sealed unless a file joins (monotonic)."""
@@ -91,12 +104,18 @@ def pack_key(route: str, fmt: str, header: tuple[str, ...]) -> PackKey:
     return PackKey(route, fmt, tuple(name.strip() for name in header))
 
 
+async def no_keys(route: Route) -> tuple[str, ...]:
+    return ()
+
+
 @dataclass
 class Packer:
     settings: Settings
     store: Store
     on_sealed: Callable[[ChunkRecord], None]  # a pack may be sent now
     backlog: Callable[[], bool] = lambda: False  # claimed files wait to be split (split stage)
+    # A route's key columns (the split stage's), for a pack recovery seals.
+    key_columns: Callable[[Route], Awaitable[tuple[str, ...]]] = no_keys
     clock: Callable[[], float] = time.monotonic
     packs: dict[PackKey, OpenPack] = field(default_factory=dict)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -113,17 +132,45 @@ class Packer:
         key, or a new pack of its own. The file is SPLIT once this returns; the chunk
         returned is the pack, as a job."""
         key = pack_key(file.route, fmt, done.header)
+        keys = None
+        if chunk.keys is not None:
+            keys = (await asyncio.to_thread(KeySet.load, keys_path(chunk.path))).hashes
         async with self._lock:
+            if keys:  # rows claimed earlier, in another open pack, are recorded first
+                await self._seal_meeting(keys, but=key)
             pack = self.packs.get(key)
             if pack is not None:
                 size = chunk.bytes - chunk.header_bytes + (0 if pack.ends_with_lf else len(LF))
-                if pack.bytes + size < min(pack.limit, file.max_chunk_bytes):
-                    return await self._join(pack, file, chunk, done)
-                await self._seal(key, "full")
-            return await self._open(key, file, chunk, done)
+                if pack.bytes + size >= min(pack.limit, file.max_chunk_bytes):
+                    await self._seal(key, "full")
+                elif keys and pack.keys and splitter.meets(keys, pack.keys):
+                    await self._seal(key, "keys")  # a job never holds two rows of one key
+                else:
+                    return await self._join(pack, file, chunk, done, keys)
+            return await self._open(key, file, chunk, done, keys)
+
+    async def meet(self, keys_file: Path) -> None:
+        """A chunk whose key set is at `keys_file` is about to be recorded: seal each open
+        pack whose keys it meets first (its rows were claimed before), so that the order
+        chunks are recorded in stays the order their rows were claimed."""
+        if not any(pack.keys for pack in self.packs.values()):
+            return
+        keys = (await asyncio.to_thread(KeySet.load, keys_file)).hashes
+        async with self._lock:
+            await self._seal_meeting(keys)
+
+    async def _seal_meeting(self, keys: Sequence[int], but: PackKey | None = None) -> None:
+        for key, pack in list(self.packs.items()):
+            if key != but and pack.keys and splitter.meets(keys, pack.keys):
+                await self._seal(key, "keys")
 
     async def _open(
-        self, key: PackKey, file: FileRecord, chunk: splitter.Chunk, done: splitter.SplitDone
+        self,
+        key: PackKey,
+        file: FileRecord,
+        chunk: splitter.Chunk,
+        done: splitter.SplitDone,
+        keys: array[int] | None,
     ) -> ChunkRecord:
         # A small file is split without fsync (most join a pack and their chunk goes):
         # the one that becomes a pack is made durable before the store says it is one.
@@ -146,13 +193,19 @@ class Packer:
             files=record.files,
             opened=self.clock(),
             last_join=self.clock(),
+            keys=None if keys is None else array("Q", keys),
         )
         self._changed.set()
         log.info("pack_opened", chunk_id=record.id, bytes=record.bytes)
         return record
 
     async def _join(
-        self, pack: OpenPack, file: FileRecord, chunk: splitter.Chunk, done: splitter.SplitDone
+        self,
+        pack: OpenPack,
+        file: FileRecord,
+        chunk: splitter.Chunk,
+        done: splitter.SplitDone,
+        keys: array[int] | None,
     ) -> ChunkRecord:
         separator = b"" if pack.ends_with_lf else LF
         ends_with_lf = await asyncio.to_thread(
@@ -171,14 +224,20 @@ class Packer:
         pack.bytes, pack.files, pack.ends_with_lf = record.bytes, record.files, ends_with_lf
         pack.limit = min(pack.limit, file.max_chunk_bytes)
         pack.last_join = self.clock()
+        if keys is not None:
+            pack.keys = array("Q") if pack.keys is None else pack.keys
+            pack.keys.extend(keys)
         self._changed.set()
         # Its records live in the pack now; the chunk directory goes when the file finishes.
         await asyncio.to_thread(chunk.path.unlink, True)
+        await asyncio.to_thread(keys_path(chunk.path).unlink, True)  # the pack's hold them
         log.info("pack_joined", chunk_id=record.id, files=record.files, bytes=record.bytes)
         return record
 
     async def _seal(self, key: PackKey, reason: str) -> None:
         pack = self.packs.pop(key)
+        if pack.keys is not None:  # the submission rule reads them once the pack is sealed
+            await asyncio.to_thread(save_keys, pack.path, pack.keys)
         record = await self.store.seal_pack(pack.chunk_id)
         log.info(
             "pack_sealed",
@@ -210,13 +269,26 @@ class Packer:
     async def recover(self, packs: list[ChunkRecord]) -> None:
         """Packs a stop or a kill left open go out as they are: bytes a kill left past a
         pack's recorded size (an append whose join was never committed) are cut off
-        first; that file was not recorded as split, so it is split and packed again."""
+        first; that file was not recorded as split, so it is split and packed again.
+        Its key set is read from its records (what is in memory was lost)."""
         for pack in packs:
             path = Path(pack.path)
             size = (await asyncio.to_thread(path.stat)).st_size
             if size > pack.job_bytes:
                 log.warning("pack_truncated", chunk=pack.id, bytes=size, kept=pack.job_bytes)
                 await asyncio.to_thread(os.truncate, path, pack.job_bytes)
+            owner = await self.store.get_file(pack.file_id)
+            route = self.settings.route(owner.route)
+            rule = None
+            if route is not None:
+                columns = await self.key_columns(route)
+                rule = splitter.rule_for(route.object, route.api_name, columns)
+            if rule is None or route is None:
+                await asyncio.to_thread(keys_path(path).unlink, True)  # no keys: no waiting
+            else:
+                fmt = route.format_for(owner.name)
+                found = await asyncio.to_thread(splitter.file_keys, path, fmt, rule)
+                await asyncio.to_thread(save_keys, path, found.hashes)
             await self.store.seal_pack(pack.id)
 
     async def seal_idle(self) -> None:
@@ -248,6 +320,13 @@ class Packer:
 
 
 # -- blocking file work (in a worker thread) --------------------------------------------
+
+
+def save_keys(pack: Path, keys: Sequence[int]) -> None:
+    """A pack's key set, sorted and distinct, beside it, fsynced."""
+    collector = splitter.KeyCollector()
+    collector.extend(keys)
+    collector.take().save(keys_path(pack))
 
 
 def make_durable(path: Path) -> bool:

@@ -14,7 +14,8 @@
   one at a time in claim order, its header first checked against the catalogue
   (the routes' objects as Marketo describes them).
 - chunk: the split stage recorded a chunk (or a set-aside record) in the store;
-  the scheduler wakes and may submit it before the split ends.
+  the scheduler wakes and may submit it before the split ends. Just before, the
+  packer is told the chunk's keys (keys): it seals an open pack they meet first.
 - small: a file whose split cut one chunk, on a route that packs: the packer puts
   its records into the open pack of its route, format and header (or opens one).
   The packer asks the split stage whether claimed files wait (its backlog), and is
@@ -44,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any
 
 from orchestrator import splitter
@@ -58,7 +60,7 @@ from orchestrator.packer import Packer
 from orchestrator.poller import Poller
 from orchestrator.results import Results
 from orchestrator.scheduler import Scheduler
-from orchestrator.splitting import SplitStage
+from orchestrator.splitting import ConfiguredKeys, SplitStage
 from orchestrator.spool import Spool
 from orchestrator.store import Recovery, Store
 
@@ -76,6 +78,9 @@ class Pipeline:
         self.spool = Spool(settings, store, self.claimed)
         # The routes' objects as Marketo describes them: headers are checked against it.
         self.catalogue = Catalogue(client)
+        # A route's key columns: configured, else the object's own (custom objects: their
+        # dedupe fields as the catalogue describes them).
+        key_columns = ConfiguredKeys(self.catalogue)
         self.splitting = SplitStage(
             settings,
             store,
@@ -87,9 +92,15 @@ class Pipeline:
             on_caught_up=self.caught_up,
             observer=metrics,
             catalogue=self.catalogue,
+            key_columns=key_columns,
+            on_keys=self.keys_recorded,
         )
         self.packer = Packer(
-            settings, store, on_sealed=self.pack_sealed, backlog=self.splitting.backlog
+            settings,
+            store,
+            on_sealed=self.pack_sealed,
+            backlog=self.splitting.backlog,
+            key_columns=key_columns,
         )
         self.scheduler = Scheduler(
             settings,
@@ -171,6 +182,9 @@ class Pipeline:
 
     def chunk_added(self) -> None:
         self.scheduler.wake()
+
+    async def keys_recorded(self, keys_file: Path) -> None:
+        await self.packer.meet(keys_file)
 
     async def small_file(
         self, file: FileRecord, chunk: splitter.Chunk, done: splitter.SplitDone, fmt: str

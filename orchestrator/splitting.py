@@ -12,8 +12,10 @@ chunks before its split ends (`on_chunk`).
   before (they may be sent already), so it never packs.
 - Durability: a file smaller than a chunk's limit is split without fsync, since
   it packs (the packer fsyncs the chunk file that becomes a pack, and a joiner's
-  records are fsynced in the pack, its own chunk file removed). Every other chunk
-  file is fsynced before the store says it exists.
+  records are fsynced in the pack, its own chunk file removed); one whose repeated
+  keys gave it a tail chunk is not packed, and its chunks are fsynced then. Every
+  other chunk file (its key set and line files too) is fsynced before the store
+  says it exists.
 - Bad files: an unreadable file (the splitter raises `InputError`) or a file of
   a route no longer configured gets its error, and its split is ended early with
   the chunks it already has; the file fails once they are final. A file the
@@ -29,6 +31,13 @@ chunks before its split ends (`on_chunk`).
   the object (unreachable, limits, refused credentials or access) the file waits
   with backoff, and so do the files claimed after it; the log says why. A split
   again that recorded chunks before is not checked again.
+- Keys: a route's key columns come from `key_columns` (`ConfiguredKeys`: the
+  route's `key_columns`, else the object's own, custom objects' dedupe fields as the
+  catalogue describes them). With them, the splitter saves each chunk's key set
+  beside it and moves a row whose key was seen nearby to a tail chunk at the end of
+  the file (`splitter.repeats`). Before a chunk is recorded, `on_keys` is told where
+  its keys are (the packer seals an open pack they meet, so chunks are recorded in
+  the order their rows were claimed).
 
 Each file's split ends with `on_split`: it may be finished now.
 """
@@ -58,7 +67,8 @@ from orchestrator.errors import (
     QuotaExhaustedError,
     RetryableError,
 )
-from orchestrator.models import FileRecord, FileStatus
+from orchestrator.keys import keys_path
+from orchestrator.models import FileRecord, FileStatus, ObjectType
 from orchestrator.store import Store
 
 log = structlog.get_logger(__name__)
@@ -68,8 +78,52 @@ class Cutter(Protocol):
     """How a file is cut (orchestrator.splitter.split_file_async)."""
 
     def __call__(
-        self, source: Path, out_dir: Path, *, max_bytes: int, fmt: str, fsync: bool
+        self,
+        source: Path,
+        out_dir: Path,
+        *,
+        max_bytes: int,
+        fmt: str,
+        fsync: bool,
+        keys: splitter.KeyRule | None,
     ) -> AsyncGenerator[splitter.SplitEvent, None]: ...
+
+
+KeyColumns = Callable[[Route], Awaitable[tuple[str, ...]]]
+
+
+class ConfiguredKeys:
+    """A route's key columns: its `key_columns`, else for leads the lookup field (email
+    unless set) and for program members email; a custom object's are its dedupe fields
+    as Marketo describes them (`catalogue`).
+
+    The header check asks the catalogue first, so its answer is at hand when a file is
+    cut. Should Marketo fail to describe the object here (a file split again after a
+    restart, a pack recovered, while Marketo is unreachable), a custom-object route
+    without `key_columns` has no key rule for that file: its rows are not checked for
+    repeated keys, and the stage says so once per route."""
+
+    def __init__(self, catalogue: FieldCatalogue | None = None) -> None:
+        self._catalogue = catalogue
+        self._told: set[str] = set()
+
+    async def __call__(self, route: Route) -> tuple[str, ...]:
+        if route.key_columns:
+            return route.key_columns
+        if route.object is ObjectType.LEADS:
+            return (route.lookup_field or "email",)
+        if route.object is ObjectType.PROGRAM_MEMBERS:
+            return ("email",)
+        note = "set key_columns for this route: its rows are not kept in key order"
+        if self._catalogue is not None:
+            try:
+                return await self._catalogue.key_columns(route)
+            except MarketoError as exc:
+                note = f"Marketo could not describe {object_label(route)} ({exc}): {note}"
+        if route.dir not in self._told:
+            self._told.add(route.dir)
+            log.warning("key_columns_unknown", route=route.dir, note=note)
+        return ()
 
 
 class Observer(Protocol):
@@ -92,6 +146,10 @@ async def _nothing() -> None:
     return None
 
 
+async def _ignore_keys(path: Path) -> None:
+    return None
+
+
 @dataclass
 class SplitStage:
     settings: Settings
@@ -105,6 +163,9 @@ class SplitStage:
     observer: Observer | None = None
     cut: Cutter = splitter.split_file_async
     catalogue: FieldCatalogue | None = None  # None: headers are not checked
+    key_columns: KeyColumns = field(default_factory=lambda: ConfiguredKeys())
+    # A chunk of a file's own is about to be recorded; its key set is at this path.
+    on_keys: Callable[[Path], Awaitable[None]] = _ignore_keys
     # File ids to split in claim order; None: run --once claimed everything.
     _queue: asyncio.Queue[int | None] = field(default_factory=asyncio.Queue)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)  # run's: ends a header wait
@@ -175,7 +236,12 @@ class SplitStage:
         pack = route.pack and not recorded
         small = pack and await asyncio.to_thread(smaller_than, file.work_path, file.max_chunk_bytes)
         events = self.cut(
-            Path(file.work_path), out, max_bytes=file.max_chunk_bytes, fmt=fmt, fsync=not small
+            Path(file.work_path),
+            out,
+            max_bytes=file.max_chunk_bytes,
+            fmt=fmt,
+            fsync=not small,
+            keys=splitter.rule_for(route.object, route.api_name, await self.key_columns(route)),
         )
         held: splitter.Chunk | None = None  # a first chunk, until it is known not the only one
         try:
@@ -185,7 +251,11 @@ class SplitStage:
                         if held is None and event.index == 1:
                             held = event
                             continue
+                        if small:  # cut without fsync, yet not packed: a tail chunk came
+                            await asyncio.to_thread(splitter.make_durable, event)
                         if held is not None:
+                            if small:
+                                await asyncio.to_thread(splitter.make_durable, held)
                             await self.record(file.id, held)
                             held = None
                     elif held is not None and isinstance(event, splitter.SplitDone):
@@ -241,6 +311,8 @@ class SplitStage:
     async def record(self, file_id: int, event: splitter.SplitEvent) -> None:
         """One chunk cut, record set aside, or the end of a split: into the store."""
         if isinstance(event, splitter.Chunk):
+            if event.keys:
+                await self.on_keys(keys_path(event.path))
             await self.store.add_chunk(
                 file_id,
                 index=event.index,
@@ -264,7 +336,7 @@ class SplitStage:
             log.warning("record_rejected", line=event.line, reason=event.reason)
         else:
             await self.store.finish_split(file_id, rows=event.rows, chunks_total=event.chunks)
-            log.info("file_split", rows=event.rows, chunks=event.chunks)
+            log.info("file_split", rows=event.rows, chunks=event.chunks, moved=event.moved)
 
     async def end_early(self, file_id: int) -> None:
         """A file that will fail: close its split with the chunks it already has."""

@@ -412,6 +412,8 @@ def test_header_keys(tmp_path: Path) -> None:
     strict, default = load_settings(write(tmp_path, text), CREDS).routes
     assert (strict.key_columns, strict.unknown_columns) == (("vin", "make"), "fail")
     assert (default.key_columns, default.unknown_columns) == ((), "warn")
+
+
 def test_coordination_url_from_the_environment_and_never_shown(tmp_path: Path) -> None:
     url = "postgresql://orch:pg-s3cret@db.example:5432/coord"
     s = load_settings(None, {**CREDS, "ORCHESTRATOR_COORDINATION_URL": url})

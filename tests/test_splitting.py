@@ -67,6 +67,7 @@ class Harness:
     drained: int = 0
     caught_up: list[int] = field(default_factory=list)  # files split, at each "caught up"
     fsync: list[bool] = field(default_factory=list)  # what each cut was asked for
+    keys: list[splitter.KeyRule | None] = field(default_factory=list)  # ... and its key rule
     cut: int = 0  # events the splitter handed over so far
     claims: int = 0
 
@@ -106,12 +107,20 @@ class Harness:
     # -- the fakes ---------------------------------------------------------------------
 
     async def cutter(
-        self, source: Path, out_dir: Path, *, max_bytes: int, fmt: str, fsync: bool
+        self,
+        source: Path,
+        out_dir: Path,
+        *,
+        max_bytes: int,
+        fmt: str,
+        fsync: bool,
+        keys: splitter.KeyRule | None,
     ) -> AsyncGenerator[splitter.SplitEvent, None]:
         """The real splitter, counting what it hands over."""
         self.fsync.append(fsync)
+        self.keys.append(keys)
         events = splitter.split_file_async(
-            source, out_dir, max_bytes=max_bytes, fmt=fmt, fsync=fsync
+            source, out_dir, max_bytes=max_bytes, fmt=fmt, fsync=fsync, keys=keys
         )
         async with contextlib.aclosing(events):
             async for event in events:

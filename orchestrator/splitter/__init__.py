@@ -25,7 +25,13 @@ from orchestrator.splitter.keyed import (
 )
 from orchestrator.splitter.placing import Rejected
 from orchestrator.splitter.scan import iter_records, parse_header
-from orchestrator.splitter.writer import Chunk, gaps_path, lines_path, read_numbers
+from orchestrator.splitter.writer import (
+    Chunk,
+    gaps_path,
+    lines_path,
+    make_durable,
+    read_numbers,
+)
 
 __all__ = [
     "Chunk",
@@ -38,6 +44,7 @@ __all__ = [
     "gaps_path",
     "iter_records",
     "lines_path",
+    "make_durable",
     "meets",
     "namespace_for",
     "parse_header",

@@ -166,6 +166,22 @@ class ChunkWriter:
             self._file.write(self.header)
 
 
+def make_durable(chunk: Chunk) -> None:
+    """fsync a chunk cut without fsync, the files beside it and its directory: a small
+    file's chunk recorded on its own after all (keys moved some of its rows to a tail
+    chunk, so it is not packed)."""
+    for path in (chunk.path, keys_path(chunk.path), gaps_path(chunk.path), lines_path(chunk.path)):
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            continue  # a side file it does not have
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    fsync_dir(chunk.path.parent)
+
+
 def gaps_path(chunk_path: Path) -> Path:
     """Where a chunk's gaps live: (line, lines) pairs of the records moved out of it."""
     return chunk_path.with_name(chunk_path.name + GAPS_SUFFIX)
