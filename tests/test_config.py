@@ -427,3 +427,14 @@ def test_coordination_url_from_the_environment_and_never_shown(tmp_path: Path) -
     assert error_key(tmp_path, "[coordination]\nlease_seconds = 0.5\n") == (
         "coordination.lease_seconds"
     )
+def test_key_columns(tmp_path: Path) -> None:
+    text = (
+        '[[routes]]\ndir = "a"\nobject = "customobject"\napi_name = "car_c"\n'
+        'key_columns = [" vin ", "plate"]\n'
+        '[[routes]]\ndir = "b"\nobject = "leads"\n'
+    )
+    s = load_settings(write(tmp_path, text), CREDS)
+    assert [r.key_columns for r in s.routes] == [("vin", "plate"), ()]
+    for bad in ('"vin"', "[1]", '["vin", " "]'):
+        text = f'[[routes]]\ndir = "a"\nobject = "leads"\nkey_columns = {bad}\n'
+        assert error_key(tmp_path, text) == "routes[0].key_columns"

@@ -337,3 +337,21 @@ async def test_failed_moved_rows_carry_their_own_source_lines(wired: Wired) -> N
         ("Dee", "8"),
         (BIG, "6"),
     ]
+
+
+async def test_a_pack_left_open_by_a_kill_gets_its_key_set_from_its_records(
+    wired: Wired,
+) -> None:
+    a = await wired.split("leads", "a.csv", table(emails("a", "b")))
+    await wired.split("leads", "b.csv", table(emails("c")))
+    (pack,) = await wired.jobs(a)
+    keys_path(Path(pack.path)).unlink()  # what was in memory is lost
+
+    restarted = Packer(
+        wired.settings, wired.store, on_sealed=wired.sealed, key_columns=ConfiguredKeys()
+    )
+    await restarted.recover(await wired.store.open_packs())
+
+    (sealed,) = await wired.jobs(a)
+    assert sealed.sealed
+    assert list(KeySet.load(keys_path(Path(sealed.path))).hashes) == hashes("a", "b", "c")
