@@ -427,6 +427,8 @@ def test_coordination_url_from_the_environment_and_never_shown(tmp_path: Path) -
     assert error_key(tmp_path, "[coordination]\nlease_seconds = 0.5\n") == (
         "coordination.lease_seconds"
     )
+
+
 def test_key_columns(tmp_path: Path) -> None:
     text = (
         '[[routes]]\ndir = "a"\nobject = "customobject"\napi_name = "car_c"\n'
