@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 from collections import Counter as Tally
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Final, Protocol
 
 from prometheus_client import (
@@ -73,6 +74,17 @@ class StoreReader(Protocol):
     ) -> dict[int, tuple[Hold, ...]]: ...
 
     async def held_chunks(self) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Readings:
+    """The counters a person reads on the status page, as /metrics has them now."""
+
+    api_calls: int  # every operation together
+    api_calls_today: int
+    rows: dict[str, int]  # by outcome (ROW_OUTCOMES)
+    errors: dict[str, int]  # by folded code, those seen at least once
+    backoff_current: float
 
 
 def error_code_label(code: str) -> str:
@@ -273,6 +285,30 @@ class Metrics:
         self.update_from_tallies(await store.tallies())
         self._held.set(await store.held_chunks())
 
+    def readings(self) -> Readings:
+        """The values the status page shows beside its charts, read from the registry, so
+        they are the numbers a scrape of /metrics gives at the same moment."""
+        return Readings(
+            api_calls=int(sum(by_label(self._api_calls, "operation").values())),
+            api_calls_today=int(self._gauge("api_calls_today")),
+            rows={k: int(v) for k, v in by_label(self._rows, "outcome").items()},
+            errors={k: int(v) for k, v in by_label(self._errors, "code").items() if v},
+            backoff_current=self._gauge("backoff_current_seconds"),
+        )
+
+    def _gauge(self, name: str) -> float:
+        return self.registry.get_sample_value(f"{PREFIX}_{name}") or 0.0
+
     def render(self) -> bytes:
         """The registry in Prometheus text format."""
         return generate_latest(self.registry)
+
+
+def by_label(counter: Counter, label: str) -> dict[str, float]:
+    """A counter's `_total` samples by the value of its one label."""
+    return {
+        sample.labels[label]: sample.value
+        for family in counter.collect()
+        for sample in family.samples
+        if sample.name.endswith("_total")
+    }
