@@ -3,11 +3,14 @@
 `/healthz`, `/readyz`, `/metrics`, `/jobs` (`?status=` and `?limit=`, default 100,
 at most 1000) and `/jobs/<id>` (one file by its hand-over id, 404 if unknown).
 Only GET and HEAD exist; every other method is 405. The job list is the snapshot
-(`status.snapshot`) the CLI's `status --json` prints too.
+(`status.snapshot`) the CLI's `status --json` prints too. For people: the status
+page at `/` (`status.page`, its files under `/static/`) and the data it draws,
+`/api/overview` (`status.overview`).
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -17,6 +20,8 @@ from aiohttp import web
 from orchestrator.errors import StoreError
 from orchestrator.metrics import Metrics, StoreReader
 from orchestrator.models import FileStatus
+from orchestrator.status.overview import PageSources, overview
+from orchestrator.status.page import CONTENT_SECURITY_POLICY, INDEX, Asset, load_assets
 from orchestrator.status.snapshot import JOBS_LIMIT, Query, load_snapshot
 
 log = structlog.get_logger(__name__)
@@ -35,12 +40,15 @@ class StatusServer:
         store: StoreReader,
         metrics: Metrics,
         readiness: Readiness,
+        page: PageSources | None = None,
     ) -> None:
         self._host = host
         self._requested_port = port
         self._store = store
         self._metrics = metrics
         self._readiness = readiness
+        self._page = page if page is not None else PageSources()
+        self._assets: dict[str, Asset] = {}
         self._runner: web.AppRunner | None = None
 
     def __repr__(self) -> str:
@@ -67,7 +75,11 @@ class StatusServer:
         """Bind and serve; raises OSError when the address is taken."""
         if self._runner is not None:
             raise RuntimeError("StatusServer is already running")
+        self._assets = await asyncio.to_thread(load_assets)
         app = web.Application()
+        app.router.add_get("/", self._index)
+        app.router.add_get("/static/{name}", self._asset)
+        app.router.add_get("/api/overview", self._overview)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics_page)
@@ -90,6 +102,31 @@ class StatusServer:
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
+
+    async def _index(self, request: web.Request) -> web.Response:
+        return self._asset_response(self._assets[INDEX])
+
+    async def _asset(self, request: web.Request) -> web.Response:
+        asset = self._assets.get(request.match_info["name"])
+        if asset is None or asset.name == INDEX:
+            raise web.HTTPNotFound()
+        return self._asset_response(asset)
+
+    def _asset_response(self, asset: Asset) -> web.Response:
+        return web.Response(
+            body=asset.body,
+            content_type=asset.content_type,
+            charset="utf-8",
+            headers={"Content-Security-Policy": CONTENT_SECURITY_POLICY},
+        )
+
+    async def _overview(self, request: web.Request) -> web.Response:
+        try:
+            data = await overview(self._store, self._metrics, self._readiness, self._page)
+        except StoreError as exc:
+            log.warning("overview_store_unreadable", error=exc.problem)
+            return web.json_response({"error": "state store unreadable"}, status=503)
+        return web.json_response(data)
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.Response(text="ok")
