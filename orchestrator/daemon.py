@@ -28,7 +28,7 @@ from typing import Any
 
 import structlog
 
-from orchestrator import dirlock, logs
+from orchestrator import constants, dirlock, logs
 from orchestrator.clock import wait_for_any
 from orchestrator.config import Settings
 from orchestrator.crashpoints import holdpoint
@@ -37,7 +37,15 @@ from orchestrator.marketo import MarketoClient
 from orchestrator.metrics import Metrics
 from orchestrator.models import UNFINISHED_FILE_STATUSES, ExitCode
 from orchestrator.pipeline import Pipeline
-from orchestrator.status import StatusServer, format_status_table, live_progress, load_snapshot
+from orchestrator.status import (
+    PageSources,
+    QueueView,
+    Series,
+    StatusServer,
+    format_status_table,
+    live_progress,
+    load_snapshot,
+)
 from orchestrator.store import Store
 from orchestrator.upkeep import Upkeep, quota_day
 
@@ -72,6 +80,7 @@ class Daemon:
         self.recovering = True  # until startup has repaired what a crash left
         self.stop = asyncio.Event()
         self.metrics = Metrics()
+        self.series = Series()  # the status page's last hour of rows and API calls
         self.interrupts = 0
 
     # -- phases ------------------------------------------------------------
@@ -159,8 +168,9 @@ class Daemon:
         if not self.settings.http.host_port:
             return
         host, port = self.settings.http.host_port
+        page = PageSources(limits=self.settings.limits, series=self.series, queue=self.queue_view)
         server = StatusServer(
-            host, port, store=self.store, metrics=self.metrics, readiness=self.readiness
+            host, port, store=self.store, metrics=self.metrics, readiness=self.readiness, page=page
         )
         try:
             await server.start()
@@ -186,6 +196,8 @@ class Daemon:
             start(upkeep.persist_calls(stop), "api-calls")
             start(upkeep.usage_keeper(stop), "usage")
             start(upkeep.retention(stop), "retention")
+            if self.settings.http.host_port:
+                start(self.series.run(stop, self.store, self.metrics), "series")
             if self.once:
                 start(self.drain(), "drain")
                 if sys.stderr.isatty():
@@ -219,6 +231,20 @@ class Daemon:
         if not self.pipeline.watching and not self.once:
             return "the inbox watcher is not running"
         return self.upkeep.token_problem()
+
+    def queue_view(self) -> QueueView | None:
+        """Marketo's queue as the scheduler models it and the poller last saw our jobs
+        (the status page); None until recovery is over."""
+        if self.recovering:
+            return None
+        scheduler, tracks = self.pipeline.scheduler, self.pipeline.poller.tracks.values()
+        return QueueView(
+            limit=scheduler.model.limit,
+            foreign=scheduler.model.foreign,
+            phantoms=scheduler.model.phantoms,
+            importing=sum(1 for t in tracks if t.status == constants.STATUS_IMPORTING),
+            backoff_seconds=scheduler.backoff_remaining(),
+        )
 
     # -- signals -------------------------------------------------------------------
 
