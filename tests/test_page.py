@@ -96,6 +96,9 @@ async def test_the_page_is_small_self_contained_and_served_with_its_policy(
         for missing in ("/static/index.html", "/static/nothing.js", "/static/..%2Fpage.py"):
             async with session.get(base + missing) as resp:
                 assert resp.status == 404, missing
+        for path in ("/", "/api/overview", "/static/page.js"):
+            async with session.post(base + path) as resp:
+                assert resp.status == 405, path
 
     assets = load_assets()
     assert served["/"] == assets["index.html"].body

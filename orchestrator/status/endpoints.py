@@ -30,7 +30,7 @@ Readiness = Callable[[], str | None]
 
 
 class StatusServer:
-    """Read-only HTTP server for health, readiness, metrics and the job list."""
+    """Read-only HTTP server for health, readiness, metrics, the job list and the page."""
 
     def __init__(
         self,
