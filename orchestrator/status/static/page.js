@@ -83,6 +83,13 @@ function drawQueue(queue) {
   }));
 }
 
+// One counter of a <dl>: its name and its value, kept together in a <div>.
+function term([label, value, id]) {
+  const pair = el("div");
+  pair.append(el("dt", label), el("dd", fmt(value), { id }));
+  return pair;
+}
+
 // -- files --------------------------------------------------------------------------
 
 function drawFiles(data) {
@@ -97,7 +104,7 @@ function drawFiles(data) {
     ["Chunks done", t.chunks.complete + t.chunks.failed, "chunks-done"],
     ["Chunks in all", Object.values(t.chunks).reduce((a, b) => a + b, 0), "chunks-all"],
   ];
-  replace($("totals"), pairs.flatMap(([label, value, id]) => [el("dt", label), el("dd", fmt(value), { id })]));
+  replace($("totals"), pairs.map(term));
   const rows = data.files.map((f) => {
     const tr = el("tr", null, { "data-id": f.id });
     const cells = [
@@ -220,7 +227,7 @@ function drawRates(data) {
     ["Rows failed (finished files)", t.rows.failed, "rows-failed"],
     ["Rows rejected before upload", t.rows.rejected, "rows-rejected"],
   ];
-  replace($("counters"), pairs.flatMap(([label, value, id]) => [el("dt", label), el("dd", fmt(value), { id })]));
+  replace($("counters"), pairs.map(term));
 }
 
 // -- quota and failures -------------------------------------------------------------
