@@ -36,7 +36,7 @@ from orchestrator.status import (
     load_assets,
     page_bytes,
 )
-from orchestrator.status.overview import FILES_SHOWN, queue_entry, quota_resets_at
+from orchestrator.status.overview import FILES_SHOWN, held_chunks, queue_entry, quota_resets_at
 from orchestrator.status.page import ASSETS, CONTENT_SECURITY_POLICY
 from orchestrator.store import Store
 from tests.support import browser as chromium
@@ -233,7 +233,8 @@ async def test_overview_carries_queue_files_failures_quota_and_rates(
     assert (failed_chunk["file"], failed_chunk["chunk"]) == ("bad.csv", 1)
     assert failed_chunk["message"] == "refused: <b>bold</b>", "text, escaped by the page"
     assert data["held"] == []
-    assert data["quota"]["daily_limit"] == constants.DAILY_API_CALLS
+    limit = constants.DAILY_QUOTA - constants.DEFAULT_DAILY_RESERVE
+    assert data["quota"]["daily_limit"] == limit, "new jobs stop at quota minus reserve"
     assert data["quota"]["subscription"] is None
     assert datetime.fromisoformat(data["quota"]["resets_at"]) > datetime.now(UTC)
     rates = data["rates"]
@@ -627,3 +628,28 @@ async def test_page_is_accessible_and_fits_a_narrow_screen(
         assert browser.problems(base) == {}
     daemon.terminate()
     assert await daemon.wait(60) == 0
+
+
+def test_held_chunks_say_which_earlier_chunk_they_wait_for() -> None:
+    """The key rule's holds as the snapshot gives them (`held_by`), in the page's words."""
+    waits = [
+        {"id": "big-1", "file": "big.csv", "chunk": 3},
+        {"id": "big-1", "file": "big.csv", "chunk": 4},
+    ]
+    files = [
+        {
+            "id": "small-2",
+            "route": "leads",
+            "file": "small.csv",
+            "chunks": [{"index": 1, "held_by": waits}, {"index": 2, "held_by": None}],
+        }
+    ]
+    assert held_chunks(files) == [
+        {
+            "id": "small-2",
+            "route": "leads",
+            "file": "small.csv",
+            "chunk": 1,
+            "reason": "waits for big.csv chunk 3 (and 1 more): they share record keys",
+        }
+    ]

@@ -114,13 +114,7 @@ async def overview(
             "budget_per_window": limits.api_calls_per_window,
             "limit_per_window": constants.API_CALLS_PER_WINDOW,
         },
-        "quota": {
-            "calls_today": readings.api_calls_today,
-            "daily_limit": limits.daily_api_calls,
-            "reset_tz": limits.quota_reset_tz,
-            "resets_at": quota_resets_at(limits.quota_reset_tz, utc_now()),
-            "subscription": None,  # the subscription's own usage, where it is read
-        },
+        "quota": quota_view(limits, readings.api_calls_today, snapshot.get("quota")),
         "failures": {
             "files": [failed_file(e) for e in failed["files"]],
             "chunks": failed_chunks([*snapshot["files"], *failed["files"]]),
@@ -226,19 +220,27 @@ def page_file(entry: dict[str, Any], backoff: float) -> dict[str, Any]:
 
 
 def held_chunks(files: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Chunks held back, with why: a chunk entry's `held` (the reason) when it has one."""
+    """Chunks the key rule holds back, with why: the earlier chunks (`held_by`) that share
+    record keys with them and are not done yet."""
     return [
         {
             "id": f["id"],
             "route": f["route"],
             "file": f["file"],
             "chunk": c["index"],
-            "reason": c["held"],
+            "reason": held_reason(c["held_by"]),
         }
         for f in files
         for c in f["chunks"]
-        if c.get("held")
+        if c.get("held_by")
     ]
+
+
+def held_reason(held_by: list[dict[str, Any]]) -> str:
+    """`waits for big.csv chunk 3 (and 2 more): they share record keys`."""
+    first, *more = held_by
+    also = f" (and {len(more)} more)" if more else ""
+    return f"waits for {first['file']} chunk {first['chunk']}{also}: they share record keys"
 
 
 def failed_file(entry: dict[str, Any]) -> dict[str, Any]:
@@ -271,6 +273,31 @@ def failed_chunks(files: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
                 }
             )
     return found[:FAILURES_SHOWN]
+
+
+def quota_view(limits: LimitSettings, ours: float, kept: dict[str, Any] | None) -> dict[str, Any]:
+    """Our calls today against the limit new jobs stop at (daily_quota - daily_reserve),
+    and the subscription's own count (every integration's) as the daemon last reckoned
+    it (`quota_entry`; None before it ever did)."""
+    limit = max(0, limits.daily_quota - limits.daily_reserve)
+    subscription = None
+    if kept is not None:
+        subscription = {
+            "used": kept["used"],
+            "quota": kept["daily_quota"],
+            "reserve": kept["daily_reserve"],
+            "read_at": kept["read_at"],
+            "creates_paused": kept["creates_paused"],
+            "reason": kept["reason"],
+        }
+    resets_at = kept["resets_at"] if kept else quota_resets_at(limits.quota_reset_tz, utc_now())
+    return {
+        "calls_today": ours,
+        "daily_limit": limit,
+        "reset_tz": limits.quota_reset_tz,
+        "resets_at": resets_at,
+        "subscription": subscription,
+    }
 
 
 def quota_resets_at(tz: str, now: datetime) -> str:

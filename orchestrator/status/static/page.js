@@ -250,7 +250,8 @@ function drawQuota(data) {
     $("quota-subscription").textContent =
       `The subscription's own count (every integration): ${fmt(sub.used)} of ${fmt(sub.quota)}` +
       (sub.reserve !== undefined ? `, ${fmt(sub.reserve)} kept for others` : "") +
-      (sub.read_at ? `; read at ${clock(sub.read_at)}.` : ".");
+      (sub.read_at ? `; read at ${clock(sub.read_at)}.` : ".") +
+      (sub.creates_paused ? ` No new job is created: ${sub.reason}` : "");
   }
 }
 
