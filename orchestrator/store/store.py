@@ -8,6 +8,7 @@ of, one method per state transition:
 - `connection.Runner`: the connection, its one worker thread and `close`;
 - `reads.Reads`: the queries;
 - `transitions.FileTransitions`: a file's way from its claim to its result;
+- `packs.PackTransitions`: small files sharing a chunk (open, join, seal);
 - `submissions.ChunkTransitions`: a chunk's way through Marketo, and recovery;
 - `refusals.RefusalRecords`: what Marketo refuses the daemon (credentials, 603).
 - `keyorder.KeyOrder`: the key rule's order of chunks, their conflicts and holds.
@@ -39,6 +40,7 @@ from types import TracebackType
 from orchestrator.models import Hold
 from orchestrator.store.connection import close_if_connected, connect, corrupt, open_error, use_wal
 from orchestrator.store.keyorder import Keyed, KeyOrder
+from orchestrator.store.packs import PackTransitions
 from orchestrator.store.reads import Reads
 from orchestrator.store.refusals import RefusalRecords
 from orchestrator.store.schema import LATEST_VERSION, check_version, migrate, read_version
@@ -48,7 +50,7 @@ from orchestrator.store.transitions import Claim, FileTransitions
 __all__ = ["LATEST_VERSION", "Claim", "Hold", "Keyed", "Recovery", "Store"]
 
 
-class Store(Reads, FileTransitions, ChunkTransitions, RefusalRecords, KeyOrder):
+class Store(Reads, FileTransitions, PackTransitions, ChunkTransitions, RefusalRecords, KeyOrder):
     """The state store; open with `await Store.open(path)`, close with `await close()`."""
 
     def __repr__(self) -> str:
