@@ -579,10 +579,10 @@ def test_compose_waits_on_readiness_where_a_service_depends_on_another() -> None
     pipeline = services["pipeline"]
     assert pipeline["depends_on"] == {"orchestrator": {"condition": "service_healthy"}}
     assert pipeline["image"] == services["orchestrator"]["image"]
-    # The hand-over is `submit --wait`, through the image's entrypoint, as in the README.
+    # The hand-over is `submit --wait`, through the image's entrypoint, as the docs show.
     assert "entrypoint" not in pipeline
     args = hand_over_args(pipeline["command"])
-    assert readme_command(pipeline["command"]) in " ".join(readme_text().split())
+    assert documented_command(pipeline["command"]) in " ".join(deployment_doc().split())
     mounts = dict(v.split(":")[1::-1] for v in pipeline["volumes"] if v.count(":") == 1)
     assert mounts["/data"] in compose()["volumes"]
     assert pipeline["environment"]["ORCHESTRATOR_DATA_DIR"] == "/data"
@@ -738,12 +738,13 @@ def job_volume(name: str) -> dict[str, Any]:
     return dict(found)
 
 
-def readme_text() -> str:
-    return (ROOT / "README.md").read_text(encoding="utf-8")
+def deployment_doc() -> str:
+    """The deployment guide, where the README sends readers for Compose and Kubernetes."""
+    return (ROOT / "docs" / "deployment.md").read_text(encoding="utf-8")
 
 
-def readme_command(args: list[str]) -> str:
-    """A container's arguments as the README writes the command line."""
+def documented_command(args: list[str]) -> str:
+    """A container's arguments as the deployment guide writes the command line."""
     return " ".join(["marketo-orchestrator", *args])
 
 
@@ -777,13 +778,13 @@ def test_kubernetes_job_runs_the_orchestrator_as_a_native_sidecar() -> None:
     assert manifests()["Job"]["spec"]["backoffLimit"] == 0
 
 
-def test_kubernetes_job_hands_over_with_submit_wait_as_the_readme_shows() -> None:
+def test_kubernetes_job_hands_over_with_submit_wait_as_the_docs_show() -> None:
     pod = job_pod()
     [main] = pod["containers"]
     _, export = pod["initContainers"]
     assert main["image"] == sidecar()["image"]  # the orchestrator's image has the CLI
     args = hand_over_args(main["args"])
-    assert readme_command(main["args"]) in readme_text()
+    assert documented_command(main["args"]) in deployment_doc()
     # It hands over the file the export wrote, and gives up before the Job is killed.
     assert str(args.file) in export["command"]
     deadline = manifests()["Job"]["spec"]["activeDeadlineSeconds"]
