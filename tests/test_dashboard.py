@@ -50,6 +50,11 @@ TOPICS = {
     "failures": "marketo_orchestrator_marketo_errors_total",
     "API calls against the budget": "marketo_orchestrator_api_calls_total",
     "the daily quota": "marketo_orchestrator_api_calls_today",
+    "the subscription's calls today": "marketo_orchestrator_subscription_api_calls_today",
+    "the line past which no job is created": "marketo_orchestrator_daily_quota_limit",
+    "creates paused by the quota": "marketo_orchestrator_quota_creates_paused",
+    "when the quota resets": "marketo_orchestrator_quota_reset_timestamp_seconds",
+    "chunks the key rule holds": "marketo_orchestrator_chunks_held",
     "backoff waits": "marketo_orchestrator_backoff_seconds_total",
     "files by status": "marketo_orchestrator_files",
 }
