@@ -17,7 +17,7 @@ latest finished_at), the call log gives API calls per chunk (identity excluded)
 and 1016 answers. Prints one line per target with PASS/FAIL; exit code 1 when
 any target is missed.
 
-Time scale: every duration of Marketo's is divided by SCALE, see README-pipeline.
+Time scale: every duration of Marketo's is divided by SCALE, see docs/benchmarks.md, "Time scale".
 
     /tmp/venv/bin/python bench/pipeline.py
 """

@@ -1,4 +1,4 @@
-"""Soak: the reliability suite's scenarios at scale, for the README's reliability table.
+"""Soak: the reliability suite's scenarios at scale, for the tables in docs/reliability.md.
 
 Not a test. Each phase runs against its own simulator (in this process, on loopback)
 and the real daemon as a subprocess, driven by the same helpers as tests/reliability:

@@ -5,7 +5,7 @@ tests/conftest.py; the helpers behind all of them live in tests/support.)
 - `volume` makes a `Volume` (tests/support/reliability.py) for the storage faults: it
   needs root and mount(8), or permissions that stop this user; else the test skips.
 - `figures` records numbers per test; they are printed at the end of the run and
-  written as JSON to $RELIABILITY_FIGURES when it is set (the README table).
+  written as JSON to $RELIABILITY_FIGURES when it is set (the table in docs/reliability.md).
 """
 
 from __future__ import annotations

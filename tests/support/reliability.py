@@ -4,8 +4,8 @@
   a small tmpfs or a bind mount (needs root and mount(8)); where mounting is not
   allowed, permissions stand in. The `volume` fixture makes them (`MakeVolume`) and
   undoes them at teardown.
-- `Record`: the `figures` fixture, `figures(name=value, ...)`, numbers for the README's
-  reliability table.
+- `Record`: the `figures` fixture, `figures(name=value, ...)`, numbers for the
+  reliability table in docs/reliability.md.
 """
 
 from __future__ import annotations
