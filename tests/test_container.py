@@ -220,13 +220,52 @@ def compose() -> dict[str, Any]:
     return dict(doc)
 
 
-def manifests() -> dict[str, dict[str, Any]]:
-    """Kubernetes objects by kind."""
-    found: dict[str, dict[str, Any]] = {}
+def interpolate(value: str, env: dict[str, str]) -> str:
+    """A Compose value with `${VAR:-default}` and `${VAR}` replaced as Compose does."""
+
+    def one(match: re.Match[str]) -> str:
+        return env.get(match[1]) or (match[2] or "")
+
+    return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}", one, value)
+
+
+def service_env(service: dict[str, Any], **variables: str) -> dict[str, str]:
+    """A Compose service's environment, interpolated with `variables` (the shell's)."""
+    return {k: interpolate(str(v), variables) for k, v in service["environment"].items()}
+
+
+# The Secret the sidecars mount the Marketo client secret from (secret.yaml).
+CREDENTIALS = "marketo-orchestrator-credentials"
+
+
+def kubernetes_objects() -> list[dict[str, Any]]:
+    """Every object of every manifest in config/kubernetes/, file by file."""
+    found = []
     for path in sorted((ROOT / "config" / "kubernetes").glob("*.yaml")):
-        for doc in read_yaml(path):
+        found += [dict(doc, file=path.name) for doc in read_yaml(path)]
+    return found
+
+
+def manifests() -> dict[str, dict[str, Any]]:
+    """Kubernetes objects by kind; "Secret" is the Marketo credentials (others: `secret`)."""
+    found: dict[str, dict[str, Any]] = {}
+    for doc in kubernetes_objects():
+        if doc["kind"] != "Secret" or doc["metadata"]["name"] == CREDENTIALS:
+            assert doc["kind"] not in found, f"two objects of kind {doc['kind']}"
             found[doc["kind"]] = doc
     return found
+
+
+def secret(name: str) -> dict[str, Any]:
+    [found] = [
+        d for d in kubernetes_objects() if d["kind"] == "Secret" and d["metadata"]["name"] == name
+    ]
+    return found
+
+
+def plain_env(container: dict[str, Any]) -> dict[str, str]:
+    """A container's environment variables given as values (not from a Secret)."""
+    return {e["name"]: e["value"] for e in container["env"] if "value" in e}
 
 
 def pod_spec() -> dict[str, Any]:
@@ -528,7 +567,8 @@ def test_compose_mounts_config_secret_and_data_where_the_image_looks() -> None:
     assert mounts[env["ORCHESTRATOR_DATA_DIR"]] in doc["volumes"]
     assert orch["secrets"] == ["marketo_client_secret"]
     assert env["MARKETO_CLIENT_SECRET_FILE"] == "/run/secrets/marketo_client_secret"
-    assert orch["environment"].items() <= env.items()
+    # The image's environment, and the coordination URL (empty unless the shell sets it).
+    assert service_env(orch).items() <= {**env, "ORCHESTRATOR_COORDINATION_URL": ""}.items()
     secret_file = ROOT / doc["secrets"]["marketo_client_secret"]["file"]
     assert "demo" in secret_file.read_text(encoding="utf-8")
     assert "DEMO VALUE" in (ROOT / "docker-compose.yml").read_text(encoding="utf-8")
@@ -538,8 +578,9 @@ def test_compose_config_loads_and_points_at_the_simulator(tmp_path: Path) -> Non
     doc = compose()
     orch = doc["services"]["orchestrator"]
     secret = (ROOT / "config" / "demo-client-secret.txt").read_text(encoding="utf-8").strip()
-    env = {**image_env(), **orch["environment"]}
+    env = {**image_env(), **service_env(orch)}
     settings = load_with_secret_file(ROOT / "config" / "compose.toml", env, secret, tmp_path)
+    assert settings.coordination.url == ""  # alone, unless COORDINATION_URL is set
     assert settings.marketo.client_secret.reveal() == secret
     assert settings.data_dir == Path("/data")
     sim_args = doc["services"]["simulator"]["command"]
@@ -574,6 +615,9 @@ def test_compose_waits_on_readiness_where_a_service_depends_on_another() -> None
     for name, service in services.items():
         for needed, how in service.get("depends_on", {}).items():
             assert how == {"condition": "service_healthy"}, (name, needed)
+            if needed == "postgres":  # accepting connections: ready (see the shared profile)
+                assert services[needed]["healthcheck"]["test"][:2] == ["CMD", "pg_isready"]
+                continue
             code = services[needed]["healthcheck"]["test"][3]
             assert url_in(code)[2] in readiness_paths, (name, needed)
     pipeline = services["pipeline"]
@@ -626,7 +670,7 @@ async def test_simulator_healthcheck_passes_against_a_stats_endpoint() -> None:
 def test_kubernetes_config_map_loads(tmp_path: Path) -> None:
     toml = tmp_path / "orchestrator.toml"
     toml.write_text(manifests()["ConfigMap"]["data"]["orchestrator.toml"], encoding="utf-8")
-    env = {**image_env(), **{e["name"]: e["value"] for e in sidecar()["env"]}}
+    env = {**image_env(), **plain_env(sidecar())}
     secret = manifests()["Secret"]["stringData"]["client_secret"]
     settings = load_with_secret_file(toml, env, secret, tmp_path)
     assert settings.data_dir == Path(mount_path(sidecar(), "data")) == Path("/data")
@@ -635,7 +679,7 @@ def test_kubernetes_config_map_loads(tmp_path: Path) -> None:
 
 
 def test_kubernetes_mounts_config_and_secret_where_the_env_points() -> None:
-    objects, env = manifests(), {e["name"]: e["value"] for e in sidecar()["env"]}
+    objects, env = manifests(), plain_env(sidecar())
     config = volume("config")["configMap"]
     assert config["name"] == objects["ConfigMap"]["metadata"]["name"]
     [item] = config["items"]
@@ -790,7 +834,7 @@ def test_kubernetes_job_hands_over_with_submit_wait_as_the_docs_show() -> None:
     deadline = manifests()["Job"]["spec"]["activeDeadlineSeconds"]
     assert 0 < args.timeout < deadline
     assert args.json is True
-    env = {e["name"]: e["value"] for e in main["env"]}
+    env = plain_env(main)
     assert env["ORCHESTRATOR_DATA_DIR"] == "/data" == mount_path(main, "data")
     config_file = f"{mount_path(main, 'config')}/orchestrator.toml"
     assert env["ORCHESTRATOR_CONFIG"] == config_file
@@ -798,3 +842,157 @@ def test_kubernetes_job_hands_over_with_submit_wait_as_the_docs_show() -> None:
     assert all("SECRET" not in e["name"] for e in main["env"])
     assert "credentials" not in {m["name"] for m in main["volumeMounts"]}
     assert "hand-over.sh" not in manifests()["ConfigMap"]["data"]
+
+
+# --- several pipelines on one subscription (issue 21) -------------------------------
+
+COORDINATION = "marketo-orchestrator-coordination"  # coordination-secret.yaml
+COORDINATION_ENV = "ORCHESTRATOR_COORDINATION_URL"
+SECRET_EXAMPLE = "coordination-secret.yaml"
+# A URL whose user part carries a password (scheme://user:password@host).
+URL_WITH_PASSWORD = re.compile(r"[a-z][a-z0-9+.-]*://[^\s/:@'\"]+:[^\s/@'\"]+@", re.IGNORECASE)
+
+
+def coordination_env(container: dict[str, Any]) -> dict[str, Any]:
+    [entry] = [e for e in container["env"] if e["name"] == COORDINATION_ENV]
+    return dict(entry)
+
+
+def test_kubernetes_sidecars_take_the_coordination_url_from_a_secret() -> None:
+    example = secret(COORDINATION)
+    assert example["file"] == SECRET_EXAMPLE
+    [init, _] = job_pod()["initContainers"]
+    for container in (sidecar(), init):
+        entry = coordination_env(container)
+        assert "value" not in entry  # never a plain value: the URL may hold a password
+        ref = entry["valueFrom"]["secretKeyRef"]
+        assert ref["name"] == example["metadata"]["name"]
+        assert ref["key"] in example["stringData"]
+        # Without the Secret the sidecar starts and runs alone (one pod per subscription).
+        assert ref["optional"] is True
+    # Only the sidecars talk to Marketo, so only they coordinate.
+    [pipeline] = [c for c in pod_spec()["containers"] if c["name"] == "pipeline"]
+    [hand_over] = job_pod()["containers"]
+    _, export = job_pod()["initContainers"]
+    for container in (pipeline, hand_over, export):
+        assert all(e["name"] != COORDINATION_ENV for e in container.get("env", []))
+
+
+def test_kubernetes_coordination_secret_configures_the_sidecar(tmp_path: Path) -> None:
+    toml = tmp_path / "orchestrator.toml"
+    toml.write_text(manifests()["ConfigMap"]["data"]["orchestrator.toml"], encoding="utf-8")
+    url = secret(COORDINATION)["stringData"]["url"]
+    env = {**image_env(), **plain_env(sidecar()), COORDINATION_ENV: url}
+    client_secret = manifests()["Secret"]["stringData"]["client_secret"]
+    settings = load_with_secret_file(toml, env, client_secret, tmp_path)
+    assert settings.coordination.url == url
+    assert urlsplit(url).scheme == "postgresql"
+    # The Secret left out (optional): the variable is unset and the daemon runs alone.
+    alone = load_with_secret_file(
+        toml, {**image_env(), **plain_env(sidecar())}, client_secret, tmp_path
+    )
+    assert alone.coordination.url == ""
+
+
+def shared_services() -> dict[str, dict[str, Any]]:
+    return {n: s for n, s in compose()["services"].items() if "profiles" in s}
+
+
+def test_compose_shared_profile_adds_a_second_orchestrator_and_postgres() -> None:
+    services = compose()["services"]
+    assert set(shared_services()) == {"orchestrator-2", "postgres"}
+    for service in shared_services().values():
+        assert service["profiles"] == ["shared"]
+    first, second = services["orchestrator"], services["orchestrator-2"]
+    assert second["image"] == first["image"]
+    assert second["depends_on"] == {
+        "simulator": {"condition": "service_healthy"},
+        "postgres": {"condition": "service_healthy"},
+    }
+    assert second["healthcheck"] == first["healthcheck"]
+    assert second["secrets"] == first["secrets"]
+    assert second["read_only"] is True
+    assert "/tmp" in second["tmpfs"]
+    # The same configuration and coordination URL; its own data volume and host port.
+    assert second["environment"] == first["environment"]
+    assert first["environment"][COORDINATION_ENV] == "${COORDINATION_URL:-}"
+    mounts = [dict(v.split(":")[1::-1] for v in s["volumes"]) for s in (first, second)]
+    assert mounts[0]["/etc/marketo-orchestrator/orchestrator.toml"] == "./config/compose.toml"
+    assert mounts[1]["/etc/marketo-orchestrator/orchestrator.toml"] == "./config/compose.toml"
+    assert mounts[0]["/data"] != mounts[1]["/data"]
+    assert {mounts[0]["/data"], mounts[1]["/data"]} <= compose()["volumes"].keys()
+    assert first["ports"] != second["ports"]
+    assert second["ports"] == [f"127.0.0.1:9401:{PORT}"]
+
+
+def test_compose_shared_profile_points_both_orchestrators_at_the_database(tmp_path: Path) -> None:
+    """The URL the header tells you to set loads, and names the postgres service's
+    user and database on its port."""
+    text = (ROOT / "docker-compose.yml").read_text(encoding="utf-8")
+    [url] = re.findall(r"COORDINATION_URL=(\S+)", text)
+    postgres = compose()["services"]["postgres"]
+    parts = urlsplit(url)
+    assert (parts.hostname, parts.port or 5432) == ("postgres", 5432)
+    assert parts.username == postgres["environment"]["POSTGRES_USER"]
+    assert parts.path.lstrip("/") == postgres["environment"]["POSTGRES_DB"]
+    assert postgres["healthcheck"]["test"] == [
+        "CMD",
+        "pg_isready",
+        "--username",
+        parts.username,
+        "--dbname",
+        parts.path.lstrip("/"),
+    ]
+    assert "postgres-data:/var/lib/postgresql/data" in postgres["volumes"]
+    assert "ports" not in postgres  # reachable on the Compose network only
+    demo_secret = (ROOT / "config" / "demo-client-secret.txt").read_text(encoding="utf-8").strip()
+    for name in ("orchestrator", "orchestrator-2"):
+        env = {**image_env(), **service_env(compose()["services"][name], COORDINATION_URL=url)}
+        settings = load_with_secret_file(
+            ROOT / "config" / "compose.toml", env, demo_secret, tmp_path
+        )
+        assert settings.coordination.url == url, name
+
+
+def password_problems(path: Path) -> list[str]:
+    """Passwords written in plain text in a YAML file: a URL with a password in its
+    user part, or a key or variable named *PASSWORD* given a value (a *_FILE that
+    names a file is fine)."""
+    problems = [
+        f"{path.name}: a URL with a password"
+        for _ in URL_WITH_PASSWORD.finditer(path.read_text(encoding="utf-8"))
+    ]
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            name = str(node.get("name", ""))
+            if "PASSWORD" in name.upper() and "value" in node:
+                problems.append(f"{path.name}: {name} has a value")
+            for key, value in node.items():
+                key_up = str(key).upper()
+                if (
+                    "PASSWORD" in key_up
+                    and not key_up.endswith("_FILE")
+                    and isinstance(value, str | int)
+                ):
+                    problems.append(f"{path.name}: {key} = ...")
+                walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    for doc in read_yaml(path):
+        walk(doc)
+    return problems
+
+
+def test_no_password_in_plain_text_outside_the_secret_example() -> None:
+    files = [ROOT / "docker-compose.yml", *sorted((ROOT / "config" / "kubernetes").glob("*.yaml"))]
+    example = ROOT / "config" / "kubernetes" / SECRET_EXAMPLE
+    assert example in files
+    for path in files:
+        if path != example:
+            assert password_problems(path) == [], path.name
+    # The check sees the example's placeholder, so it would see a real one elsewhere.
+    assert password_problems(example) == [f"{SECRET_EXAMPLE}: a URL with a password"] * 2
+    assert "REPLACE-ME" in secret(COORDINATION)["stringData"]["url"]
