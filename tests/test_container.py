@@ -37,6 +37,10 @@ from aiohttp import web
 from orchestrator.cli import build_parser
 from orchestrator.config import Settings, load_settings
 from orchestrator.models import ObjectType
+from orchestrator.simulator import Simulator
+from tests.support.data import result_path
+from tests.support.processes import CliRunner, clean_env
+from tests.support.settings import LEADS, fast_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 UID = "10001"
@@ -422,6 +426,63 @@ def test_constraints_check_covers_the_postgres_extra_only(tmp_path: Path) -> Non
     constraints.write_text("aiohttp==3.9.0\npsycopg==3.3.9\n", encoding="utf-8")
     proc = check_constraints("--pyproject", str(pyproject), "--constraints", str(constraints))
     assert proc.returncode == 0, proc.stderr
+
+
+def requirement_names(texts: list[str]) -> set[str]:
+    return {re.split(r"[\[<>=!~; ]", text, maxsplit=1)[0] for text in texts}
+
+
+def test_postgres_driver_is_an_optional_extra_the_image_installs() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    assert "psycopg" not in requirement_names(project["dependencies"])  # the default install
+    assert "psycopg" in requirement_names(project["optional-dependencies"]["postgres"])
+    assert "postgres" in CHECK_CONSTRAINTS.read_text(encoding="utf-8")  # EXTRAS, pinned too
+    assert re.search(r"(?m)^psycopg==", (ROOT / "constraints.txt").read_text(encoding="utf-8"))
+    # The image: the wheel with the extra, at the pinned versions, and the libpq it loads.
+    [install] = [a for a in runtime("RUN") if "pip install" in a]
+    assert '"${wheel}[postgres]"' in install
+    assert "--constraint /tmp/wheels/constraints.txt" in install
+    [apt] = [a for a in runtime("RUN") if "apt-get install" in a]
+    assert "libpq5" in apt.split()
+    assert "import psycopg" in (ROOT / ".ci" / "check-container").read_text(encoding="utf-8")
+
+
+# Any `import psycopg` in this interpreter raises ImportError, as without the extra.
+WITHOUT_PSYCOPG = (
+    "import sys; sys.modules['psycopg'] = None; "
+    "from orchestrator.cli import main; sys.exit(main(sys.argv[1:]))"
+)
+
+
+async def test_the_daemon_runs_without_the_postgres_driver(
+    tmp_path: Path, simulator: Simulator
+) -> None:
+    """The default install has no psycopg: without a coordination URL nothing imports it."""
+    settings = fast_settings(simulator.base_url, tmp_path / "data", (LEADS,))
+    runner = CliRunner.for_settings(tmp_path / "daemon", settings)
+    inbox = settings.data_dir / "inbox" / "leads"
+    inbox.mkdir(parents=True)
+    (inbox / "few.csv").write_text("email,firstName\nada@example.com,Ada\n", encoding="utf-8")
+    assert runner.config is not None
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        WITHOUT_PSYCOPG,
+        "run",
+        "--once",
+        "--config",
+        str(runner.config),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=clean_env(**runner.env),
+        cwd=runner.workdir,
+    )
+    async with asyncio.timeout(60):
+        _, stderr = await process.communicate()
+    assert process.returncode == 0, stderr.decode()
+    done = json.loads(result_path(settings.data_dir, "done", "leads", "few.csv").read_text())
+    assert (done["status"], done["rows_processed"]) == ("complete", 1)
 
 
 def test_image_runs_as_a_fixed_non_root_uid() -> None:
