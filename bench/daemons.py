@@ -123,7 +123,7 @@ def hand_over(source: Source, data_dir: Path) -> None:
 # -- processes --------------------------------------------------------------------------
 
 
-def daemon_settings(base_url: str, data_dir: Path, scale: float) -> Settings:
+def daemon_settings(base_url: str, data_dir: Path, scale: float, poll: float) -> Settings:
     """Marketo's limits, every duration of ours divided by `scale`, a status port."""
     return with_sections(
         fast_settings(base_url, data_dir, (ROUTE,)),
@@ -132,7 +132,7 @@ def daemon_settings(base_url: str, data_dir: Path, scale: float) -> Settings:
             "max_chunk_bytes": constants.DEFAULT_MAX_CHUNK_BYTES,
             "api_window_seconds": constants.API_WINDOW_SECONDS / scale,
         },
-        polling={"interval": POLL_INTERVAL / scale, "max_interval": POLL_MAX / scale},
+        polling={"interval": poll / scale, "max_interval": max(poll, POLL_MAX) / scale},
         backoff={"initial": BACKOFF_INITIAL / scale, "max": BACKOFF_MAX / scale},
         http={"listen": f"127.0.0.1:{free_port()}"},
         logging={"format": "json", "level": "info"},
@@ -235,7 +235,8 @@ async def run_round(
         homes: list[Path] = []
         procs: list[CliProcess] = []
         for number in range(count):
-            settings = daemon_settings(url, workdir / f"daemon-{number}" / "data", args.scale)
+            home = workdir / f"daemon-{number}" / "data"
+            settings = daemon_settings(url, home, args.scale, args.poll_interval)
             (settings.data_dir / "staging").mkdir(parents=True)
             (settings.data_dir / "inbox" / ROUTE.dir).mkdir(parents=True)
             runner = CliRunner.for_settings(workdir / f"daemon-{number}", settings)
@@ -380,7 +381,8 @@ def report(rounds: list[Round], args: argparse.Namespace) -> int:
         f"\n{args.jobs} files of one job each, {mode}; scale {args.scale:g} "
         f"(jobs of {(JOB_OVERHEAD + MIN_ROWS / ROWS_PER_SECOND) / args.scale:.2f} to "
         f"{(JOB_OVERHEAD + MAX_ROWS / ROWS_PER_SECOND) / args.scale:.2f} s, rate window "
-        f"{window:g} s, a file every {args.arrival / args.scale:g} s)"
+        f"{window:g} s, polling every {args.poll_interval / args.scale:g} s, "
+        f"a file every {args.arrival / args.scale:g} s)"
     )
     print("\n| daemons | " + " | ".join(str(r.daemons) for r in rounds) + " |")
     print("|---|" + "---:|" * len(rounds))
@@ -445,6 +447,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--arrival", type=float, default=ARRIVAL, help="Marketo seconds between hand-overs (2)"
+    )
+    parser.add_argument(
+        "--poll-interval",
+        type=float,
+        default=POLL_INTERVAL,
+        help="polling.interval in Marketo seconds (5); shorter makes the call budget bind",
     )
     parser.add_argument("--coordination", action="store_true", help="share a private PostgreSQL")
     parser.add_argument("--seed", type=int, default=SEED)
