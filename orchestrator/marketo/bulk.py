@@ -31,7 +31,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import aiohttp
 
@@ -58,6 +58,9 @@ from orchestrator.marketo.wire import (
 )
 from orchestrator.models import BatchStatus, QuotaState
 
+if TYPE_CHECKING:  # the coordination package needs the postgres extra at run time
+    from orchestrator.coordination.calls import SharedCalls
+
 __all__ = ["ClientObserver", "MarketoClient"]
 
 T = TypeVar("T")
@@ -82,8 +85,10 @@ class MarketoClient(Operations):
         calls_today: int = 0,
         session: aiohttp.ClientSession | None = None,
         socket_factory: Callable[[Any], socket.socket] | None = None,
+        shared: SharedCalls | None = None,
     ) -> None:
         m, lim = settings.marketo, settings.limits
+        self.shared = shared  # several daemons: their one call budget and daily quota
         self._client_id = m.client_id
         self._base = m.base_url.rstrip("/")
         self._request_timeout = m.request_timeout
