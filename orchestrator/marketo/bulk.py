@@ -31,7 +31,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self, TypeVar
+from typing import Any, Self, TypeVar
 
 import aiohttp
 
@@ -45,6 +45,7 @@ from orchestrator.marketo.limits import Limiter
 from orchestrator.marketo.operations import Operations
 from orchestrator.marketo.quota import DailyQuota
 from orchestrator.marketo.retry import ClientObserver, NullObserver, RetryLoop, Transport
+from orchestrator.marketo.sharing import SharedCalls
 from orchestrator.marketo.upload import expected_seconds, upload_exchange
 from orchestrator.marketo.wire import (
     DAILY_USAGE,
@@ -57,9 +58,6 @@ from orchestrator.marketo.wire import (
     usage_total,
 )
 from orchestrator.models import BatchStatus, QuotaState
-
-if TYPE_CHECKING:  # the coordination package needs the postgres extra at run time
-    from orchestrator.coordination.calls import SharedCalls
 
 __all__ = ["ClientObserver", "MarketoClient"]
 

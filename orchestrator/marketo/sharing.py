@@ -1,7 +1,7 @@
 """What the Marketo client needs of a coordination backend: one call budget and one
 daily quota for every daemon of the subscription.
 
-`PostgresCoordinator` is one; a daemon alone passes none, and the client keeps its
+`orchestrator.coordination.postgres.PostgresCoordinator` is one; a daemon alone passes none, and the client keeps its
 own window (`orchestrator.marketo.limits`) and daily count (`orchestrator.marketo.quota`).
 """
 
