@@ -575,12 +575,16 @@ async def test_upload_that_keeps_progressing_is_not_cut_off_by_request_timeout(
     simulator reads the body at 500 kB/s (a slow uplink; small socket buffers on both
     ends so the pace is felt at once): 3 MB take about 6 s, twice request_timeout,
     and the upload is neither cut off nor sent twice. A total timeout (the old
-    client) gives up half way."""
+    client) gives up half way. Once the body is out, the answer must still come
+    within request_timeout: the buffers' tail (about 1 s at this pace) and the
+    simulator reading the job's rows. The rows are long and few (6,000) so that on a
+    busy machine the second stays small; 120,000 short ones took longer than that."""
     sim = Simulator(SimulatorConfig(**FAST, read_bytes_per_second=500_000.0))
     await sim.start(receive_buffer=65_536)
     try:
-        rows = "".join(f"slow{i:07d}@example.com\n" for i in range(120_000))
-        big = write(tmp_path, "big.csv", "email\n" + rows)  # about 3 MB
+        title = "t" * 480
+        rows = "".join(f"slow{i:07d}@example.com,{title}\n" for i in range(6_000))
+        big = write(tmp_path, "big.csv", "email,title\n" + rows)  # about 3 MB
         async with make_client(sim, timeout=3.0, socket_factory=small_send_buffer) as client:
             batch = await client.submit(LEADS, big, "csv")
         assert batch.batch_id > 0
