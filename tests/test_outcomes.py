@@ -15,7 +15,7 @@ from pathlib import Path
 from orchestrator import splitter
 from orchestrator.config import Settings
 from orchestrator.models import ChunkStatus
-from orchestrator.simulator.operations import CREATE_FAILED
+from orchestrator.simulator.handlers import CREATE_FAILED
 from orchestrator.store import Store
 from tests.support.daemons import LockedDaemon
 from tests.support.data import drop_leads, result

@@ -3,7 +3,7 @@
 It imports only the leaves (constants, models, errors, durable, delimited), so it
 shares no code path with the client it tests. `server` is the HTTP face; `control`
 the test API (in process and under /_sim/); `arguments` the standalone command;
-`operations` the Bulk Import operations and describe calls; `fields` the
+`handlers` the Bulk Import operations and describe calls; `fields` the
 subscription's objects and their fields; `gate` tokens, call limits, faults and the
 call log; `queue` the subscription's import queue; `records` the stored rows;
 `knobs` its settings; `state` its state file.

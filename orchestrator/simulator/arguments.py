@@ -20,7 +20,7 @@ from typing import Any
 import structlog
 
 from orchestrator.errors import ConfigError
-from orchestrator.simulator import operations, records, server
+from orchestrator.simulator import handlers, records, server
 from orchestrator.simulator.knobs import KNOB_HELP, SimulatorConfig
 from orchestrator.simulator.server import Simulator
 
@@ -28,7 +28,7 @@ log = structlog.get_logger(__name__)
 
 # The modules whose docstrings list what the simulator assumes where Marketo's documentation
 # is silent: a paragraph ending in ":" that says "silent" or "assumption", then its bullets.
-CHOICE_SOURCES = (server, operations, records)
+CHOICE_SOURCES = (server, handlers, records)
 
 
 def flag_of(knob: str) -> str:

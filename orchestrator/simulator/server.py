@@ -7,12 +7,12 @@ usage (GET /rest/v1/stats/usage.json). Answers use
 Marketo's envelope, HTTP 200 with `requestId`, `success`, `result`, `errors`
 (string codes) and `warnings`. The queue and rows live in `simulator.queue`
 (records in `simulator.records`); tokens, call limits, faults and the call log
-in `simulator.gate`; the operation handlers in `simulator.operations`. This module is
+in `simulator.gate`; the operation handlers in `simulator.handlers`. This module is
 the HTTP face: the app, its start and stop, the state file, and the path every call
 takes through the gate to its operation.
 
 Choices where Marketo's documentation is silent, about calls (about operations and
-rows: `simulator.operations`, `simulator.records`; --help shows all three):
+rows: `simulator.handlers`, `simulator.records`; --help shows all three):
 
 - A request body (Content-Length, the whole multipart request, not only its
   file part) of `max_file_bytes` or more: HTTP 413 with a text body, as the
@@ -79,8 +79,8 @@ from orchestrator.simulator.gate import (
     check_permission,
     credentials_ok,
 )
+from orchestrator.simulator.handlers import BulkOperations, Call, Operation, Upload, read_upload
 from orchestrator.simulator.knobs import SimulatorConfig
-from orchestrator.simulator.operations import BulkOperations, Call, Operation, Upload, read_upload
 from orchestrator.simulator.queue import Refusal
 from orchestrator.simulator.state import StateError, load_state, restore, save_state, snapshot
 
