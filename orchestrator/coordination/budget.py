@@ -14,8 +14,13 @@ daemons together (a token bucket would let twice the budget into one window):
 
 A call Marketo does not count (601, 602, 604, 605, 608, 611) is released as uncounted:
 it leaves the window and the day. Identity calls are never counted, but are in flight.
-Marketo's own usage count (`stats/usage.json`) is recorded here as it is read, and
-admission adds the counted calls made since.
+Releasing is idempotent (the first end time stays), so a release that met an outage
+is simply written again later.
+
+Marketo's own usage count (`stats/usage.json`) is recorded here as one daemon reads it
+(every daemon sees when it was read, so one reading per interval serves them all), and
+the day's usage is that count plus every daemon's counted calls since (`usage`; the
+admission before a create adds them the same way).
 """
 
 from __future__ import annotations
@@ -39,10 +44,23 @@ KEEP_CALLS: Final = dt.timedelta(days=2)  # older rows are of no day that matter
 
 @dataclass(frozen=True, slots=True)
 class Wait:
-    """No call now: try again in `seconds` (why: for logs)."""
+    """No call now: try again in `seconds` (why: for logs). `paused_until`: the wait is
+    the 607 pause, which lasts until then."""
 
     seconds: float
     reason: str
+    paused_until: dt.datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """The subscription's calls in one quota day, as the daemons together know them."""
+
+    as_of: dt.datetime  # the database's clock
+    total: int | None  # Marketo's count at the last reading that day (None: not read)
+    read_at: dt.datetime | None
+    calls_since: int  # counted calls of every daemon since that reading (or the day began)
+    paused_until: dt.datetime | None  # a 607 pause still running
 
 
 def acquire(
@@ -61,9 +79,10 @@ def acquire(
     if limits is None:
         return Wait(1.0, "no live daemon holds a lease")
     if counted:
-        for until, why in ((paused_until, "607 pause"), (hold_until, "606 hold")):
-            if until is not None and until > now:
-                return Wait((until - now).total_seconds(), why)
+        if paused_until is not None and paused_until > now:
+            return Wait((paused_until - now).total_seconds(), "607 pause", paused_until)
+        if hold_until is not None and hold_until > now:
+            return Wait((hold_until - now).total_seconds(), "606 hold")
     window = limits.window_seconds + min(
         WINDOW_MARGIN_MAX, limits.window_seconds * WINDOW_MARGIN_FRACTION
     )
@@ -96,10 +115,12 @@ def acquire(
 
 
 def release(conn: Conn, call: int, *, counted: bool) -> None:
-    """The call ended; `counted` False when Marketo did not count it after all."""
+    """The call ended; `counted` False when Marketo did not count it after all. Writing
+    it twice changes nothing."""
     conn.execute(
         """UPDATE marketo_orchestrator.calls
-           SET done_at = clock_timestamp(), counted = counted AND %s WHERE id = %s""",
+           SET done_at = coalesce(done_at, clock_timestamp()), counted = counted AND %s
+           WHERE id = %s""",
         (counted, call),
     )
 
@@ -141,6 +162,33 @@ def usage_read_at(conn: Conn, subscription: str) -> dt.datetime | None:
     ).fetchone()
     value: dt.datetime | None = row[0] if row else None
     return value
+
+
+def usage(conn: Conn, subscription: str, since: dt.datetime) -> Usage:
+    """The subscription's calls in the quota day that began at `since`: Marketo's count if
+    it was read that day, and every daemon's counted calls after that reading (or after
+    `since`)."""
+    row = conn.execute(
+        """SELECT usage_total, usage_read_at, paused_until, clock_timestamp()
+           FROM marketo_orchestrator.subscriptions WHERE id = %s""",
+        (subscription,),
+    ).fetchone()
+    assert row is not None  # registered with the daemon
+    total, read_at, paused_until, now = row
+    if read_at is None or read_at < since:
+        total, read_at = None, None
+    counted = conn.execute(
+        """SELECT count(*) FROM marketo_orchestrator.calls
+           WHERE subscription = %s AND counted AND at > %s""",
+        (subscription, read_at or since),
+    ).fetchone()
+    return Usage(
+        as_of=now,
+        total=None if total is None else int(total),
+        read_at=read_at,
+        calls_since=int(counted[0]) if counted else 0,
+        paused_until=paused_until if paused_until is not None and paused_until > now else None,
+    )
 
 
 def prune(conn: Conn, subscription: str) -> int:

@@ -56,6 +56,7 @@ class PostgresCoordinator:
         self._epoch: int | None = None
         self._problem: str | None = "not registered yet"
         self._renewals = 0
+        self._unreleased: dict[int, bool] = {}  # calls ended whose release is not written yet
         self.changed = asyncio.Event()  # something shared moved: a waiting scheduler looks again
 
     def __repr__(self) -> str:
@@ -112,6 +113,7 @@ class PostgresCoordinator:
             dead = await self._db.run("reap", lambda c: leases.reap(c, self.subscription))
             for instance in dead:
                 log.warning("coordination_daemon_dead", instance=instance)
+            await self._release_kept()
             self._renewals += 1
             if self._renewals % PRUNE_EVERY == 0:
                 await self._db.run("prune", lambda c: budget.prune(c, self.subscription))
@@ -300,21 +302,39 @@ class PostgresCoordinator:
 
     # -- calls -----------------------------------------------------------------------------
 
-    async def acquire_call(self, operation: str, *, counted: bool) -> int:
-        """Wait until a call may go (window, in flight, 606 hold, 607 pause); its id."""
-        while True:
-            answer = await self._run(
-                "call",
-                lambda c: budget.acquire(
-                    c, self.subscription, self.instance, operation, counted=counted
-                ),
-            )
-            if isinstance(answer, int):
-                return answer
-            await asyncio.sleep(answer.seconds)
+    async def acquire_call(self, operation: str, *, counted: bool) -> int | budget.Wait:
+        """A place for one call now (window, in flight, 606 hold, 607 pause): its id, or
+        when to ask again. Releases an outage kept back are written first."""
+        await self._release_kept()
+        answer: int | budget.Wait = await self._run(
+            "call",
+            lambda c: budget.acquire(
+                c, self.subscription, self.instance, operation, counted=counted
+            ),
+        )
+        return answer
 
     async def release_call(self, call: int, *, counted: bool) -> None:
-        await self._run("call_done", lambda c: budget.release(c, call, counted=counted))
+        """The call ended. Never raises for the database: a release that cannot be written
+        now is kept and written with the next one (or the next renewal), for until then
+        the call would count as in flight."""
+        self._unreleased[call] = self._unreleased.get(call, True) and counted
+        with contextlib.suppress(CoordinationUnavailable):
+            await self._release_kept()
+
+    async def _release_kept(self) -> None:
+        if not self._unreleased:
+            return
+        ends = dict(self._unreleased)
+
+        def write(c: budget.Conn) -> None:
+            for call, counted in ends.items():
+                budget.release(c, call, counted=counted)
+
+        await self._run("call_done", write)
+        for call in ends:
+            if self._unreleased.get(call) == ends[call]:
+                del self._unreleased[call]
 
     async def hold(self, seconds: float) -> None:
         await self._run("hold", lambda c: budget.hold(c, self.subscription, seconds))
@@ -328,5 +348,11 @@ class PostgresCoordinator:
     async def usage_read_at(self) -> dt.datetime | None:
         value: dt.datetime | None = await self._run(
             "usage_read_at", lambda c: budget.usage_read_at(c, self.subscription)
+        )
+        return value
+
+    async def usage(self, since: dt.datetime) -> budget.Usage:
+        value: budget.Usage = await self._run(
+            "usage_today", lambda c: budget.usage(c, self.subscription, since)
         )
         return value

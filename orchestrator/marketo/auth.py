@@ -43,7 +43,7 @@ import structlog
 
 from orchestrator import config, constants, logs
 from orchestrator.errors import CredentialsError, MarketoError
-from orchestrator.marketo.limits import Limiter
+from orchestrator.marketo.calls import CallBudget
 from orchestrator.marketo.wire import IDENTITY, Exchange, Grant, Scrub, read_grant
 
 log = structlog.get_logger(__name__)
@@ -76,7 +76,7 @@ class Identity:
         settings: config.MarketoSettings,
         *,
         send: SendGrant,
-        limiter: Limiter,
+        budget: CallBudget,
         timeout: aiohttp.ClientTimeout,
         scrub: Scrub,
     ) -> None:
@@ -86,7 +86,7 @@ class Identity:
         self._secret = settings.client_secret
         self._old_secrets: list[config.Secret] = []  # rotated out; still scrubbed
         self._send = send
-        self._limiter = limiter
+        self._budget = budget
         self._timeout = timeout
         self._scrub = scrub
         self._ok: bool | None = None
@@ -145,7 +145,8 @@ class Identity:
                 return await read_grant(resp, self._scrub)
 
         try:
-            async with self._limiter.slot(counted=False):  # free of Marketo's limits
+            # Free of Marketo's limits, but a request in flight all the same.
+            async with self._budget.place(IDENTITY, counted=False):
                 grant = await self._send(IDENTITY, exchange, {})
         except MarketoError:
             self._ok = False

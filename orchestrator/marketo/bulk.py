@@ -10,8 +10,11 @@ header is checked against and four route-level dispatchers (all named in
   transport that sends a request and translates aiohttp's exceptions;
 - `marketo.auth`: the credentials, the identity request and the token cache;
 - `marketo.limits`: calls per window and in flight;
+- `marketo.calls`: where each call takes its place: the limiter and, with several
+  daemons (`shared`, `marketo.sharing`), their one call budget;
 - `marketo.quota`: the subscription's daily quota (Marketo's count of it, read
-  by `refresh_usage`, plus ours since) and the pause after a 607;
+  by `refresh_usage`, plus ours since, or every daemon's with `shared`) and the
+  pause after a 607;
 - `marketo.upload`: the multipart upload, its stall watchdog, unknown outcomes;
 - `marketo.wire`: paths, operation ids, reading envelopes and files;
 - `marketo.access`: what Marketo refuses for a reason of configuration (refused
@@ -41,6 +44,7 @@ from orchestrator.clock import utc_now
 from orchestrator.errors import AccessDeniedError, CredentialsError
 from orchestrator.marketo.access import CREDENTIALS, Access
 from orchestrator.marketo.auth import Identity, TokenSource
+from orchestrator.marketo.calls import CallBudget
 from orchestrator.marketo.limits import Limiter
 from orchestrator.marketo.operations import Operations
 from orchestrator.marketo.quota import DailyQuota
@@ -106,10 +110,6 @@ class MarketoClient(Operations):
             sleep=sleep,
             clock=clock,
         )
-        self._identity = Identity(
-            m, send=self._transport.send, limiter=limiter, timeout=self._timeout, scrub=self._scrub
-        )
-        self._tokens = TokenSource(self._identity.fetch, clock=clock, sleep=sleep)
         self._quota = DailyQuota(
             lim.daily_quota,
             lim.daily_reserve,
@@ -118,12 +118,18 @@ class MarketoClient(Operations):
             sleep=sleep,
             used=calls_today,
         )
+        backoff = Backoff(settings.backoff.initial, settings.backoff.max)
+        budget = CallBudget(limiter, self._quota, shared, sleep=sleep, backoff=backoff)
+        self._identity = Identity(
+            m, send=self._transport.send, budget=budget, timeout=self._timeout, scrub=self._scrub
+        )
+        self._tokens = TokenSource(self._identity.fetch, clock=clock, sleep=sleep)
         self._retry = RetryLoop(
             self._transport,
             self._tokens,
-            limiter,
+            budget,
             self._quota,
-            Backoff(settings.backoff.initial, settings.backoff.max),
+            backoff,
             observer=observer,
             sleep=sleep,
             clock=clock,
@@ -189,8 +195,13 @@ class MarketoClient(Operations):
 
     @property
     def calls_in_window(self) -> int:
-        """Counted calls sent within the last `api_window_seconds`."""
+        """This process's counted calls sent within the last `api_window_seconds`."""
         return self._limiter.in_window
+
+    @property
+    def quota_day_began(self) -> dt.datetime:
+        """When the current quota day began (Marketo's last reset), in UTC."""
+        return self._quota.day_began()
 
     # -- The subscription's daily quota -------------------------------------
 
@@ -201,7 +212,11 @@ class MarketoClient(Operations):
 
     async def refresh_usage(self) -> QuotaState:
         """Read Marketo's count of the subscription's calls today if a reading is due
-        (`marketo.quota`); the quota as reckoned now."""
+        (`marketo.quota`); the quota as reckoned now. With `shared`, the figure is the
+        subscription's over every daemon, and the reading is due when the last one any
+        daemon took is old."""
+        if self.shared is not None:
+            return await self._quota.refresh_shared(self.shared, self.daily_usage)
         return await self._quota.refresh(self.daily_usage)
 
     async def daily_usage(self) -> int:

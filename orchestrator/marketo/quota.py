@@ -19,6 +19,13 @@ still says 607 after a pause ended, and no call succeeded since, the reset has
 not happened yet: the quota probes again every `QUOTA_PROBE_SECONDS` instead of
 pausing a day.
 
+Several daemons on one subscription (`marketo.sharing`) keep one figure: the usage
+reading any of them took last and all their counted calls since, from the
+coordination database (`refresh_shared`, `adopt`); a reading is due when the
+shared one is `USAGE_READ_SECONDS` old, so one daemon's reading serves them all.
+`ours_since` in `state()` then counts every daemon's calls since the reading, and
+a 607 pause another daemon met pauses this one too (`paused_elsewhere`).
+
 Our own calls of the day (`used`) are counted too, by the date in
 `quota_reset_tz`: the daemon keeps them in the state store and in /metrics.
 Calls Marketo does not count (601, 602, 604, 605, 608, 611) are not counted
@@ -36,7 +43,8 @@ from zoneinfo import ZoneInfo
 import structlog
 
 from orchestrator import constants
-from orchestrator.errors import MarketoError
+from orchestrator.errors import CoordinationUnavailable, MarketoError
+from orchestrator.marketo.sharing import SharedCalls, SharedUsage
 from orchestrator.models import QuotaState
 
 log = structlog.get_logger(__name__)
@@ -92,6 +100,7 @@ class DailyQuota:
         self._marketo: int | None = None  # Marketo's count at the last reading
         self._read_at: dt.datetime | None = None
         self._next_read = now  # a reading is due at once
+        self._retry_at: dt.datetime | None = None  # after a reading failed, not before
         self._since = 0  # our counted calls since the reading (or the reset)
         self._reading = asyncio.Lock()
 
@@ -122,7 +131,16 @@ class DailyQuota:
     def reading_due(self) -> bool:
         """Whether Marketo's count should be read now."""
         self._roll()
-        return self._now() >= self._next_read
+        now = self._now()
+        return now >= self._next_read and (self._retry_at is None or now >= self._retry_at)
+
+    def day_began(self) -> dt.datetime:
+        """When the current quota day began (the last reset), in UTC."""
+        now = self._now()
+        began = next_reset(now - dt.timedelta(hours=26), self._tz)  # a day is 23 to 25 hours
+        while (following := next_reset(began, self._tz)) <= now:
+            began = following
+        return began
 
     def read(self, total: int) -> None:
         """Marketo counts `total` calls of the subscription today (our earlier ones too)."""
@@ -130,6 +148,7 @@ class DailyQuota:
         now = self._now()
         self._marketo, self._read_at, self._since = max(0, total), now, 0
         self._next_read = now + dt.timedelta(seconds=constants.USAGE_READ_SECONDS)
+        self._retry_at = None
 
     async def refresh(self, read: Callable[[], Awaitable[int]]) -> QuotaState:
         """Take a reading with `read` if one is due; the quota as reckoned now. A reading
@@ -148,7 +167,64 @@ class DailyQuota:
 
     def read_failed(self) -> None:
         """A reading could not be had: keep counting ours, ask again a little later."""
-        self._next_read = self._now() + dt.timedelta(seconds=constants.USAGE_RETRY_SECONDS)
+        self._retry_at = self._now() + dt.timedelta(seconds=constants.USAGE_RETRY_SECONDS)
+        self._next_read = self._retry_at
+
+    # -- several daemons ------------------------------------------------------------
+
+    async def refresh_shared(
+        self, shared: SharedCalls, read: Callable[[], Awaitable[int]]
+    ) -> QuotaState:
+        """`refresh` for a daemon among several: take the subscription's figure from the
+        coordination database, read Marketo's count if the shared reading is due (and
+        share it); the quota as reckoned now. While the database is away, this daemon
+        reckons alone from its last figure (and reads Marketo itself when that is due)."""
+        async with self._reading:
+            try:
+                self.adopt(await shared.usage(self.day_began()))
+            except CoordinationUnavailable as exc:
+                log.debug("shared_usage_unavailable", error=str(exc))
+            if self.reading_due():
+                try:
+                    total = await read()
+                except MarketoError as exc:
+                    self.read_failed()
+                    log.warning("usage_unreadable", code=exc.code, error=str(exc))
+                else:
+                    self.read(total)
+                    try:
+                        await shared.record_usage(total)
+                        self.adopt(await shared.usage(self.day_began()))
+                    except CoordinationUnavailable as exc:
+                        log.debug("shared_usage_unavailable", error=str(exc))
+                    state = self.state()
+                    log.info("usage_read", used=state.used, limit=state.limit, shared=True)
+        return self.state()
+
+    def adopt(self, usage: SharedUsage) -> None:
+        """The subscription's figure as all daemons know it: Marketo's count at the last
+        reading any of them took this quota day, their counted calls since, a 607 pause."""
+        self._roll()
+        self._marketo, self._read_at, self._since = usage.total, usage.read_at, usage.calls_since
+        if usage.read_at is None:
+            self._next_read = self._now()
+        else:
+            self._next_read = usage.read_at + dt.timedelta(seconds=constants.USAGE_READ_SECONDS)
+        if self._retry_at is not None:
+            self._next_read = max(self._next_read, self._retry_at)
+        if usage.paused_until is not None:
+            self.paused_elsewhere(usage.paused_until)
+
+    def paused_elsewhere(self, until: dt.datetime) -> bool:
+        """Another daemon met 607: every call of this one waits until `until` too. False
+        when, by this daemon's clock, that time has already come."""
+        self._roll()
+        if until <= self._now():
+            return False
+        if self._resume_at is None or self._resume_at < until:
+            self._resume_at = until
+            log.warning("daily API quota spent, paused by another daemon", resume_at=until)
+        return True
 
     def count(self) -> None:
         """One of our calls that Marketo counts."""

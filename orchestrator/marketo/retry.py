@@ -2,17 +2,22 @@
 
 Every bulk call goes through the loop:
 
-    607 pause -> token -> limiter slot -> HTTP -> envelope -> count -> result
-         ^                                                             |
-         +-- 601/602: refresh once (under the token lock) -------------+
+    607 pause -> token -> call place -> HTTP -> envelope -> count -> result
+         ^                                                          |
+         +-- 601/602: refresh once (under the token lock) ----------+
          +-- 606: hold every call for a full api_window_seconds, retry
          +-- 615/5xx/500/502/604/608/611/614/713/719/network/timeout: backoff, retry
          +-- 607: pause every call until the quota resets (see `marketo.quota`), retry
     1016, 1019 and fatal errors: raised at once (the scheduler owns 1016/1019)
 
+The call place is `marketo.calls`: this process's limiter and, with several daemons,
+the subscription's shared budget (where the 606 hold and the 607 pause are told to
+every daemon; a place refused for another daemon's 607 sends the loop back to the
+quota pause). Each attempt takes a place of its own: the budget counts Marketo calls.
+
 Each call that went out counts once in the day's quota, answered or not, unless
 Marketo answered with a code it does not count (601, 602, 604, 605, 608, 611,
-`constants.UNCOUNTED_CODES`): then its slot in the window is given back too, so
+`constants.UNCOUNTED_CODES`): then its place in the window is given back too, so
 our window and day hold what Marketo's hold.
 
 An `UnknownOutcomeError` (an upload that may have created a job, see
@@ -50,7 +55,7 @@ from orchestrator.errors import (
     TransientError,
 )
 from orchestrator.marketo.auth import TokenSource
-from orchestrator.marketo.limits import Limiter, Slot
+from orchestrator.marketo.calls import CallBudget, Place
 from orchestrator.marketo.quota import DailyQuota
 from orchestrator.marketo.upload import on_chunk_sent
 from orchestrator.marketo.wire import Exchange, Scrub, describe
@@ -150,13 +155,13 @@ class Transport:
 
 
 class RetryLoop:
-    """Runs an exchange with a token and a limiter slot, retrying what is worth it."""
+    """Runs an exchange with a token and a call place, retrying what is worth it."""
 
     def __init__(
         self,
         transport: Transport,
         tokens: TokenSource,
-        limiter: Limiter,
+        budget: CallBudget,
         quota: DailyQuota,
         backoff: Backoff,
         *,
@@ -168,7 +173,7 @@ class RetryLoop:
     ) -> None:
         self._transport = transport
         self._tokens = tokens
-        self._limiter = limiter
+        self._budget = budget
         self._quota = quota
         self._backoff = backoff
         self._observer = observer
@@ -192,13 +197,15 @@ class RetryLoop:
                 token = await self._tokens.get(min_life)
                 generation = token.generation
                 headers = {"Authorization": f"Bearer {token.value}"}
-                async with self._limiter.slot() as slot:
+                async with self._budget.place(operation) as place:
+                    if place is None:  # paused after another daemon's 607: wait it out
+                        continue
                     try:
                         result = await self._transport.send(operation, exchange, headers)
                     except BaseException as exc:  # it may have gone out all the same
-                        self._count(slot, exc.code if isinstance(exc, MarketoError) else None)
+                        self._count(place, exc.code if isinstance(exc, MarketoError) else None)
                         raise
-                    self._count(slot, None)
+                    self._count(place, None)
                 self._quota.succeeded()
                 return result
             except MarketoError as exc:
@@ -215,10 +222,10 @@ class RetryLoop:
                     pauses += 1
                     if pauses > MAX_QUOTA_PAUSES:
                         raise
-                    self._quota.exhausted()
+                    await self._budget.pause(self._quota.exhausted())
                 elif isinstance(exc, RateLimitError | TransientError):
                     failures += 1
-                    delay = self._delay(exc, failures, started)
+                    delay = await self._delay(exc, failures, started)
                     if delay is None:
                         raise
                     log.warning(
@@ -235,20 +242,20 @@ class RetryLoop:
                 else:  # fatal, 1016/1019 (the scheduler's), an unknown outcome
                     raise
 
-    def _count(self, slot: Slot, code: str | None) -> None:
+    def _count(self, place: Place, code: str | None) -> None:
         """Count a call that went out, unless Marketo does not count its answer."""
         if code in constants.UNCOUNTED_CODES:
-            slot.refund()
+            place.refund()
         else:
             self._quota.count()
 
-    def _delay(self, exc: MarketoError, failures: int, started: float) -> float | None:
+    async def _delay(self, exc: MarketoError, failures: int, started: float) -> float | None:
         """The wait before the next attempt, None when attempts or time ran out."""
         delay = self._backoff.delay(failures)
         if exc.code == "606":
             # The window is the subscription's: nothing goes until it has slid.
             delay = max(delay, self._window)
-            self._limiter.hold(delay)
+            await self._budget.hold(delay)
         elapsed = self._clock() - started
         if failures >= self._max_attempts or elapsed + delay > RETRY_DEADLINE_SECONDS:
             return None
