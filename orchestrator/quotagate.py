@@ -3,7 +3,8 @@
 The daily quota belongs to every integration of the subscription, so before each
 create the gate asks the Marketo client how much of it the subscription used
 today (`QuotaState`: Marketo's own count, read every few minutes, plus our calls
-since). Once that reaches daily_quota - daily_reserve, or while Marketo says 607,
+since; with several daemons on a coordination database, plus every daemon's calls
+since, and a 607 any of them met shuts every daemon's gate). Once that reaches daily_quota - daily_reserve, or while Marketo says 607,
 no new job is created: the gate stays shut until the quota resets or, earlier,
 until Marketo's count is next read (a reading may show room: our estimate only
 grows between readings). Jobs already at Marketo are not the gate's business:

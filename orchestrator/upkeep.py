@@ -13,7 +13,10 @@ The daily quota: Marketo's own count of the subscription's calls today is read
 at the start and whenever a reading is due (`usage_keeper`; the scheduler reads
 it too before a create when it is due), and every `PERSIST_SECONDS` the quota as
 reckoned goes to the store (for `status`) and to /metrics, with the day's count
-of our own calls.
+of our own calls. With several daemons (a coordination database), the figure is
+the subscription's: the keeper takes it from the database every
+`SHARED_USAGE_LOOK_SECONDS` (the others' calls move it), and only the daemon that
+finds the shared reading old reads Marketo's count.
 
 Retention: every `retention.interval` seconds, finished files that finished
 more than `retention.keep_days` ago leave the state store (with their chunks
@@ -45,6 +48,7 @@ log = structlog.get_logger(__name__)
 
 PERSIST_SECONDS = 5.0  # how often the day's API call count is written to the store
 USAGE_LOOK_SECONDS = 1.0  # the least time between two looks at whether a reading is due
+SHARED_USAGE_LOOK_SECONDS = PERSIST_SECONDS  # several daemons: the shared figure, this often
 PRUNE_BATCH = 200  # finished files forgotten per transaction
 
 
@@ -147,6 +151,8 @@ class Upkeep:
             quota = self.client.quota
             due = quota.next_read_at or quota.as_of
             seconds = max(USAGE_LOOK_SECONDS, (due - quota.as_of).total_seconds())
+            if self.client.shared is not None:
+                seconds = min(seconds, SHARED_USAGE_LOOK_SECONDS)
             await wait_for_any(stop, within=seconds)
 
     async def persist_calls(self, stop: asyncio.Event) -> None:
