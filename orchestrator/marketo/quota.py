@@ -184,7 +184,8 @@ class DailyQuota:
                 self.adopt(await shared.usage(self.day_began()))
             except CoordinationUnavailable as exc:
                 log.debug("shared_usage_unavailable", error=str(exc))
-            if self.reading_due():
+            # During a 607 pause a reading would only wait for the reset with the lock held.
+            if self.reading_due() and self._resume_at is None:
                 try:
                     total = await read()
                 except MarketoError as exc:
