@@ -31,7 +31,7 @@ from orchestrator.errors import CoordinationUnavailable, TransientError
 from orchestrator.marketo import MarketoClient
 from orchestrator.marketo.sharing import CallWait, SharedCalls, SharedUsage
 from orchestrator.marketo.wire import DAILY_USAGE, DESCRIBE_LEADS
-from orchestrator.models import ObjectType
+from orchestrator.models import ObjectType, QuotaState
 from orchestrator.simulator import Simulator
 from tests.support.postgres import PostgresDatabase, PostgresServer
 from tests.support.simulators import MakeSimulator
@@ -356,7 +356,12 @@ async def test_one_daily_quota_read_once_and_paused_for_every_daemon(
     try:
         await wait_until(lambda: a.client.quota.paused_until, "A to pause after 607")
         paused_until = a.client.quota.paused_until
-        state = await b.client.refresh_usage()
+
+        async def paused() -> QuotaState | None:  # A tells the database right after
+            state = await b.client.refresh_usage()
+            return state if state.paused_until else None
+
+        state = await wait_until(paused, "B to see the pause")
         assert state.paused_until == paused_until
         assert state.creates_paused
         before = len(sim.calls())
