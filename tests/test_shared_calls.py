@@ -13,6 +13,7 @@ import asyncio
 import datetime as dt
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -171,6 +172,12 @@ async def make_daemon(postgres_database: PostgresDatabase) -> AsyncIterator[Make
         await daemon.coordinator.close()
 
 
+def write_leads(tmp_path: Path) -> Path:
+    path = tmp_path / "leads.csv"
+    path.write_text("email,firstName\na@example.com,Ada\n", encoding="utf-8")
+    return path
+
+
 def counted(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [c for c in calls if c["counted"]]
 
@@ -199,6 +206,27 @@ async def test_two_daemons_keep_one_call_window_together(
     assert b.client.calls_by_operation[DESCRIBE_LEADS] == 6
     # Both waited for the shared window at some point, not only the one that filled it.
     assert any(w.reason == "call window full" for w in a.shared.waits + b.shared.waits)
+
+
+async def test_two_daemons_keep_one_limit_of_calls_in_flight(
+    make_simulator: MakeSimulator, make_daemon: MakeDaemon, tmp_path: Path
+) -> None:
+    """Each daemon alone may have 3 calls in flight; slow answers keep 12 calls of two
+    daemons waiting on one another, and the simulator never sees more than 3 at once."""
+    sim = await make_simulator(**FAST)
+    settings = settings_for(sim, concurrent_api_calls=3)
+    a = await make_daemon("daemon-a", settings)
+    b = await make_daemon("daemon-b", settings)
+    batch = await a.client.submit(LEADS, write_leads(tmp_path), "csv")
+    await b.client.ensure_token()
+    sim.set_knobs(slow_fraction=1.0, slow_seconds=0.3)
+
+    await asyncio.gather(
+        *(d.client.status(LEADS, batch.batch_id) for d in (a, b) for _ in range(6))
+    )
+
+    assert sim.stats()["max_in_flight"] == 3
+    assert any(w.reason == "calls in flight at the limit" for w in a.shared.waits + b.shared.waits)
 
 
 async def test_a_606_one_daemon_meets_holds_the_other(
