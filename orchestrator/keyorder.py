@@ -19,86 +19,142 @@ then:
   chunk's own last job's time at Marketo (`backoff.max` if it never had one) the rule
   takes its copies as gone (`release_idle`), rather than wait forever.
 
-Key sets are read from their files; the last `CACHED_SETS` used stay in memory (800 KB
-each for 100,000 keys). A chunk whose key file is missing has no keys (a route without
-key columns), unless it is final: then its file finished and took the key file along,
-and the chunk is taken to meet every later one until it is done. A key file that
-cannot be read is taken to meet everything, with a warning.
+Two chunks' keys are compared straight from their key files (sorted 64-bit hashes,
+`keys.KeySet.save`), `SLICE_KEYS` of each at a time (`common_keys`): the slice whose
+last key is smaller is read on, and only the part of two slices where their ranges
+overlap is compared (bisect, then a set of at most `SLICE_KEYS`). Nothing is cached,
+so memory stays at two slices (32 KiB) however many chunks are in flight; a set per
+chunk and a cache of them grew the daemon by 70 MB on a 1 GB file (bench/finish.py).
+A chunk whose key file is missing has no keys (a route without key columns), unless
+it is final: then its file finished and took the key file along, and the chunk is
+taken to meet every later one until it is done. A key file that cannot be read is
+taken to meet everything, with a warning.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
+import os
+import sys
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from array import array
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Final
 
 import structlog
 
 from orchestrator.config import Settings
-from orchestrator.keys import KeySet, keys_path
+from orchestrator.keys import keys_path
 from orchestrator.store import Hold, Keyed, Store
 
 log = structlog.get_logger(__name__)
 
-CACHED_SETS = 8  # key sets kept in memory between checks
+SLICE_KEYS: Final = 2048  # keys read from a key file at a time (16 KiB)
+_KEY_BYTES: Final = 8
 
 
-class KeySetCache:
-    """Key sets by chunk id, read from their files; the `size` last used stay in memory."""
+class KeyFile:
+    """A chunk's key file, open, read `SLICE_KEYS` hashes at a time; no file: no keys."""
 
-    def __init__(self, size: int = CACHED_SETS) -> None:
-        self.size = size
-        self._sets: OrderedDict[int, KeySet] = OrderedDict()
+    __slots__ = ("_fd", "keys", "path")
 
-    def get(self, chunk: Keyed) -> KeySet | None:
+    def __init__(self, path: Path, fd: int | None) -> None:
+        self.path = path
+        self._fd = fd
+        self.keys = 0 if fd is None else os.fstat(fd).st_size // _KEY_BYTES
+
+    @classmethod
+    def open(cls, chunk: Keyed) -> KeyFile | None:
         """The chunk's keys; None when they cannot be known (see the module's docstring)."""
-        found = self._sets.get(chunk.chunk_id)
-        if found is not None:
-            self._sets.move_to_end(chunk.chunk_id)
-            return found
         path = keys_path(Path(chunk.path))
         try:
-            if not path.is_file():
-                return None if chunk.final else KeySet.of(())
-            found = KeySet.load(path)
+            return cls(path, os.open(path, os.O_RDONLY))
+        except FileNotFoundError:
+            return None if chunk.final else cls(path, None)
         except OSError as exc:
             log.warning("keys_unreadable", path=str(path), error=str(exc))
             return None
-        self.put(chunk.chunk_id, found)
-        return found
 
-    def put(self, chunk_id: int, keys: KeySet) -> None:
-        self._sets[chunk_id] = keys
-        self._sets.move_to_end(chunk_id)
-        while len(self._sets) > self.size:
-            self._sets.popitem(last=False)
+    def slices(self, size: int = SLICE_KEYS) -> Iterator[array[int]]:
+        """The hashes in order, `size` at a time."""
+        if self._fd is None:
+            return
+        offset, step = 0, size * _KEY_BYTES
+        while data := os.pread(self._fd, step, offset):
+            offset += len(data)
+            hashes = array("Q")
+            hashes.frombytes(data[: len(data) - len(data) % _KEY_BYTES])
+            if sys.byteorder != "little":
+                hashes.byteswap()
+            yield hashes
 
-    def keep(self, chunk_ids: Iterable[int]) -> None:
-        """Forget the sets of every chunk but these (the others hold no keys any more)."""
-        wanted = set(chunk_ids)
-        for chunk_id in [c for c in self._sets if c not in wanted]:
-            del self._sets[chunk_id]
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
-    def __len__(self) -> int:
-        return len(self._sets)
+    def __enter__(self) -> KeyFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
-def meeting(cache: KeySetCache, chunk: Keyed, earlier: list[Keyed]) -> list[int]:
+def common_keys(a: KeyFile, b: KeyFile, size: int = SLICE_KEYS) -> Iterator[int]:
+    """The keys both files hold, ascending, comparing one slice of each at a time: the
+    part of the two slices where their ranges overlap (found by bisect), the smaller part
+    made a set and probed by the other; then the slice with the smaller last key is
+    replaced by the next of its file (both when their last keys are equal)."""
+    xs_left, ys_left = a.slices(size), b.slices(size)
+    xs, ys = next(xs_left, None), next(ys_left, None)
+    while xs and ys:
+        low, high = max(xs[0], ys[0]), min(xs[-1], ys[-1])
+        if low <= high:
+            x = xs[bisect.bisect_left(xs, low) : bisect.bisect_right(xs, high)]
+            y = ys[bisect.bisect_left(ys, low) : bisect.bisect_right(ys, high)]
+            small, large = (x, y) if len(x) <= len(y) else (y, x)
+            yield from sorted(set(small).intersection(large))
+        x_last, y_last = xs[-1], ys[-1]
+        if x_last <= y_last:
+            xs = next(xs_left, None)
+        if y_last <= x_last:
+            ys = next(ys_left, None)
+
+
+def meets(a: KeyFile | None, b: KeyFile | None) -> bool:
+    """Whether two chunks share a key (None: keys unknown, taken to meet everything)."""
+    if a is None or b is None:
+        return True
+    try:
+        return next(common_keys(a, b), None) is not None
+    except OSError as exc:
+        log.warning("keys_unreadable", path=f"{a.path} or {b.path}", error=str(exc))
+        return True
+
+
+def meeting(chunk: Keyed, earlier: list[Keyed]) -> list[int]:
     """The ids of the `earlier` chunks whose keys meet `chunk`'s (blocking: a thread)."""
-    own = cache.get(chunk)
-    if own is not None and not len(own):
+    own = KeyFile.open(chunk)
+    if own is not None and not own.keys:
+        own.close()
         return []  # no keys: it meets nothing
-    probe = None if own is None else set(own.hashes)
     met = []
-    for other in earlier:
-        theirs = cache.get(other)
-        if probe is None or theirs is None or not probe.isdisjoint(theirs.hashes):
-            met.append(other.chunk_id)
-    cache.keep([chunk.chunk_id, *(c.chunk_id for c in earlier)])
+    try:
+        for other in earlier:
+            theirs = KeyFile.open(other)
+            try:
+                if meets(own, theirs):
+                    met.append(other.chunk_id)
+            finally:
+                if theirs is not None:
+                    theirs.close()
+    finally:
+        if own is not None:
+            own.close()
     return met
 
 
@@ -107,7 +163,6 @@ class ConflictCheck:
     """Finds each recorded chunk's conflicts once, in the order chunks were recorded."""
 
     store: Store
-    cache: KeySetCache = field(default_factory=KeySetCache)
 
     async def run(self, stop: asyncio.Event | None = None) -> int:
         """Check every chunk not checked yet (those recorded meanwhile too), or until
@@ -124,7 +179,7 @@ class ConflictCheck:
     async def check(self, chunk: Keyed) -> None:
         earlier = await self.store.holding_before(chunk.seq)
         started = time.perf_counter()
-        met = await asyncio.to_thread(meeting, self.cache, chunk, earlier)
+        met = await asyncio.to_thread(meeting, chunk, earlier)
         await self.store.record_conflicts(chunk.chunk_id, met)
         emit = log.info if met else log.debug
         emit(
