@@ -23,8 +23,9 @@ Two chunks' keys are compared straight from their key files (sorted 64-bit hashe
 `keys.KeySet.save`), `SLICE_KEYS` of each at a time (`common_keys`): the slice whose
 last key is smaller is read on, and only the part of two slices where their ranges
 overlap is compared (bisect, then a set of at most `SLICE_KEYS`). Nothing is cached,
-so memory stays at two slices (32 KiB) however many chunks are in flight; a set per
-chunk and a cache of them grew the daemon by 70 MB on a 1 GB file (bench/finish.py).
+so memory stays at two slices (32 KiB) and one such set (about 150 KB) however many
+chunks are in flight; a set per chunk and a cache of 8 of them had grown the daemon
+by 73 MB on a 1 GB file (bench/finish.py, docs/benchmarks.md).
 A chunk whose key file is missing has no keys (a route without key columns), unless
 it is final: then its file finished and took the key file along, and the chunk is
 taken to meet every later one until it is done. A key file that cannot be read is
