@@ -3,7 +3,7 @@
 `store` holds the `Store` and how it opens; the `Store` is made of `reads` (the
 queries), `transitions` (a file's way from claim to result), `submissions` (a
 chunk's way through Marketo), `refusals` (what Marketo refuses the daemon) and
-`keyorder` (the key rule's conflicts), all run by `connection` (the connection, its
+`conflicts` (the key rule's conflicts), all run by `connection` (the connection, its
 thread, the one transaction wrapper, SQLite's errors as ours). `schema` holds the tables
 and their migrations; `rows` turns rows into records and keeps the transition rules.
 """

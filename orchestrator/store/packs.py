@@ -12,8 +12,8 @@ from __future__ import annotations
 import sqlite3
 
 from orchestrator.models import ChunkRecord, ChunkStatus, FileStatus
+from orchestrator.store.conflicts import enter_key_order
 from orchestrator.store.connection import Runner
-from orchestrator.store.keyorder import enter_key_order
 from orchestrator.store.rows import (
     fetch_chunk,
     fetch_file,

@@ -24,7 +24,7 @@ from orchestrator.models import (
     FileRecord,
     FileStatus,
 )
-from orchestrator.store.keyorder import enter_key_order
+from orchestrator.store.conflicts import enter_key_order
 
 
 def file_record(row: sqlite3.Row) -> FileRecord:

@@ -208,7 +208,7 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     # v11: what a file's header check warned of (a JSON array of sentences; NULL: none).
     ("ALTER TABLE files ADD COLUMN warnings TEXT",),
-    # v12, the key rule (issue 20; see store.keyorder): a chunk recorded whole takes a place
+    # v12, the key rule (issue 20; see store.conflicts): a chunk recorded whole takes a place
     # (`seq`) in `key_order`, unchecked until its conflicts with earlier chunks are known,
     # and stays there while it holds its keys (until it is done). A conflict (earlier,
     # later): later waits while earlier is in `key_order`. Chunks recorded before this

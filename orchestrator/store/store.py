@@ -38,8 +38,8 @@ from pathlib import Path
 from types import TracebackType
 
 from orchestrator.models import Hold
+from orchestrator.store.conflicts import Keyed, KeyOrder
 from orchestrator.store.connection import close_if_connected, connect, corrupt, open_error, use_wal
-from orchestrator.store.keyorder import Keyed, KeyOrder
 from orchestrator.store.packs import PackTransitions
 from orchestrator.store.reads import Reads
 from orchestrator.store.refusals import RefusalRecords

@@ -23,8 +23,8 @@ from orchestrator.models import (
     FileStatus,
     QuotaState,
 )
+from orchestrator.store.conflicts import release_after_finish, release_after_job
 from orchestrator.store.connection import Runner
-from orchestrator.store.keyorder import release_after_finish, release_after_job
 from orchestrator.store.rows import (
     check_batch,
     fetch_chunk,

@@ -21,8 +21,8 @@ from orchestrator.models import (
     FileRecord,
     FileStatus,
 )
+from orchestrator.store.conflicts import forget_chunks
 from orchestrator.store.connection import Runner
-from orchestrator.store.keyorder import forget_chunks
 from orchestrator.store.rows import (
     check_finish,
     fetch_file,
