@@ -12,14 +12,14 @@ from typing import Any
 import psycopg
 import pytest
 
-from orchestrator.coordination import admission, budget, leases
-from orchestrator.coordination.admission import Deferral, Grant
+from orchestrator.coordination import admission, budget, leases, outcomes, registering
 from orchestrator.coordination.database import migrate, redact
+from orchestrator.coordination.shapes import Deferral, Grant, Limits
 from orchestrator.errors import LeaseLost
 from tests.support.postgres import PostgresDatabase
 
 SUB = "123-abc-456.mktorest.com"
-LIMITS = leases.Limits(10, 50, 20.0, 5, 50_000, 5_000)
+LIMITS = Limits(10, 50, 20.0, 5, 50_000, 5_000)
 EPOCH0 = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
 
 Conn = psycopg.Connection[Any]
@@ -45,7 +45,7 @@ def tx(conn: Conn, body: Callable[[Conn], Any]) -> Any:
         return body(conn)
 
 
-def join(conn: Conn, instance: str, lease: float = 30.0, limits: leases.Limits = LIMITS) -> int:
+def join(conn: Conn, instance: str, lease: float = 30.0, limits: Limits = LIMITS) -> int:
     return int(tx(conn, lambda c: leases.register(c, SUB, instance, limits, lease)))
 
 
@@ -61,7 +61,7 @@ def chunk(
     return int(
         tx(
             conn,
-            lambda c: admission.register_chunk(
+            lambda c: registering.register_chunk(
                 c,
                 SUB,
                 instance,
@@ -150,9 +150,9 @@ def test_admission_cannot_overshoot_the_cap_with_many_daemons_racing(
             if isinstance(answer, Deferral):
                 mine.append(cid)
                 continue
-            tx(conn, lambda c, g=answer: admission.created(c, SUB, g, 1000 + g.chunk))
+            tx(conn, lambda c, g=answer: outcomes.created(c, SUB, g, 1000 + g.chunk))
             # The job ends a little later, as Marketo finishes it.
-            tx(conn, lambda c, g=answer: admission.finished(c, SUB, g.chunk))
+            tx(conn, lambda c, g=answer: outcomes.finished(c, SUB, g.chunk))
 
     queues = [(i, ids[i][q::4]) for i in instances for q in range(4)]
     threads = [threading.Thread(target=watch)] + [
@@ -203,9 +203,9 @@ def test_the_key_rule_holds_across_daemons(connect: Callable[[], Conn]) -> None:
     held = admit(conn, "b", b, shares)
     assert isinstance(held, Deferral)
     assert "shares keys" in held.reason
-    assert tx(conn, lambda c: admission.created(c, SUB, granted, 501))
+    assert tx(conn, lambda c: outcomes.created(c, SUB, granted, 501))
     assert isinstance(admit(conn, "b", b, shares), Deferral)  # importing: still held
-    assert tx(conn, lambda c: admission.finished(c, SUB, first))
+    assert tx(conn, lambda c: outcomes.finished(c, SUB, first))
     assert isinstance(admit(conn, "b", b, shares), Grant)
 
 
@@ -218,13 +218,13 @@ def test_a_dead_daemons_creates_are_unknown_and_its_batches_are_orphans(
     sent, sending = chunk(conn, "a", 1), chunk(conn, "a", 2)
     g1 = admit(conn, "a", a, sent)
     assert isinstance(g1, Grant)
-    assert tx(conn, lambda c: admission.created(c, SUB, g1, 777))
+    assert tx(conn, lambda c: outcomes.created(c, SUB, g1, 777))
     g2 = admit(conn, "a", a, sending)
     assert isinstance(g2, Grant)
     time.sleep(0.6)  # the behaviour under test: a lease that ran out (0.5 s)
     tx(conn, lambda c: leases.reap(c, SUB))
     # A late answer of the dead daemon is refused: it cannot write under its old epoch.
-    assert not tx(conn, lambda c: admission.created(c, SUB, g2, 778))
+    assert not tx(conn, lambda c: outcomes.created(c, SUB, g2, 778))
     orphans = tx(conn, lambda c: leases.orphans(c, SUB))
     assert [(o.batch_id, o.instance) for o in orphans] == [(777, "a")]
     row = conn.execute(
@@ -248,7 +248,7 @@ def test_one_1016_backs_every_daemon_off_and_teaches_the_shared_model(
     assert isinstance(g, Grant)
     tx(
         conn,
-        lambda c: admission.not_created(
+        lambda c: outcomes.not_created(
             c, SUB, g, reason="1016", delay=lambda n: 30.0, queue_full=True
         ),
     )
@@ -263,7 +263,7 @@ def test_one_1016_backs_every_daemon_off_and_teaches_the_shared_model(
 
 def test_the_daily_quota_less_the_reserve_stops_admission(connect: Callable[[], Conn]) -> None:
     conn = connect()
-    limits = leases.Limits(10, 50, 20.0, 5, 100, 10)
+    limits = Limits(10, 50, 20.0, 5, 100, 10)
     a = join(conn, "a", limits=limits)
     cid = chunk(conn, "a", 1)
     tx(conn, lambda c: budget.record_usage(c, SUB, 85))
@@ -280,7 +280,7 @@ def test_the_shared_window_holds_over_daemons_and_uncounted_calls_leave_it(
     connect: Callable[[], Conn],
 ) -> None:
     conn = connect()
-    limits = leases.Limits(10, 5, 3600.0, 10, 50_000, 0)
+    limits = Limits(10, 5, 3600.0, 10, 50_000, 0)
     join(conn, "a", limits=limits)
     join(conn, "b", limits=limits)
     got = [

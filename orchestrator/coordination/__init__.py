@@ -7,7 +7,6 @@ belong to the whole subscription. Alone, a daemon models them itself; with a
 one call window, one daily count, and the key rule across daemons.
 """
 
-from orchestrator.coordination.admission import Deferral, Grant
-from orchestrator.coordination.leases import Limits, Orphan
+from orchestrator.coordination.shapes import Deferral, Grant, Limits, Orphan
 
 __all__ = ["Deferral", "Grant", "Limits", "Orphan"]

@@ -21,35 +21,13 @@ All times are the database's (`clock_timestamp()`), never a daemon's own clock.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 
+from orchestrator.coordination.shapes import Limits, Orphan
+
 Conn = psycopg.Connection[Any]
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    """What one daemon runs with; the strictest of all live daemons' apply."""
-
-    queued_jobs: int
-    calls_per_window: int
-    window_seconds: float
-    calls_in_flight: int
-    daily_quota: int
-    daily_reserve: int
-
-
-@dataclass(frozen=True, slots=True)
-class Orphan:
-    """A batch of a dead daemon, still at Marketo: polled by the living."""
-
-    id: int
-    instance: str
-    batch_id: int
-    object: str
-    api_name: str
 
 
 def register(

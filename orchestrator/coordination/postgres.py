@@ -2,8 +2,8 @@
 
 `PostgresCoordinator` is what one daemon holds: its lease (registered at `start`,
 renewed by `run` every `lease_seconds / RENEWALS_PER_LEASE`, each renewal also taking
-silent daemons as dead), and async forms of the statements in `admission`, `budget`
-and `leases`, each one short transaction in the database's worker thread.
+silent daemons as dead), and async forms of the statements in `registering`, `admission`,
+`outcomes`, `budget` and `leases`, each one short transaction in the database's worker thread.
 
 While the database cannot be reached, every operation raises
 `CoordinationUnavailable` and `problem` says so: the daemon sends nothing new (it
@@ -24,10 +24,10 @@ from typing import Any, Final
 import structlog
 
 from orchestrator.clock import wait_for_any
-from orchestrator.coordination import admission, budget, leases
-from orchestrator.coordination.admission import Deferral, Grant
+from orchestrator.coordination import admission, budget, leases, outcomes, registering
 from orchestrator.coordination.database import Database, redact
-from orchestrator.coordination.leases import Limits, Orphan
+from orchestrator.coordination.leases import Conn
+from orchestrator.coordination.shapes import Deferral, Grant, Limits, Orphan
 from orchestrator.errors import CoordinationUnavailable, LeaseLost
 
 log = structlog.get_logger(__name__)
@@ -165,7 +165,7 @@ class PostgresCoordinator:
             raise LeaseLost(self._problem or "not registered")
         return self._epoch
 
-    async def _run(self, operation: str, body: Callable[[admission.Conn], Any]) -> Any:
+    async def _run(self, operation: str, body: Callable[[Conn], Any]) -> Any:
         """One operation; its failure is the daemon's problem until one gets through."""
         try:
             result = await self._db.run(operation, body)
@@ -193,7 +193,7 @@ class PostgresCoordinator:
         return int(
             await self._run(
                 "register_chunk",
-                lambda c: admission.register_chunk(
+                lambda c: registering.register_chunk(
                     c,
                     self.subscription,
                     self.instance,
@@ -207,6 +207,14 @@ class PostgresCoordinator:
                 ),
             )
         )
+
+    async def chunk_id(self, chunk_ref: int) -> int | None:
+        """The id this daemon's chunk was registered under (None: never registered)."""
+        found: int | None = await self._run(
+            "chunk_id",
+            lambda c: registering.chunk_id(c, self.subscription, self.instance, chunk_ref),
+        )
+        return found
 
     async def admit(
         self, chunk: int, *, quota_since: dt.datetime, quota_resets_in: float
@@ -233,7 +241,7 @@ class PostgresCoordinator:
 
     async def created(self, grant: Grant, batch_id: int) -> bool:
         kept: bool = await self._run(
-            "created", lambda c: admission.created(c, self.subscription, grant, batch_id)
+            "created", lambda c: outcomes.created(c, self.subscription, grant, batch_id)
         )
         self.changed.set()
         return kept
@@ -249,7 +257,7 @@ class PostgresCoordinator:
     ) -> None:
         await self._run(
             "not_created",
-            lambda c: admission.not_created(
+            lambda c: outcomes.not_created(
                 c,
                 self.subscription,
                 grant,
@@ -262,18 +270,18 @@ class PostgresCoordinator:
         self.changed.set()
 
     async def dropped(self, chunk: int) -> None:
-        await self._run("dropped", lambda c: admission.dropped(c, self.subscription, chunk))
+        await self._run("dropped", lambda c: outcomes.dropped(c, self.subscription, chunk))
         self.changed.set()
 
     async def finished(self, chunk: int) -> bool:
         done: bool = await self._run(
-            "finished", lambda c: admission.finished(c, self.subscription, chunk)
+            "finished", lambda c: outcomes.finished(c, self.subscription, chunk)
         )
         self.changed.set()
         return done
 
     async def job_left(self) -> None:
-        await self._run("job_left", lambda c: admission.job_left(c, self.subscription))
+        await self._run("job_left", lambda c: outcomes.job_left(c, self.subscription))
         self.changed.set()
 
     async def orphans(self) -> list[Orphan]:
