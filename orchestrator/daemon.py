@@ -14,6 +14,11 @@ Shutdown begins at the first SIGTERM/SIGINT (or, with --once, when the inbox
 is drained and every file has a result): claiming stops, in-flight calls get
 `DRAIN_SECONDS` to end, then whatever is left is cancelled; the store already
 holds every step, so the next start resumes. A second SIGINT exits at once.
+
+With `[coordination] url` the daemon joins the daemons sharing its Marketo
+subscription (`orchestrator.membership`): it registers at startup, renews its lease
+in the TaskGroup, and leaves at shutdown. While the database is away or the lease is
+lost, /readyz says why.
 """
 
 from __future__ import annotations
@@ -24,11 +29,11 @@ import os
 import signal
 import sys
 from collections.abc import Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from orchestrator import constants, dirlock, logs
+from orchestrator import constants, dirlock, logs, membership
 from orchestrator.clock import wait_for_any
 from orchestrator.config import Settings
 from orchestrator.crashpoints import holdpoint
@@ -38,6 +43,7 @@ from orchestrator.metrics import Metrics
 from orchestrator.models import UNFINISHED_FILE_STATUSES, ExitCode
 from orchestrator.pipeline import Pipeline
 from orchestrator.status import (
+    DaemonSlots,
     PageSources,
     QueueView,
     Series,
@@ -48,6 +54,9 @@ from orchestrator.status import (
 )
 from orchestrator.store import Store
 from orchestrator.upkeep import Upkeep, quota_day
+
+if TYPE_CHECKING:
+    from orchestrator.coordination.postgres import PostgresCoordinator
 
 log = structlog.get_logger(__name__)
 
@@ -82,6 +91,8 @@ class Daemon:
         self.metrics = Metrics()
         self.series = Series()  # the status page's last hour of rows and API calls
         self.interrupts = 0
+        self.coordinator: PostgresCoordinator | None = None  # [coordination] url set
+        self.others: tuple[DaemonSlots, ...] = ()  # the other daemons' jobs, last read
 
     # -- phases ------------------------------------------------------------
 
@@ -155,11 +166,16 @@ class Daemon:
                 open_packs=len(recovery.open_packs),
             )
         logs.register_secret(settings.marketo.client_secret.reveal())
+        self.coordinator = await membership.join(settings, stack)
         calls = await self.store.api_calls(quota_day(settings))
-        client = MarketoClient(settings, observer=self.metrics, calls_today=calls)
+        client = MarketoClient(
+            settings, observer=self.metrics, calls_today=calls, shared=self.coordinator
+        )
         stack.push_async_callback(client.close)
         self.upkeep = Upkeep(settings, self.store, client, self.metrics, persisted_calls=calls)
-        self.pipeline = Pipeline(settings, self.store, client, self.metrics)
+        self.pipeline = Pipeline(
+            settings, self.store, client, self.metrics, shared=self.coordinator
+        )
         await self.pipeline.recover(recovery)
         self.recovering = False
         self.install_signals()
@@ -196,6 +212,13 @@ class Daemon:
             start(upkeep.persist_calls(stop), "api-calls")
             start(upkeep.usage_keeper(stop), "usage")
             start(upkeep.retention(stop), "retention")
+            if self.coordinator is not None:
+                start(self.coordinator.run(stop), "lease")
+                if self.settings.http.host_port:
+                    others = membership.watch_others(
+                        self.coordinator, self.set_others, stop, self.settings.polling.interval
+                    )
+                    start(others, "daemons")
             if self.settings.http.host_port:
                 start(self.series.run(stop, self.store, self.metrics), "series")
             if self.once:
@@ -225,11 +248,16 @@ class Daemon:
         async with await Store.open(self.settings.layout.state_db, check=False) as store:
             return await load_snapshot(store)
 
+    def set_others(self, others: tuple[DaemonSlots, ...]) -> None:
+        self.others = others
+
     def readiness(self) -> str | None:
         if self.recovering:
             return "recovering"
         if not self.pipeline.watching and not self.once:
             return "the inbox watcher is not running"
+        if self.coordinator is not None and self.coordinator.problem:
+            return f"coordination: {self.coordinator.problem}"
         return self.upkeep.token_problem()
 
     def queue_view(self) -> QueueView | None:
@@ -244,6 +272,7 @@ class Daemon:
             phantoms=scheduler.model.phantoms,
             importing=sum(1 for t in tracks if t.status == constants.STATUS_IMPORTING),
             backoff_seconds=scheduler.backoff_remaining(),
+            others=self.others,
         )
 
     # -- signals -------------------------------------------------------------------

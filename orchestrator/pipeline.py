@@ -35,6 +35,10 @@
 - finished: the file's result is written and counted; the file cache forgets it,
   and `run --once` looks whether everything is done.
 
+With a shared subscription (`[coordination] url`) the scheduler takes the shared
+queue (it registers, admits and reports there itself), and the orphan poller
+(`orchestrator.orphans`) runs beside the poller for the jobs of daemons taken as dead.
+
 The stages never import each other; they meet here and in the store. Recovery
 after a crash gives each stage what it left: open packs to the packer, submits
 of unknown outcome to the scheduler, files to split again to the split stage,
@@ -46,7 +50,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from orchestrator import splitter
 from orchestrator.catalogue import Catalogue
@@ -56,10 +60,11 @@ from orchestrator.filecache import FileCache
 from orchestrator.marketo import MarketoClient
 from orchestrator.metrics import Metrics
 from orchestrator.models import UNFINISHED_FILE_STATUSES, ChunkRecord, FileRecord
+from orchestrator.orphans import OrphanPoller, OrphanSource
 from orchestrator.packer import Packer
 from orchestrator.poller import Poller
 from orchestrator.results import Results
-from orchestrator.scheduler import Scheduler
+from orchestrator.scheduler import Scheduler, SharedQueue
 from orchestrator.splitting import ConfiguredKeys, SplitStage
 from orchestrator.spool import Spool
 from orchestrator.store import Recovery, Store
@@ -67,11 +72,21 @@ from orchestrator.store import Recovery, Store
 Loop = Coroutine[Any, Any, None]
 
 
+class SharedSubscription(SharedQueue, OrphanSource, Protocol):
+    """A coordination backend as the stages use it (`PostgresCoordinator`)."""
+
+
 class Pipeline:
     """The stages of one daemon, wired together; the daemon runs their loops."""
 
     def __init__(
-        self, settings: Settings, store: Store, client: MarketoClient, metrics: Metrics
+        self,
+        settings: Settings,
+        store: Store,
+        client: MarketoClient,
+        metrics: Metrics,
+        *,
+        shared: SharedSubscription | None = None,
     ) -> None:
         self.store = store
         self.files = FileCache(store)
@@ -110,6 +125,7 @@ class Pipeline:
             on_chunk_final=self.chunk_refused,
             files=self.files,
             quota=client,
+            shared=shared,
             observer=metrics,
         )
         self.poller = Poller(
@@ -120,6 +136,9 @@ class Pipeline:
             on_started=self.job_started,
             files=self.files,
         )
+        self.orphans = None
+        if shared is not None:
+            self.orphans = OrphanPoller(shared, client, interval=settings.polling.interval)
         self.results = Results(settings, store, observer=metrics, on_finished=self.finished)
         self._file_finished = asyncio.Event()
 
@@ -143,6 +162,8 @@ class Pipeline:
             ("scheduler", self.scheduler.run(stop)),
             ("poller", self.poller.run(stop)),
         ]
+        if self.orphans is not None:
+            loops.append(("orphans", self.orphans.run(stop)))
         if not once:
             loops.append(("spool", self.spool.run(stop)))
         return loops

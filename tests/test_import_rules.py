@@ -7,7 +7,7 @@ Every import of our own package points down this picture, never up or sideways:
       daemon ..................................... 6    │
         pipeline ................................. 5    ▼
      splitting scheduler packer poller results ... 4   simulator: a program of its
-                  upkeep client .................. 4   own, it uses constants,
+ upkeep client orphans membership ......... 4   own, it uses constants,
     spool status catalogue keyorder ........ 3   models, errors and
   splitter store marketo metrics coordination 2   nothing else of ours
   config logs tickets dirlock filecache keys quotagate queuemodel 1
@@ -46,7 +46,7 @@ RANKS: dict[str, int] = {
             "config logs tickets dirlock filecache keys quotagate queuemodel",
             "splitter store marketo metrics coordination",  # the splitter reads keys (keys.py)
             "spool status catalogue keyorder",
-            "splitting scheduler packer poller results upkeep client",  # stages, upkeep, hand-over
+            "splitting scheduler packer poller results upkeep client orphans membership",  # stages, upkeep, hand-over
             "pipeline",
             "daemon",
             "cli",
