@@ -18,7 +18,7 @@ import pytest
 
 from orchestrator.config import BackoffSettings, Route, Settings
 from orchestrator.coordination.postgres import PostgresCoordinator
-from orchestrator.errors import QueueFullError
+from orchestrator.errors import CredentialsError, QueueFullError
 from orchestrator.filecache import FileCache
 from orchestrator.keys import LEAD_NAMESPACE, KeySet, key_hash, keys_path
 from orchestrator.membership import limits_of
@@ -43,6 +43,7 @@ class FakeSubmitter:
     def __init__(self, first_batch: int) -> None:
         self.calls: list[str] = []
         self.queue_full = 0  # the next this many creates are answered 1016
+        self.refused = 0  # the next this many creates meet refused credentials
         self._next = first_batch
 
     async def submit(self, route: Route, path: Path, fmt: str) -> BatchStatus:
@@ -50,6 +51,9 @@ class FakeSubmitter:
         if self.queue_full:
             self.queue_full -= 1
             raise QueueFullError("1016", "Too many imports", operation="import")
+        if self.refused:
+            self.refused -= 1
+            raise CredentialsError("http-401", "client id or secret refused")
         self._next += 1
         return BatchStatus(self._next, "Queued")
 
@@ -229,6 +233,20 @@ async def test_1016_backs_off_every_daemon(member: MakeMember) -> None:
     assert b.client.calls == []
     assert b.scheduler.admission is not None
     assert "backoff after 1016" in b.scheduler.admission.why
+
+
+async def test_a_daemon_that_cannot_send_is_passed_by_the_shared_fifo(member: MakeMember) -> None:
+    a, b = await member("a"), await member("b")
+    await a.add_file("a.csv", 1)
+    a.client.refused = 1  # a's credentials are refused: a waits, fails nothing
+    assert await a.round() == []
+    await b.add_file("b.csv", 1)
+    assert await b.round() == ["b1"]  # claimed after a1, but a cannot send
+    a.clock.advance(LATER)
+    assert await a.round() == ["a1"]  # fixed: a sends again, and says so
+    admission = a.scheduler.admission
+    assert admission is not None
+    assert admission.paused == ""
 
 
 async def test_without_the_database_nothing_is_sent_and_nothing_fails(

@@ -115,6 +115,8 @@ class Creates:
             denied = isinstance(exc, AccessDeniedError)
             self.waits.start_queue("access-denied" if denied else "credentials")
             self.tell(grant, "access denied" if denied else "credentials refused")
+            if self.shared is not None:
+                self.shared.pause("access denied (603)" if denied else "credentials refused")
             log.error("access_denied" if denied else "credentials_refused", error=str(exc))
             return "queue-full"
         except FatalError as exc:
@@ -136,6 +138,7 @@ class Creates:
         )
         if self.shared is not None and grant is not None:
             self.shared.created(grant, batch.batch_id)
+            self.shared.pause("")
         if batch.status == constants.STATUS_FAILED:
             return await self.failed_at_create(record, batch)
         if self.observer:

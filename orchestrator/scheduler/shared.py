@@ -82,6 +82,7 @@ class SharedQueue(Protocol):
     async def dropped(self, chunk: int) -> None: ...
     async def finished(self, chunk: int) -> bool: ...
     async def job_left(self) -> None: ...
+    async def set_paused(self, reason: str) -> None: ...
 
 
 def read_keys(chunk: ChunkRecord) -> list[int]:
@@ -102,6 +103,7 @@ class SharedAdmission:
     ids: dict[int, int] = field(default_factory=dict)  # our chunk id -> the shared id
     reports: deque[Report] = field(default_factory=deque)
     until: float = 0.0  # monotonic: nothing is admitted before
+    paused: str = ""  # why this daemon cannot send (the shared FIFO passes it), or ""
     why: str = ""  # the last deferral or problem, for the log
 
     def open(self) -> bool:
@@ -235,6 +237,18 @@ class SharedAdmission:
     def job_left(self) -> None:
         """Another integration's job left the queue (one of ours Marketo kept started)."""
         self.reports.append(self.queue.job_left)
+
+    def pause(self, reason: str) -> None:
+        """This daemon cannot send (refused credentials, 603), or can again (""): the
+        other daemons' FIFO passes its chunks meanwhile rather than wait for them."""
+        if reason == self.paused:
+            return
+        self.paused = reason
+
+        async def report() -> None:
+            await self.queue.set_paused(reason)
+
+        self.reports.append(report)
 
     async def shared_id(self, chunk_id: int) -> int | None:
         found = self.ids.get(chunk_id)
