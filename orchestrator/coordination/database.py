@@ -37,6 +37,12 @@ Conn = psycopg.Connection[Any]
 
 CONNECT_TIMEOUT_SECONDS: Final = 5
 STATEMENT_TIMEOUT_MS: Final = 10_000
+# Refusals that roll the transaction back and pass: the operation is simply tried again.
+TRANSIENT: Final = (
+    psycopg.errors.SerializationFailure,
+    psycopg.errors.DeadlockDetected,
+    psycopg.errors.UniqueViolation,
+)
 
 
 def redact(url: str) -> str:
@@ -102,6 +108,13 @@ class Database:
             self._disconnect()
             raise CoordinationUnavailable(
                 f"{operation}: the coordination database is unreachable ({describe(exc, self.url)})"
+            ) from None
+        except TRANSIENT as exc:
+            # The transaction was rolled back (a deadlock, a serialisation failure, the
+            # slot index refusing an 11th job): nothing happened; ask again shortly.
+            raise CoordinationUnavailable(
+                f"{operation}: the coordination database refused it for now "
+                f"({describe(exc, self.url)})"
             ) from None
         except psycopg.errors.QueryCanceled as exc:
             raise CoordinationUnavailable(

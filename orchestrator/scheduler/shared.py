@@ -86,9 +86,17 @@ class SharedQueue(Protocol):
 
 
 def read_keys(chunk: ChunkRecord) -> list[int]:
-    """The chunk's key hashes from the file beside it (none: a route without keys)."""
+    """The chunk's key hashes from the file beside it (none: a route without keys).
+
+    A key file that cannot be read registers no keys, with a warning: the key rule
+    still holds among this daemon's own chunks (`orchestrator.keyorder` takes such a
+    chunk to meet everything), only not against other daemons' chunks."""
     path = keys_path(Path(chunk.path))
-    return list(KeySet.load(path).hashes) if path.is_file() else []
+    try:
+        return list(KeySet.load(path).hashes)
+    except OSError as exc:
+        log.warning("keys_unreadable", path=str(path), error=str(exc), shared=True)
+        return []
 
 
 @dataclass
