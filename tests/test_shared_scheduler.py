@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from orchestrator.config import BackoffSettings, Route, Settings
@@ -25,9 +26,12 @@ from orchestrator.membership import limits_of
 from orchestrator.models import BatchStatus, ChunkRecord, ChunkStatus, FileRecord
 from orchestrator.orphans import OrphanPoller
 from orchestrator.scheduler import Scheduler
+from orchestrator.simulator import Simulator
 from orchestrator.store import Store
+from tests.support.http import http_get
 from tests.support.postgres import PostgresDatabase, PostgresServer
-from tests.support.settings import LEADS, fast_settings
+from tests.support.processes import MakeRunner
+from tests.support.settings import LEADS, fast_settings, free_port, with_sections
 from tests.support.stages import FakeClock, claimed_file
 from tests.support.waiting import wait_until
 
@@ -311,3 +315,49 @@ async def test_a_dead_daemons_jobs_are_polled_by_the_living(member: MakeMember) 
     [left] = await b.coordinator.orphans()
     assert left.batch_id == batches[1]
     assert await poller.poll_round() == 0  # still queued: nothing more
+
+
+async def test_readyz_says_why_while_the_database_is_away(
+    tmp_path: Path,
+    daemons: MakeRunner,
+    simulator: Simulator,
+    postgres_server: PostgresServer,
+    postgres_database: PostgresDatabase,
+) -> None:
+    """A real daemon with a coordination URL: ready once registered; while PostgreSQL
+    is stopped /readyz is 503 and says why; ready again after. The URL's password (the
+    test server trusts its socket and never asks for it) appears nowhere."""
+    port = free_port()
+    password = "s3cret-pw"
+    url_with_password = postgres_database.url.replace("postgres@", f"postgres:{password}@", 1)
+    assert password in url_with_password
+    settings = with_sections(
+        fast_settings(simulator.base_url, tmp_path / "data", (LEADS,)),
+        http={"listen": f"127.0.0.1:{port}"},
+    )  # the URL comes from the environment, as from a Kubernetes Secret
+    runner = daemons(settings)
+    daemon = await runner.daemon(env={"ORCHESTRATOR_COORDINATION_URL": url_with_password})
+    url = f"http://127.0.0.1:{port}/readyz"
+    async with aiohttp.ClientSession() as session:
+
+        async def readiness() -> tuple[int, str] | None:
+            try:
+                return await http_get(session, url)
+            except aiohttp.ClientConnectionError:
+                return None  # not listening yet
+
+        async def answers(status: int) -> tuple[int, str] | None:
+            found = await readiness()
+            return found if found is not None and found[0] == status else None
+
+        await wait_until(lambda: answers(200), "/readyz 200", process=daemon)
+        postgres_server.stop("fast")
+        _, body = await wait_until(lambda: answers(503), "/readyz 503", process=daemon)
+        assert "coordination" in body
+        assert password not in body
+        postgres_server.start()
+        await wait_until(lambda: answers(200), "/readyz 200 again", process=daemon)
+    daemon.terminate()
+    assert await daemon.wait(10) == 0
+    assert "coordination_registered" in daemon.stdout() + daemon.stderr()
+    assert password not in daemon.stdout() + daemon.stderr()
