@@ -19,7 +19,7 @@ import pytest
 
 from orchestrator.config import BackoffSettings, Route, Settings
 from orchestrator.coordination.postgres import PostgresCoordinator
-from orchestrator.errors import CredentialsError, QueueFullError
+from orchestrator.errors import CredentialsError, QueueFullError, TransientError
 from orchestrator.filecache import FileCache
 from orchestrator.keys import LEAD_NAMESPACE, KeySet, key_hash, keys_path
 from orchestrator.membership import limits_of
@@ -48,6 +48,7 @@ class FakeSubmitter:
         self.calls: list[str] = []
         self.queue_full = 0  # the next this many creates are answered 1016
         self.refused = 0  # the next this many creates meet refused credentials
+        self.transient = 0  # after the next create, this many meet a 5xx
         self._next = first_batch
 
     async def submit(self, route: Route, path: Path, fmt: str) -> BatchStatus:
@@ -58,6 +59,9 @@ class FakeSubmitter:
         if self.refused:
             self.refused -= 1
             raise CredentialsError("http-401", "client id or secret refused")
+        if self.transient and len(self.calls) > 1:
+            self.transient -= 1
+            raise TransientError("http-503", "Service Unavailable", operation="import")
         self._next += 1
         return BatchStatus(self._next, "Queued")
 
@@ -361,3 +365,17 @@ async def test_readyz_says_why_while_the_database_is_away(
     assert await daemon.wait(10) == 0
     assert "coordination_registered" in daemon.stdout() + daemon.stderr()
     assert password not in daemon.stdout() + daemon.stderr()
+
+
+async def test_a_finish_is_told_during_a_local_backoff(
+    member: MakeMember, postgres_database: PostgresDatabase
+) -> None:
+    """A daemon in its own backoff still tells the others at once that a slot is free."""
+    a = await member("a")
+    await a.add_file("a.csv", 2)
+    a.client.transient = 1  # a2's create meets a 5xx the client gave up on: a backs off
+    assert await a.round() == ["a1"]
+    assert a.client.calls == ["a1", "a2"]
+    await a.job_done("a1")
+    assert await a.round() == []  # still backing off, but a1's end is told
+    assert shared_states(postgres_database) == {"done": 1, "pending": 1}

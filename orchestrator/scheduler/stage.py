@@ -200,6 +200,8 @@ class Scheduler:
 
     async def submit_ready(self, stop: asyncio.Event) -> None:
         """Submit pending chunks in FIFO order while the model has room."""
+        if self.admission is not None and not await self.admission.flush():
+            return  # what frees slots for every daemon goes first, backoff or not
         if not self.waits.queue_open() or self.quota_gate.closed():
             return
         pending = await self.store.chunks(statuses=[ChunkStatus.PENDING])
