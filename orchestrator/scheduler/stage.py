@@ -200,15 +200,17 @@ class Scheduler:
 
     async def submit_ready(self, stop: asyncio.Event) -> None:
         """Submit pending chunks in FIFO order while the model has room."""
-        if self.admission is not None and not await self.admission.flush():
-            return  # what frees slots for every daemon goes first, backoff or not
+        pending: list[ChunkRecord] | None = None
+        if self.admission is not None:
+            # What frees slots for every daemon is told first, and new chunks take their
+            # place in the shared FIFO as soon as they are recorded, backoff or not.
+            pending = await self.store.chunks(statuses=[ChunkStatus.PENDING])
+            if not await self.register(pending) or not self.admission.open():
+                return
         if not self.waits.queue_open() or self.quota_gate.closed():
             return
-        pending = await self.store.chunks(statuses=[ChunkStatus.PENDING])
-        if self.admission is not None and not (
-            self.admission.open() and await self.register(pending)
-        ):
-            return
+        if pending is None:
+            pending = await self.store.chunks(statuses=[ChunkStatus.PENDING])
         outstanding = await self.store.chunks(statuses=OUTSTANDING)
         held = await self.keys.holds(len(outstanding))
         busy_lists = {self.list_of(await self.files.get(c.file_id)) for c in outstanding} - {0}
