@@ -22,11 +22,12 @@ from orchestrator.coordination.postgres import PostgresCoordinator
 from orchestrator.errors import CredentialsError, QueueFullError, TransientError
 from orchestrator.filecache import FileCache
 from orchestrator.keys import LEAD_NAMESPACE, KeySet, key_hash, keys_path
-from orchestrator.membership import limits_of
+from orchestrator.membership import limits_of, watch_others
 from orchestrator.models import BatchStatus, ChunkRecord, ChunkStatus, FileRecord
 from orchestrator.orphans import OrphanPoller
 from orchestrator.scheduler import Scheduler
 from orchestrator.simulator import Simulator
+from orchestrator.status import DaemonSlots
 from orchestrator.store import Store
 from tests.support.http import http_get
 from tests.support.postgres import PostgresDatabase, PostgresServer
@@ -379,3 +380,18 @@ async def test_a_finish_is_told_during_a_local_backoff(
     await a.job_done("a1")
     assert await a.round() == []  # still backing off, but a1's end is told
     assert shared_states(postgres_database) == {"done": 1, "pending": 1}
+
+
+async def test_the_status_page_sees_the_other_daemons_jobs(member: MakeMember) -> None:
+    a, b = await member("a"), await member("b")
+    await a.add_file("a.csv", 3)
+    assert len(await a.round()) == 3
+    shown: list[tuple[DaemonSlots, ...]] = []
+    stop = asyncio.Event()
+
+    def show(others: tuple[DaemonSlots, ...]) -> None:
+        shown.append(others)
+        stop.set()  # one reading is enough
+
+    await watch_others(b.coordinator, show, stop, every=0.05)
+    assert shown == [(DaemonSlots("a", importing=0, queued=3),)]
