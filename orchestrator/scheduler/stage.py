@@ -43,8 +43,8 @@ order as before. The conflicts are found beside the submits (`check_keys`).
 
 With a shared queue (`[coordination] url`: several daemons on one subscription,
 `orchestrator.scheduler.shared`) every create is also admitted by the database
-first, and everything above still applies on top: a daemon alone behaves as if the
-others were not there. The create itself and what its answer does is
+first, and everything above still applies on top of that; without one, none of it
+runs and a daemon behaves as it always did. The create itself and what its answer does is
 `orchestrator.scheduler.creating`; the backoffs are `orchestrator.scheduler.waits`.
 """
 
@@ -54,8 +54,6 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-
-import structlog
 
 from orchestrator import constants
 from orchestrator.backoff import Backoff
@@ -70,8 +68,6 @@ from orchestrator.scheduler.creating import Creates, Submitter
 from orchestrator.scheduler.shared import SharedAdmission, SharedQueue
 from orchestrator.scheduler.waits import Observer, Wait, Waits
 from orchestrator.store import Store
-
-log = structlog.get_logger(__name__)
 
 OUTSTANDING = (ChunkStatus.SUBMITTING, ChunkStatus.SUBMITTED)
 RECHECK_SECONDS = 1.0  # at most this long between two looks at a shared queue that deferred
