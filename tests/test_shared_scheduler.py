@@ -10,16 +10,23 @@ for that on a condition, with a deadline.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 
 from orchestrator.config import BackoffSettings, Route, Settings
 from orchestrator.coordination.postgres import PostgresCoordinator
-from orchestrator.errors import CredentialsError, QueueFullError, TransientError
+from orchestrator.errors import (
+    CoordinationUnavailable,
+    CredentialsError,
+    QueueFullError,
+    TransientError,
+)
 from orchestrator.filecache import FileCache
 from orchestrator.keys import LEAD_NAMESPACE, KeySet, key_hash, keys_path
 from orchestrator.membership import limits_of, watch_others
@@ -395,3 +402,31 @@ async def test_the_status_page_sees_the_other_daemons_jobs(member: MakeMember) -
 
     await watch_others(b.coordinator, show, stop, every=0.05)
     assert shown == [(DaemonSlots("a", importing=0, queued=3),)]
+
+
+async def test_a_daemon_stopped_inside_a_transaction_does_not_block_the_others(
+    member: MakeMember,
+) -> None:
+    """SIGSTOP between two statements would leave a's transaction open, the
+    subscription's row locked, and every other daemon waiting: the server ends such a
+    session well inside a lease, and b goes on."""
+    a = await member("a", lease_seconds=2.0)
+    b = await member("b")
+    locked, resume = threading.Event(), threading.Event()
+
+    def stalled(conn: Any) -> None:  # a's worker thread, "stopped" with the row locked
+        conn.execute(
+            "SELECT 1 FROM marketo_orchestrator.subscriptions WHERE id = %s FOR UPDATE",
+            (SUBSCRIPTION,),
+        )
+        locked.set()
+        resume.wait(timeout=60)
+        conn.execute("SELECT 1")
+
+    stop = asyncio.create_task(a.coordinator._db.run("stalled", stalled))
+    await wait_until(locked.is_set, "a's transaction to hold the row")
+    await b.add_file("b.csv", 1)
+    assert await b.round() == ["b1"]  # admitted: a's session was ended for it
+    resume.set()
+    with pytest.raises(CoordinationUnavailable):
+        await stop

@@ -7,7 +7,11 @@ committed before it returns. The HTTP calls to Marketo never happen inside one.
 The connection is made lazily and made again after it broke: a PostgreSQL restart
 or an outage costs the operations that meet it a `CoordinationUnavailable`, and the
 next operation tries to connect again. Statements time out after
-`STATEMENT_TIMEOUT_MS`, so a stalled server is an outage too, not a hang.
+`STATEMENT_TIMEOUT_MS`, so a stalled server is an outage too, not a hang. A
+transaction left open by a daemon that stopped between two of its statements
+(SIGSTOP, a long pause) would hold its locks, and every other daemon with them: the
+server ends such a session after `idle_in_transaction_seconds`, well inside a lease,
+and the stopped daemon finds its connection broken when it wakes.
 
 The URL may carry a password (libpq also reads PGPASSWORD and PGPASSFILE); it never
 reaches a log line or an error message: `redact` blanks it, and errors are described
@@ -37,6 +41,8 @@ Conn = psycopg.Connection[Any]
 
 CONNECT_TIMEOUT_SECONDS: Final = 5
 STATEMENT_TIMEOUT_MS: Final = 10_000
+IDLE_IN_TRANSACTION_SECONDS: Final = 2.0  # an open transaction nobody talks to ends then
+LOST: Final = (psycopg.OperationalError, psycopg.InterfaceError)  # the connection is gone
 # Refusals that roll the transaction back and pass: the operation is simply tried again.
 TRANSIENT: Final = (
     psycopg.errors.SerializationFailure,
@@ -70,8 +76,11 @@ class Database:
     """The coordination database: `await run(operation, body)` runs `body(conn)` in one
     transaction in the worker thread."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(
+        self, url: str, *, idle_in_transaction_seconds: float = IDLE_IN_TRANSACTION_SECONDS
+    ) -> None:
         self.url = url
+        self.idle_ms = max(1, round(idle_in_transaction_seconds * 1000))
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="coordination")
         self._conn: Conn | None = None
         self._closed = False
@@ -104,7 +113,7 @@ class Database:
             conn = self._connection()
             with conn.transaction():
                 return body(conn)
-        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+        except (*LOST, psycopg.errors.IdleInTransactionSessionTimeout) as exc:
             self._disconnect()
             raise CoordinationUnavailable(
                 f"{operation}: the coordination database is unreachable ({describe(exc, self.url)})"
@@ -132,6 +141,7 @@ class Database:
                 application_name="marketo-orchestrator",
             )
             conn.execute(f"SET statement_timeout = {STATEMENT_TIMEOUT_MS}")
+            conn.execute(f"SET idle_in_transaction_session_timeout = {self.idle_ms}")
             migrate(conn)
             self._conn = conn
         return self._conn

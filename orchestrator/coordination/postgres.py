@@ -25,7 +25,7 @@ import structlog
 
 from orchestrator.clock import wait_for_any
 from orchestrator.coordination import admission, budget, leases, outcomes, registering
-from orchestrator.coordination.database import Database, redact
+from orchestrator.coordination.database import IDLE_IN_TRANSACTION_SECONDS, Database, redact
 from orchestrator.coordination.leases import Conn
 from orchestrator.coordination.shapes import Deferral, Grant, Limits, Orphan
 from orchestrator.errors import CoordinationUnavailable, LeaseLost
@@ -52,7 +52,9 @@ class PostgresCoordinator:
         self.instance = instance
         self.limits = limits
         self.lease_seconds = lease_seconds
-        self._db = Database(url)
+        # A transaction this daemon leaves open (stopped mid-way) ends well inside a lease.
+        idle = min(IDLE_IN_TRANSACTION_SECONDS, lease_seconds / RENEWALS_PER_LEASE)
+        self._db = Database(url, idle_in_transaction_seconds=idle)
         self._epoch: int | None = None
         self._problem: str | None = "not registered yet"
         self._renewals = 0
