@@ -17,6 +17,7 @@ store for `status` and in /metrics.
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +38,8 @@ class QuotaSource(Protocol):
 
     @property
     def quota(self) -> QuotaState: ...
+    @property
+    def quota_day_began(self) -> dt.datetime: ...
     async def refresh_usage(self) -> QuotaState: ...
 
 

@@ -265,6 +265,22 @@ async def test_a_daemon_that_cannot_send_is_passed_by_the_shared_fifo(member: Ma
     assert admission.paused == ""
 
 
+async def test_a_daemon_backing_off_after_a_5xx_is_passed_by_the_shared_fifo(
+    member: MakeMember,
+) -> None:
+    a, b = await member("a"), await member("b")
+    await a.add_file("a.csv", 2)
+    a.client.transient = 1  # a1 goes, then a2 meets a 503: a backs off on its own
+    assert await a.round() == ["a1"]
+    await b.add_file("b.csv", 1)
+    assert await b.round() == ["b1"]  # claimed after a2, but a cannot send now
+    a.clock.advance(LATER)
+    assert await a.round() == ["a2"]
+    admission = a.scheduler.admission
+    assert admission is not None
+    assert admission.paused == ""  # its create went through: it heads the FIFO again
+
+
 async def test_without_the_database_nothing_is_sent_and_nothing_fails(
     member: MakeMember, postgres_server: PostgresServer, postgres_database: PostgresDatabase
 ) -> None:

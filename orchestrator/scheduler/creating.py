@@ -107,6 +107,7 @@ class Creates:
             return "list-busy"
         except UnknownOutcomeError as exc:
             self.tell(grant, f"unknown outcome ({exc.code})", unknown=True)
+            self.pause_shared(f"backing off after an unknown outcome ({exc.code})")
             return await self.unknown_outcome(chunk, exc)
         except CredentialsError as exc:
             # Nothing can go until the configuration changes (credentials, or the
@@ -115,8 +116,7 @@ class Creates:
             denied = isinstance(exc, AccessDeniedError)
             self.waits.start_queue("access-denied" if denied else "credentials")
             self.tell(grant, "access denied" if denied else "credentials refused")
-            if self.shared is not None:
-                self.shared.pause("access denied (603)" if denied else "credentials refused")
+            self.pause_shared("access denied (603)" if denied else "credentials refused")
             log.error("access_denied" if denied else "credentials_refused", error=str(exc))
             return "queue-full"
         except FatalError as exc:
@@ -128,6 +128,7 @@ class Creates:
             await self.store.mark_pending(chunk.id)
             self.waits.start_queue(exc.code)
             self.tell(grant, exc.code)
+            self.pause_shared(f"backing off after {exc.code}")
             log.warning(
                 "submit_deferred", code=exc.code, request_id=exc.request_id or None, error=str(exc)
             )
@@ -153,6 +154,13 @@ class Creates:
         )
         self.on_submitted(record)
         return "submitted"
+
+    def pause_shared(self, reason: str) -> None:
+        """This daemon waits on a trouble of its own (credentials, 603, a 5xx, an unknown
+        outcome): the other daemons' FIFO passes its chunks until its next create goes
+        through, rather than wait for a daemon that cannot send (up to `backoff.max`)."""
+        if self.shared is not None:
+            self.shared.pause(reason)
 
     def tell(
         self,

@@ -172,7 +172,8 @@ class SharedAdmission:
             return now - dt.timedelta(days=1), 86_400.0
         state = self.quota.quota
         resets_in = (state.resets_at - state.as_of).total_seconds()
-        return state.resets_at - dt.timedelta(days=1), max(0.0, resets_in)
+        # The quota day as the client reckons it (marketo.quota), not reckoned again here.
+        return self.quota.quota_day_began, max(0.0, resets_in)
 
     def unavailable(self, exc: Exception) -> None:
         self.until = self.clock() + self.retry
