@@ -32,6 +32,7 @@ import datetime as dt
 from typing import Any
 
 from orchestrator import constants
+from orchestrator.coordination.budget import usage
 from orchestrator.coordination.leases import Conn, strictest
 from orchestrator.coordination.shapes import Deferral, Grant, Limits
 from orchestrator.errors import LeaseLost
@@ -52,13 +53,12 @@ def admit(
     """May `chunk` (this daemon's, pending) be created now? See the module docstring."""
     model = conn.execute(
         """SELECT foreign_slots, orphans, backoff_until, backoff_reason, hold_until,
-                  paused_until, usage_total, usage_read_at, clock_timestamp()
+                  paused_until, clock_timestamp()
            FROM marketo_orchestrator.subscriptions WHERE id = %s FOR UPDATE""",
         (subscription,),
     ).fetchone()
     assert model is not None  # registered with the daemon
-    foreign, orphans, backoff_until, reason, hold_until, paused_until = model[:6]
-    usage_total, usage_read_at, now = model[6:]
+    foreign, orphans, backoff_until, reason, hold_until, paused_until, now = model
     require_lease(conn, subscription, instance, epoch)
     for until, why in (
         (paused_until, "607: the daily quota is spent"),
@@ -69,7 +69,8 @@ def admit(
             return Deferral(why, (until - now).total_seconds())
     limits = strictest(conn, subscription)
     assert limits is not None  # this daemon's lease is valid, so one is alive
-    used = usage(conn, subscription, usage_total, usage_read_at, quota_since)
+    today = usage(conn, subscription, quota_since)
+    used = (today.total or 0) + today.calls_since
     if used >= limits.daily_quota - limits.daily_reserve:
         return Deferral(
             f"the subscription used {used} of its {limits.daily_quota} calls today "
@@ -115,24 +116,6 @@ def require_lease(conn: Conn, subscription: str, instance: str, epoch: int) -> N
     ).fetchone()
     if row is None:
         raise LeaseLost(f"{instance}: lease lost (epoch {epoch})")
-
-
-def usage(
-    conn: Conn,
-    subscription: str,
-    total: int | None,
-    read_at: dt.datetime | None,
-    since: dt.datetime,
-) -> int:
-    """Calls the subscription made today: Marketo's own count when read today, plus every
-    counted call of ours since that reading (or since the quota day began)."""
-    base, after = (total or 0, read_at) if read_at is not None and read_at >= since else (0, since)
-    row = conn.execute(
-        """SELECT count(*) FROM marketo_orchestrator.calls
-           WHERE subscription = %s AND counted AND at > %s""",
-        (subscription, after),
-    ).fetchone()
-    return base + int(row[0] if row else 0)
 
 
 def queue_room(conn: Conn, subscription: str, limits: Limits, foreign: int, orphans: int) -> int:
