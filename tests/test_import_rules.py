@@ -205,6 +205,27 @@ def test_the_package_keeps_its_shape() -> None:
     assert not found, "\n".join(found)
 
 
+MAX_MODULE_LINES = 400  # STYLE.md: a module longer than this holds more than one concept
+
+
+def test_no_product_module_is_over_400_lines_or_shares_its_name() -> None:
+    """Issue 18: one module per concept, each under 400 lines; no two modules of one
+    file name (`__init__.py` aside), so a name says which module is meant."""
+    paths = sorted((ROOT / "orchestrator").rglob("*.py"))
+    long = [
+        f"{p.relative_to(ROOT)}: {n} lines"
+        for p in paths
+        if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_MODULE_LINES
+    ]
+    names: dict[str, list[str]] = {}
+    for p in paths:
+        if p.name != "__init__.py":
+            names.setdefault(p.name, []).append(str(p.relative_to(ROOT)))
+    twins = [" and ".join(where) for where in names.values() if len(where) > 1]
+    assert not long, "over 400 lines: " + "; ".join(long)
+    assert not twins, "one file name, two modules: " + "; ".join(twins)
+
+
 # --- the check can fail: a small fake tree in the target layout, one break per case -----
 
 PACKAGES = {

@@ -31,7 +31,7 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 import structlog
 
-from orchestrator.coordination.schema import LATEST_VERSION, LOCK_KEY, MIGRATIONS, SCHEMA
+from orchestrator.coordination.migrations import LATEST_VERSION, LOCK_KEY, MIGRATIONS, SCHEMA
 from orchestrator.errors import CoordinationUnavailable
 
 log = structlog.get_logger(__name__)
