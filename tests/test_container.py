@@ -818,6 +818,22 @@ def test_kubernetes_pod_is_locked_down() -> None:
     assert mount_path(sidecar(), "tmp") == "/tmp"
 
 
+@pytest.mark.parametrize("kind", ["Deployment", "Job"])
+def test_kubernetes_pods_mount_every_volume_and_name_keys_that_exist(kind: str) -> None:
+    """A volume no container mounts is dead weight, and a ConfigMap item naming a key
+    the ConfigMap does not hold keeps the pod from starting (job.yaml had both)."""
+    spec = manifests()[kind]["spec"]["template"]["spec"]
+    containers = [*spec.get("initContainers", []), *spec["containers"]]
+    mounted = {m["name"] for c in containers for m in c.get("volumeMounts", [])}
+    declared = {v["name"] for v in spec["volumes"]}
+    assert declared == mounted, f"declared {sorted(declared)}, mounted {sorted(mounted)}"
+    data = manifests()["ConfigMap"]["data"]
+    for v in spec["volumes"]:
+        if "configMap" in v:
+            missing = [i["key"] for i in v["configMap"].get("items", []) if i["key"] not in data]
+            assert not missing, f"volume {v['name']} names keys the ConfigMap lacks: {missing}"
+
+
 # --- the CI script ----------------------------------------------------------------
 
 
