@@ -4,10 +4,13 @@ the same settings as a TOML file for the daemon in a subprocess, and a free port
 - `fast_settings`: Marketo's limits, polling and backoff in tens of milliseconds (the
   simulator's `rate_window` must match `limits.api_window_seconds`: see SIM_KNOBS), and
   packs sealed as soon as nothing waits to be split (`limits.pack_wait_seconds` 0).
-- `with_sections`: a copy with keys changed per section, `limits={"queued_jobs": 3}`.
+- `with_sections`: a copy with keys changed per section, `limits={"queued_jobs": 3}`,
+  `coordination={"url": database.url, "instance": "a"}`.
 - `settings_toml` / `write_settings`: every key of a Settings as TOML for
   `marketo-orchestrator run --config`, but the client secret: that travels only in
-  MARKETO_CLIENT_SECRET (processes.CliRunner.for_settings puts it there).
+  MARKETO_CLIENT_SECRET (processes.CliRunner.for_settings puts it there). The
+  [coordination] table is written only when it differs from the default (a daemon
+  alone), so the config of every test without a coordination URL stays as it was.
 """
 
 from __future__ import annotations
@@ -43,7 +46,17 @@ MEMBERS = Route(
     program_member_status="Registered",
 )
 # The [section] tables of a config file, in the order they are written.
-SECTIONS = ("marketo", "limits", "polling", "backoff", "watch", "retention", "http", "logging")
+SECTIONS = (
+    "marketo",
+    "limits",
+    "polling",
+    "backoff",
+    "watch",
+    "retention",
+    "coordination",
+    "http",
+    "logging",
+)
 
 
 # Simulator knobs matching fast_settings: fast jobs, Marketo's 100 calls per window scaled to 2 s.
@@ -109,8 +122,10 @@ def settings_toml(settings: Settings, **sections: Mapping[str, Any]) -> str:
     settings = with_sections(settings, **sections)
     lines = [f"data_dir = {toml_value(settings.data_dir)}"]
     for section in SECTIONS:
-        lines.append(f"[{section}]")
         table = getattr(settings, section)
+        if section == "coordination" and table == type(table)():
+            continue  # a daemon alone: no table, as a config written by hand has none
+        lines.append(f"[{section}]")
         lines.extend(
             f"{f.name} = {toml_value(getattr(table, f.name))}"
             for f in fields(table)
