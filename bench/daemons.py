@@ -71,6 +71,7 @@ from tests.support.data import result_path  # noqa: E402
 from tests.support.http import http_get  # noqa: E402
 from tests.support.processes import CliProcess, CliRunner  # noqa: E402
 from tests.support.settings import fast_settings, free_port, with_sections  # noqa: E402
+from tests.support.shared import claim_order, most_at_once, most_in_window  # noqa: E402
 from tests.support.waiting import wait_until  # noqa: E402
 
 ROUTE = Route(dir="leads", object=ObjectType.LEADS, pack=False)  # one file, one job
@@ -328,26 +329,6 @@ async def measure(
         )
 
 
-def most_in_window(times: list[float], window: float) -> int:
-    """The most of `times` (sorted) inside any half-open interval of `window` seconds."""
-    best, first = 0, 0
-    for last, t in enumerate(times):
-        while times[first] <= t - window:
-            first += 1
-        best = max(best, last - first + 1)
-    return best
-
-
-def most_at_once(spans: list[tuple[float, float]]) -> int:
-    """The most of the (start, end) intervals open at one moment."""
-    edges = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])
-    best = now = 0
-    for _, step in edges:  # an end sorts before a start at the same moment
-        now += step
-        best = max(best, now)
-    return best
-
-
 def local_claims(homes: list[Path]) -> dict[int, float]:
     """Batch id -> its file's `claimed_at` in its daemon's state store (the daemon's clock)."""
     claimed: dict[int, float] = {}
@@ -375,26 +356,6 @@ def shared_claims(url: str) -> dict[int, float]:
         except psycopg.errors.UndefinedTable:
             return {}  # no daemon made the schema: this build does not coordinate
     return {int(batch_id): at.timestamp() for batch_id, at in rows}
-
-
-def claim_order(calls: list[dict[str, Any]], claimed: dict[int, float]) -> tuple[int, int]:
-    """(pairs of jobs of different files, pairs created in the other order than claimed).
-
-    `claimed` maps a batch id to its file's claim time; a job's create time is the
-    simulator's arrival time of the create that returned its batch id."""
-    jobs = [
-        (claimed[int(c["batch_id"])], float(c["t"]))
-        for c in calls
-        if str(c["operation"]).startswith("import") and c["batch_id"] in claimed
-    ]
-    pairs = wrong = 0
-    for i, (claim_a, made_a) in enumerate(jobs):
-        for claim_b, made_b in jobs[i + 1 :]:
-            if claim_a == claim_b:
-                continue
-            pairs += 1
-            wrong += (claim_a < claim_b) != (made_a < made_b)
-    return pairs, wrong
 
 
 # -- report -----------------------------------------------------------------------------

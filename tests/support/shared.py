@@ -23,19 +23,20 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
-import psycopg
 
 from orchestrator.config import Route, Settings
 from orchestrator.simulator import Simulator
 from tests.support.data import result_path, write_csv
 from tests.support.http import http_get
-from tests.support.postgres import PostgresDatabase
 from tests.support.processes import CliProcess, MakeRunner
 from tests.support.settings import CLIENT_ID, fast_settings, free_port, with_sections
 from tests.support.waiting import wait_until
+
+if TYPE_CHECKING:  # psycopg only where a database is used: bench/daemons.py runs without
+    from tests.support.postgres import PostgresDatabase
 
 INSTANCES = "abcdefgh"  # members are named a, b, c, ... in the database and the logs
 FOREIGN = "foreign"  # the simulator's owner of other integrations' jobs
@@ -241,6 +242,8 @@ async def query(
 ) -> list[tuple[Any, ...]]:
     """Rows of one statement on the coordination database (in a thread: the simulator
     serving the daemons shares the test's event loop)."""
+
+    import psycopg
 
     def run() -> list[tuple[Any, ...]]:
         with psycopg.connect(database.url, autocommit=True) as conn:
