@@ -149,15 +149,19 @@ async def rows_of(fleet: Fleet, sql: str, params: tuple[Any, ...] = ()) -> list[
 # -- the cap on outstanding jobs ------------------------------------------------------------
 
 
+FILES = constants.MAX_QUEUED_JOBS  # per daemon: enough to fill the queue alone
+
+
 @pytest.mark.parametrize("count", [2, 3])
 async def test_daemons_sharing_a_cap_of_ten_never_have_more_outstanding(
     fleet: MakeFleet, count: int
 ) -> None:
     """Each daemon alone would fill Marketo's 10 slots; together they must share them:
     never more than 10 of their jobs outstanding, no 1016 they made themselves (no other
-    integration holds a slot here), every row lands, each chunk created once."""
-    shared = await fleet(count, knobs={"job_overhead": 0.4}, sections=SLOW_POLLS)
-    names = {member: drop_files(member, 8) for member in shared}
+    integration holds a slot here), every row lands, each chunk created once. Each
+    daemon has as many files as slots, so each alone would fill the queue."""
+    shared = await fleet(count, knobs={"job_overhead": 0.6}, sections=SLOW_POLLS)
+    names = {member: drop_files(member, FILES) for member in shared}
     await shared.wait_results(names)
     assert await shared.stop() == [0] * count
     sim = shared.sim
@@ -168,7 +172,7 @@ async def test_daemons_sharing_a_cap_of_ten_never_have_more_outstanding(
     assert peak >= 6, f"the cap was pressed ({peak} at most outstanding)"
     assert_complete(names)
     assert emails(sim) == expected_emails(names)
-    assert len(creates(sim)) == count * 8, "one job per chunk"
+    assert len(creates(sim)) == count * FILES, "one job per chunk"
 
 
 # -- one 1016 backoff ------------------------------------------------------------------------
