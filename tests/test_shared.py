@@ -307,9 +307,10 @@ async def test_kill_9_with_jobs_at_marketo_the_other_daemon_polls_them(fleet: Ma
 async def test_a_daemon_stopped_past_its_lease_registers_again_before_it_sends(
     fleet: MakeFleet,
 ) -> None:
-    """SIGSTOP daemon a until b takes it as dead, hand it more files, SIGCONT: every job a
-    creates after it woke carries the epoch of a new registration (a late write under
-    the old one would be refused), nothing overshoots, and every file finishes."""
+    """SIGSTOP daemon a until b takes it as dead, hand it more files, SIGCONT: a registers
+    again before it calls Marketo at all, every job it creates after it woke carries the
+    new registration's epoch (a late write under the old one would be refused), nothing
+    overshoots, and every file finishes."""
     shared = await fleet(2, knobs={"job_overhead": 0.3}, lease_seconds=LEASE)
     sim = shared.sim
     a, b = shared
@@ -327,7 +328,7 @@ async def test_a_daemon_stopped_past_its_lease_registers_again_before_it_sends(
         )
         names[a] += drop_files(a, 4, first=4)
         names[b] += drop_files(b, 2, first=2)
-        woke = len(sim.calls())
+        woke, woke_at = len(sim.calls()), time.time()  # the database runs on this host
     finally:
         a.proc.send_signal(signal.SIGCONT)
     await shared.wait_results(names)
@@ -353,6 +354,18 @@ async def test_a_daemon_stopped_past_its_lease_registers_again_before_it_sends(
     ]
     assert after, "a created the jobs of the files it found when it woke"
     assert {epochs.get(c["batch_id"]) for c in after} == {epoch}, (epochs, after)
+    # Every call takes its place in the shared budget first, stamped by the database's
+    # clock: none of a's after it woke may come before its new registration.
+    [(registered_at,)] = await rows_of(
+        shared, f"SELECT started_at FROM {SCHEMA}.daemons WHERE instance = 'a'"
+    )
+    early = await rows_of(
+        shared,
+        f"SELECT operation, at FROM {SCHEMA}.calls"
+        " WHERE instance = 'a' AND at >= to_timestamp(%s) AND at < %s ORDER BY at",
+        (woke_at, registered_at),
+    )
+    assert early == [], f"a called Marketo after it woke, before it registered at {registered_at}"
     assert refusals(sim, "1016") == []
     assert outstanding_peak(sim) <= constants.MAX_QUEUED_JOBS
     assert max(Counter(c["digest"] for c in creates(sim)).values()) == 1
