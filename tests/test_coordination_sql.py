@@ -189,6 +189,8 @@ def test_fifo_across_daemons_and_a_dead_daemons_chunks_are_passed(
     assert isinstance(admit(conn, "b", b, second), Grant)
     with pytest.raises(LeaseLost):
         admit(conn, "a", a, later)
+    with pytest.raises(LeaseLost):  # nor any call to Marketo, until it registers again
+        tx(conn, lambda c: budget.acquire(c, SUB, "a", a, "status", counted=False))
 
 
 def test_the_key_rule_holds_across_daemons(connect: Callable[[], Conn]) -> None:
@@ -268,7 +270,7 @@ def test_the_daily_quota_less_the_reserve_stops_admission(connect: Callable[[], 
     cid = chunk(conn, "a", 1)
     tx(conn, lambda c: budget.record_usage(c, SUB, 85))
     for _ in range(5):
-        call = tx(conn, lambda c: budget.acquire(c, SUB, "a", "status", counted=True))
+        call = tx(conn, lambda c: budget.acquire(c, SUB, "a", a, "status", counted=True))
         assert isinstance(call, int)
         tx(conn, lambda c, n=call: budget.release(c, n, counted=True))
     answer = admit(conn, "a", a, cid)
@@ -281,17 +283,17 @@ def test_the_shared_window_holds_over_daemons_and_uncounted_calls_leave_it(
 ) -> None:
     conn = connect()
     limits = Limits(10, 5, 3600.0, 10, 50_000, 0)
-    join(conn, "a", limits=limits)
-    join(conn, "b", limits=limits)
+    epochs = {"a": join(conn, "a", limits=limits), "b": join(conn, "b", limits=limits)}
     got = [
-        tx(conn, lambda c, i=i: budget.acquire(c, SUB, "ab"[i % 2], "x", counted=True))
+        tx(conn, lambda c, d="ab"[i % 2]: budget.acquire(c, SUB, d, epochs[d], "x", counted=True))
         for i in range(6)
     ]
     assert all(isinstance(g, int) for g in got[:5])
     assert isinstance(got[5], budget.Wait)
     assert got[5].reason == "call window full"
     tx(conn, lambda c: budget.release(c, got[0], counted=False))  # a 601: not counted
-    assert isinstance(tx(conn, lambda c: budget.acquire(c, SUB, "b", "x", counted=True)), int)
+    again = tx(conn, lambda c: budget.acquire(c, SUB, "b", epochs["b"], "x", counted=True))
+    assert isinstance(again, int)
 
 
 def test_a_password_never_shows() -> None:

@@ -33,9 +33,8 @@ from typing import Any
 
 from orchestrator import constants
 from orchestrator.coordination.budget import usage
-from orchestrator.coordination.leases import Conn, strictest
+from orchestrator.coordination.leases import Conn, require_lease, strictest
 from orchestrator.coordination.shapes import Deferral, Grant, Limits
-from orchestrator.errors import LeaseLost
 
 UNFINISHED = ("pending", "creating", "submitted")
 
@@ -105,17 +104,6 @@ def admit(
         (slot, epoch, chunk),
     )
     return Grant(chunk, slot, epoch)
-
-
-def require_lease(conn: Conn, subscription: str, instance: str, epoch: int) -> None:
-    row = conn.execute(
-        """SELECT 1 FROM marketo_orchestrator.daemons
-           WHERE subscription = %s AND instance = %s AND epoch = %s AND alive
-             AND lease_until > clock_timestamp()""",
-        (subscription, instance, epoch),
-    ).fetchone()
-    if row is None:
-        raise LeaseLost(f"{instance}: lease lost (epoch {epoch})")
 
 
 def queue_room(conn: Conn, subscription: str, limits: Limits, foreign: int, orphans: int) -> int:

@@ -31,7 +31,7 @@ from typing import Any, Final
 
 import psycopg
 
-from orchestrator.coordination.leases import strictest
+from orchestrator.coordination.leases import require_lease, strictest
 
 Conn = psycopg.Connection[Any]
 
@@ -64,10 +64,12 @@ class Usage:
 
 
 def acquire(
-    conn: Conn, subscription: str, instance: str, operation: str, *, counted: bool
+    conn: Conn, subscription: str, instance: str, epoch: int, operation: str, *, counted: bool
 ) -> int | Wait:
-    """A call may go now (its row id), or when to ask again."""
+    """A call may go now (its row id), or when to ask again; `LeaseLost` when this
+    daemon was taken as dead (it registers again before it sends anything)."""
     conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", ("calls:" + subscription,))
+    require_lease(conn, subscription, instance, epoch)
     row = conn.execute(
         """SELECT hold_until, paused_until, clock_timestamp()
            FROM marketo_orchestrator.subscriptions WHERE id = %s""",

@@ -26,6 +26,7 @@ from typing import Any
 import psycopg
 
 from orchestrator.coordination.shapes import Limits, Orphan
+from orchestrator.errors import LeaseLost
 
 Conn = psycopg.Connection[Any]
 
@@ -170,3 +171,16 @@ def daemons(conn: Conn, subscription: str) -> list[dict[str, Any]]:
         {"instance": r[0], "alive": bool(r[1]), "lease_seconds": float(r[2]), "outstanding": r[3]}
         for r in rows
     ]
+
+
+def require_lease(conn: Conn, subscription: str, instance: str, epoch: int) -> None:
+    """This daemon still holds its lease under `epoch`, or `LeaseLost`: a daemon taken as
+    dead sends nothing (no admission, no call) until it has registered again."""
+    row = conn.execute(
+        """SELECT 1 FROM marketo_orchestrator.daemons
+           WHERE subscription = %s AND instance = %s AND epoch = %s AND alive
+             AND lease_until > clock_timestamp()""",
+        (subscription, instance, epoch),
+    ).fetchone()
+    if row is None:
+        raise LeaseLost(f"{instance}: lease lost (epoch {epoch})")

@@ -315,13 +315,23 @@ class PostgresCoordinator:
     async def acquire_call(self, operation: str, *, counted: bool) -> int | budget.Wait:
         """A place for one call now (window, in flight, 606 hold, 607 pause): its id, or
         when to ask again. Releases an outage kept back are written first."""
+        epoch = self._need_epoch()
         await self._release_kept()
-        answer: int | budget.Wait = await self._run(
-            "call",
-            lambda c: budget.acquire(
-                c, self.subscription, self.instance, operation, counted=counted
-            ),
-        )
+        try:
+            answer: int | budget.Wait = await self._run(
+                "call",
+                lambda c: budget.acquire(
+                    c, self.subscription, self.instance, epoch, operation, counted=counted
+                ),
+            )
+        except LeaseLost:
+            # Taken as dead (SIGSTOP, a long pause): register again now, rather than at
+            # the next renewal; the caller asks again once it has.
+            log.warning("coordination_lease_lost", instance=self.instance, epoch=epoch)
+            self._epoch = None
+            self._problem = "this daemon's lease ran out: registering again"
+            await self.renew()
+            raise
         return answer
 
     async def release_call(self, call: int, *, counted: bool) -> None:

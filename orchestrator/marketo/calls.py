@@ -22,6 +22,8 @@ counted call is sent: the place is asked for again after a short backoff
 (`OUTAGE_BACKOFF_MAX` at most), for as long as it takes; nothing fails because of it.
 An identity request, which Marketo counts against no limit, goes without a shared row
 meanwhile (the local limiter still bounds it), so a token can be had during an outage.
+A daemon taken as dead (its lease ran out: SIGSTOP, a long pause) sends nothing at
+all, identity included, until it has registered again (`LeaseLost`).
 
 After a 606 (`hold`) and a 607 (`pause`) every daemon is told; if the database is away
 then, this daemon holds or pauses alone, and the others learn from Marketo themselves.
@@ -37,7 +39,7 @@ from typing import Final
 import structlog
 
 from orchestrator.backoff import Backoff
-from orchestrator.errors import CoordinationUnavailable
+from orchestrator.errors import CoordinationUnavailable, LeaseLost
 from orchestrator.marketo.limits import Limiter, Slot
 from orchestrator.marketo.quota import DailyQuota
 from orchestrator.marketo.sharing import SharedCalls
@@ -131,6 +133,14 @@ class CallBudget:
         while True:
             try:
                 answer = await shared.acquire_call(operation, counted=counted)
+            except LeaseLost as exc:
+                # Taken as dead: nothing goes, not even an identity call, until this
+                # daemon has registered again (its coordinator is doing so).
+                outages += 1
+                if outages == 1:
+                    log.warning("call_waits_for_registration", operation=operation, error=str(exc))
+                await self._sleep(self._backoff.delay(outages))
+                continue
             except CoordinationUnavailable as exc:
                 if not counted:
                     return None
