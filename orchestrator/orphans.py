@@ -2,8 +2,9 @@
 
 With a shared queue (`[coordination] url`), a daemon silent for `lease_seconds` is
 taken as dead, but its jobs are still at Marketo, each holding one of the
-subscription's ten slots. Every live daemon asks, every `polling.interval`, for the
-batches of dead daemons (`orphans`) and polls each one's status through its own
+subscription's ten slots. Every live daemon asks, every `polling.interval`, for its
+share of the batches of dead daemons (`orphans`: each is one live daemon's, so none
+is polled twice a round) and polls each one's status through its own
 Marketo client; once Marketo says Complete or Failed the job is recorded as finished
 (`finished`), so its slot frees for every daemon. Nothing else happens to it here:
 no orphan is ever created again, and its rows' results are the dead daemon's to

@@ -211,6 +211,28 @@ def test_the_key_rule_holds_across_daemons(connect: Callable[[], Conn]) -> None:
     assert isinstance(admit(conn, "b", b, shares), Grant)
 
 
+def test_each_orphan_is_one_live_daemons_to_poll(connect: Callable[[], Conn]) -> None:
+    conn = connect()
+    a = join(conn, "a", lease=0.5)
+    join(conn, "b")
+    join(conn, "c")
+    for ref in range(1, 6):
+        grant = admit(conn, "a", a, chunk(conn, "a", ref))
+        assert isinstance(grant, Grant)
+        assert tx(conn, lambda c, g=grant, r=ref: outcomes.created(c, SUB, g, 700 + r))
+    time.sleep(0.6)  # the behaviour under test: a lease that ran out (0.5 s)
+    tx(conn, lambda c: leases.reap(c, SUB))
+    every = {o.batch_id for o in tx(conn, lambda c: leases.orphans(c, SUB))}
+    b = {o.batch_id for o in tx(conn, lambda c: leases.orphans(c, SUB, "b"))}
+    c = {o.batch_id for o in tx(conn, lambda c: leases.orphans(c, SUB, "c"))}
+    assert every == {701, 702, 703, 704, 705}
+    assert b | c == every  # every orphan is polled ...
+    assert not b & c  # ... by one daemon
+    assert b
+    assert c
+    assert tx(conn, lambda c: leases.orphans(c, SUB, "a")) == []  # the dead poll nothing
+
+
 def test_a_dead_daemons_creates_are_unknown_and_its_batches_are_orphans(
     connect: Callable[[], Conn],
 ) -> None:

@@ -126,16 +126,25 @@ def settle_creating(conn: Conn, subscription: str, instance: str) -> None:
     )
 
 
-def orphans(conn: Conn, subscription: str) -> list[Orphan]:
-    """Batches at Marketo whose daemon is dead: someone must poll them."""
+def orphans(conn: Conn, subscription: str, instance: str | None = None) -> list[Orphan]:
+    """Batches at Marketo whose daemon is dead: someone must poll them. With `instance`,
+    that live daemon's share only (the live daemons in name order take every n-th by
+    id), so each orphan is polled by one daemon a round, not by every one of them."""
     rows = conn.execute(
-        """SELECT c.id, c.instance, c.batch_id, c.object, c.api_name
+        """WITH live AS (
+               SELECT instance, row_number() OVER (ORDER BY instance) - 1 AS rank,
+                      count(*) OVER () AS n
+               FROM marketo_orchestrator.daemons
+               WHERE subscription = %(s)s AND alive AND lease_until > clock_timestamp())
+           SELECT c.id, c.instance, c.batch_id, c.object, c.api_name
            FROM marketo_orchestrator.chunks AS c
            JOIN marketo_orchestrator.daemons AS d
              ON d.subscription = c.subscription AND d.instance = c.instance
-           WHERE c.subscription = %s AND c.state = 'submitted' AND NOT d.alive
+           WHERE c.subscription = %(s)s AND c.state = 'submitted' AND NOT d.alive
+             AND (%(i)s::text IS NULL OR EXISTS (
+                 SELECT 1 FROM live WHERE live.instance = %(i)s AND c.id %% live.n = live.rank))
            ORDER BY c.id""",
-        (subscription,),
+        {"s": subscription, "i": instance},
     ).fetchall()
     return [Orphan(int(r[0]), str(r[1]), int(r[2]), str(r[3]), str(r[4])) for r in rows]
 

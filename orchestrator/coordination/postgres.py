@@ -288,7 +288,7 @@ class PostgresCoordinator:
 
     async def orphans(self) -> list[Orphan]:
         found: list[Orphan] = await self._run(
-            "orphans", lambda c: leases.orphans(c, self.subscription)
+            "orphans", lambda c: leases.orphans(c, self.subscription, self.instance)
         )
         return found
 

@@ -33,7 +33,7 @@ from tests.support.data import result_path, write_csv
 from tests.support.http import http_get
 from tests.support.processes import CliProcess, MakeRunner
 from tests.support.settings import CLIENT_ID, fast_settings, free_port, with_sections
-from tests.support.waiting import wait_until
+from tests.support.waiting import stderr_tail, wait_until
 
 if TYPE_CHECKING:  # psycopg only where a database is used: bench/daemons.py runs without
     from tests.support.postgres import PostgresDatabase
@@ -190,7 +190,19 @@ class Fleet:
         def all_there() -> bool:
             return all(m.result(n) is not None for m, ns in names.items() for n in ns)
 
-        await wait_until(all_there, "every file's result.json", within=within, poll=0.05)
+        try:
+            await wait_until(all_there, "every file's result.json", within=within, poll=0.05)
+        except AssertionError as exc:
+            missing = [
+                f"{m.instance}:{n}" for m, ns in names.items() for n in ns if not m.result(n)
+            ]
+            tails = "".join(
+                f"\n--- {m.instance}: the last of its log ---\n{m.proc.stdout()[-4000:]}"
+                f"{stderr_tail(m.proc)}"
+                for m in self.members
+                if m.procs
+            )
+            raise AssertionError(f"{exc}; missing {missing}{tails}") from None
 
     async def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         return await query(self.database, sql, params)
