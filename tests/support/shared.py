@@ -202,7 +202,40 @@ class Fleet:
                 for m in self.members
                 if m.procs
             )
-            raise AssertionError(f"{exc}; missing {missing}{tails}") from None
+            raise AssertionError(
+                f"{exc}; missing {missing}{tails}{await self.unfinished()}"
+            ) from None
+
+    async def unfinished(self) -> str:
+        """The coordination database's daemons and unfinished chunks, for a failure
+        message: what the shared model believes when files stop moving."""
+        try:
+            daemons = await self.query(
+                f"SELECT instance, epoch, alive, lease_until > clock_timestamp(), paused_reason"
+                f" FROM {SCHEMA}.daemons ORDER BY instance"
+            )
+            chunks = await self.query(
+                f"SELECT id, instance, chunk_ref, file_ref, state, slot, epoch, batch_id,"
+                f" unknown_outcomes, claimed_at FROM {SCHEMA}.chunks"
+                " WHERE state IN ('pending', 'creating', 'submitted') ORDER BY id"
+            )
+            model = await self.query(
+                f"SELECT foreign_slots, orphans, finished_jobs, backoff_until, hold_until,"
+                f" paused_until FROM {SCHEMA}.subscriptions"
+            )
+        except Exception as exc:  # a diagnostic must not hide the failure it describes
+            return f"\n--- coordination database unreadable: {exc!r}"
+        lines = [
+            "--- coordination database ---",
+            "daemons (instance, epoch, alive, lease valid, paused):",
+            *map(repr, daemons),
+            "subscription (foreign, orphans, finished_jobs, backoff, hold, paused):",
+            *map(repr, model),
+            "unfinished chunks (id, instance, chunk_ref, file_ref, state, slot, epoch,"
+            " batch_id, unknown_outcomes, claimed_at):",
+            *map(repr, chunks),
+        ]
+        return "\n" + "\n".join(lines)
 
     async def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         return await query(self.database, sql, params)
