@@ -262,6 +262,32 @@ def test_a_dead_daemons_creates_are_unknown_and_its_batches_are_orphans(
     assert isinstance(admit(conn, "a", again, sending), Grant)
 
 
+def test_a_job_whose_create_report_a_kill_lost_still_finishes_its_chunk(
+    connect: Callable[[], Conn],
+) -> None:
+    """a is killed after Marketo made the job and a recorded its batch id locally, but
+    before it told the database (`created`): the others settle the chunk as an unknown
+    outcome (pending). Back again, a polls that job to its end; the chunk is done then,
+    or it would stay pending, ahead of every later chunk in the shared FIFO, forever."""
+    conn = connect()
+    a = join(conn, "a", lease=0.5)
+    b = join(conn, "b")
+    made, later = chunk(conn, "a", 1), chunk(conn, "a", 2)
+    theirs = chunk(conn, "b", 1)
+    assert isinstance(admit(conn, "a", a, made), Grant)  # its create goes; a is killed
+    time.sleep(0.6)  # the behaviour under test: a lease that ran out (0.5 s)
+    assert tx(conn, lambda c: leases.reap(c, SUB)) == ["a"]
+    again = join(conn, "a")
+    assert tx(conn, lambda c: outcomes.finished(c, SUB, made))  # a's poller: job ended
+    row = conn.execute(
+        "SELECT state, unknown_outcomes FROM marketo_orchestrator.chunks WHERE id = %s",
+        (made,),
+    ).fetchone()
+    assert row == ("done", 0)
+    assert isinstance(admit(conn, "a", again, later), Grant)
+    assert isinstance(admit(conn, "b", b, theirs), Grant)
+
+
 def test_one_1016_backs_every_daemon_off_and_teaches_the_shared_model(
     connect: Callable[[], Conn],
 ) -> None:

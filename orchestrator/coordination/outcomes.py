@@ -5,7 +5,8 @@ while the daemon still holds the grant's epoch (a daemon taken as dead cannot wr
 late); `not_created` frees the slot (on 1016 the model learns that others hold the
 rest of the queue and every daemon backs off together; an unknown outcome counts as a
 job nobody can see until a job of that chunk finishes); `dropped` is a chunk its
-daemon will never send; `finished` a job that ended at Marketo (whoever polled it);
+daemon will never send; `finished` a job that ended at Marketo (whoever polled it,
+and whether or not its batch id reached the database);
 `job_left` another integration's job that left the queue.
 """
 
@@ -120,12 +121,18 @@ def dropped(conn: Conn, subscription: str, chunk: int) -> None:
 def finished(conn: Conn, subscription: str, chunk: int) -> bool:
     """A job ended at Marketo (Complete or Failed): its slot is free, the copies of its
     chunk queued ahead of it ended too, and by FIFO one lost copy of another. False if
-    it was recorded already (another daemon polled it first)."""
+    it was recorded already (another daemon polled it first).
+
+    The chunk may still be pending here: its daemon was killed after Marketo made the
+    job and it kept the batch id, but before `created` reached the database, so the
+    others settled the create as an unknown outcome. Back again, the daemon polls that
+    job to its end; the chunk is done then (left pending, it would stay ahead of every
+    later chunk in the shared FIFO, and its phantom in the queue model, for good)."""
     row = conn.execute(
         """UPDATE marketo_orchestrator.chunks
            SET state = 'done', slot = NULL, unknown_outcomes = 0,
                finished_at = clock_timestamp()
-           WHERE id = %s AND state = 'submitted' RETURNING 1""",
+           WHERE id = %s AND state IN ('pending', 'creating', 'submitted') RETURNING 1""",
         (chunk,),
     ).fetchone()
     if row is None:
