@@ -281,6 +281,30 @@ async def test_a_daemon_backing_off_after_a_5xx_is_passed_by_the_shared_fifo(
     assert admission.paused == ""  # its create went through: it heads the FIFO again
 
 
+async def test_a_daemon_back_from_a_kill_tells_the_database_what_ended_meanwhile(
+    member: MakeMember, postgres_database: PostgresDatabase
+) -> None:
+    """A kill between a chunk's end in the daemon's store and its report to the database
+    (`finished`, `dropped`) would leave the chunk unfinished there for good: holding a
+    queue slot, or the head of the shared FIFO. Back again, the daemon says so first."""
+    a = await member("a")
+    await a.add_file("a.csv", 1)
+    assert await a.round() == ["a1"]
+    await a.add_file("c.csv", 1)
+    waiting = await a.chunk("c1")
+    assert await a.scheduler.register([waiting])
+    # a1's job ends and c1 is refused in a's store; a is killed before it tells anyone.
+    for label, status in (("a1", ChunkStatus.COMPLETE), ("c1", ChunkStatus.FAILED)):
+        await a.store.finish_chunk(
+            (await a.chunk(label)).id, status=status, message="", finished_at="2026-12-06T01:00:00Z"
+        )
+    assert shared_states(postgres_database) == {"submitted": 1, "pending": 1}
+    again = await member("a")  # the same data directory, a new process
+    await again.add_file("d.csv", 1)
+    assert await again.round() == ["d1"]
+    assert shared_states(postgres_database) == {"done": 1, "dropped": 1, "submitted": 1}
+
+
 async def test_without_the_database_nothing_is_sent_and_nothing_fails(
     member: MakeMember, postgres_server: PostgresServer, postgres_database: PostgresDatabase
 ) -> None:

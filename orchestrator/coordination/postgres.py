@@ -218,6 +218,13 @@ class PostgresCoordinator:
         )
         return found
 
+    async def unfinished_chunks(self) -> list[tuple[int, int, str, int]]:
+        """This daemon's chunks not yet ended in the database (see `registering`)."""
+        found: list[tuple[int, int, str, int]] = await self._run(
+            "unfinished", lambda c: registering.unfinished(c, self.subscription, self.instance)
+        )
+        return found
+
     async def admit(
         self, chunk: int, *, quota_since: dt.datetime, quota_resets_in: float
     ) -> Grant | Deferral:

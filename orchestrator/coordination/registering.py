@@ -119,3 +119,16 @@ def chunk_id(conn: Conn, subscription: str, instance: str, chunk_ref: int) -> in
         (subscription, instance, chunk_ref),
     ).fetchone()
     return None if row is None else int(row[0])
+
+
+def unfinished(conn: Conn, subscription: str, instance: str) -> list[tuple[int, int, str, int]]:
+    """This daemon's chunks the database has not seen end: (id, chunk_ref, state,
+    unknown_outcomes) each, for the daemon to set right what a kill kept from it."""
+    rows = conn.execute(
+        """SELECT id, chunk_ref, state, unknown_outcomes FROM marketo_orchestrator.chunks
+           WHERE subscription = %s AND instance = %s
+             AND state IN ('pending', 'creating', 'submitted')
+           ORDER BY id""",
+        (subscription, instance),
+    ).fetchall()
+    return [(int(r[0]), int(r[1]), str(r[2]), int(r[3])) for r in rows]

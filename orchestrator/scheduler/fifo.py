@@ -257,6 +257,10 @@ class Scheduler:
         """Shared: every pending chunk (of a configured route) registered; False when the
         database cannot be reached (the round ends, nothing fails)."""
         assert self.admission is not None
+        if not self.admission.reconciled:
+            mine = await self.store.chunks(statuses=[ChunkStatus.PENDING, *OUTSTANDING])
+            if not await self.admission.reconcile({c.id for c in mine}):
+                return False
         routed: list[tuple[ChunkRecord, Route]] = []
         for chunk in pending:
             route = self.settings.route((await self.files.get(chunk.file_id)).route)

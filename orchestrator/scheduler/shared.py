@@ -66,6 +66,7 @@ class SharedQueue(Protocol):
         keys: Iterable[int],
     ) -> int: ...
     async def chunk_id(self, chunk_ref: int) -> int | None: ...
+    async def unfinished_chunks(self) -> list[tuple[int, int, str, int]]: ...
     async def admit(
         self, chunk: int, *, quota_since: dt.datetime, quota_resets_in: float
     ) -> Grant | Deferral: ...
@@ -113,6 +114,7 @@ class SharedAdmission:
     until: float = 0.0  # monotonic: nothing is admitted before
     paused: str = ""  # why this daemon cannot send (the shared FIFO passes it), or ""
     why: str = ""  # the last deferral or problem, for the log
+    reconciled: bool = False  # the database heard what this daemon's store knows
 
     def open(self) -> bool:
         return self.until <= self.clock()
@@ -145,6 +147,28 @@ class SharedAdmission:
         except UNAVAILABLE as exc:
             self.unavailable(exc)
             return False
+        return True
+
+    async def reconcile(self, unfinished: set[int]) -> bool:
+        """Once per run, before anything is registered: every chunk the database still
+        has as unfinished for this daemon, but this daemon's store does not (`unfinished`:
+        its pending and outstanding chunk ids), ended while a report of it was lost to a
+        kill (`finished`, `dropped`): the database hears it now. Left so, such a chunk
+        would hold a queue slot, or the head of the shared FIFO, for good. False (and a
+        wait) when the database cannot be reached."""
+        try:
+            for shared, ref, state, unknown in await self.queue.unfinished_chunks():
+                if ref in unfinished:
+                    continue
+                if state == "submitted" or unknown:
+                    await self.queue.finished(shared)  # it had a job, which has ended
+                else:
+                    await self.queue.dropped(shared)  # never sent, and never will be
+                log.info("coordination_reconciled", chunk=ref, state=state)
+        except UNAVAILABLE as exc:
+            self.unavailable(exc)
+            return False
+        self.reconciled = True
         return True
 
     async def admit(self, chunk: ChunkRecord) -> Grant | None:
