@@ -45,6 +45,19 @@ def tx(conn: Conn, body: Callable[[Conn], Any]) -> Any:
         return body(conn)
 
 
+def lease_runs_out(conn: Conn, instance: str, within: float = 10.0) -> None:
+    """Wait, by the database's clock (the one leases are timed by), until `instance`'s
+    lease has run out; fail after `within` seconds."""
+    deadline = time.monotonic() + within
+    while not conn.execute(
+        """SELECT lease_until < clock_timestamp() FROM marketo_orchestrator.daemons
+           WHERE subscription = %s AND instance = %s""",
+        (SUB, instance),
+    ).fetchone()[0]:
+        assert time.monotonic() < deadline, f"{instance}'s lease still held after {within} s"
+        time.sleep(0.02)
+
+
 def join(conn: Conn, instance: str, lease: float = 30.0, limits: Limits = LIMITS) -> int:
     return int(tx(conn, lambda c: leases.register(c, SUB, instance, limits, lease)))
 
@@ -184,7 +197,7 @@ def test_fifo_across_daemons_and_a_dead_daemons_chunks_are_passed(
     assert isinstance(admit(conn, "a", a, first), Grant)
     # a dies with its next chunk pending: b's chunk is no longer behind it.
     later = chunk(conn, "a", 2)
-    time.sleep(0.6)  # the behaviour under test: a lease that ran out (0.5 s)
+    lease_runs_out(conn, "a")
     assert tx(conn, lambda c: leases.reap(c, SUB)) == ["a"]
     assert isinstance(admit(conn, "b", b, second), Grant)
     with pytest.raises(LeaseLost):
@@ -220,7 +233,7 @@ def test_each_orphan_is_one_live_daemons_to_poll(connect: Callable[[], Conn]) ->
         grant = admit(conn, "a", a, chunk(conn, "a", ref))
         assert isinstance(grant, Grant)
         assert tx(conn, lambda c, g=grant, r=ref: outcomes.created(c, SUB, g, 700 + r))
-    time.sleep(0.6)  # the behaviour under test: a lease that ran out (0.5 s)
+    lease_runs_out(conn, "a")
     tx(conn, lambda c: leases.reap(c, SUB))
     every = {o.batch_id for o in tx(conn, lambda c: leases.orphans(c, SUB))}
     b = {o.batch_id for o in tx(conn, lambda c: leases.orphans(c, SUB, "b"))}
@@ -245,7 +258,7 @@ def test_a_dead_daemons_creates_are_unknown_and_its_batches_are_orphans(
     assert tx(conn, lambda c: outcomes.created(c, SUB, g1, 777))
     g2 = admit(conn, "a", a, sending)
     assert isinstance(g2, Grant)
-    time.sleep(0.6)  # the behaviour under test: a lease that ran out (0.5 s)
+    lease_runs_out(conn, "a")
     tx(conn, lambda c: leases.reap(c, SUB))
     # A late answer of the dead daemon is refused: it cannot write under its old epoch.
     assert not tx(conn, lambda c: outcomes.created(c, SUB, g2, 778))
@@ -275,7 +288,7 @@ def test_a_job_whose_create_report_a_kill_lost_still_finishes_its_chunk(
     made, later = chunk(conn, "a", 1), chunk(conn, "a", 2)
     theirs = chunk(conn, "b", 1)
     assert isinstance(admit(conn, "a", a, made), Grant)  # its create goes; a is killed
-    time.sleep(0.6)  # the behaviour under test: a lease that ran out (0.5 s)
+    lease_runs_out(conn, "a")
     assert tx(conn, lambda c: leases.reap(c, SUB)) == ["a"]
     again = join(conn, "a")
     assert tx(conn, lambda c: outcomes.finished(c, SUB, made))  # a's poller: job ended
