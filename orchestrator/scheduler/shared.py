@@ -247,22 +247,19 @@ class SharedAdmission:
 
     def dropped(self, chunk_id: int) -> None:
         """Our chunk will never be sent (refused, or its file failed)."""
-
-        async def report() -> None:
-            shared = await self.shared_id(chunk_id)
-            if shared is not None:
-                await self.queue.dropped(shared)
-            self.ids.pop(chunk_id, None)
-
-        self.reports.append(report)
+        self.ended(chunk_id, self.queue.dropped)
 
     def finished(self, chunk_id: int) -> None:
         """Our job ended at Marketo."""
+        self.ended(chunk_id, self.queue.finished)
+
+    def ended(self, chunk_id: int, tell: Callable[[int], Awaitable[object]]) -> None:
+        """Our chunk is done with: the shared queue hears it (`tell`), and forgets it."""
 
         async def report() -> None:
             shared = await self.shared_id(chunk_id)
             if shared is not None:
-                await self.queue.finished(shared)
+                await tell(shared)
             self.ids.pop(chunk_id, None)
 
         self.reports.append(report)
